@@ -1,0 +1,1 @@
+"""Judging and promoting champion/challenger experiments."""

@@ -1,0 +1,1 @@
+"""Champion/challenger router: serves two MLflow registry aliases side by side."""

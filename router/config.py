@@ -1,0 +1,231 @@
+"""Configuration: one frozen settings object, validated once at start-up.
+
+A bad key or value raises :class:`ConfigError` naming the dotted key; nothing is repaired.
+Environment overrides (deployment): ``MLFLOW_TRACKING_URI``, ``ROUTER_CONFIG``,
+``ROUTER_PREDICTION_LOG_URL``, ``ROUTER_ADMIN_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_type_hints
+
+import yaml
+
+RoutingMode = Literal["split", "shadow"]
+MetricName = Literal["accuracy", "log_loss", "brier", "abs_error", "squared_error", "outcome"]
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    name: str = ""
+    tracking_uri: str = "sqlite:///mlflow.db"
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+    rollback_alias: str = "rollback"
+    poll_interval_s: float = 10.0
+    # Start-up retries while the registry is unreachable: the router keeps trying and says why.
+    startup_retry_interval_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    mode: RoutingMode = "split"
+    challenger_weight: float = 0.1
+    routing_key_header: str = "X-Routing-Key"
+    salt: str = "churn-experiment"
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_rows: int = 1000
+    max_body_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class PredictionLogSettings:
+    url: str = "sqlite:///predictions.db"
+    batch_size: int = 500
+    flush_interval_s: float = 0.2
+    # Records waiting beyond this are dropped (and counted) rather than growing memory unbounded.
+    max_pending: int = 100_000
+
+
+@dataclass(frozen=True)
+class GuardrailSettings:
+    max_error_rate_increase: float = 0.01
+    max_latency_p95_increase: float = 0.10
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    metric: MetricName = "accuracy"
+    alpha: float = 0.05
+    planned_samples: int = 20_000
+    min_samples_per_arm: int = 500
+    min_effect: float = 0.0
+    outcome_window_s: float = 0.0
+    guardrails: GuardrailSettings = field(default_factory=GuardrailSettings)
+
+
+@dataclass(frozen=True)
+class PrometheusSettings:
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    prediction_log: PredictionLogSettings = field(default_factory=PredictionLogSettings)
+    experiment: ExperimentSettings = field(default_factory=ExperimentSettings)
+    prometheus: PrometheusSettings = field(default_factory=PrometheusSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    # Not from YAML: ROUTER_ADMIN_TOKEN only, so the secret never sits in a config file.
+    admin_token: str | None = field(default=None, repr=False)
+
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], raw: Any, prefix: str) -> T:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    allowed = set(fields) - {"admin_token"}  # the admin token comes from the environment only
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"{key}: unknown key (known: {', '.join(sorted(allowed))})")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    args = get_args(hint)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if args and type(None) in args:  # Optional[...]
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if args and all(isinstance(a, str) for a in args):  # Literal[...]
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {', '.join(args)}, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _validate(s: Settings) -> None:
+    _require(bool(s.model.name), "model.name", "is required (the registered model name)")
+    _require(s.model.poll_interval_s > 0, "model.poll_interval_s", "must be > 0")
+    _require(s.model.startup_retry_interval_s > 0, "model.startup_retry_interval_s", "must be > 0")
+    aliases = {s.model.champion_alias, s.model.challenger_alias, s.model.rollback_alias}
+    _require(len(aliases) == 3, "model.challenger_alias", "the three aliases must differ")
+    _require(
+        0.0 <= s.routing.challenger_weight <= 1.0,
+        "routing.challenger_weight",
+        f"must be within [0, 1], got {s.routing.challenger_weight}",
+    )
+    _require(s.limits.max_rows >= 1, "limits.max_rows", "must be >= 1")
+    _require(s.limits.max_body_bytes >= 1, "limits.max_body_bytes", "must be >= 1")
+    _require(s.prediction_log.batch_size >= 1, "prediction_log.batch_size", "must be >= 1")
+    _require(s.prediction_log.flush_interval_s > 0, "prediction_log.flush_interval_s", "must be > 0")
+    _require(s.prediction_log.max_pending >= 1, "prediction_log.max_pending", "must be >= 1")
+    _require(0 < s.experiment.alpha < 1, "experiment.alpha", "must be within (0, 1)")
+    _require(s.experiment.planned_samples >= 2, "experiment.planned_samples", "must be >= 2")
+    _require(s.experiment.min_samples_per_arm >= 2, "experiment.min_samples_per_arm", "must be >= 2")
+    _require(s.experiment.min_effect >= 0, "experiment.min_effect", "must be >= 0")
+    _require(s.experiment.outcome_window_s >= 0, "experiment.outcome_window_s", "must be >= 0")
+    g = s.experiment.guardrails
+    _require(
+        g.max_error_rate_increase >= 0, "experiment.guardrails.max_error_rate_increase", "must be >= 0"
+    )
+    _require(
+        g.max_latency_p95_increase >= 0,
+        "experiment.guardrails.max_latency_p95_increase",
+        "must be >= 0",
+    )
+    _require(1 <= s.server.port <= 65535, "server.port", "must be within 1..65535")
+    _require(s.server.workers >= 1, "server.workers", "must be >= 1")
+
+
+def settings_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Settings:
+    """Build and validate settings from a parsed YAML mapping plus environment overrides."""
+    settings = _build(Settings, raw, "")
+    env = os.environ if env is None else env
+    if env.get("MLFLOW_TRACKING_URI"):
+        settings = dataclasses.replace(
+            settings,
+            model=dataclasses.replace(settings.model, tracking_uri=env["MLFLOW_TRACKING_URI"]),
+        )
+    if env.get("ROUTER_PREDICTION_LOG_URL"):
+        settings = dataclasses.replace(
+            settings,
+            prediction_log=dataclasses.replace(
+                settings.prediction_log, url=env["ROUTER_PREDICTION_LOG_URL"]
+            ),
+        )
+    if env.get("ROUTER_ADMIN_TOKEN"):
+        settings = dataclasses.replace(settings, admin_token=env["ROUTER_ADMIN_TOKEN"])
+    _validate(settings)
+    return settings
+
+
+def load_settings(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (else ``$ROUTER_CONFIG``, else ``config.yaml``) and validate it."""
+    env = os.environ if env is None else env
+    config_path = Path(path or env.get("ROUTER_CONFIG") or "config.yaml")
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {config_path}: {exc.strerror or exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {config_path}: invalid YAML: {exc}") from exc
+    return settings_from_mapping(raw, env)
