@@ -124,7 +124,7 @@ def _build(cls: type[T], raw: Any, prefix: str) -> T:
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, f"{key}.")
     args = get_args(hint)
     if hint is str:
@@ -140,7 +140,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if args and type(None) in args:  # Optional[...]
@@ -174,16 +178,22 @@ def _validate(s: Settings) -> None:
     _require(s.limits.max_rows >= 1, "limits.max_rows", "must be >= 1")
     _require(s.limits.max_body_bytes >= 1, "limits.max_body_bytes", "must be >= 1")
     _require(s.prediction_log.batch_size >= 1, "prediction_log.batch_size", "must be >= 1")
-    _require(s.prediction_log.flush_interval_s > 0, "prediction_log.flush_interval_s", "must be > 0")
+    _require(
+        s.prediction_log.flush_interval_s > 0, "prediction_log.flush_interval_s", "must be > 0"
+    )
     _require(s.prediction_log.max_pending >= 1, "prediction_log.max_pending", "must be >= 1")
     _require(0 < s.experiment.alpha < 1, "experiment.alpha", "must be within (0, 1)")
     _require(s.experiment.planned_samples >= 2, "experiment.planned_samples", "must be >= 2")
-    _require(s.experiment.min_samples_per_arm >= 2, "experiment.min_samples_per_arm", "must be >= 2")
+    _require(
+        s.experiment.min_samples_per_arm >= 2, "experiment.min_samples_per_arm", "must be >= 2"
+    )
     _require(s.experiment.min_effect >= 0, "experiment.min_effect", "must be >= 0")
     _require(s.experiment.outcome_window_s >= 0, "experiment.outcome_window_s", "must be >= 0")
     g = s.experiment.guardrails
     _require(
-        g.max_error_rate_increase >= 0, "experiment.guardrails.max_error_rate_increase", "must be >= 0"
+        g.max_error_rate_increase >= 0,
+        "experiment.guardrails.max_error_rate_increase",
+        "must be >= 0",
     )
     _require(
         g.max_latency_p95_increase >= 0,

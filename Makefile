@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both build .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo test lint typecheck unit bench simulate serve clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python -m experiments.demo
+
+lint: install
+	$(BIN)/ruff check router experiments tests bench
+	$(BIN)/ruff format --check router experiments tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck unit
+
+simulate: install
+	$(BIN)/python -m experiments.simulate
+
+bench: install
+	$(BIN)/python -m bench.run
+
+serve: install
+	$(BIN)/python -m router --config config.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo-run test-artifacts

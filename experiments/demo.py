@@ -1,0 +1,328 @@
+"""``make demo``: the whole job end to end on embedded defaults.
+
+Train and register two churn models, start the router, send live traffic with sticky routing keys
+and delayed feedback, show per-arm figures from the router's own /metrics and prediction log, judge
+the experiment with ``evaluate_and_promote`` (the better challenger is promoted and the running
+router picks it up), then try a worse challenger and see it rejected. Everything runs on
+127.0.0.1 with SQLite files under ``demo-run/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from experiments.demo_data import LABEL
+from experiments.traffic import TrafficResult, send_traffic
+from router.logschema import outcomes, predictions
+
+ARMS = ("champion", "challenger", "shadow")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _say(text: str) -> None:
+    print(f"\n=== {text}", flush=True)
+
+
+def _write_config(workdir: Path, port: int, challenger_weight: float) -> Path:
+    config = {
+        "model": {
+            "name": "churn-predictor",
+            "tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}",
+            "poll_interval_s": 1,
+        },
+        "routing": {"mode": "split", "challenger_weight": challenger_weight, "salt": "demo"},
+        "prediction_log": {"url": f"sqlite:///{workdir / 'predictions.db'}"},
+        "experiment": {
+            "metric": "accuracy",
+            "planned_samples": 6000,
+            "min_samples_per_arm": 500,
+            # The demo's latency is noisy on a shared 2-core machine; the guardrail still applies.
+            "guardrails": {"max_error_rate_increase": 0.01, "max_latency_p95_increase": 0.5},
+        },
+        "server": {"host": "127.0.0.1", "port": port},
+    }
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+class RouterProcess:
+    """The router as users run it: ``python -m router --config ...`` in its own process."""
+
+    def __init__(self, config: Path, port: int, log_path: Path) -> None:
+        self.base_url = f"http://127.0.0.1:{port}"
+        self._log = log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "router", "--config", str(config), "--log-level", "warning"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"router exited with {self.process.returncode}; see its log")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("router not ready in time")
+
+    def experiment(self) -> dict[str, Any]:
+        body: dict[str, Any] = httpx.get(f"{self.base_url}/experiment", timeout=5).json()
+        return body
+
+    def metrics_text(self) -> str:
+        return httpx.get(f"{self.base_url}/metrics", timeout=5).text
+
+    def stop(self) -> int:
+        """SIGTERM, as an orchestrator would: the router flushes its prediction log first."""
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=60)
+        self._log.close()
+        return code
+
+
+def _quantile_from_buckets(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """histogram_quantile over cumulative (le, count) pairs, as PromQL computes it."""
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower_le, lower_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if le == float("inf"):
+                return lower_le
+            return lower_le + (le - lower_le) * (rank - lower_count) / max(
+                count - lower_count, 1e-12
+            )
+        lower_le, lower_count = le, count
+    return None
+
+
+def metrics_summary(text: str) -> dict[str, dict[str, Any]]:
+    """Per arm: requests, latency p50/p95 and live accuracy, from the router's /metrics text."""
+    summary: dict[str, dict[str, Any]] = {}
+    buckets: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            arm = sample.labels.get("arm")
+            if arm not in ARMS:
+                continue
+            entry = summary.setdefault(arm, {"requests": 0.0, "feedback": 0.0, "correct": 0.0})
+            if sample.name == "router_requests_total":
+                entry["requests"] += sample.value
+                entry.setdefault("version", sample.labels["model_version"])
+            elif sample.name == "router_predict_latency_seconds_bucket":
+                le = float(sample.labels["le"])
+                arm_buckets = buckets.setdefault(arm, {})
+                arm_buckets[le] = arm_buckets.get(le, 0.0) + sample.value
+            elif sample.name == "router_feedback_total":
+                entry["feedback"] += sample.value
+            elif sample.name == "router_feedback_correct_total":
+                entry["correct"] += sample.value
+    for arm, entry in summary.items():
+        ordered = sorted(buckets.get(arm, {}).items())
+        entry["p50_ms"] = _ms(_quantile_from_buckets(ordered, 0.50))
+        entry["p95_ms"] = _ms(_quantile_from_buckets(ordered, 0.95))
+        entry["accuracy"] = entry["correct"] / entry["feedback"] if entry["feedback"] else None
+    return summary
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def log_summary(url: str, experiment_id: str) -> dict[str, dict[str, Any]]:
+    """Per arm from the prediction log: rows served, rows with outcomes, accuracy so far."""
+    engine = sa.create_engine(url)
+    joined = predictions.outerjoin(
+        outcomes,
+        sa.and_(
+            outcomes.c.request_id == predictions.c.request_id,
+            outcomes.c.row_index == predictions.c.row_index,
+        ),
+    )
+    correct = sa.case(
+        (
+            sa.cast(outcomes.c.outcome_value, sa.Integer).cast(sa.String)
+            == predictions.c.predicted_class,
+            1,
+        ),
+        else_=0,
+    )
+    query = (
+        sa.select(
+            predictions.c.arm,
+            sa.func.count().label("rows"),
+            sa.func.count(outcomes.c.outcome).label("with_outcome"),
+            sa.func.sum(correct).label("correct"),
+        )
+        .select_from(joined)
+        .where(predictions.c.experiment_id == experiment_id)
+        .group_by(predictions.c.arm)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    engine.dispose()
+    return {
+        r.arm: {
+            "rows": r.rows,
+            "with_outcome": r.with_outcome,
+            "accuracy": (r.correct or 0) / r.with_outcome if r.with_outcome else None,
+        }
+        for r in rows
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_summary(router: RouterProcess, log_url: str, traffic: TrafficResult) -> None:
+    experiment = router.experiment()
+    from_metrics = metrics_summary(router.metrics_text())
+    from_log = log_summary(log_url, experiment["experiment_id"])
+    total = sum(e["requests"] for e in from_metrics.values()) or 1.0
+    print(
+        f"experiment {experiment['experiment_id']}  (sent {traffic.sent} requests, "
+        f"{traffic.feedback_sent} outcomes)"
+    )
+    header = f"{'arm':<11}{'version':>8}{'requests':>10}{'share':>8}{'p50 ms':>9}{'p95 ms':>9}"
+    print(header + f"{'acc (live)':>12}{'acc (log)':>11}{'logged':>8}")
+    for arm, entry in sorted(from_metrics.items()):
+        logged = from_log.get(arm, {})
+        print(
+            f"{arm:<11}{entry.get('version', '-'):>8}{int(entry['requests']):>10}"
+            f"{entry['requests'] / total:>8.1%}{_fmt(entry['p50_ms'], '.2f'):>9}"
+            f"{_fmt(entry['p95_ms'], '.2f'):>9}{_fmt(entry['accuracy'], '.3f'):>12}"
+            f"{_fmt(logged.get('accuracy'), '.3f'):>11}{logged.get('rows', 0):>8}"
+        )
+
+
+def evaluate(config: Path, workdir: Path, tag: str) -> int:
+    """Run the CLI exactly as a data scientist or a CronJob would."""
+    command = [
+        sys.executable,
+        "-c",
+        "from experiments.cli import evaluate_and_promote_main as m; m()",
+        "--config",
+        str(config),
+        "--json",
+        str(workdir / f"evaluation-{tag}.json"),
+        "--report",
+        str(workdir / f"evaluation-{tag}.html"),
+    ]
+    return subprocess.run(command, check=False).returncode
+
+
+def wait_for_champion(router: RouterProcess, version: str, timeout_s: float = 60.0) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        arms = {a["arm"]: a for a in router.experiment()["arms"]}
+        if arms.get("champion", {}).get("version") == version:
+            return time.monotonic() - start
+        time.sleep(0.2)
+    raise RuntimeError(f"router did not switch to v{version} within {timeout_s}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", default="demo-run")
+    parser.add_argument("--requests", type=int, default=6000)
+    parser.add_argument("--challenger-weight", type=float, default=0.3)
+    args = parser.parse_args(argv)
+
+    from experiments.train import train_and_register, train_worse_model
+
+    workdir = Path(args.workdir).resolve()
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("ROUTER_PREDICTION_LOG_URL", None)
+    port = _free_port()
+    config = _write_config(workdir, port, args.challenger_weight)
+    tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    log_url = f"sqlite:///{workdir / 'predictions.db'}"
+
+    _say("1. Train two churn models and register them: v1 @champion, v2 @challenger")
+    pair = train_and_register(tracking_uri, "churn-predictor", n_rows=20_000, seed=0)
+    print(pair)
+    holdout = pair.holdout
+    features, labels = holdout.drop(columns=[LABEL]), holdout[LABEL].tolist()
+
+    _say(
+        f"2. Start the router on 127.0.0.1:{port} ({1 - args.challenger_weight:.0%}/"
+        f"{args.challenger_weight:.0%} split)"
+    )
+    router = RouterProcess(config, port, workdir / "router.log")
+    try:
+        router.wait_ready()
+        print(router.experiment())
+
+        _say(f"3. Live traffic: {args.requests} requests from 2,000 sticky users, delayed feedback")
+        traffic = asyncio.run(
+            send_traffic(router.base_url, features, labels, n_requests=args.requests, seed=1)
+        )
+        print_summary(router, log_url, traffic)
+
+        _say("4. evaluate_and_promote")
+        code = evaluate(config, workdir, "1")
+        print(f"evaluate_and_promote exit code: {code}  (0 = promoted)")
+        if code == 0:
+            waited = wait_for_champion(router, str(pair.challenger_version))
+            print(
+                f"the running router now serves v{pair.challenger_version} as champion "
+                f"(picked up in {waited:.1f}s, no restart)"
+            )
+            print(router.experiment())
+
+        _say("5. A deliberately worse challenger")
+        worse = train_worse_model(tracking_uri, "churn-predictor", alias="challenger", seed=2)
+        print(f"registered v{worse} as @challenger")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            arms = {a["arm"]: a for a in router.experiment()["arms"]}
+            if arms.get("challenger", {}).get("version") == str(worse):
+                break
+            time.sleep(0.2)
+        traffic = asyncio.run(
+            send_traffic(router.base_url, features, labels, n_requests=args.requests, seed=3)
+        )
+        print_summary(router, log_url, traffic)
+        code = evaluate(config, workdir, "2")
+        champion = {a["arm"]: a for a in router.experiment()["arms"]}["champion"]["version"]
+        print(f"evaluate_and_promote exit code: {code}  (3 = rejected); champion is v{champion}")
+    finally:
+        _say("6. Stop the router (SIGTERM): the prediction log is flushed before exit")
+        exit_code = router.stop()
+        print(f"router exited with {exit_code}; reports in {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

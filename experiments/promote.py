@@ -1,0 +1,433 @@
+"""Acting on an evaluation: move the aliases (compare-and-set) and leave an audit trail.
+
+Deciding happened in :mod:`experiments.evaluate`; this module only applies an
+:class:`~experiments.evaluate.Evaluation`. Every applied evaluation, whatever its decision, is
+recorded as an MLflow run in the experiment ``champion-challenger/<model name>`` (parameters,
+per-arm and difference metrics, the decision as a tag, the report files as artifacts). A dry run
+never gets here: it writes nothing to MLflow.
+
+Compare-and-set. MLflow has no conditional alias update, so two evaluators could both read the
+old aliases and both promote. Alias moves therefore happen under a lock that the registry itself
+makes atomic: a registered model named ``<model>.promotion-lock``, *created* by the holder
+(the store's unique name constraint lets exactly one concurrent create succeed, SQLite,
+PostgreSQL or a tracking server alike) and deleted when done. Inside the lock the aliases are
+re-read and compared with the snapshot the evaluation was made on; any change aborts (exit 1).
+After the move they are read once more, so an out-of-band change (someone in the UI, a process
+without the lock) during the move is reported, not silently overwritten. A lock left by a killed
+process is never broken automatically: its aliases may be half-moved, which a person should look
+at; the error message names the lock to delete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import json
+import math
+import socket
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import sqlalchemy as sa
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from experiments.evaluate import AliasSnapshot, Evaluation, EvaluationError, read_aliases
+from router.config import Settings
+
+TAG_PREFIX = "champion_challenger."
+LOCK_SUFFIX = ".promotion-lock"
+
+Action = Literal["promoted", "kept", "rolled_back", "aborted"]
+
+
+class PromotionError(EvaluationError):
+    """The registry could not be changed as asked (exit 1, one line)."""
+
+
+class PromotionConflict(PromotionError):
+    """The aliases moved since the evaluation began, or another promotion holds the lock."""
+
+
+class PromotionInterfered(PromotionError):
+    """The aliases were changed by someone else while this process moved them."""
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    action: Action
+    run_id: str | None
+    message: str
+    aliases_before: AliasSnapshot
+    aliases_after: AliasSnapshot
+
+
+def tracking_experiment_name(model_name: str) -> str:
+    return f"champion-challenger/{model_name}"
+
+
+def lock_name(model_name: str) -> str:
+    return f"{model_name}{LOCK_SUFFIX}"
+
+
+def actor() -> str:
+    """``user@host`` of whoever runs this, for the audit tags."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+# --- the public entry points -----------------------------------------------------------------
+
+
+def apply(
+    client: MlflowClient,
+    settings: Settings,
+    evaluation: Evaluation,
+    *,
+    artifacts: Sequence[Path] = (),
+    by: str | None = None,
+) -> ActionResult:
+    """Record ``evaluation`` as an MLflow run and, when it says promote, move the aliases.
+
+    Raises :class:`PromotionConflict` (after recording the run as ``aborted``) when the aliases
+    moved since the evaluation began or another promotion is under way.
+    """
+    by = by or actor()
+    before = evaluation.aliases
+    with _translated("recording the evaluation"):
+        if evaluation.decision != "promote":
+            run_id = _record_run(client, settings, evaluation, artifacts, by, "kept")
+            if evaluation.decision == "reject" and before.challenger is not None:
+                _tag_version(
+                    client,
+                    settings.model.name,
+                    before.challenger,
+                    _audit_tags(evaluation, run_id, by, role="rejected"),
+                )
+            return ActionResult("kept", run_id, _kept_message(evaluation), before, before)
+    return _promote(client, settings, evaluation, artifacts, by)
+
+
+def rollback(client: MlflowClient, settings: Settings, *, by: str | None = None) -> ActionResult:
+    """``@champion`` back to the ``@rollback`` version, audited like a promotion.
+
+    ``@rollback`` is removed afterwards (it has been used); ``@challenger`` is left alone.
+    """
+    by = by or actor()
+    m = settings.model
+    with _lock(client, m.name, by):
+        before = read_aliases(client, settings)
+        if before.rollback is None:
+            raise PromotionError(
+                f"registered model {m.name!r} has no @{m.rollback_alias} alias: "
+                "nothing to roll back to"
+            )
+        if before.rollback == before.champion:
+            raise PromotionError(
+                f"@{m.champion_alias} already is v{before.rollback} (@{m.rollback_alias})"
+            )
+        with _translated("rolling back"):
+            run_id = _record_rollback_run(client, settings, before, by)
+            client.set_registered_model_alias(m.name, m.champion_alias, before.rollback)
+            client.delete_registered_model_alias(m.name, m.rollback_alias)
+            now = _iso_now()
+            for version, role in ((before.rollback, "champion"), (before.champion, "rolled_back")):
+                if version is not None:
+                    _tag_version(
+                        client,
+                        m.name,
+                        version,
+                        {
+                            f"{TAG_PREFIX}rolled_back_at": now,
+                            f"{TAG_PREFIX}rolled_back_by": by,
+                            f"{TAG_PREFIX}rollback_run_id": run_id,
+                            f"{TAG_PREFIX}role": role,
+                        },
+                    )
+            expected = AliasSnapshot(before.rollback, before.challenger, None)
+            after = _verify(client, settings, expected, run_id)
+            client.set_terminated(run_id)
+    message = f"Rolled back: @{m.champion_alias} v{before.champion} -> v{before.rollback}."
+    return ActionResult("rolled_back", run_id, message, before, after)
+
+
+# --- promotion -------------------------------------------------------------------------------
+
+
+def _promote(
+    client: MlflowClient,
+    settings: Settings,
+    evaluation: Evaluation,
+    artifacts: Sequence[Path],
+    by: str,
+) -> ActionResult:
+    m = settings.model
+    before = evaluation.aliases
+    try:
+        with _lock(client, m.name, by):
+            current = read_aliases(client, settings)
+            if current != before:
+                raise PromotionConflict(
+                    f"aliases moved since the evaluation began ({_describe(before)} -> "
+                    f"{_describe(current)}); nothing promoted, evaluate again"
+                )
+            with _translated("promoting"):
+                run_id = _record_run(client, settings, evaluation, artifacts, by, "promoted")
+                assert before.champion is not None and before.challenger is not None
+                client.set_registered_model_alias(m.name, m.rollback_alias, before.champion)
+                client.set_registered_model_alias(m.name, m.champion_alias, before.challenger)
+                client.delete_registered_model_alias(m.name, m.challenger_alias)
+                for version, role in (
+                    (before.challenger, "champion"),
+                    (before.champion, "rollback"),
+                ):
+                    _tag_version(client, m.name, version, _audit_tags(evaluation, run_id, by, role))
+                expected = AliasSnapshot(before.challenger, None, before.champion)
+                after = _verify(client, settings, expected, run_id)
+                client.set_terminated(run_id)
+    except PromotionConflict as exc:
+        with _translated("recording the aborted promotion"):
+            _record_run(client, settings, evaluation, artifacts, by, "aborted", note=str(exc))
+        raise
+    message = (
+        f"Promoted: @{m.champion_alias} v{before.champion} -> v{before.challenger}, "
+        f"@{m.rollback_alias} = v{before.champion}, @{m.challenger_alias} removed (run {run_id})."
+    )
+    return ActionResult("promoted", run_id, message, before, after)
+
+
+def _verify(
+    client: MlflowClient, settings: Settings, expected: AliasSnapshot, run_id: str
+) -> AliasSnapshot:
+    after = read_aliases(client, settings)
+    if after != expected:
+        client.set_tag(run_id, f"{TAG_PREFIX}interference", _describe(after))
+        client.set_terminated(run_id, status="FAILED")
+        raise PromotionInterfered(
+            f"aliases changed by someone else during the move: expected {_describe(expected)}, "
+            f"found {_describe(after)}; check the registry"
+        )
+    return after
+
+
+@contextmanager
+def _lock(client: MlflowClient, model_name: str, by: str) -> Iterator[str]:
+    """Hold ``<model>.promotion-lock`` (created atomically by the registry) for the block."""
+    name = lock_name(model_name)
+    token = uuid.uuid4().hex
+    tags = {"token": token, "holder": by, "acquired_at": _iso_now()}
+    try:
+        client.create_registered_model(
+            name, tags=tags, description=f"Held by evaluate_and_promote/rollback for {model_name}."
+        )
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise PromotionError(f"taking the promotion lock {name!r}: {exc.message}") from exc
+        raise PromotionConflict(_held_message(client, name)) from exc
+    except (sa.exc.SQLAlchemyError, OSError) as exc:
+        raise PromotionError(f"taking the promotion lock {name!r}: {exc}") from exc
+    try:
+        yield token
+    finally:
+        _release(client, name, token)
+
+
+def _held_message(client: MlflowClient, name: str) -> str:
+    try:
+        held = client.get_registered_model(name).tags
+    except MlflowException:  # released in between: still a concurrent promotion
+        held = {}
+    return (
+        f"another promotion is under way ({held.get('holder', '?')} since "
+        f"{held.get('acquired_at', '?')}); if none is, delete registered model {name!r}"
+    )
+
+
+def _release(client: MlflowClient, name: str, token: str) -> None:
+    with _translated("releasing the promotion lock"):
+        if client.get_registered_model(name).tags.get("token") == token:
+            client.delete_registered_model(name)
+
+
+# --- the audit trail -------------------------------------------------------------------------
+
+
+def _audit_tags(evaluation: Evaluation, run_id: str, by: str, role: str) -> dict[str, str]:
+    tags = {
+        f"{TAG_PREFIX}promoted_at"
+        if role != "rejected"
+        else f"{TAG_PREFIX}evaluated_at": _iso_now(),
+        f"{TAG_PREFIX}promoted_by" if role != "rejected" else f"{TAG_PREFIX}evaluated_by": by,
+        f"{TAG_PREFIX}evaluation_run_id": run_id,
+        f"{TAG_PREFIX}decision": evaluation.decision,
+        f"{TAG_PREFIX}role": role,
+        f"{TAG_PREFIX}experiment_id": evaluation.experiment_id,
+        f"{TAG_PREFIX}metric": evaluation.metric,
+        f"{TAG_PREFIX}n": f"{evaluation.champion.n}/{evaluation.challenger.n}",
+    }
+    if evaluation.difference is not None:
+        d = evaluation.difference.absolute
+        tags[f"{TAG_PREFIX}difference"] = f"{d.estimate:+.4g} [{d.lower:+.4g}, {d.upper:+.4g}]"
+    return tags
+
+
+def _tag_version(client: MlflowClient, name: str, version: str, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def run_params(evaluation: Evaluation) -> dict[str, str]:
+    e = evaluation
+    return {
+        "alpha": str(e.alpha),
+        "planned_samples": str(e.planned_samples),
+        "metric": e.metric,
+        "mode": e.mode,
+        "champion_version": str(e.aliases.champion),
+        "challenger_version": str(e.aliases.challenger),
+        "outcome_window_s": str(e.outcome_window_s),
+        "min_samples_per_arm": str(e.min_samples_per_arm),
+        "min_effect": str(e.min_effect),
+        "experiment_id": e.experiment_id,
+    }
+
+
+def run_metrics(evaluation: Evaluation) -> dict[str, float]:
+    """Per-arm and difference figures; undefined ones are left out (MLflow wants numbers)."""
+    e = evaluation
+    out: dict[str, float | None] = {}
+    for prefix, arm in (("champion", e.champion), ("challenger", e.challenger)):
+        out[f"{prefix}_n"] = arm.n
+        out[f"{prefix}_requests"] = arm.requests
+        out[f"{prefix}_metric_mean"] = arm.metric_mean
+        out[f"{prefix}_error_rate"] = arm.error_rate
+        out[f"{prefix}_latency_p50_s"] = arm.latency.p50
+        out[f"{prefix}_latency_p95_s"] = arm.latency.p95
+    if e.difference is not None:
+        d, r = e.difference.absolute, e.difference.relative
+        out.update(difference=d.estimate, difference_lower=d.lower, difference_upper=d.upper)
+        if r is not None:
+            out.update(relative=r.estimate, relative_lower=r.lower, relative_upper=r.upper)
+    if e.srm is not None:
+        out["srm_p_value"] = e.srm.p_value
+    return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
+
+
+def _experiment(client: MlflowClient, model_name: str) -> str:
+    name = tracking_experiment_name(model_name)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    try:
+        return str(client.create_experiment(name))
+    except MlflowException:  # created concurrently by another evaluator?
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return str(found.experiment_id)
+
+
+def _record_run(
+    client: MlflowClient,
+    settings: Settings,
+    evaluation: Evaluation,
+    artifacts: Sequence[Path],
+    by: str,
+    action: Action,
+    *,
+    note: str | None = None,
+) -> str:
+    e = evaluation
+    run = client.create_run(
+        _experiment(client, settings.model.name),
+        run_name=f"{e.decision} v{e.aliases.champion} vs v{e.aliases.challenger}",
+        tags={
+            f"{TAG_PREFIX}decision": e.decision,
+            f"{TAG_PREFIX}action": action,
+            f"{TAG_PREFIX}reason": e.reason,
+            f"{TAG_PREFIX}by": by,
+            f"{TAG_PREFIX}model_name": e.model_name,
+            **({f"{TAG_PREFIX}note": note} if note else {}),
+        },
+    )
+    run_id = str(run.info.run_id)
+    ts = int(e.evaluated_at * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, ts, 0) for k, v in run_metrics(e).items()],
+        params=[Param(k, v) for k, v in run_params(e).items()],
+        tags=[
+            RunTag(f"{TAG_PREFIX}guardrail.{g.name}", "pass" if g.passed else "fail")
+            for g in e.guardrails
+        ],
+    )
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    if action != "promoted":  # a promotion's run ends once the aliases have moved
+        client.set_terminated(run_id, status="FAILED" if action == "aborted" else "FINISHED")
+    return run_id
+
+
+def _record_rollback_run(
+    client: MlflowClient, settings: Settings, before: AliasSnapshot, by: str
+) -> str:
+    run = client.create_run(
+        _experiment(client, settings.model.name),
+        run_name=f"rollback v{before.champion} -> v{before.rollback}",
+        tags={
+            f"{TAG_PREFIX}decision": "rollback",
+            f"{TAG_PREFIX}action": "rolled_back",
+            f"{TAG_PREFIX}by": by,
+            f"{TAG_PREFIX}model_name": settings.model.name,
+        },
+    )
+    run_id = str(run.info.run_id)
+    client.log_batch(
+        run_id,
+        params=[
+            Param("champion_version", str(before.champion)),
+            Param("rollback_version", str(before.rollback)),
+            Param("challenger_version", str(before.challenger)),
+            Param("aliases_before", json.dumps(dataclasses.asdict(before))),
+        ],
+    )
+    return run_id
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+@contextmanager
+def _translated(doing: str) -> Iterator[None]:
+    """MLflow and database failures while acting become one-line :class:`PromotionError`s."""
+    try:
+        yield
+    except MlflowException as exc:
+        raise PromotionError(f"MLflow, {doing}: {exc.message}") from exc
+    except (sa.exc.SQLAlchemyError, OSError) as exc:
+        raise PromotionError(f"MLflow, {doing}: {exc}") from exc
+
+
+def _describe(s: AliasSnapshot) -> str:
+    def v(x: str | None) -> str:
+        return f"v{x}" if x is not None else "unset"
+
+    return f"champion={v(s.champion)} challenger={v(s.challenger)} rollback={v(s.rollback)}"
+
+
+def _kept_message(evaluation: Evaluation) -> str:
+    return f"Champion kept (v{evaluation.aliases.champion}): decision {evaluation.decision}."
+
+
+def _iso_now() -> str:
+    return datetime.fromtimestamp(time.time(), UTC).isoformat(timespec="seconds")

@@ -1,0 +1,272 @@
+"""Output people can read: a stdout table, a JSON document, a self-contained HTML report.
+
+The HTML report has no external assets: its two plots (the difference's confidence sequence as
+outcomes accumulated, the per-arm latency distributions) are inline SVG drawn here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from experiments.evaluate import ArmSummary, Evaluation, SeriesPoint
+from experiments.stats import Interval
+
+_COLORS = {"champion": "#1f77b4", "challenger": "#d62728", "shadow": "#d62728"}
+
+
+# --- JSON ------------------------------------------------------------------------------------
+
+
+def to_dict(evaluation: Evaluation) -> dict[str, Any]:
+    """Everything in the evaluation, JSON-ready (non-finite numbers become null)."""
+    out: dict[str, Any] = dataclasses.asdict(evaluation)
+    out["exit_code"] = evaluation.exit_code
+    for key in ("champion", "challenger"):
+        arm: ArmSummary = getattr(evaluation, key)
+        out[key]["error_rate"] = arm.error_rate
+    cleaned: dict[str, Any] = _finite(out)
+    return cleaned
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(evaluation: Evaluation, path: Path) -> None:
+    path.write_text(json.dumps(to_dict(evaluation), indent=2) + "\n", encoding="utf-8")
+
+
+# --- text ------------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    if x is None or not math.isfinite(x):
+        return "-" if x is None else ("+inf" if x > 0 else "-inf")
+    return format(x, spec)
+
+
+def _interval(i: Interval | None, spec: str = "+.4f") -> str:
+    if i is None:
+        return "-"
+    return f"{_fmt(i.estimate, spec)} [{_fmt(i.lower, spec)}, {_fmt(i.upper, spec)}]"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:.2f}"
+
+
+def text_table(evaluation: Evaluation) -> str:
+    """The summary printed on stdout: per-arm figures, difference, SRM, guardrails, decision."""
+    e = evaluation
+    level = f"{1 - e.alpha:.0%}"
+    lines = [
+        f"Experiment {e.experiment_id} ({e.mode} mode, metric {e.metric}, "
+        f"{'higher' if e.higher_is_better else 'lower'} is better; alpha {e.alpha:g}, "
+        f"N* {e.planned_samples}, outcome window {e.outcome_window_s:g} s)",
+        "",
+        f"{'arm':<11} {'version':>7} {'requests':>8} {'n':>7}  "
+        f"{e.metric + f' ({level} CS)':<30} {'p50 ms':>8} {'p95 ms':>8} {'errors':>7}",
+    ]
+    for arm in (e.champion, e.challenger):
+        mean = "-"
+        if arm.metric_interval is not None:
+            mean = _interval(arm.metric_interval, ".4f")
+        elif arm.metric_mean is not None:
+            mean = _fmt(arm.metric_mean)
+        rate = "-" if arm.error_rate is None else f"{arm.error_rate:.2%}"
+        lines.append(
+            f"{arm.arm:<11} {'v' + str(arm.version):>7} {arm.requests:>8} {arm.n:>7}  "
+            f"{mean:<30} {_ms(arm.latency.p50):>8} {_ms(arm.latency.p95):>8} {rate:>7}"
+        )
+    lines.append("")
+    if e.difference is not None:
+        d = e.difference
+        kind = "paired, " if d.paired else ""
+        lines.append(
+            f"difference ({kind}positive = challenger better): {_interval(d.absolute)}"
+            + (f"; relative {_interval(d.relative, '+.2%')}" if d.relative is not None else "")
+        )
+    else:
+        lines.append("difference: not computed (too few rows)")
+    if e.srm is None:
+        lines.append("sample ratio: not applicable (shadow mode: every request scored by both)")
+    elif not e.srm.checked:
+        lines.append("sample ratio: not checked yet (too few assignments)")
+    else:
+        observed = "/".join(str(v) for v in e.srm.observed.values())
+        expected = "/".join(f"{v:.0f}" for v in e.srm.expected.values())
+        verdict = "MISMATCH" if e.srm.mismatch else "ok"
+        lines.append(
+            f"sample ratio: p = {e.srm.p_value:.3g} "
+            f"(observed {observed}, expected {expected}) {verdict}"
+        )
+    for g in e.guardrails:
+        lines.append(f"guardrail {g.name}: {'pass' if g.passed else 'FAIL'} ({g.detail})")
+    if not e.guardrails:
+        lines.append("guardrails: not evaluated (too few rows)")
+    if e.prometheus is not None:
+        p = e.prometheus
+        if p.error:
+            lines.append(f"prometheus: unavailable ({p.error})")
+        else:
+            rates = ", ".join(f"{a} {r:.2%}" for a, r in sorted(p.error_rate.items())) or "-"
+            p95 = ", ".join(f"{a} {v * 1e3:.2f} ms" for a, v in sorted(p.latency_p95.items()))
+            lines.append(
+                f"prometheus ({p.window_s} s window, informational): "
+                f"error rate {rates}; p95 {p95 or '-'}"
+            )
+    if e.skipped_rows:
+        lines.append(f"note: {e.skipped_rows} rows with outcomes could not carry {e.metric}")
+    lines += ["", f"decision: {e.decision.upper()} (exit {e.exit_code}). {e.reason}"]
+    return "\n".join(lines)
+
+
+# --- HTML ------------------------------------------------------------------------------------
+
+
+def write_html(evaluation: Evaluation, path: Path) -> None:
+    path.write_text(html_report(evaluation), encoding="utf-8")
+
+
+def html_report(evaluation: Evaluation) -> str:
+    """A self-contained page: the table, the confidence-sequence plot, the latency plot."""
+    e = evaluation
+    esc = html.escape
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>{esc(e.experiment_id)}: {esc(e.decision)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }}
+pre {{ background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: 13px; }}
+.decision {{ font-size: 1.3em; font-weight: 600; }}
+.promote {{ color: #1a7f37; }} .reject {{ color: #cf222e; }}
+.inconclusive {{ color: #9a6700; }} .invalid {{ color: #8250df; }}
+figure {{ margin: 1.5em 0; }} figcaption {{ color: #555; font-size: 0.9em; }}
+</style></head><body>
+<h1>{esc(e.model_name)}: v{esc(str(e.aliases.champion))} vs v{esc(str(e.aliases.challenger))}</h1>
+<p class="decision {esc(e.decision)}">{esc(e.decision.upper())}: {esc(e.reason)}</p>
+<pre>{esc(text_table(e))}</pre>
+<figure>{_series_svg(e.series, e.min_effect)}
+<figcaption>Difference in {esc(e.metric)} (positive = challenger better) with its always-valid
+{1 - e.alpha:.0%} confidence sequence as outcomes accumulated; valid at every point, so looking
+often does not inflate false promotions.</figcaption></figure>
+<figure>{_latency_svg(e)}
+<figcaption>Predict latency per arm (share of requests per log-spaced bin).</figcaption></figure>
+</body></html>
+"""
+
+
+_W, _H, _PAD = 720, 300, 50
+
+
+def _scale(lo: float, hi: float, out_lo: float, out_hi: float) -> Any:
+    span = (hi - lo) or 1.0
+    return lambda v: out_lo + (v - lo) / span * (out_hi - out_lo)
+
+
+def _series_svg(series: Sequence[SeriesPoint], min_effect: float) -> str:
+    if not series:
+        return "<p>No confidence sequence yet (too few outcomes).</p>"
+    xs = [p.n_champion + p.n_challenger for p in series]
+    finite = [v for p in series for v in (p.lower, p.upper) if math.isfinite(v)] + [0.0]
+    y_lo, y_hi = min(finite), max(finite)
+    fx = _scale(min(xs), max(xs), _PAD, _W - 10)
+    fy = _scale(y_lo, y_hi, _H - 30, 10)
+
+    def clamp(v: float) -> float:
+        return min(max(v, y_lo), y_hi)
+
+    upper = " ".join(
+        f"{fx(x):.1f},{fy(clamp(p.upper)):.1f}" for x, p in zip(xs, series, strict=True)
+    )
+    lower = " ".join(
+        f"{fx(x):.1f},{fy(clamp(p.lower)):.1f}"
+        for x, p in reversed(list(zip(xs, series, strict=True)))
+    )
+    est = " ".join(f"{fx(x):.1f},{fy(p.estimate):.1f}" for x, p in zip(xs, series, strict=True))
+    parts = [
+        f'<polygon points="{upper} {lower}" fill="#d62728" fill-opacity="0.18"/>',
+        f'<polyline points="{est}" fill="none" stroke="#d62728" stroke-width="2"/>',
+        _hline(fy(0.0), "#444", "0"),
+    ]
+    if min_effect and y_lo <= min_effect <= y_hi:
+        parts.append(_hline(fy(min_effect), "#1a7f37", f"min_effect {min_effect:g}", dash=True))
+    parts += _axes(f"{min(xs)}", f"{max(xs)} rows with outcomes", f"{y_lo:+.3g}", f"{y_hi:+.3g}")
+    return _svg(parts, "Confidence sequence of the difference")
+
+
+def _latency_svg(e: Evaluation) -> str:
+    arms = [a for a in (e.champion, e.challenger) if a.latency.hist_counts]
+    if not arms:
+        return "<p>No latencies logged.</p>"
+    edges = arms[0].latency.hist_edges
+    logs = [math.log10(x) for x in edges]
+    shares = {a.arm: [c / max(a.latency.n, 1) for c in a.latency.hist_counts] for a in arms}
+    top = max(max(s) for s in shares.values()) or 1.0
+    fx = _scale(logs[0], logs[-1], _PAD, _W - 10)
+    fy = _scale(0.0, top, _H - 30, 10)
+    parts: list[str] = []
+    for i, arm in enumerate(arms):
+        pts = [f"{fx(logs[0]):.1f},{fy(0):.1f}"]
+        for k, share in enumerate(shares[arm.arm]):
+            pts += [f"{fx(logs[k]):.1f},{fy(share):.1f}", f"{fx(logs[k + 1]):.1f},{fy(share):.1f}"]
+        pts.append(f"{fx(logs[-1]):.1f},{fy(0):.1f}")
+        color = _COLORS.get(arm.arm, "#555")
+        parts.append(
+            f'<polyline points="{" ".join(pts)}" fill="none" stroke="{color}" stroke-width="2"/>'
+        )
+        if arm.latency.p95 is not None:
+            x = fx(math.log10(arm.latency.p95))
+            parts.append(
+                f'<line x1="{x:.1f}" y1="10" x2="{x:.1f}" y2="{_H - 30}" stroke="{color}" '
+                'stroke-dasharray="4 3"/>'
+            )
+        parts.append(
+            f'<text x="{_W - 200}" y="{24 + 16 * i}" fill="{color}" font-size="12">'
+            f"{html.escape(arm.arm)} v{html.escape(str(arm.version))} "
+            f"(p95 {_ms(arm.latency.p95)} ms)"
+            "</text>"
+        )
+    parts += _axes(f"{edges[0] * 1e3:.2f} ms", f"{edges[-1] * 1e3:.2f} ms", "0", f"{top:.0%}")
+    return _svg(parts, "Predict latency distributions")
+
+
+def _hline(y: float, color: str, label: str, dash: bool = False) -> str:
+    style = ' stroke-dasharray="6 4"' if dash else ""
+    return (
+        f'<line x1="{_PAD}" y1="{y:.1f}" x2="{_W - 10}" y2="{y:.1f}" stroke="{color}"{style}/>'
+        f'<text x="{_PAD + 4}" y="{y - 4:.1f}" fill="{color}" font-size="11">'
+        f"{html.escape(label)}</text>"
+    )
+
+
+def _axes(x_lo: str, x_hi: str, y_lo: str, y_hi: str) -> list[str]:
+    esc = html.escape
+    return [
+        f'<line x1="{_PAD}" y1="{_H - 30}" x2="{_W - 10}" y2="{_H - 30}" stroke="#999"/>',
+        f'<line x1="{_PAD}" y1="10" x2="{_PAD}" y2="{_H - 30}" stroke="#999"/>',
+        f'<text x="{_PAD}" y="{_H - 12}" font-size="11">{esc(x_lo)}</text>',
+        f'<text x="{_W - 10}" y="{_H - 12}" font-size="11" text-anchor="end">{esc(x_hi)}</text>',
+        f'<text x="{_PAD - 4}" y="{_H - 30}" font-size="11" text-anchor="end">{esc(y_lo)}</text>',
+        f'<text x="{_PAD - 4}" y="18" font-size="11" text-anchor="end">{esc(y_hi)}</text>',
+    ]
+
+
+def _svg(parts: Sequence[str], title: str) -> str:
+    body = "\n".join(parts)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{_H}" '
+        f'viewBox="0 0 {_W} {_H}" role="img"><title>{html.escape(title)}</title>\n{body}\n</svg>'
+    )

@@ -1,0 +1,411 @@
+"""Statistics for judging a champion/challenger experiment: pure functions, no I/O.
+
+The primary comparison is a difference in means with an *asymptotic confidence sequence*
+(Waudby-Smith et al. 2023, "Time-uniform central limit theory and asymptotic confidence
+sequences", arXiv:2103.06476, eq. 161), parameterised the way GrowthBook's stats engine does it:
+the mixing parameter ρ is tuned so that the sequence is tightest near a planned total sample size
+N*. The interval is valid *uniformly over time*, so `evaluate_and_promote` may run every hour
+without inflating the false promotion rate; a fixed-horizon z-interval checked that often would
+(see `experiments.simulate`).
+
+Conventions: "control" is the champion, "treatment" the challenger; differences are
+treatment − control; `alpha` is the total error of the two-sided sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, overload
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy import stats as _sps
+
+FloatArray = NDArray[np.float64]
+
+__all__ = [
+    "ArmStats",
+    "Interval",
+    "SrmResult",
+    "cs_halfwidth",
+    "cs_halfwidth_one_sided",
+    "cs_rho_squared",
+    "difference_absolute",
+    "difference_relative",
+    "fixed_horizon_interval",
+    "noninferiority_lower_bound",
+    "quantile_interval",
+    "quantile_ratio_interval",
+    "sample_ratio_test",
+    "welch_variance",
+]
+
+
+@dataclass(frozen=True)
+class ArmStats:
+    """Summable sufficient statistics of one arm: count, sum and sum of squares.
+
+    Summable so that per-batch or per-replica aggregates combine with `+` without revisiting
+    rows. The sum-of-squares form loses precision when |mean| ≫ stddev (cancellation); the
+    primary metrics here (accuracy, losses, errors) are O(1), where it is exact enough.
+    """
+
+    n: int
+    total: float
+    total_sq: float
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            raise ValueError(f"ArmStats.n must be >= 0, got {self.n}")
+        if self.total_sq < 0:
+            raise ValueError(f"ArmStats.total_sq must be >= 0, got {self.total_sq}")
+
+    @property
+    def mean(self) -> float:
+        if self.n == 0:
+            raise ValueError("the mean of an arm with no units is undefined")
+        return self.total / self.n
+
+    @property
+    def variance(self) -> float:
+        """Sample variance (ddof=1); 0 when n < 2, clipped at 0 against rounding."""
+        if self.n < 2:
+            return 0.0
+        return max((self.total_sq - self.total * self.total / self.n) / (self.n - 1), 0.0)
+
+    def __add__(self, other: ArmStats) -> ArmStats:
+        return ArmStats(self.n + other.n, self.total + other.total, self.total_sq + other.total_sq)
+
+    @classmethod
+    def from_values(cls, values: ArrayLike) -> ArmStats:
+        arr = np.asarray(values, dtype=np.float64).ravel()
+        if not np.all(np.isfinite(arr)):
+            raise ValueError("ArmStats.from_values: values must be finite (no NaN or inf)")
+        return cls(int(arr.size), float(arr.sum()), float(np.dot(arr, arr)))
+
+    @classmethod
+    def from_counts(cls, n: int, successes: int) -> ArmStats:
+        """A 0/1 metric (accuracy, conversion): sum and sum of squares are both `successes`."""
+        if not 0 <= successes <= n:
+            raise ValueError(f"successes must be in [0, n={n}], got {successes}")
+        return cls(n, float(successes), float(successes))
+
+
+@dataclass(frozen=True)
+class Interval:
+    estimate: float
+    lower: float
+    upper: float
+
+
+@dataclass(frozen=True)
+class SrmResult:
+    p_value: float
+    chi2: float
+    observed: dict[str, int]
+    expected: dict[str, float]
+    checked: bool
+    mismatch: bool  # checked and p_value < threshold
+
+
+def sample_ratio_test(
+    counts: Mapping[str, int],
+    weights: Mapping[str, float],
+    threshold: float = 0.001,
+    min_count: int = 8,
+) -> SrmResult:
+    """Chi-square goodness of fit of assignment counts against the configured weights.
+
+    A sample-ratio mismatch means assignment or logging is broken (lost records, a crashing arm,
+    bots), so no comparison of the arms can be trusted. Only arms with weight > 0 enter the test
+    (df = their number − 1); the result is `checked` once each of them *expects* `min_count`
+    units, the validity condition of the chi-square approximation. Expected, not observed: an
+    arm that logs nothing at all (a challenger crashing before its records are written) is the
+    clearest mismatch there is and must not hold the test back. Units logged to an arm whose weight
+    is 0 are a mismatch by definition (p = 0). An arm in `counts` that is missing from `weights`
+    is a caller error (ValueError), never silently ignored.
+    """
+    unknown = sorted(set(counts) - set(weights))
+    if unknown:
+        raise ValueError(f"counts for arms without a weight: {unknown}")
+    if any(w < 0 or not math.isfinite(w) for w in weights.values()):
+        raise ValueError(f"weights must be finite and >= 0, got {dict(weights)}")
+    if any(c < 0 for c in counts.values()):
+        raise ValueError(f"counts must be >= 0, got {dict(counts)}")
+    weight_sum = sum(weights.values())
+    if weight_sum <= 0:
+        raise ValueError("at least one arm needs a positive weight")
+
+    observed = {arm: int(counts.get(arm, 0)) for arm in weights}
+    total = sum(observed.values())
+    expected = {arm: total * w / weight_sum for arm, w in weights.items()}
+    active = [arm for arm, w in weights.items() if w > 0]
+    stray = sum(observed[arm] for arm, w in weights.items() if w == 0)
+
+    if stray > 0:
+        chi2, p_value = math.inf, 0.0
+    elif len(active) < 2 or total == 0:
+        chi2, p_value = 0.0, 1.0
+    else:
+        obs = np.array([observed[a] for a in active], dtype=np.float64)
+        exp = np.array([expected[a] for a in active], dtype=np.float64)
+        chi2 = float(np.sum((obs - exp) ** 2 / exp))
+        p_value = float(_sps.chi2.sf(chi2, df=len(active) - 1))
+
+    checked = stray > 0 or (total > 0 and all(expected[a] >= min_count for a in active))
+    return SrmResult(
+        p_value=p_value,
+        chi2=chi2,
+        observed=observed,
+        expected=expected,
+        checked=checked,
+        mismatch=checked and p_value < threshold,
+    )
+
+
+def welch_variance(a: ArmStats, b: ArmStats) -> float:
+    """Variance of mean_b − mean_a: s²_A/n_A + s²_B/n_B, never pooled.
+
+    Pooling assumes equal variances; at a 90/10 split with unequal variances it mis-states the
+    error of the small arm, in either direction.
+    """
+    _require_two_units(a, b)
+    return a.variance / a.n + b.variance / b.n
+
+
+def cs_rho_squared(planned_samples: int, alpha: float) -> float:
+    """ρ² = (−2 ln α + ln(1 − 2 ln α)) / N*  (Waudby-Smith et al. 2023, eq. 161).
+
+    The choice of ρ that makes the two-sided sequence tightest at N* total units. N* only tunes
+    where the width is smallest; the sequence stays valid before and after N*.
+    """
+    _check_alpha(alpha)
+    if planned_samples <= 0:
+        raise ValueError(f"planned_samples must be > 0, got {planned_samples}")
+    log_alpha = math.log(alpha)
+    return (-2.0 * log_alpha + math.log(1.0 - 2.0 * log_alpha)) / planned_samples
+
+
+@overload
+def cs_halfwidth(
+    variance_of_estimate: float, n_total: int, planned_samples: int, alpha: float
+) -> float: ...
+@overload
+def cs_halfwidth(
+    variance_of_estimate: FloatArray,
+    n_total: int | NDArray[Any],
+    planned_samples: int,
+    alpha: float,
+) -> FloatArray: ...
+def cs_halfwidth(
+    variance_of_estimate: float | FloatArray,
+    n_total: int | NDArray[Any],
+    planned_samples: int,
+    alpha: float,
+) -> float | FloatArray:
+    """Half-width of the two-sided asymptotic confidence sequence at n_total units.
+
+    √V · √( (nρ²+1)/(nρ²) · (2 ln(1/α) + ln(nρ²+1)) ), with V the variance of the estimate
+    (e.g. `welch_variance`) and n the total units over both arms, as GrowthBook computes it
+    (its `s2 = V·n`, so the n's cancel into this form). Compared with the fixed-horizon z
+    half-width √V·z, the factor is ≈ 3.0 instead of 1.96 at n = N*, α = 0.05: the price of
+    being allowed to look any number of times. Accepts arrays (the simulation uses them).
+    """
+    rho2 = cs_rho_squared(planned_samples, alpha)
+    n = np.asarray(n_total, dtype=np.float64)
+    if np.any(n <= 0):
+        raise ValueError("n_total must be > 0")
+    nr2 = n * rho2
+    factor = (nr2 + 1.0) / nr2 * (2.0 * math.log(1.0 / alpha) + np.log(nr2 + 1.0))
+    width = np.sqrt(np.asarray(variance_of_estimate, dtype=np.float64) * factor)
+    if isinstance(variance_of_estimate, np.ndarray) or isinstance(n_total, np.ndarray):
+        return np.asarray(width, dtype=np.float64)
+    return float(width)
+
+
+@overload
+def cs_halfwidth_one_sided(
+    variance_of_estimate: float, n_total: int, planned_samples: int, alpha: float
+) -> float: ...
+@overload
+def cs_halfwidth_one_sided(
+    variance_of_estimate: FloatArray,
+    n_total: int | NDArray[Any],
+    planned_samples: int,
+    alpha: float,
+) -> FloatArray: ...
+def cs_halfwidth_one_sided(
+    variance_of_estimate: float | FloatArray,
+    n_total: int | NDArray[Any],
+    planned_samples: int,
+    alpha: float,
+) -> float | FloatArray:
+    """Half-width of a one-sided confidence sequence with error α on its one side.
+
+    GrowthBook's one-sided form: ρ is tuned with 2α in place of α, and the width is
+    √( V · 2(nρ²+1)/(nρ²) · ln(1 + √(nρ²+1)/(2α)) ). Narrower than the two-sided half-width at
+    the same α (which spends α over two sides), wider than the two-sided one at 2α.
+    """
+    if not 0.0 < alpha < 0.5:
+        raise ValueError(f"one-sided alpha must be in (0, 0.5), got {alpha}")
+    rho2 = cs_rho_squared(planned_samples, 2.0 * alpha)
+    n = np.asarray(n_total, dtype=np.float64)
+    if np.any(n <= 0):
+        raise ValueError("n_total must be > 0")
+    nr2 = n * rho2
+    factor = 2.0 * (nr2 + 1.0) / nr2 * np.log1p(np.sqrt(nr2 + 1.0) / (2.0 * alpha))
+    width = np.sqrt(np.asarray(variance_of_estimate, dtype=np.float64) * factor)
+    if isinstance(variance_of_estimate, np.ndarray) or isinstance(n_total, np.ndarray):
+        return np.asarray(width, dtype=np.float64)
+    return float(width)
+
+
+def difference_absolute(
+    control: ArmStats, treatment: ArmStats, planned_samples: int, alpha: float
+) -> Interval:
+    """mean_t − mean_c with its two-sided (1−α) confidence sequence (Welch variance)."""
+    estimate, variance = _absolute_moments(control, treatment)
+    hw = cs_halfwidth(variance, control.n + treatment.n, planned_samples, alpha)
+    return Interval(estimate, estimate - hw, estimate + hw)
+
+
+def difference_relative(
+    control: ArmStats, treatment: ArmStats, planned_samples: int, alpha: float
+) -> Interval:
+    """mean_t/mean_c − 1 with its two-sided (1−α) confidence sequence.
+
+    Delta-method variance of the ratio of two independent means (GrowthBook's form):
+    V = s²_t/(n_t·m_c²) + s²_c·m_t²/(n_c·m_c⁴). A zero control mean makes the ratio undefined
+    (ValueError). With a negative control mean the sign of "better" flips; use the absolute
+    difference for metrics that can be negative.
+    """
+    estimate, variance = _relative_moments(control, treatment)
+    hw = cs_halfwidth(variance, control.n + treatment.n, planned_samples, alpha)
+    return Interval(estimate, estimate - hw, estimate + hw)
+
+
+def noninferiority_lower_bound(
+    control: ArmStats,
+    treatment: ArmStats,
+    planned_samples: int,
+    alpha: float,
+    relative: bool = False,
+    *,
+    higher_is_better: bool = True,
+) -> float:
+    """Always-valid lower confidence bound on the challenger's improvement, one-sided at α.
+
+    Improvement is treatment − control (or mean_t/mean_c − 1 with `relative`), negated when
+    `higher_is_better` is False (losses, errors), so that the caller's check is always
+    "bound > −margin". Non-inferiority is a one-sided question, so the whole α goes to the
+    one side (the one-sided sequence of `cs_halfwidth_one_sided`), not α/2.
+    """
+    if relative:
+        estimate, variance = _relative_moments(control, treatment)
+    else:
+        estimate, variance = _absolute_moments(control, treatment)
+    hw = cs_halfwidth_one_sided(variance, control.n + treatment.n, planned_samples, alpha)
+    improvement = estimate if higher_is_better else -estimate
+    return improvement - hw
+
+
+def fixed_horizon_interval(control: ArmStats, treatment: ArmStats, alpha: float) -> Interval:
+    """Naive two-sided z-interval of mean_t − mean_c, valid for ONE look at a fixed n.
+
+    Kept only as the contrast in `experiments.simulate`: checked repeatedly it promotes A/A
+    experiments far more often than α.
+    """
+    _check_alpha(alpha)
+    estimate, variance = _absolute_moments(control, treatment)
+    hw = float(_sps.norm.ppf(1.0 - alpha / 2.0)) * math.sqrt(variance)
+    return Interval(estimate, estimate - hw, estimate + hw)
+
+
+def quantile_interval(values: ArrayLike, q: float, alpha: float) -> Interval:
+    """Distribution-free (1−α) interval for the q-quantile from order statistics.
+
+    With B = #{x_i ≤ ξ_q} ~ Binomial(n, q), the interval [x_(l), x_(u)] (1-based order
+    statistics) covers ξ_q with probability F(u−1) − F(l−1) for continuous data. l is the
+    largest index with F(l−1) ≤ α/2 and u the smallest with F(u−1) ≥ 1 − α/2, so each side
+    errs at most α/2. No normality: latency distributions are skewed and heavy-tailed. When
+    n is too small for a side (l < 1 or u > n) that side is −inf/+inf rather than a bound that
+    would not hold. The estimate is the sample quantile (linear interpolation).
+
+    This is a fixed-horizon interval; repeated checks inflate its error (it serves guardrails,
+    where that means a more eager rejection of the challenger, never a false promotion).
+    """
+    _check_alpha(alpha)
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q must be in (0, 1), got {q}")
+    arr = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    n = int(arr.size)
+    if n == 0:
+        raise ValueError("quantile_interval needs at least one value")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("quantile_interval: values must be finite")
+    dist = _sps.binom(n, q)
+    k_lo = int(dist.ppf(alpha / 2.0))  # smallest k with F(k) >= α/2
+    if dist.cdf(k_lo) > alpha / 2.0:
+        k_lo -= 1  # largest k with F(k) <= α/2 (may be -1: no lower bound)
+    lower_index = k_lo + 1  # l, 1-based
+    upper_index = int(dist.ppf(1.0 - alpha / 2.0)) + 1  # u, 1-based
+    lower = float(arr[lower_index - 1]) if lower_index >= 1 else -math.inf
+    upper = float(arr[upper_index - 1]) if upper_index <= n else math.inf
+    return Interval(float(np.quantile(arr, q)), lower, upper)
+
+
+def quantile_ratio_interval(
+    control_values: ArrayLike, treatment_values: ArrayLike, q: float, alpha: float
+) -> Interval:
+    """Relative difference of q-quantiles, ξ_t/ξ_c − 1, with a (1−α) interval.
+
+    Bonferroni: each arm's quantile gets a distribution-free (1 − α/2) interval
+    (`quantile_interval`); when both cover, [L_t/U_c − 1, U_t/L_c − 1] covers the ratio, so the
+    joint coverage is ≥ 1 − α with no assumption on the shape of either distribution or on
+    independence between them. Conservative (wider than a bootstrap), but exact in the worst
+    case and cheap. Values must be positive (latencies): a ratio of quantiles needs ξ_c > 0,
+    and positivity lets an undeterminable lower bound fall back to 0 instead of −inf.
+    """
+    _check_alpha(alpha)
+    control = np.asarray(control_values, dtype=np.float64).ravel()
+    treatment = np.asarray(treatment_values, dtype=np.float64).ravel()
+    if control.size == 0 or treatment.size == 0:
+        raise ValueError("quantile_ratio_interval needs values in both arms")
+    if np.any(control <= 0) or np.any(treatment <= 0):
+        raise ValueError("quantile_ratio_interval needs strictly positive values in both arms")
+    ci_c = quantile_interval(control, q, alpha / 2.0)
+    ci_t = quantile_interval(treatment, q, alpha / 2.0)
+    # Values are positive, so a missing lower bound is 0 at worst.
+    lower_c, lower_t = max(ci_c.lower, 0.0), max(ci_t.lower, 0.0)
+    lower = lower_t / ci_c.upper - 1.0  # inf upper -> -1.0
+    upper = ci_t.upper / lower_c - 1.0 if lower_c > 0 else math.inf
+    return Interval(ci_t.estimate / ci_c.estimate - 1.0, lower, upper)
+
+
+def _absolute_moments(control: ArmStats, treatment: ArmStats) -> tuple[float, float]:
+    variance = welch_variance(control, treatment)
+    return treatment.mean - control.mean, variance
+
+
+def _relative_moments(control: ArmStats, treatment: ArmStats) -> tuple[float, float]:
+    _require_two_units(control, treatment)
+    m_c, m_t = control.mean, treatment.mean
+    if m_c == 0:
+        raise ValueError("relative difference is undefined: the control (champion) mean is 0")
+    variance = treatment.variance / (treatment.n * m_c**2) + control.variance * m_t**2 / (
+        control.n * m_c**4
+    )
+    return m_t / m_c - 1.0, variance
+
+
+def _require_two_units(a: ArmStats, b: ArmStats) -> None:
+    # With n < 2 there is no variance estimate; a zero-width interval would look decisive.
+    if a.n < 2 or b.n < 2:
+        raise ValueError(f"each arm needs at least 2 units to estimate a variance (n={a.n}, {b.n})")
+
+
+def _check_alpha(alpha: float) -> None:
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")

@@ -1,0 +1,356 @@
+"""The HTTP layer: an app factory whose lifespan owns the models, the metrics and the log writer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from router.arms import ModelManager
+from router.config import Settings, load_settings
+from router.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    RegistryUnavailable,
+    RouterError,
+    Unauthorized,
+)
+from router.metrics import RouterMetrics, render
+from router.models import ModelNotFound, Registry
+from router.predlog import FeedbackItem, PredictionLog
+from router.service import RouterService
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).parent / "static"
+LOG_SYNC_INTERVAL_S = 1.0
+FEEDBACK_MAX_BYTES = 4 * 1_048_576
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[
+    [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]], Awaitable[None]
+]
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
+
+
+def _service(request: Request) -> RouterService:
+    service: RouterService = request.state.service
+    return service
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Refuse an oversized body before reading it whole (and before parsing any of it)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError as exc:
+            raise BadRequest("Content-Length is not a number") from exc
+        if size > limit:
+            raise PayloadTooLarge(f"request body of {size} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def invocations(request: Request) -> Response:
+    service = _service(request)
+    body = await _read_body(request, service.settings.limits.max_body_bytes)
+    result = await service.invoke(
+        body,
+        request.headers.get("content-type"),
+        request.headers.get(service.settings.routing.routing_key_header),
+        request.headers.get("x-request-id"),
+    )
+    content = {
+        "predictions": result.predictions,
+        "arm": result.arm,
+        "model_version": result.model_version,
+        "request_id": result.request_id,
+    }
+    headers = {
+        "X-Arm": result.arm,
+        "X-Model-Version": result.model_version,
+        "X-Request-Id": result.request_id,
+    }
+    return JSONResponse(content, headers=headers)
+
+
+def _feedback_items(payload: Any) -> list[FeedbackItem]:
+    if not isinstance(payload, dict):
+        raise BadRequest(
+            'feedback must be a JSON object: {"request_id", "outcome"} or {"outcomes"}'
+        )
+    if "outcomes" in payload:
+        entries = payload["outcomes"]
+        if not isinstance(entries, list) or not entries:
+            raise BadRequest('"outcomes" must be a non-empty list')
+    else:
+        entries = [payload]
+    items = []
+    for i, entry in enumerate(entries):
+        where = f"outcomes[{i}]" if "outcomes" in payload else "feedback"
+        if not isinstance(entry, dict) or "request_id" not in entry or "outcome" not in entry:
+            raise BadRequest(f'{where}: needs "request_id" and "outcome"')
+        request_id = entry["request_id"]
+        if not isinstance(request_id, str) or not request_id:
+            raise BadRequest(f'{where}: "request_id" must be a non-empty string')
+        if entry["outcome"] is None:
+            raise BadRequest(f'{where}: "outcome" must not be null')
+        items.append(FeedbackItem(request_id=request_id, outcome=entry["outcome"]))
+    return items
+
+
+async def feedback(request: Request) -> Response:
+    body = await _read_body(request, FEEDBACK_MAX_BYTES)
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from exc
+    results = await _service(request).feedback(_feedback_items(payload))
+    accepted = [
+        {"request_id": r.request_id, "rows": len(r.rows), "created": r.created} for r in results
+    ]
+    return JSONResponse({"accepted": accepted})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "alive"})
+
+
+async def readyz(request: Request) -> Response:
+    service = _service(request)
+    arms = service.manager.current
+    if arms is None:
+        reason = service.manager.last_error or "champion not loaded yet"
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+    return JSONResponse({"status": "ready", "champion_version": arms.champion.version})
+
+
+async def metrics(request: Request) -> Response:
+    service = _service(request)
+    log_ = service.prediction_log
+    service.metrics.sync_prediction_log(log_.pending, log_.dropped)
+    body, content_type = render(service.metrics.registry)
+    return Response(body, media_type=content_type)
+
+
+def _arm_json(arm: str, alias: str, weight: float, loaded: Any) -> dict[str, Any]:
+    return {
+        "arm": arm,
+        "alias": alias,
+        "version": loaded.version,
+        "run_id": loaded.ref.run_id,
+        "resolved_via": loaded.ref.resolved_via,
+        "weight": weight,
+        "loaded_at": loaded.loaded_at,
+    }
+
+
+async def experiment(request: Request) -> Response:
+    service = _service(request)
+    s = service.settings
+    arms = service.manager.current
+    body: dict[str, Any] = {
+        "model": s.model.name,
+        "mode": s.routing.mode,
+        "salt": s.routing.salt,
+        "routing_key_header": s.routing.routing_key_header,
+        "ready": arms is not None,
+        "experiment_id": arms.experiment_id if arms else None,
+        "arms": [],
+    }
+    if arms is None:
+        body["error"] = service.manager.last_error
+        return JSONResponse(body)
+    shadow = s.routing.mode == "shadow"
+    weight = 0.0 if shadow or arms.challenger is None else service.challenger_weight
+    body["arms"].append(_arm_json("champion", s.model.champion_alias, 1.0 - weight, arms.champion))
+    if arms.challenger is not None:
+        name = "shadow" if shadow else "challenger"
+        body["arms"].append(_arm_json(name, s.model.challenger_alias, weight, arms.challenger))
+    else:
+        body["challenger_missing"] = (
+            f"no @{s.model.challenger_alias} version: the champion serves all traffic"
+        )
+    return JSONResponse(body)
+
+
+def _require_admin(request: Request) -> None:
+    token = _service(request).settings.admin_token
+    if not token:
+        raise Unauthorized("admin endpoints are disabled (ROUTER_ADMIN_TOKEN is not set)")
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("missing or wrong admin bearer token")
+
+
+async def admin_reload(request: Request) -> Response:
+    _require_admin(request)
+    service = _service(request)
+    try:
+        changed = await service.manager.refresh()
+    except (RegistryUnavailable, ModelNotFound) as exc:
+        raise RegistryUnavailable(f"reload failed, models in service unchanged: {exc}") from exc
+    arms = service.manager.current
+    return JSONResponse({"changed": changed, "experiment_id": arms.experiment_id if arms else None})
+
+
+async def admin_weights(request: Request) -> Response:
+    _require_admin(request)
+    try:
+        payload = orjson.loads(await _read_body(request, 4096))
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from exc
+    weight = payload.get("challenger_weight") if isinstance(payload, dict) else None
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        raise BadRequest('body must be {"challenger_weight": <number in [0, 1]>}')
+    service = _service(request)
+    service.set_challenger_weight(float(weight))
+    return JSONResponse({"challenger_weight": service.challenger_weight})
+
+
+async def status_page(request: Request) -> Response:
+    page = STATIC_DIR / "status.html"
+    if not page.exists():
+        return JSONResponse({"see": ["/experiment", "/metrics", "/readyz"]})
+    return FileResponse(page, media_type="text/html")
+
+
+async def _router_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RouterError)
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    body = {
+        "error": {"code": code, "message": f"{request.method} {request.url.path}: {exc.detail}"}
+    }
+    return JSONResponse(body, status_code=exc.status_code)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    body = {"error": {"code": "internal_error", "message": "internal server error"}}
+    return JSONResponse(body, status_code=500)
+
+
+class RouteTimer:
+    """Raw ASGI middleware timing every request by route (cheaper than BaseHTTPMiddleware).
+
+    The histogram comes from the lifespan state Starlette copies into every request's scope.
+    """
+
+    def __init__(self, app: ASGIApp, routes: set[str]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        service = scope.get("state", {}).get("service") if scope["type"] == "http" else None
+        if service is None:
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            path = scope["path"]
+            route = path if path in self.routes else "other"
+            service.metrics.request_latency.labels(route).observe(time.perf_counter() - start)
+
+
+def create_app(
+    settings: Settings, *, metrics_registry: CollectorRegistry | None = None
+) -> Starlette:
+    """Build the router app; nothing is loaded until its lifespan starts."""
+    routes = [
+        Route("/invocations", invocations, methods=["POST"]),
+        Route("/feedback", feedback, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/ping", healthz, methods=["GET"]),  # `mlflow models serve` clients probe /ping
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/experiment", experiment, methods=["GET"]),
+        Route("/admin/reload", admin_reload, methods=["POST"]),
+        Route("/admin/weights", admin_weights, methods=["PUT"]),
+        Route("/", status_page, methods=["GET"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        registry = metrics_registry if metrics_registry is not None else CollectorRegistry()
+        router_metrics = RouterMetrics(registry)
+        router_metrics.ready.set(0)
+        plog = PredictionLog(
+            settings.prediction_log.url,
+            batch_size=settings.prediction_log.batch_size,
+            flush_interval_s=settings.prediction_log.flush_interval_s,
+            max_pending=settings.prediction_log.max_pending,
+        )
+        plog.start()
+        manager = ModelManager(
+            settings, Registry(settings.model.tracking_uri, settings.model.name), router_metrics
+        )
+        service = RouterService(settings, manager, plog, router_metrics)
+        poller = asyncio.create_task(manager.poll_forever(), name="alias-poller")
+        syncer = asyncio.create_task(_sync_log_metrics(service), name="log-metrics")
+        try:
+            yield {"service": service}
+        finally:
+            poller.cancel()
+            syncer.cancel()
+            await asyncio.gather(poller, syncer, return_exceptions=True)
+            await service.drain()
+            await asyncio.to_thread(plog.close)
+            log.info("prediction log closed: %d dropped in total", plog.dropped)
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            RouterError: _router_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+    )
+    app.add_middleware(RouteTimer, routes={r.path for r in routes})
+    return app
+
+
+async def _sync_log_metrics(service: RouterService) -> None:
+    while True:
+        await asyncio.sleep(LOG_SYNC_INTERVAL_S)
+        plog = service.prediction_log
+        service.metrics.sync_prediction_log(plog.pending, plog.dropped)
+
+
+def app_from_env() -> Starlette:
+    """Factory for ``--workers N``: each worker process reads ``$ROUTER_CONFIG`` itself."""
+    return create_app(load_settings())

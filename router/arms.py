@@ -1,0 +1,160 @@
+"""The models in service and their hot reload.
+
+An :class:`ArmSet` is immutable; a reload builds a new one and swaps the reference, so a request
+that picked up the old set finishes on the models it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from router.config import Settings
+from router.errors import RegistryUnavailable
+from router.logschema import experiment_id
+from router.metrics import RouterMetrics
+from router.models import LoadedModel, ModelNotFound, ModelRef, Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArmSet:
+    champion: LoadedModel
+    challenger: LoadedModel | None
+    experiment_id: str
+
+
+class ModelManager:
+    """Owns the current :class:`ArmSet`; polls the registry and swaps in alias changes."""
+
+    def __init__(self, settings: Settings, registry: Registry, metrics: RouterMetrics) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._metrics = metrics
+        self.current: ArmSet | None = None
+        self.last_error: str | None = None
+        self._lock = asyncio.Lock()
+
+    def _resolve(self) -> tuple[ModelRef, ModelRef | None]:
+        model = self._settings.model
+        champion = self._registry.resolve_champion(model.champion_alias)
+        challenger = self._registry.resolve_challenger(model.challenger_alias)
+        if challenger is not None and challenger.version == champion.version:
+            # Both aliases on one version: there is nothing to compare, serve it as the champion.
+            challenger = None
+        return champion, challenger
+
+    def _load(self, ref: ModelRef, previous: ArmSet | None) -> LoadedModel:
+        """Reuse an already-loaded version (a promotion moves v2 from challenger to champion)."""
+        if previous is not None:
+            for loaded in (previous.champion, previous.challenger):
+                if loaded is not None and loaded.ref.version == ref.version:
+                    return LoadedModel(ref, loaded.model, loaded.input_schema, loaded.loaded_at)
+        return self._registry.load(ref)
+
+    def _build(self, previous: ArmSet | None) -> ArmSet | None:
+        champion_ref, challenger_ref = self._resolve()
+        if previous is not None and _same(previous, champion_ref, challenger_ref):
+            return None
+        champion = self._load(champion_ref, previous)
+        challenger = None
+        if challenger_ref is not None:
+            try:
+                challenger = self._load(challenger_ref, previous)
+            except RegistryUnavailable as exc:
+                # The champion alone is a working router; a broken challenger must not stop it.
+                log.error("challenger v%s failed to load: %s", challenger_ref.version, exc.message)
+                self._metrics.model_reloads.labels("challenger", "error").inc()
+        exp = experiment_id(
+            self._registry.model_name,
+            champion.version,
+            challenger.version if challenger else None,
+        )
+        return ArmSet(champion, challenger, exp)
+
+    async def refresh(self) -> bool:
+        """Resolve aliases and swap in what changed; True when the served set changed."""
+        async with self._lock:
+            previous = self.current
+            try:
+                built = await anyio.to_thread.run_sync(self._build, previous)
+            except (RegistryUnavailable, ModelNotFound) as exc:
+                self.last_error = str(exc)
+                if previous is not None:
+                    self._metrics.model_reloads.labels("champion", "error").inc()
+                    log.error("reload failed, keeping the models in service: %s", exc)
+                raise
+            self.last_error = None
+            if built is None or (previous is not None and _versions(built) == _versions(previous)):
+                return False
+            self.current = built
+            self._publish(previous, built)
+            return True
+
+    def _publish(self, previous: ArmSet | None, arms: ArmSet) -> None:
+        metrics, name = self._metrics, self._registry.model_name
+        if previous is not None:
+            for arm, loaded in _served(previous, self._settings):
+                metrics.model_info.remove(arm, name, loaded.version, loaded.ref.run_id or "")
+        for arm, loaded in _served(arms, self._settings):
+            metrics.model_info.labels(arm, name, loaded.version, loaded.ref.run_id or "").set(1)
+            if previous is not None:
+                metrics.model_reloads.labels(arm, "ok").inc()
+        metrics.ready.set(1)
+        described = ", ".join(
+            f"{arm} v{m.version} ({m.ref.resolved_via})" for arm, m in _served(arms, self._settings)
+        )
+        log.info("serving %s: %s [experiment %s]", name, described, arms.experiment_id)
+
+    async def load_until_ready(self) -> None:
+        """Start-up: retry until the champion loads, saying why on each failure (no crash loop)."""
+        interval = self._settings.model.startup_retry_interval_s
+        while self.current is None:
+            try:
+                await self.refresh()
+            except (RegistryUnavailable, ModelNotFound) as exc:
+                log.error("champion not loaded yet (retrying in %.0fs): %s", interval, exc)
+                await asyncio.sleep(interval)
+
+    async def poll_forever(self) -> None:
+        await self.load_until_ready()
+        while True:
+            await asyncio.sleep(self._settings.model.poll_interval_s)
+            try:
+                await self.refresh()
+            except (RegistryUnavailable, ModelNotFound):
+                continue  # counted and logged in refresh(); the old models keep serving
+
+    def describe(self) -> dict[str, Any]:
+        arms = self.current
+        if arms is None:
+            return {"ready": False, "error": self.last_error}
+        return {"ready": True, "experiment_id": arms.experiment_id}
+
+
+def _served(arms: ArmSet, settings: Settings) -> list[tuple[str, LoadedModel]]:
+    served = [("champion", arms.champion)]
+    if arms.challenger is not None:
+        served.append(
+            ("shadow" if settings.routing.mode == "shadow" else "challenger", arms.challenger)
+        )
+    return served
+
+
+def _versions(arms: ArmSet) -> tuple[str, str | None]:
+    return arms.champion.version, arms.challenger.version if arms.challenger else None
+
+
+def _same(arms: ArmSet, champion: ModelRef, challenger: ModelRef | None) -> bool:
+    current_challenger = arms.challenger.version if arms.challenger else None
+    wanted_challenger = challenger.version if challenger else None
+    return (
+        arms.champion.version == champion.version
+        and arms.champion.ref.resolved_via == champion.resolved_via
+        and current_challenger == wanted_challenger
+    )

@@ -1,0 +1,185 @@
+"""Prometheus metrics, on a registry the app is given (never the global default one).
+
+Names and labels are the product's contract (README "Metrics"): dashboards and alerts query them.
+With several uvicorn workers (``PROMETHEUS_MULTIPROC_DIR`` set) the values live in per-process
+files and :func:`render` aggregates them with a fresh ``MultiProcessCollector`` per scrape.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter as TallyCounter
+from collections.abc import Iterable, Sequence
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as prom_multiprocess
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+# Probabilities fall in [0, 1]; the wider tail keeps regression outputs visible too.
+VALUE_BUCKETS = (*(round(i * 0.05, 2) for i in range(1, 21)), 2.0, 5.0, 10.0, 100.0, 1000.0)
+
+ARM_VERSION = ("arm", "model_version")
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory when several workers share metrics, else None."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class RouterMetrics:
+    """Every metric the router exports, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.requests = Counter(
+            "router_requests",
+            "Scored requests per arm, model version and outcome status (ok, error, fallback).",
+            ["arm", "model_version", "status"],
+            registry=r,
+        )
+        self.predict_latency = Histogram(
+            "router_predict_latency_seconds",
+            "Model time per request, per arm and model version.",
+            ARM_VERSION,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            "router_request_latency_seconds",
+            "Whole-request time in the router, per route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prediction_value = Histogram(
+            "router_prediction_value",
+            "Numeric prediction or positive-class score per scored row.",
+            ARM_VERSION,
+            buckets=VALUE_BUCKETS,
+            registry=r,
+        )
+        self.predicted_class = Counter(
+            "router_predicted_class",
+            "Predicted class per scored row.",
+            [*ARM_VERSION, "class"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "router_model_info",
+            "1 for each model version in service, per arm.",
+            ["arm", "model_name", "model_version", "run_id"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.arm_weight = Gauge(
+            "router_arm_weight",
+            "Configured share of traffic per arm.",
+            ["arm"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.ready = Gauge(
+            "router_ready",
+            "1 when the champion is loaded and the router serves predictions.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.fallback = Counter(
+            "router_fallback",
+            "Requests the champion answered because the challenger failed, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.feedback = Counter(
+            "router_feedback",
+            "Scored rows that received an outcome, per arm and model version.",
+            ARM_VERSION,
+            registry=r,
+        )
+        self.feedback_correct = Counter(
+            "router_feedback_correct",
+            "Rows with feedback whose predicted class equals the outcome.",
+            ARM_VERSION,
+            registry=r,
+        )
+        self.feedback_abs_error = Counter(
+            "router_feedback_abs_error",
+            "Sum of |score - outcome| over rows with a numeric outcome.",
+            ARM_VERSION,
+            registry=r,
+        )
+        self.feedback_squared_error = Counter(
+            "router_feedback_squared_error",
+            "Sum of (score - outcome)^2 over rows with a numeric outcome.",
+            ARM_VERSION,
+            registry=r,
+        )
+        self.log_pending = Gauge(
+            "router_prediction_log_pending",
+            "Prediction records accepted but not yet written.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.log_dropped = Counter(
+            "router_prediction_log_dropped",
+            "Prediction records dropped because the log's queue was full or the database failed.",
+            registry=r,
+        )
+        self.model_reloads = Counter(
+            "router_model_reloads",
+            "Model loads after start-up, per arm and result (ok, error).",
+            ["arm", "result"],
+            registry=r,
+        )
+        self._dropped_seen = 0
+
+    def observe_scores(self, arm: str, version: str, scores: Iterable[float]) -> None:
+        histogram = self.prediction_value.labels(arm, version)
+        for score in scores:
+            histogram.observe(score)
+
+    def count_classes(self, arm: str, version: str, classes: Sequence[str | None]) -> None:
+        for name, count in TallyCounter(c for c in classes if c is not None).items():
+            self.predicted_class.labels(arm, version, name).inc(count)
+
+    def sync_prediction_log(self, pending: int, dropped: int) -> None:
+        """Mirror the log writer's own counters (it knows nothing of Prometheus)."""
+        self.log_pending.set(pending)
+        if dropped > self._dropped_seen:
+            self.log_dropped.inc(dropped - self._dropped_seen)
+            self._dropped_seen = dropped
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The exposition text: this process's registry, or every worker's in multiprocess mode."""
+    if multiprocess_dir():
+        aggregate = CollectorRegistry()
+        prom_multiprocess.MultiProcessCollector(aggregate)  # type: ignore[no-untyped-call]
+        return generate_latest(aggregate), CONTENT_TYPE_LATEST
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,136 @@
+"""Resolving registry aliases to versions and loading them: the router's only MLflow seam.
+
+Every MLflow exception is translated here into :class:`RegistryUnavailable` or
+:class:`ModelNotFound`; callers never see MLflow's types. All calls block: run them off the
+event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from router.errors import RegistryUnavailable
+
+log = logging.getLogger(__name__)
+
+ResolvedVia = Literal["alias", "stage:Production", "latest"]
+
+
+class ModelNotFound(LookupError):
+    """The registry answered, but has no version for what was asked."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which registry version an arm serves, and how it was found."""
+
+    alias: str
+    version: str
+    run_id: str | None
+    resolved_via: ResolvedVia
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A loaded pyfunc model with the registry facts needed to attribute its predictions."""
+
+    ref: ModelRef
+    model: Any  # mlflow.pyfunc.PyFuncModel
+    input_schema: Any  # mlflow.types.Schema | None
+    loaded_at: float
+
+    @property
+    def version(self) -> str:
+        return self.ref.version
+
+
+def _is_not_found(exc: MlflowException) -> bool:
+    return exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
+
+
+class Registry:
+    """A thin client for one registered model."""
+
+    def __init__(self, tracking_uri: str, model_name: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.model_name = model_name
+        self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def _by_alias(self, alias: str) -> ModelRef | None:
+        try:
+            mv = self._client.get_model_version_by_alias(self.model_name, alias)
+        except MlflowException as exc:
+            if _is_not_found(exc):
+                return None
+            raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc.message}") from exc
+        except OSError as exc:
+            raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc}") from exc
+        return ModelRef(alias, str(mv.version), mv.run_id, "alias")
+
+    def _versions(self) -> list[Any]:
+        try:
+            return list(self._client.search_model_versions(f"name = '{self.model_name}'"))
+        except MlflowException as exc:
+            raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc.message}") from exc
+        except OSError as exc:
+            raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc}") from exc
+
+    def resolve_champion(self, alias: str) -> ModelRef:
+        """The alias; else the legacy ``Production`` stage; else the latest version.
+
+        Registry users moving from stages to aliases expect exactly this order.
+        """
+        ref = self._by_alias(alias)
+        if ref is not None:
+            return ref
+        versions = self._versions()
+        if not versions:
+            raise ModelNotFound(f"registered model {self.model_name!r} has no versions")
+        by_number = sorted(versions, key=lambda mv: int(mv.version))
+        production = [mv for mv in by_number if getattr(mv, "current_stage", None) == "Production"]
+        if production:
+            mv = production[-1]
+            log.warning(
+                "alias @%s of %s is missing: serving version %s from the Production stage",
+                alias,
+                self.model_name,
+                mv.version,
+            )
+            return ModelRef(alias, str(mv.version), mv.run_id, "stage:Production")
+        mv = by_number[-1]
+        log.warning(
+            "alias @%s of %s is missing and no version is in Production: serving the latest, v%s",
+            alias,
+            self.model_name,
+            mv.version,
+        )
+        return ModelRef(alias, str(mv.version), mv.run_id, "latest")
+
+    def resolve_challenger(self, alias: str) -> ModelRef | None:
+        """The challenger alias, or None: then the champion takes all traffic."""
+        return self._by_alias(alias)
+
+    def load(self, ref: ModelRef) -> LoadedModel:
+        """Download and load one version (by number, so a concurrent alias move cannot race)."""
+        uri = f"models:/{self.model_name}/{ref.version}"
+        try:
+            # The version's own artifact location: a models:/ URI would be resolved against
+            # MLflow's process-global registry, not this router's.
+            source = self._client.get_model_version_download_uri(self.model_name, ref.version)
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=source, tracking_uri=self.tracking_uri
+            )
+            model = mlflow.pyfunc.load_model(local)
+        except MlflowException as exc:
+            raise RegistryUnavailable(f"loading {uri}: {exc.message}") from exc
+        except OSError as exc:
+            raise RegistryUnavailable(f"loading {uri}: {exc}") from exc
+        schema = model.metadata.get_input_schema() if model.metadata else None
+        return LoadedModel(ref=ref, model=model, input_schema=schema, loaded_at=time.time())

@@ -1,0 +1,550 @@
+"""Parse ``POST /invocations`` bodies as MLflow's scoring server (``mlflow models serve``) does.
+
+Formats (``application/json``): exactly one of ``dataframe_split``, ``dataframe_records``,
+``instances``, ``inputs``, plus an optional ``params`` object passed through to ``predict``. Also
+``text/csv`` (a header row, as ``DataFrame.to_csv`` writes) and ``application/vnd.apache.parquet``.
+
+With a column-based signature (named ``ColSpec`` inputs; what ``infer_signature`` gives for a
+DataFrame) every format becomes one ``pandas.DataFrame`` in signature order, typed as MLflow's
+scoring server types it (long → int64, double → float64, string → pandas' string inference), so
+``pyfunc.predict`` sees what it would see behind ``mlflow models serve``. The checks are stricter
+than MLflow's casting, which silently truncates 1.5 to 1 in a long column, parses "2.5" in a double
+column and turns a number into a string: here those are :class:`~router.errors.InvalidInput`
+naming the column, as are missing and (by default) unknown columns, and null in integer or boolean
+columns. Integers in float columns and integral floats (3.0) in integer columns are accepted, as
+MLflow accepts them. Columns of other types (datetime, binary, arrays, objects, maps) are converted
+by MLflow's own caster. Tensor-based signatures, unnamed columns and models without a signature
+are parsed by MLflow's own functions; tensor inputs are checked for their per-row feature count.
+Not supported: the unified LLM chat format and signatures inferred from type hints.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import repeat
+from typing import Any, Literal, TypeAlias
+
+import numpy as np
+import orjson
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.utils import proto_json_utils
+from pandas.api.types import infer_dtype
+
+from router.errors import BadRequest, InvalidInput, UnsupportedMediaType
+
+FORMAT_KEYS: tuple[str, ...] = ("dataframe_split", "dataframe_records", "instances", "inputs")
+PARAMS_KEY = "params"
+CONTENT_TYPE_JSON = "application/json"
+CONTENT_TYPE_CSV = "text/csv"
+CONTENT_TYPE_PARQUET = "application/vnd.apache.parquet"
+CONTENT_TYPES: tuple[str, ...] = (CONTENT_TYPE_JSON, CONTENT_TYPE_CSV, CONTENT_TYPE_PARQUET)
+
+ExtraColumns = Literal["reject", "ignore"]
+Columns = dict[str, Sequence[Any]]
+InputData: TypeAlias = pd.DataFrame | np.ndarray | dict[str, np.ndarray]
+
+# The scoring server's own helpers (untyped): used where the fast path does not apply.
+_mlflow_cast: Callable[..., pd.DataFrame] = proto_json_utils.cast_df_types_according_to_schema
+_mlflow_dataframe: Callable[..., pd.DataFrame] = proto_json_utils.dataframe_from_parsed_json
+_mlflow_tf_serving: Callable[..., Any] = proto_json_utils.parse_tf_serving_input
+
+_KEYS_HINT = (
+    f"the body must be a JSON object with exactly one of the keys {', '.join(FORMAT_KEYS)} "
+    f"(and optionally '{PARAMS_KEY}')"
+)
+_NUMBER_KINDS = frozenset({"integer", "floating", "mixed-integer-float", "empty"})
+_INTEGER_TYPES = frozenset({DataType.integer, DataType.long})
+_FLOAT_TYPES = frozenset({DataType.float, DataType.double})
+_EXPECTED = {
+    DataType.double: "double (a number)",
+    DataType.float: "float (a number)",
+    DataType.long: "long (an integer)",
+    DataType.integer: "integer (a 32-bit integer)",
+    DataType.boolean: "boolean (true or false)",
+    DataType.string: "string",
+}
+
+
+@dataclass(frozen=True)
+class ParsedInput:
+    """One request's model input, ready for ``PyFuncModel.predict(data, params=params)``."""
+
+    data: InputData
+    n_rows: int
+    params: dict[str, Any] | None
+    format: str  # one of FORMAT_KEYS, or "csv" / "parquet"
+
+
+def parse_invocation(
+    body: bytes,
+    content_type: str | None,
+    input_schema: Schema | None,
+    max_rows: int,
+    *,
+    extra_columns: ExtraColumns = "reject",
+) -> ParsedInput:
+    """Parse and validate one ``/invocations`` body against the model's input signature.
+
+    Raises :class:`UnsupportedMediaType` (415), :class:`BadRequest` (400: not JSON, not the
+    protocol's shape) or :class:`InvalidInput` (422: empty, too many rows, does not fit the
+    signature), each with a message naming the problem. ``extra_columns="ignore"`` drops columns
+    the signature does not name, as MLflow does (with a warning in its log), instead of rejecting.
+    """
+    media_type = _media_type(content_type)
+    if media_type == CONTENT_TYPE_JSON:
+        return _parse_json(body, input_schema, max_rows, extra_columns)
+    frame = _read_table(body, media_type, input_schema, max_rows)
+    fmt = "csv" if media_type == CONTENT_TYPE_CSV else "parquet"
+    _check_row_count(len(frame), max_rows, fmt, read_all=fmt == "parquet")
+    if _is_named_columns(input_schema):
+        assert input_schema is not None
+        columns: Columns = {str(name): frame[name] for name in frame.columns}
+        data: InputData = _build_frame(columns, len(frame), None, input_schema, extra_columns)
+    else:
+        data = frame
+        if input_schema is not None and input_schema.is_tensor_spec():
+            _check_tensor(data, input_schema)
+        elif input_schema is not None:
+            _check_unnamed(data, input_schema)
+    return ParsedInput(data=data, n_rows=len(frame), params=None, format=fmt)
+
+
+# --- content type and JSON ------------------------------------------------------------------
+
+
+def _media_type(content_type: str | None) -> str:
+    """The media type, after MLflow's rules: only a UTF-8 ``charset`` parameter is allowed."""
+    accepted = ", ".join(CONTENT_TYPES)
+    if not content_type:
+        raise UnsupportedMediaType(f"missing Content-Type: send one of {accepted}")
+    media_type, *parameters = (part.strip() for part in content_type.split(";"))
+    media_type = media_type.lower()
+    if media_type not in CONTENT_TYPES:
+        raise UnsupportedMediaType(f"unsupported Content-Type '{content_type}': send {accepted}")
+    for parameter in filter(None, parameters):
+        key, _, value = parameter.partition("=")
+        key = key.strip().lower()
+        if key != "charset":
+            raise UnsupportedMediaType(
+                f"unsupported Content-Type parameter '{key}' (only charset=utf-8 is accepted)"
+            )
+        if value.strip().strip('"').lower() != "utf-8":
+            raise UnsupportedMediaType(f"unsupported charset '{value.strip()}': only utf-8")
+    return media_type
+
+
+def _loads(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # MLflow parses with json.loads, which also takes the NaN/Infinity literals that Python
+        # clients (json.dumps, requests) send for missing values; fall back to it for those.
+        try:
+            return json.loads(body)
+        except (ValueError, RecursionError):
+            raise BadRequest(f"malformed JSON: {exc}") from exc
+
+
+def _parse_json(
+    body: bytes, schema: Schema | None, max_rows: int, extra_columns: ExtraColumns
+) -> ParsedInput:
+    document = _loads(body)
+    if not isinstance(document, dict):
+        raise BadRequest(f"{_KEYS_HINT}; got a JSON {_json_type(document)}")
+    unknown = [key for key in document if key not in FORMAT_KEYS and key != PARAMS_KEY]
+    if unknown:
+        raise BadRequest(f"unknown key(s) {_names(unknown)}: {_KEYS_HINT}")
+    present = [key for key in FORMAT_KEYS if key in document]
+    if len(present) != 1:
+        got = f"got {_names(present)}" if present else "got none"
+        raise BadRequest(f"{_KEYS_HINT}; {got}")
+    fmt = present[0]
+    params = document.get(PARAMS_KEY)
+    if params is not None and not isinstance(params, dict):
+        raise BadRequest(f"'{PARAMS_KEY}' must be a JSON object, got a {_json_type(params)}")
+    value = document[fmt]
+
+    if _is_named_columns(schema):
+        assert schema is not None
+        columns, n_rows, index = _columns(fmt, value, schema, max_rows)
+        data: InputData = _build_frame(columns, n_rows, index, schema, extra_columns)
+    else:
+        _check_row_count(_raw_row_count(fmt, value), max_rows, fmt)
+        data = _parse_with_mlflow(fmt, value, schema)
+        n_rows = _row_count(data)
+        _check_row_count(n_rows, max_rows, fmt)
+        if schema is not None and schema.is_tensor_spec():
+            _check_tensor(data, schema)
+        elif schema is not None:
+            _check_unnamed(data, schema)
+    return ParsedInput(data=data, n_rows=n_rows, params=params, format=fmt)
+
+
+# --- column-based signatures: raw columns from each format -----------------------------------
+
+
+def _columns(
+    fmt: str, value: Any, schema: Schema, max_rows: int
+) -> tuple[Columns, int, list[Any] | None]:
+    """Column name → raw values, the row count, and the dataframe_split index if given."""
+    if fmt == "dataframe_split":
+        return _split_columns(value, schema, max_rows)
+    if fmt == "dataframe_records":
+        if not isinstance(value, list):
+            raise BadRequest(f"{fmt} must be a list of objects, one per row")
+        _check_row_count(len(value), max_rows, fmt)
+        return _record_columns(value, fmt), len(value), None
+    # instances / inputs: rows as objects, columns as an object of lists, or one column's values.
+    if isinstance(value, dict):
+        columns, n_rows = _dict_columns(value, fmt)
+        _check_row_count(n_rows, max_rows, fmt)
+        return columns, n_rows, None
+    if not isinstance(value, list):
+        raise BadRequest(f"{fmt} must be a list of rows or an object of columns")
+    _check_row_count(len(value), max_rows, fmt)
+    if isinstance(value[0], dict):
+        return _record_columns(value, fmt), len(value), None
+    names = schema.input_names()
+    if len(names) == 1:
+        return {str(names[0]): value}, len(value), None
+    raise InvalidInput(
+        f"{fmt} as a list of values needs one object per row naming the model's inputs "
+        f"({_names(names)}); for rows as lists use dataframe_split with 'columns'"
+    )
+
+
+def _split_columns(
+    value: Any, schema: Schema, max_rows: int
+) -> tuple[Columns, int, list[Any] | None]:
+    fmt = "dataframe_split"
+    if (
+        not isinstance(value, dict)
+        or "data" not in value
+        or set(value) - {"columns", "data", "index"}
+    ):
+        raise BadRequest(
+            f"{fmt} must be an object with 'columns' and 'data' (and optionally 'index')"
+        )
+    data = value["data"]
+    if not isinstance(data, list):
+        raise BadRequest(f"{fmt}.data must be a list of rows")
+    names = value.get("columns")
+    if names is None:
+        raise InvalidInput(
+            f"{fmt} needs 'columns' naming the model's inputs: {_names(schema.input_names())}"
+        )
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise BadRequest(f"{fmt}.columns must be a list of column names (strings)")
+    if len(set(names)) != len(names):
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        raise BadRequest(f"{fmt}.columns names a column more than once: {_names(duplicated)}")
+    _check_row_count(len(data), max_rows, fmt)
+    index = value.get("index")
+    if index is not None and (not isinstance(index, list) or len(index) != len(data)):
+        raise BadRequest(f"{fmt}.index must be a list with one label per row ({len(data)})")
+    if len(names) == 1 and not isinstance(data[0], list):
+        return {names[0]: data}, len(data), index  # pandas takes a flat list for one column
+    if set(map(type, data)) != {list} or set(map(len, data)) != {len(names)}:
+        raise BadRequest(f"each row of {fmt}.data must be a list of {len(names)} values")
+    return dict(zip(names, zip(*data, strict=True), strict=True)), len(data), index
+
+
+def _record_columns(records: list[Any], fmt: str) -> Columns:
+    if set(map(type, records)) != {dict}:
+        raise BadRequest(f"{fmt} must be a list of objects, one per row")
+    names: dict[str, None] = dict.fromkeys(records[0])
+    if len(records) > 1:
+        names.update(dict.fromkeys(set().union(*records)))
+    # A key missing from a record is a missing value (pandas makes it NaN), here None.
+    return {name: list(map(dict.get, records, repeat(name))) for name in names}
+
+
+def _dict_columns(value: dict[str, Any], fmt: str) -> tuple[Columns, int]:
+    if not value:
+        raise InvalidInput(f"no rows: {fmt} is empty")
+    is_list = [isinstance(column, list) for column in value.values()]
+    if not any(is_list):  # one row given as column -> value
+        return {name: [column] for name, column in value.items()}, 1
+    lengths = {len(column) for column in value.values() if isinstance(column, list)}
+    if not all(is_list) or len(lengths) != 1:
+        raise BadRequest(
+            f"{fmt} as an object of columns needs a list of the same length for every column"
+        )
+    return value, lengths.pop()
+
+
+# --- column-based signatures: checking and typing -------------------------------------------
+
+
+def _build_frame(
+    columns: Mapping[str, Sequence[Any]],
+    n_rows: int,
+    index: list[Any] | None,
+    schema: Schema,
+    extra_columns: ExtraColumns,
+) -> pd.DataFrame:
+    names = [str(name) for name in schema.input_names()]
+    specs: dict[str, Any] = schema.input_dict()
+    missing = [name for name in schema.required_input_names() if name not in columns]
+    if missing:
+        raise InvalidInput(f"missing column(s) required by the model signature: {_names(missing)}")
+    if extra_columns == "reject":
+        extra = [name for name in columns if name not in specs]
+        if extra:
+            raise InvalidInput(
+                f"unknown column(s) not in the model signature: {_names(extra)} "
+                f"(the model takes {_names(names)})"
+            )
+    arrays = {name: _convert(name, specs[name], columns[name]) for name in names if name in columns}
+    frame_index = pd.RangeIndex(n_rows) if index is None else pd.Index(index)
+    return pd.DataFrame(arrays, index=frame_index, copy=False)
+
+
+def _convert(name: str, spec: ColSpec, values: Sequence[Any]) -> Any:
+    """One column's values as the array MLflow's scoring server would build, or InvalidInput."""
+    t = spec.type
+    if not isinstance(t, DataType):
+        return _convert_with_mlflow(name, spec, values)
+    if t in _FLOAT_TYPES:
+        if infer_dtype(values, skipna=True) in _NUMBER_KINDS:
+            return np.array(values, dtype=t.to_numpy())  # None -> NaN, as in pandas
+        raise _wrong_type(name, t, values)
+    if t in _INTEGER_TYPES:
+        return _convert_integers(name, t, values)
+    if t == DataType.boolean:
+        if infer_dtype(values, skipna=False) == "boolean":
+            return np.array(values, dtype=np.bool_)
+        if infer_dtype(values, skipna=True) in ("boolean", "empty"):
+            raise _null_value(name, t, values)
+        raise _wrong_type(name, t, values)
+    if t == DataType.string:
+        if infer_dtype(values, skipna=True) in ("string", "empty"):
+            return np.array(values, dtype=object)  # the frame infers pandas' string dtype
+        raise _wrong_type(name, t, values)
+    return _convert_with_mlflow(name, spec, values)
+
+
+def _convert_integers(name: str, t: DataType, values: Sequence[Any]) -> np.ndarray:
+    dtype = t.to_numpy()
+    limits = np.iinfo(dtype)
+    kind = infer_dtype(values, skipna=False)
+    if kind == "integer":
+        try:
+            return np.array(values, dtype=dtype)
+        except OverflowError:
+            raise _out_of_range(name, t, limits) from None
+    if kind in ("floating", "mixed-integer-float"):
+        floats = np.array(values, dtype=np.float64)
+        if np.isnan(floats).any():
+            raise _null_value(name, t, values)
+        if not np.array_equal(floats, np.trunc(floats)):  # fractions and infinities
+            raise _wrong_type(name, t, values)
+        if floats.min() < limits.min or floats.max() > limits.max:
+            raise _out_of_range(name, t, limits)
+        return floats.astype(dtype)
+    if infer_dtype(values, skipna=True) in _NUMBER_KINDS:
+        raise _null_value(name, t, values)
+    raise _wrong_type(name, t, values)
+
+
+def _convert_with_mlflow(name: str, spec: ColSpec, values: Sequence[Any]) -> Any:
+    """Datetime, binary, array, object, map and any-typed columns: MLflow's own conversion."""
+    column = pd.Series(list(values), dtype=object)
+    try:
+        frame = _mlflow_cast(pd.DataFrame({name: column}), Schema([spec]))
+    except MlflowException as exc:
+        raise InvalidInput(f"column '{name}' does not fit {spec.type}: {exc.message}") from exc
+    return frame[name].array
+
+
+def _fits(t: DataType, value: Any) -> bool:
+    """Whether one value has the column's type, nulls aside (error path only)."""
+    if value is None:
+        return True
+    if t == DataType.string:
+        return isinstance(value, str)
+    if isinstance(value, bool | np.bool_):
+        return t == DataType.boolean
+    if t == DataType.boolean or not isinstance(value, int | float | np.integer | np.floating):
+        return False
+    return t not in _INTEGER_TYPES or float(value).is_integer() or value != value
+
+
+def _wrong_type(name: str, t: DataType, values: Sequence[Any]) -> InvalidInput:
+    row, value = next(((i, v) for i, v in enumerate(values) if not _fits(t, v)), (0, None))
+    return InvalidInput(f"column '{name}' expects {_EXPECTED[t]}, but row {row} has {_show(value)}")
+
+
+def _null_value(name: str, t: DataType, values: Sequence[Any]) -> InvalidInput:
+    row = next(i for i, v in enumerate(values) if v is None or (isinstance(v, float) and v != v))
+    kind = "a boolean" if t == DataType.boolean else "an integer"
+    return InvalidInput(
+        f"column '{name}' is {t.name} ({kind} type), which cannot hold null or NaN, "
+        f"but row {row} is null or missing"
+    )
+
+
+def _out_of_range(name: str, t: DataType, limits: np.iinfo) -> InvalidInput:
+    return InvalidInput(
+        f"column '{name}' is {t.name}: a value is outside [{limits.min}, {limits.max}]"
+    )
+
+
+# --- other signatures: MLflow's own parsing ---------------------------------------------------
+
+
+def _parse_with_mlflow(fmt: str, value: Any, schema: Schema | None) -> InputData:
+    try:
+        if fmt in ("instances", "inputs"):
+            data: InputData = _mlflow_tf_serving({fmt: value}, schema=schema)
+        else:
+            data = _mlflow_dataframe(value, pandas_orient=fmt[len("dataframe_") :], schema=schema)
+    except MlflowException as exc:
+        raise InvalidInput(exc.message) from exc
+    return data
+
+
+def _check_tensor(data: Any, schema: Schema) -> None:
+    specs: list[Any] = schema.inputs  # TensorSpec, as schema.is_tensor_spec()
+    if schema.has_input_names():
+        names = [str(spec.name) for spec in specs]
+        present = set(data) if isinstance(data, dict) else set(getattr(data, "columns", ()))
+        missing = [name for name in names if name not in present]
+        if missing:
+            raise InvalidInput(
+                f"missing input(s) required by the model signature: {_names(missing)}"
+            )
+        if isinstance(data, dict):
+            for spec in specs:
+                _check_shape(f"input '{spec.name}'", np.asarray(data[str(spec.name)]), spec.shape)
+        return
+    shape = specs[0].shape
+    if isinstance(data, np.ndarray):
+        _check_shape("the input", data, shape)
+    elif (
+        isinstance(data, pd.DataFrame)
+        and len(shape) == 2
+        and shape[1] != -1
+        and data.shape[1] not in (1, shape[1])  # one column may hold each row as a list
+    ):
+        raise InvalidInput(
+            f"each row must have {shape[1]} features (model input shape {shape}), "
+            f"got {data.shape[1]}"
+        )
+
+
+def _check_shape(what: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
+    fits = array.ndim == len(shape) and all(
+        want == -1 or got == want for got, want in zip(array.shape, shape, strict=True)
+    )
+    if fits:
+        return
+    if array.ndim == len(shape) == 2:
+        raise InvalidInput(
+            f"each row of {what} must have {shape[1]} features (model input shape {shape}), "
+            f"got {array.shape[1]}"
+        )
+    raise InvalidInput(f"{what} has shape {array.shape}; the model expects {shape} (-1: any size)")
+
+
+def _check_unnamed(data: Any, schema: Schema) -> None:
+    """Unnamed column signatures can only be checked for their column count (as in MLflow)."""
+    want = len(schema.inputs)
+    if isinstance(data, pd.DataFrame) and data.shape[1] < want:
+        raise InvalidInput(f"the model takes {want} columns, got {data.shape[1]}")
+
+
+# --- CSV and Parquet --------------------------------------------------------------------------
+
+
+def _read_table(body: bytes, media_type: str, schema: Schema | None, max_rows: int) -> pd.DataFrame:
+    if media_type == CONTENT_TYPE_PARQUET:
+        try:
+            return pd.read_parquet(io.BytesIO(body))
+        except (ValueError, OSError) as exc:
+            raise BadRequest(f"malformed Parquet: {exc}") from exc
+    # Strings stay strings ("007" is not 7); everything else is inferred, then checked.
+    dtypes: dict[str, Any] = {}
+    if _is_named_columns(schema):
+        assert schema is not None
+        dtypes = {str(spec.name): object for spec in schema.inputs if spec.type == DataType.string}
+    try:
+        # One row past the limit is enough to know the limit is exceeded.
+        return pd.read_csv(io.BytesIO(body), dtype=dtypes, nrows=max_rows + 1)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise BadRequest(f"malformed CSV: {exc}") from exc
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _is_named_columns(schema: Schema | None) -> bool:
+    return schema is not None and not schema.is_tensor_spec() and schema.has_input_names()
+
+
+def _check_row_count(n_rows: int, max_rows: int, fmt: str, *, read_all: bool = True) -> None:
+    """``read_all=False``: the reader stopped after ``max_rows + 1`` rows."""
+    if n_rows == 0:
+        raise InvalidInput(f"no rows: {fmt} is empty")
+    if n_rows > max_rows:
+        count = str(n_rows) if read_all else f"more than {max_rows}"
+        raise InvalidInput(
+            f"too many rows: {fmt} has {count} rows; the limit is {max_rows} per request "
+            "(limits.max_rows)"
+        )
+
+
+def _raw_row_count(fmt: str, value: Any) -> int:
+    """Rows in the JSON before any conversion, so oversized requests cost nothing more."""
+    rows: Any = value
+    if isinstance(value, dict):
+        rows = value.get("data") if fmt == "dataframe_split" else next(iter(value.values()), [])
+        if fmt != "dataframe_split" and not isinstance(rows, list):
+            return 1  # an object of single values is one row
+    return len(rows) if isinstance(rows, list) else 1
+
+
+def _row_count(data: Any) -> int:
+    if isinstance(data, dict):
+        data = next(iter(data.values()), [])
+    if isinstance(data, pd.DataFrame | list):
+        return len(data)
+    if isinstance(data, np.ndarray):
+        return int(data.shape[0]) if data.ndim else 1
+    return 1
+
+
+def _names(names: Sequence[Any]) -> str:
+    return ", ".join(f"'{name}'" for name in names)
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        text = value if len(value) <= 40 else value[:37] + "..."
+        return f"the string {text!r}"
+    if isinstance(value, bool | np.bool_):
+        return f"the boolean {str(bool(value)).lower()}"
+    if isinstance(value, int | float | np.integer | np.floating):
+        return f"the number {value}"
+    return f"a JSON {_json_type(value)}"

@@ -1,0 +1,382 @@
+"""The transport-free core: pick the arm, predict, fall back, meter and record.
+
+The HTTP layer (``router/app.py``) only parses headers and shapes responses around this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import numpy as np
+import pandas as pd
+
+from router.arms import ArmSet, ModelManager
+from router.assignment import assign
+from router.config import Settings
+from router.errors import BadRequest, InvalidInput, NotReady, PredictionFailed
+from router.logschema import hash_routing_key
+from router.metrics import RouterMetrics
+from router.models import LoadedModel
+from router.outputs import RowFacts, row_facts, to_jsonable
+from router.payload import ParsedInput, parse_invocation
+from router.predlog import FeedbackItem, FeedbackResult, PredictionLog, PredictionRecord
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_ID_LENGTH = 128
+# Shadow scoring runs after the response; beyond this many in flight it is skipped (and counted)
+# so a slow challenger can never build an unbounded backlog behind live traffic.
+MAX_SHADOW_IN_FLIGHT = 64
+
+
+@dataclass(frozen=True)
+class Invocation:
+    predictions: Any
+    arm: str
+    model_version: str
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Scored:
+    prediction: Any
+    latency_s: float
+
+
+class RouterService:
+    """Serves one registered model's champion and challenger; owned by the app's lifespan."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        manager: ModelManager,
+        prediction_log: PredictionLog,
+        metrics: RouterMetrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.manager = manager
+        self.prediction_log = prediction_log
+        self.metrics = metrics
+        self.challenger_weight = settings.routing.challenger_weight
+        self._rng = rng or random.Random()
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self._shadow_limiter = anyio.CapacityLimiter(1)
+        self.publish_weights()
+
+    # -- weights --------------------------------------------------------------------------------
+    def set_challenger_weight(self, weight: float) -> None:
+        if not 0.0 <= weight <= 1.0:
+            raise InvalidInput(f"challenger_weight must be within [0, 1], got {weight}")
+        self.challenger_weight = weight
+        self.publish_weights()
+
+    def publish_weights(self) -> None:
+        weight = 0.0 if self.settings.routing.mode == "shadow" else self.challenger_weight
+        self.metrics.arm_weight.labels("champion").set(1.0 - weight)
+        self.metrics.arm_weight.labels("challenger").set(weight)
+
+    # -- predictions ----------------------------------------------------------------------------
+    def _arms(self) -> ArmSet:
+        arms = self.manager.current
+        if arms is None:
+            raise NotReady("no champion model is loaded yet")
+        return arms
+
+    async def invoke(
+        self,
+        body: bytes,
+        content_type: str | None,
+        routing_key: str | None,
+        request_id: str | None,
+    ) -> Invocation:
+        arms = self._arms()
+        request_id = _check_request_id(request_id)
+        shadow = self.settings.routing.mode == "shadow"
+        assignment = assign(
+            routing_key,
+            self.settings.routing.salt,
+            self.challenger_weight,
+            arms.challenger is not None and not shadow,
+            self._rng,
+        )
+        key_hash = (
+            hash_routing_key(self.settings.routing.salt, routing_key) if routing_key else None
+        )
+        chosen = arms.challenger if assignment.arm == "challenger" else arms.champion
+        assert chosen is not None  # assign() only picks the challenger when there is one
+        parsed, invocation = await anyio.to_thread.run_sync(
+            self._score_and_record,
+            arms,
+            assignment.arm,
+            chosen,
+            body,
+            content_type,
+            request_id,
+            key_hash,
+        )
+        if shadow and arms.challenger is not None:
+            self._start_shadow(arms, arms.challenger, parsed, request_id, key_hash)
+        return invocation
+
+    def _score_and_record(
+        self,
+        arms: ArmSet,
+        arm: str,
+        model: LoadedModel,
+        body: bytes,
+        content_type: str | None,
+        request_id: str,
+        key_hash: str | None,
+    ) -> tuple[ParsedInput, Invocation]:
+        """Runs in a worker thread: parsing, predicting and recording never block the loop."""
+        parsed = parse_invocation(
+            body, content_type, arms.champion.input_schema, self.settings.limits.max_rows
+        )
+        try:
+            scored = _predict(model, parsed)
+        except Exception as exc:  # a model may raise anything: judged and re-raised below
+            if arm == "champion":
+                self._record_failure(arms, "champion", model, parsed, request_id, key_hash, exc)
+                raise _champion_error(parsed, model, exc) from exc
+            log.warning("challenger v%s failed, champion answers: %s", model.version, exc)
+            self.metrics.fallback.labels("challenger_error").inc()
+            self._record_failure(arms, "challenger", model, parsed, request_id, key_hash, exc)
+            arm, model = "champion", arms.champion
+            try:
+                scored = _predict(model, parsed)
+            except Exception as champion_exc:  # see above
+                self._record_failure(
+                    arms, "champion", model, parsed, request_id, key_hash, champion_exc
+                )
+                raise _champion_error(parsed, model, champion_exc) from champion_exc
+            status = "fallback"
+        else:
+            status = "ok"
+        jsonable = to_jsonable(scored.prediction)
+        self._record(arms, arm, model, parsed, scored, jsonable, status, request_id, key_hash)
+        return parsed, Invocation(jsonable, arm, model.version, request_id)
+
+    def _record(
+        self,
+        arms: ArmSet,
+        arm: str,
+        model: LoadedModel,
+        parsed: ParsedInput,
+        scored: _Scored,
+        jsonable: Any,
+        status: str,
+        request_id: str,
+        key_hash: str | None,
+    ) -> None:
+        facts = row_facts(scored.prediction, jsonable, parsed.n_rows)
+        version = model.version
+        m = self.metrics
+        m.requests.labels(arm, version, status).inc()
+        m.predict_latency.labels(arm, version).observe(scored.latency_s)
+        m.observe_scores(arm, version, (s for s in facts.scores if s is not None))
+        m.count_classes(arm, version, facts.classes)
+        self._enqueue(
+            arms, arm, version, parsed.n_rows, request_id, key_hash, status, scored.latency_s, facts
+        )
+
+    def _record_failure(
+        self,
+        arms: ArmSet,
+        arm: str,
+        model: LoadedModel,
+        parsed: ParsedInput,
+        request_id: str,
+        key_hash: str | None,
+        exc: BaseException,
+    ) -> None:
+        """A failed arm's rows stay in the log: the error-rate guardrail counts them."""
+        self.metrics.requests.labels(arm, model.version, "error").inc()
+        self._enqueue(
+            arms, arm, model.version, parsed.n_rows, request_id, key_hash, "error", 0.0, None
+        )
+
+    def _enqueue(
+        self,
+        arms: ArmSet,
+        arm: str,
+        version: str,
+        n_rows: int,
+        request_id: str,
+        key_hash: str | None,
+        status: str,
+        latency_s: float,
+        facts: RowFacts | None,
+    ) -> None:
+        now = time.time()
+        self.prediction_log.enqueue(
+            [
+                PredictionRecord(
+                    request_id=request_id,
+                    row_index=i,
+                    arm=arm,
+                    experiment_id=arms.experiment_id,
+                    model_name=self.settings.model.name,
+                    model_version=version,
+                    ts=now,
+                    latency_s=latency_s,
+                    status=status,
+                    routing_key_hash=key_hash,
+                    score=facts.scores[i] if facts else None,
+                    predicted_class=facts.classes[i] if facts else None,
+                    output=facts.outputs[i] if facts else None,
+                )
+                for i in range(n_rows)
+            ]
+        )
+
+    # -- shadow ---------------------------------------------------------------------------------
+    def _start_shadow(
+        self,
+        arms: ArmSet,
+        model: LoadedModel,
+        parsed: ParsedInput,
+        request_id: str,
+        key_hash: str | None,
+    ) -> None:
+        if len(self._shadow_tasks) >= MAX_SHADOW_IN_FLIGHT:
+            self.metrics.requests.labels("shadow", model.version, "skipped").inc()
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._shadow(arms, model, parsed, request_id, key_hash)
+        )
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(
+        self,
+        arms: ArmSet,
+        model: LoadedModel,
+        parsed: ParsedInput,
+        request_id: str,
+        key_hash: str | None,
+    ) -> None:
+        await anyio.to_thread.run_sync(
+            self._shadow_score,
+            arms,
+            model,
+            parsed,
+            request_id,
+            key_hash,
+            limiter=self._shadow_limiter,
+        )
+
+    def _shadow_score(
+        self,
+        arms: ArmSet,
+        model: LoadedModel,
+        parsed: ParsedInput,
+        request_id: str,
+        key_hash: str | None,
+    ) -> None:
+        try:
+            scored = _predict(model, parsed)
+        except Exception as exc:  # noqa: BLE001 - a shadow fault never reaches clients: counted, logged, recorded
+            log.warning("shadow v%s failed: %s", model.version, exc)
+            self.metrics.fallback.labels("shadow_error").inc()
+            self._record_failure(arms, "shadow", model, parsed, request_id, key_hash, exc)
+            return
+        jsonable = to_jsonable(scored.prediction)
+        self._record(arms, "shadow", model, parsed, scored, jsonable, "ok", request_id, key_hash)
+
+    async def drain(self) -> None:
+        """Wait for shadow scoring still in flight (shutdown: everything served gets logged)."""
+        while self._shadow_tasks:
+            await asyncio.gather(*list(self._shadow_tasks), return_exceptions=True)
+
+    # -- feedback -------------------------------------------------------------------------------
+    async def feedback(self, items: list[FeedbackItem]) -> list[FeedbackResult]:
+        results = await anyio.to_thread.run_sync(self.prediction_log.record_feedback, items)
+        for result in results:
+            self._meter_feedback(result)
+        return results
+
+    def _meter_feedback(self, result: FeedbackResult) -> None:
+        m = self.metrics
+        for row in result.rows:
+            if not row.created or row.arm not in ("champion", "challenger", "shadow"):
+                continue
+            labels = (row.arm, row.model_version)
+            m.feedback.labels(*labels).inc()
+            outcome = row.outcome
+            if row.predicted_class is not None and _class_of(outcome) == row.predicted_class:
+                m.feedback_correct.labels(*labels).inc()
+            numeric = _numeric(outcome)
+            if numeric is not None and row.score is not None:
+                error = row.score - numeric
+                m.feedback_abs_error.labels(*labels).inc(abs(error))
+                m.feedback_squared_error.labels(*labels).inc(error * error)
+
+
+def _predict(model: LoadedModel, parsed: ParsedInput) -> _Scored:
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # A model fitted on a DataFrame warns on every numpy call; that is the caller's choice.
+        warnings.filterwarnings("ignore", message="X does not have valid feature names")
+        if parsed.params:
+            prediction = model.model.predict(parsed.data, params=parsed.params)
+        else:
+            prediction = model.model.predict(parsed.data)
+    return _Scored(prediction, time.perf_counter() - start)
+
+
+def _missing_columns(parsed: ParsedInput) -> list[str]:
+    data = parsed.data
+    if isinstance(data, pd.DataFrame):
+        return [str(c) for c in data.columns[data.isna().any(axis=0).to_numpy()]]
+    if isinstance(data, np.ndarray) and np.issubdtype(data.dtype, np.floating):
+        return ["(tensor)"] if bool(np.isnan(data).any()) else []
+    return []
+
+
+def _champion_error(parsed: ParsedInput, model: LoadedModel, exc: BaseException) -> Exception:
+    """A failure on input with missing values is the input's fault (4xx); otherwise ours (5xx)."""
+    missing = _missing_columns(parsed)
+    if missing:
+        return InvalidInput(
+            f"model version {model.version} cannot score missing values (NaN/null) "
+            f"in column(s): {', '.join(missing)}"
+        )
+    log.error("champion v%s failed: %r", model.version, exc)
+    return PredictionFailed(f"model version {model.version} failed to predict")
+
+
+def _check_request_id(request_id: str | None) -> str:
+    if request_id is None or request_id == "":
+        return uuid.uuid4().hex
+    if len(request_id) > MAX_REQUEST_ID_LENGTH or not request_id.isprintable():
+        raise BadRequest(
+            f"X-Request-Id must be printable and at most {MAX_REQUEST_ID_LENGTH} characters"
+        )
+    return request_id
+
+
+def _class_of(outcome: Any) -> str | None:
+    if isinstance(outcome, bool):
+        return str(int(outcome))
+    if isinstance(outcome, float) and outcome.is_integer():
+        return str(int(outcome))
+    if isinstance(outcome, int | str):
+        return str(outcome)
+    return None
+
+
+def _numeric(outcome: Any) -> float | None:
+    if isinstance(outcome, bool):
+        return float(outcome)
+    if isinstance(outcome, int | float):
+        return float(outcome)
+    return None

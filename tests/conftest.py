@@ -1,0 +1,290 @@
+"""Shared fixtures: a real MLflow registry on SQLite, cheap copies of it, and real uvicorn servers.
+
+Registry layout (one directory per registry, nothing shared between them)::
+
+    <root>/mlflow.db        tracking + registry store (``tracking_uri = sqlite:///<root>/mlflow.db``)
+    <root>/artifacts/       artifact root of every experiment, including "Default"
+
+``mlflow_registry`` (session) trains once on 3,000 rows: ``churn-predictor`` v1 ``@champion``
+(logistic regression), v2 ``@challenger`` (gradient boosting). ``fresh_registry()`` copies that
+directory into the test's own ``tmp_path`` and rewrites the absolute paths stored in the database
+(and in each ``MLmodel``) to the copy, so a test may move aliases, register new versions and write
+artifacts without touching the session registry or other tests. Tests that only read may use
+``mlflow_registry`` directly; tests that write anything must use ``fresh_registry``.
+
+Servers: ``running_server(app)`` is a context manager running any ASGI app under a real
+``uvicorn.Server`` (lifespan on) on 127.0.0.1 with an ephemeral port, yielding the base URL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sqlite3
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import uvicorn
+
+# Third-party import-time warnings that ``filterwarnings = error`` would turn into collection
+# errors for every module importing them, whoever imports first. Importing here, once, under a
+# narrow filter keeps the suite's "error" policy for everything else:
+# - mlflow.pyfunc builds an agent schema at import and warns "Any type hint is inferred as AnyType";
+# - MLflow's SQLAlchemy store configures its mappers with the ``noload`` strategy SQLAlchemy 2.1
+#   deprecates.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*Any type hint is inferred as AnyType")
+    warnings.filterwarnings("ignore", message="The ``noload`` loader strategy is deprecated")
+    import mlflow.pyfunc
+    import mlflow.store.model_registry.sqlalchemy_store
+    import mlflow.store.tracking.sqlalchemy_store
+
+from experiments.train import RegisteredPair, train_and_register
+
+MODEL_NAME = "churn-predictor"
+SESSION_ROWS = 3_000
+_TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@dataclass(frozen=True)
+class MlflowRegistry:
+    """A local MLflow registry holding ``model_name`` v1 ``@champion`` and v2 ``@challenger``."""
+
+    root: Path
+    tracking_uri: str
+    model_name: str
+    versions: dict[str, str]  # alias -> version, as trained: {"champion": "1", "challenger": "2"}
+    run_ids: dict[str, str]  # alias -> run id
+    holdout_accuracy: dict[str, float]  # alias -> accuracy on ``holdout``
+    holdout: pd.DataFrame = field(repr=False, compare=False)  # FEATURES + "churned"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "mlflow.db"
+
+    def uri_for(self, alias: str) -> str:
+        """``models:/<name>@<alias>``."""
+        return f"models:/{self.model_name}@{alias}"
+
+    def client(self) -> mlflow.MlflowClient:
+        return mlflow.MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+
+def sqlite_uri(db_path: Path) -> str:
+    return f"sqlite:///{db_path}"
+
+
+def _rewrite_paths(db_path: Path, artifact_root: Path, old: str, new: str) -> None:
+    """Replace the path prefix ``old`` by ``new`` in every text column and every MLmodel file."""
+    conn = sqlite3.connect(db_path)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for _cid, column, ctype, *_ in conn.execute(f'PRAGMA table_info("{table}")'):
+                if any(t in str(ctype).upper() for t in ("CHAR", "TEXT", "CLOB")):
+                    conn.execute(
+                        f'UPDATE "{table}" SET "{column}" = REPLACE("{column}", ?, ?) '
+                        f'WHERE INSTR("{column}", ?) > 0',
+                        (old, new, old),
+                    )
+        conn.commit()
+    finally:
+        conn.close()
+    for mlmodel in artifact_root.rglob("MLmodel"):
+        text = mlmodel.read_text(encoding="utf-8")
+        if old in text:
+            mlmodel.write_text(text.replace(old, new), encoding="utf-8")
+
+
+def copy_registry(source: MlflowRegistry, dest_root: Path) -> MlflowRegistry:
+    """Copy ``source`` (database + artifacts) to ``dest_root`` and point the copy at itself."""
+    dest_root.mkdir(parents=True, exist_ok=True)
+    dest_db = dest_root / "mlflow.db"
+    # The backup API gives a consistent snapshot even if the source has an open connection.
+    src = sqlite3.connect(source.db_path)
+    dst = sqlite3.connect(dest_db)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
+    shutil.copytree(source.artifact_root, dest_root / "artifacts")
+    # Trailing separators: never rewrite a longer sibling path that merely shares the prefix.
+    old_prefix, new_prefix = f"{source.root}{os.sep}", f"{dest_root}{os.sep}"
+    _rewrite_paths(dest_db, dest_root / "artifacts", old_prefix, new_prefix)
+    return MlflowRegistry(
+        root=dest_root,
+        tracking_uri=sqlite_uri(dest_db),
+        model_name=source.model_name,
+        versions=dict(source.versions),
+        run_ids=dict(source.run_ids),
+        holdout_accuracy=dict(source.holdout_accuracy),
+        holdout=source.holdout.copy(),
+    )
+
+
+@contextmanager
+def _restored_tracking_env() -> Iterator[None]:
+    """Whatever a fixture or test does to MLflow's global URIs, put them back afterwards."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {k: os.environ.get(k) for k in _TRACKING_ENV}
+    saved_tracking = tracking_utils._tracking_uri
+    saved_registry = registry_utils._registry_uri
+    try:
+        yield
+    finally:
+        # None unsets the URI: accepted at run time, missing from MLflow's type hints.
+        mlflow.set_tracking_uri(saved_tracking)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(saved_registry)  # type: ignore[arg-type]
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_globals() -> Iterator[None]:
+    """No test leaks ``mlflow.set_tracking_uri`` or ``MLFLOW_TRACKING_URI`` into the next."""
+    with _restored_tracking_env():
+        yield
+
+
+def _build_registry(root: Path) -> MlflowRegistry:
+    root.mkdir(parents=True, exist_ok=True)
+    tracking_uri = sqlite_uri(root / "mlflow.db")
+    artifact_root = root / "artifacts"
+    with _restored_tracking_env():
+        pair: RegisteredPair = train_and_register(
+            tracking_uri,
+            MODEL_NAME,
+            n_rows=SESSION_ROWS,
+            seed=0,
+            artifact_location=str(artifact_root / "training"),
+        )
+    # The "Default" experiment was created under MLflow's default root (``./mlruns`` of the
+    # working directory); move it inside the registry so nothing a test logs lands in the repo.
+    conn = sqlite3.connect(root / "mlflow.db")
+    try:
+        conn.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+            (str(artifact_root / "0"),),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    return MlflowRegistry(
+        root=root,
+        tracking_uri=tracking_uri,
+        model_name=MODEL_NAME,
+        versions={"champion": pair.champion.version, "challenger": pair.challenger.version},
+        run_ids={"champion": pair.champion.run_id, "challenger": pair.challenger.run_id},
+        holdout_accuracy={
+            "champion": pair.champion.holdout_accuracy,
+            "challenger": pair.challenger.holdout_accuracy,
+        },
+        holdout=pair.holdout,
+    )
+
+
+@pytest.fixture(scope="session")
+def mlflow_registry(tmp_path_factory: pytest.TempPathFactory) -> MlflowRegistry:
+    """The session's registry (trained once, ~3 s). Read only: use ``fresh_registry`` to write."""
+    return _build_registry(tmp_path_factory.mktemp("mlflow-registry"))
+
+
+@pytest.fixture
+def fresh_registry(mlflow_registry: MlflowRegistry, tmp_path: Path) -> Callable[[], MlflowRegistry]:
+    """A factory of private copies of the session registry (each call: a new copy, ~50 ms)."""
+    counter = iter(range(1_000_000))
+
+    def make() -> MlflowRegistry:
+        return copy_registry(mlflow_registry, tmp_path / f"registry-{next(counter)}")
+
+    return make
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for subprocesses; in-process servers bind port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serve_in_thread(app: Any, *, startup_timeout_s: float = 60.0, **config: Any) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn server in a background thread; yield its base URL.
+
+    The socket is bound before the server starts (no port race). Waits until the lifespan
+    startup has completed; raises ``RuntimeError`` if the server stops before that (e.g. the
+    lifespan failed) or ``TimeoutError``. On exit: graceful shutdown, lifespan shutdown included.
+    Extra keyword arguments go to ``uvicorn.Config``.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    settings: dict[str, Any] = {
+        "lifespan": "on",
+        "log_config": None,  # leave the process's logging configuration alone
+        "log_level": "warning",
+        "ws": "none",
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+    }
+    settings.update(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **settings))
+    exit_codes: list[object] = []
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        except SystemExit as exc:  # uvicorn exits (code 3) when the lifespan startup fails
+            exit_codes.append(exc.code)
+
+    thread = threading.Thread(target=run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError(
+                    f"server on port {port} stopped during startup (exit code {exit_codes})"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server on port {port} not started in {startup_timeout_s} s")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+        if thread.is_alive():
+            # Not silently: a wedged shutdown is a bug in the app under test.
+            server.force_exit = True
+            thread.join(timeout=5)
+            raise RuntimeError(f"server on port {port} did not shut down within 30 s")
+
+
+@pytest.fixture
+def running_server() -> Callable[..., AbstractContextManager[str]]:
+    """``with running_server(app) as base_url: ...``: see :func:`serve_in_thread`."""
+    return serve_in_thread

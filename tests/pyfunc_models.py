@@ -1,0 +1,112 @@
+"""Small pyfunc models for tests: constant, slow and failing arms, and a helper to register them.
+
+Each returns what the demo models return, a ``(n_rows, 2)`` float64 array ``[1 - p, p]``, so the
+router treats them like the sklearn ones. MLflow pickles ``python_model`` by reference to this
+module: loading in the test process just works; a model loaded in another process (e.g. a router
+started as a subprocess) needs ``include_code=True`` so the module ships with the model.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc.model import PythonModel
+from mlflow.tracking import MlflowClient
+
+from experiments.train import PIP_REQUIREMENTS, experiment_id, signature_for, using_tracking_uri
+
+
+def _constant_proba(n_rows: int, p: float) -> np.ndarray:
+    return np.tile(np.array([1.0 - p, p], dtype=np.float64), (n_rows, 1))
+
+
+class ConstantModel(PythonModel):
+    """Always predicts churn probability ``p`` (so class 1 when ``p > 0.5``)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        self.p = p
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
+        return _constant_proba(len(model_input), self.p)
+
+
+class SlowModel(PythonModel):
+    """Sleeps ``delay_s`` per call, then answers like ``ConstantModel(p)``."""
+
+    def __init__(self, delay_s: float, p: float = 0.5) -> None:
+        self.delay_s = delay_s
+        self.p = p
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
+        time.sleep(self.delay_s)
+        return _constant_proba(len(model_input), self.p)
+
+
+class FailingModel(PythonModel):
+    """Raises ``RuntimeError(message)`` on every predict (loading succeeds)."""
+
+    def __init__(self, message: str = "FailingModel always fails") -> None:
+        self.message = message
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
+        raise RuntimeError(self.message)
+
+
+def register_pyfunc(
+    tracking_uri: str,
+    name: str,
+    python_model: PythonModel,
+    input_example: pd.DataFrame,
+    alias: str | None = None,
+    *,
+    tags: Mapping[str, str] | None = None,
+    include_code: bool = False,
+    experiment_name: str | None = None,
+    artifact_location: str | None = None,
+) -> str:
+    """Log ``python_model`` with a signature built from ``input_example``; return the version.
+
+    The signature's inputs are ``input_example``'s columns (pass the demo's ``FEATURES`` frame to
+    share the sklearn versions' schema), outputs a ``(-1, 2)`` float64 tensor. ``alias`` is moved
+    to the new version. ``include_code`` ships this module as ``code_paths`` so another process
+    can unpickle the model.
+    """
+    example = input_example.head(5)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    exp_id = experiment_id(client, experiment_name or f"{name}-training", artifact_location)
+    with (
+        using_tracking_uri(tracking_uri),
+        mlflow.start_run(experiment_id=exp_id),
+        warnings.catch_warnings(),
+    ):
+        # MLflow 3.17 compares the example's columns with a ``range`` (deprecated by pandas 3).
+        warnings.filterwarnings("ignore", message="Operation with range is deprecated")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=python_model,
+            signature=signature_for(example),
+            input_example=example,
+            registered_model_name=name,
+            pip_requirements=PIP_REQUIREMENTS,
+            code_paths=[__file__] if include_code else None,
+        )
+    version = str(info.registered_model_version)
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(name, version, key, value)
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, version)
+    return version

@@ -1,0 +1,156 @@
+"""Synthetic prediction logs with known effects, written straight into the logschema tables.
+
+Deterministic (seeded); no router needed. Rows mimic ``router/service.py``: one predictions row
+per scored row and arm, a failed challenger leaves a ``challenger``/``error`` row plus a
+``champion``/``fallback`` row, shadow mode a ``champion`` and a ``shadow`` row per request.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+import yaml
+
+from router import logschema
+from router.config import Settings, settings_from_mapping
+
+
+@dataclass(frozen=True)
+class Arm:
+    accuracy: float = 0.7
+    latency_s: float = 0.010  # median of a log-normal
+    error_rate: float = 0.0
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def write_log(
+    url: str,
+    *,
+    experiment_id: str,
+    model_name: str = "churn-predictor",
+    versions: tuple[str, str] = ("1", "2"),
+    n_requests: int = 4000,
+    challenger_weight: float = 0.5,
+    champion: Arm = Arm(),
+    challenger: Arm = Arm(),
+    mode: str = "split",
+    seed: int = 0,
+    t0: float = 1_700_000_000.0,  # = T0
+    spacing_s: float = 1.0,
+    outcome_delay_s: float = 5.0,
+    drop_challenger_every: int = 0,  # >0: lose every k-th challenger request (induces SRM)
+) -> None:
+    """Append ``n_requests`` single-row requests (and their 0/1 outcomes) to the log at ``url``."""
+    rng = random.Random(seed)
+    engine = sa.create_engine(url)
+    logschema.metadata.create_all(engine)
+    preds: list[dict[str, Any]] = []
+    outs: list[dict[str, Any]] = []
+    challenger_seen = 0
+
+    def row(
+        rid: str,
+        arm: str,
+        version: str,
+        ts: float,
+        spec: Arm | None,
+        status: str,
+        truth: int,
+        latency: float | None = None,
+    ) -> dict[str, Any]:
+        if spec is None or status == "error":
+            score, cls, lat = None, None, 0.0
+        else:
+            correct = rng.random() < spec.accuracy
+            cls_i = truth if correct else 1 - truth
+            score = min(max(0.5 + (0.3 if cls_i else -0.3) + rng.gauss(0, 0.1), 0.01), 0.99)
+            cls = str(cls_i)
+            lat = latency if latency is not None else spec.latency_s * rng.lognormvariate(0, 0.3)
+        return {
+            "request_id": rid,
+            "row_index": 0,
+            "arm": arm,
+            "experiment_id": experiment_id,
+            "model_name": model_name,
+            "model_version": version,
+            "ts": ts,
+            "latency_s": lat,
+            "status": status,
+            "routing_key_hash": None,
+            "score": score,
+            "predicted_class": cls,
+            "output": None,
+        }
+
+    for i in range(n_requests):
+        rid = f"{experiment_id}-{seed}-{i}"
+        ts = t0 + i * spacing_s
+        truth = int(rng.random() < 0.5)
+        if mode == "shadow":
+            preds.append(row(rid, "champion", versions[0], ts, champion, "ok", truth))
+            failed = rng.random() < challenger.error_rate
+            preds.append(
+                row(rid, "shadow", versions[1], ts, challenger, "error" if failed else "ok", truth)
+            )
+        elif rng.random() < challenger_weight:
+            challenger_seen += 1
+            if drop_challenger_every and challenger_seen % drop_challenger_every == 0:
+                continue
+            if rng.random() < challenger.error_rate:
+                preds.append(row(rid, "challenger", versions[1], ts, None, "error", truth))
+                preds.append(row(rid, "champion", versions[0], ts, champion, "fallback", truth))
+            else:
+                preds.append(row(rid, "challenger", versions[1], ts, challenger, "ok", truth))
+        else:
+            failed = rng.random() < champion.error_rate
+            preds.append(
+                row(rid, "champion", versions[0], ts, champion, "error" if failed else "ok", truth)
+            )
+        outs.append(
+            {
+                "request_id": rid,
+                "row_index": 0,
+                "outcome": str(truth),
+                "outcome_value": float(truth),
+                "ts": ts + outcome_delay_s,
+            }
+        )
+    with engine.begin() as conn:
+        conn.execute(sa.insert(logschema.predictions), preds)
+        conn.execute(sa.insert(logschema.outcomes), outs)
+    engine.dispose()
+
+
+T0 = 1_700_000_000.0
+
+
+def settings_for(
+    tracking_uri: str,
+    log_url: str,
+    *,
+    model_name: str = "churn-predictor",
+    experiment: dict[str, Any] | None = None,
+    routing: dict[str, Any] | None = None,
+    prometheus_url: str | None = None,
+) -> Settings:
+    """Validated settings for a test registry and log (no environment overrides)."""
+    raw: dict[str, Any] = {
+        "model": {"name": model_name, "tracking_uri": tracking_uri},
+        "prediction_log": {"url": log_url},
+        "routing": {"challenger_weight": 0.5, **(routing or {})},
+        "experiment": {"min_samples_per_arm": 500, **(experiment or {})},
+        "prometheus": {"url": prometheus_url},
+    }
+    return settings_from_mapping(raw, env={})
+
+
+def write_config(path: Path, settings_raw: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(settings_raw), encoding="utf-8")
+    return path
