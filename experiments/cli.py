@@ -22,7 +22,8 @@ EXIT_ERROR = 1
 
 
 def _fail(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    one_line = " ".join(message.split())  # drivers put hints on further lines
+    print(f"{prog}: error: {one_line}", file=sys.stderr)
     return EXIT_ERROR
 
 

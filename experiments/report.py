@@ -149,7 +149,7 @@ def html_report(evaluation: Evaluation) -> str:
 <title>{esc(e.experiment_id)}: {esc(e.decision)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 60em; color: #222; }}
-pre {{ background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: 13px; }}
+pre {{ background: #f6f8fa; padding: 1em; white-space: pre-wrap; font-size: 13px; }}
 .decision {{ font-size: 1.3em; font-weight: 600; }}
 .promote {{ color: #1a7f37; }} .reject {{ color: #cf222e; }}
 .inconclusive {{ color: #9a6700; }} .invalid {{ color: #8250df; }}

@@ -274,7 +274,7 @@ def train_worse_model(
     experiment_name: str | None = None,
     artifact_location: str | None = None,
 ) -> str:
-    """Fit :func:`worse_model` on ``make_churn_data(n_rows, seed)``, register it, return the version.
+    """Fit :func:`worse_model` on ``make_churn_data(n_rows, seed)``, register it; the version.
 
     For the demo's "deliberately worse challenger" (pass ``alias="challenger"``). Its holdout
     accuracy is logged as a run metric and tagged ``role=worse`` on the version.

@@ -44,6 +44,7 @@ LATENCY_BUCKETS = (
 VALUE_BUCKETS = (*(round(i * 0.05, 2) for i in range(1, 21)), 2.0, 5.0, 10.0, 100.0, 1000.0)
 
 ARM_VERSION = ("arm", "model_version")
+FALLBACK_REASONS = ("challenger_error", "shadow_error")
 
 
 def multiprocess_dir() -> str | None:
@@ -158,6 +159,13 @@ class RouterMetrics:
             registry=r,
         )
         self._dropped_seen = 0
+        # Series that exist from the start, at zero: increase() then sees the first event, and
+        # dashboards show an explicit 0 instead of "no data".
+        for reason in FALLBACK_REASONS:
+            self.fallback.labels(reason)
+        for arm in ("champion", "challenger", "shadow"):
+            for result in ("ok", "error"):
+                self.model_reloads.labels(arm, result)
 
     def observe_scores(self, arm: str, version: str, scores: Iterable[float]) -> None:
         histogram = self.prediction_value.labels(arm, version)

@@ -123,8 +123,10 @@ def write_log(
             }
         )
     with engine.begin() as conn:
-        conn.execute(sa.insert(logschema.predictions), preds)
-        conn.execute(sa.insert(logschema.outcomes), outs)
+        if preds:
+            conn.execute(sa.insert(logschema.predictions), preds)
+        if outs:
+            conn.execute(sa.insert(logschema.outcomes), outs)
     engine.dispose()
 
 

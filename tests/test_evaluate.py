@@ -277,7 +277,7 @@ def test_prometheus_query_error_is_reported() -> None:
         ("accuracy", None, "churn", '"churn"', None, 1.0),
         ("accuracy", None, "1", "true", 1.0, 1.0),
         ("log_loss", 0.8, "1", "1", 1.0, -math.log(0.8)),
-        ("log_loss", 1.0, "1", "0", 0.0, -math.log(1e-15)),
+        ("log_loss", 1.0, "1", "0", 0.0, -math.log(1.0 - (1.0 - 1e-15))),  # clipped
         ("log_loss", 0.8, "1", "2", 2.0, None),
         ("brier", 0.8, "1", "0", 0.0, 0.64),
         ("abs_error", 2.5, None, "4", 4.0, 1.5),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def test_fresh_registry_is_an_independent_copy(
     )
     assert version == "3"
     assert str(client.get_model_version_by_alias(copy.model_name, "challenger").version) == "3"
-    run_id = client.get_model_version(copy.model_name, version).run_id
+    run_id = str(client.get_model_version(copy.model_name, version).run_id)
     assert Path(client.get_run(run_id).info.artifact_uri).is_relative_to(copy.root)
     assert train_worse_model(copy.tracking_uri, copy.model_name, n_rows=1_000) == "4"
 
@@ -117,15 +118,34 @@ def test_pyfunc_test_models(fresh_registry: Callable[[], MlflowRegistry]) -> Non
     v_fail = register_pyfunc(
         reg.tracking_uri, reg.model_name, FailingModel("nope"), x, alias="challenger"
     )
-    assert (v_const, v_slow, v_fail) == ("3", "4", "5")
+    v_code = register_pyfunc(
+        reg.tracking_uri, reg.model_name, ConstantModel(0.3), x, include_code=True
+    )
+    assert (v_const, v_slow, v_fail, v_code) == ("3", "4", "5", "6")
     with using_tracking_uri(reg.tracking_uri):
         const = mlflow.pyfunc.load_model(f"models:/{reg.model_name}/{v_const}")
         slow = mlflow.pyfunc.load_model(f"models:/{reg.model_name}/{v_slow}")
         failing = mlflow.pyfunc.load_model(reg.uri_for("challenger"))
+        with_code = mlflow.pyfunc.load_model(f"models:/{reg.model_name}/{v_code}")
     np.testing.assert_allclose(const.predict(x), [[0.2, 0.8]] * 4)
+    np.testing.assert_allclose(with_code.predict(x), [[0.7, 0.3]] * 4)
     np.testing.assert_allclose(slow.predict(x), [[0.8, 0.2]] * 4)
     with pytest.raises(RuntimeError, match="nope"):
         failing.predict(x)
+
+
+def test_using_tracking_uri_restores_globals_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///outer.db")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    inner = f"sqlite:///{tmp_path / 'inner.db'}"
+    with using_tracking_uri(inner):
+        assert mlflow.get_tracking_uri() == inner
+        assert mlflow.get_registry_uri() == inner
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///outer.db"
+    assert "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == "sqlite:///outer.db"
 
 
 def test_running_server_runs_the_lifespan(
