@@ -30,7 +30,12 @@ from experiments.demo_data import LABEL
 from experiments.traffic import TrafficResult, send_traffic
 from router.logschema import outcomes, predictions
 
-ARMS = ("champion", "challenger", "shadow")
+# /metrics counters the summary adds up, and the summary field each goes to.
+SUMMED = {
+    "router_requests_total": "requests",
+    "router_feedback_total": "feedback",
+    "router_feedback_correct_total": "correct",
+}
 
 
 def _free_port() -> int:
@@ -57,8 +62,10 @@ def _write_config(workdir: Path, port: int, challenger_weight: float) -> Path:
             "metric": "accuracy",
             "planned_samples": 6000,
             "min_samples_per_arm": 500,
-            # The demo's latency is noisy on a shared 2-core machine; the guardrail still applies.
-            "guardrails": {"max_error_rate_increase": 0.01, "max_latency_p95_increase": 0.5},
+            # The challenger is a bigger model (gradient boosting vs logistic regression): about
+            # twice the predict time, both far below a 250 ms SLO. This team accepts that price
+            # for the accuracy; the guardrail still rejects anything slower than 2.5x.
+            "guardrails": {"max_error_rate_increase": 0.01, "max_latency_p95_increase": 1.5},
         },
         "server": {"host": "127.0.0.1", "port": port},
     }
@@ -99,6 +106,16 @@ class RouterProcess:
     def metrics_text(self) -> str:
         return httpx.get(f"{self.base_url}/metrics", timeout=5).text
 
+    def served_requests(self) -> int:
+        total = 0.0
+        for family in text_string_to_metric_families(self.metrics_text()):
+            for sample in family.samples:
+                labels = sample.labels
+                answered = labels.get("status") != "error" and labels.get("arm") != "shadow"
+                if sample.name == "router_requests_total" and answered:
+                    total += sample.value
+        return int(total)
+
     def stop(self) -> int:
         """SIGTERM, as an orchestrator would: the router flushes its prediction log first."""
         self.process.send_signal(signal.SIGTERM)
@@ -124,33 +141,46 @@ def _quantile_from_buckets(buckets: list[tuple[float, float]], q: float) -> floa
     return None
 
 
-def metrics_summary(text: str) -> dict[str, dict[str, Any]]:
-    """Per arm: requests, latency p50/p95 and live accuracy, from the router's /metrics text."""
-    summary: dict[str, dict[str, Any]] = {}
-    buckets: dict[str, dict[float, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            arm = sample.labels.get("arm")
-            if arm not in ARMS:
-                continue
-            entry = summary.setdefault(arm, {"requests": 0.0, "feedback": 0.0, "correct": 0.0})
-            if sample.name == "router_requests_total":
-                entry["requests"] += sample.value
-                entry.setdefault("version", sample.labels["model_version"])
-            elif sample.name == "router_predict_latency_seconds_bucket":
-                le = float(sample.labels["le"])
-                arm_buckets = buckets.setdefault(arm, {})
-                arm_buckets[le] = arm_buckets.get(le, 0.0) + sample.value
-            elif sample.name == "router_feedback_total":
-                entry["feedback"] += sample.value
-            elif sample.name == "router_feedback_correct_total":
-                entry["correct"] += sample.value
+def metrics_summary(
+    text: str, versions: dict[str, str], before: str = ""
+) -> dict[str, dict[str, Any]]:
+    """Per arm of the current experiment (``versions``: arm -> version), from /metrics text:
+    requests, latency p50/p95 (from the histogram buckets) and live accuracy from feedback,
+    counted since the scrape ``before`` (counters only grow, so a difference is a window)."""
+    summary: dict[str, dict[str, Any]] = {
+        arm: {"version": version, "requests": 0.0, "feedback": 0.0, "correct": 0.0}
+        for arm, version in versions.items()
+    }
+    buckets: dict[str, dict[float, float]] = {arm: {} for arm in versions}
+    scrapes = [(text, 1.0), (before, -1.0)] if before else [(text, 1.0)]
+    for scrape, sign in scrapes:
+        _accumulate(scrape, sign, versions, summary, buckets)
     for arm, entry in summary.items():
-        ordered = sorted(buckets.get(arm, {}).items())
+        ordered = sorted(buckets[arm].items())
         entry["p50_ms"] = _ms(_quantile_from_buckets(ordered, 0.50))
         entry["p95_ms"] = _ms(_quantile_from_buckets(ordered, 0.95))
         entry["accuracy"] = entry["correct"] / entry["feedback"] if entry["feedback"] else None
     return summary
+
+
+def _accumulate(
+    text: str,
+    sign: float,
+    versions: dict[str, str],
+    summary: dict[str, dict[str, Any]],
+    buckets: dict[str, dict[float, float]],
+) -> None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            arm = sample.labels.get("arm", "")
+            if arm not in versions or sample.labels.get("model_version") != versions[arm]:
+                continue
+            if sample.name in SUMMED:
+                if sample.labels.get("status") != "fallback":  # answered for a failed challenger
+                    summary[arm][SUMMED[sample.name]] += sign * sample.value
+            elif sample.name == "router_predict_latency_seconds_bucket":
+                le = float(sample.labels["le"])
+                buckets[arm][le] = buckets[arm].get(le, 0.0) + sign * sample.value
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -199,13 +229,29 @@ def log_summary(url: str, experiment_id: str) -> dict[str, dict[str, Any]]:
     }
 
 
+def count_logged_requests(url: str) -> int:
+    """Requests answered (ok or fallback) according to the prediction log, all experiments."""
+    engine = sa.create_engine(url)
+    query = sa.select(sa.func.count(sa.distinct(predictions.c.request_id))).where(
+        predictions.c.status != "error", predictions.c.arm != "shadow"
+    )
+    with engine.connect() as conn:
+        count = int(conn.execute(query).scalar_one())
+    engine.dispose()
+    return count
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_summary(router: RouterProcess, log_url: str, traffic: TrafficResult) -> None:
+def print_summary(
+    router: RouterProcess, log_url: str, traffic: TrafficResult, metrics_before: str
+) -> None:
+    """Figures for the traffic just sent: /metrics deltas since ``metrics_before``, and the log."""
     experiment = router.experiment()
-    from_metrics = metrics_summary(router.metrics_text())
+    versions = {a["arm"]: a["version"] for a in experiment["arms"]}
+    from_metrics = metrics_summary(router.metrics_text(), versions, metrics_before)
     from_log = log_summary(log_url, experiment["experiment_id"])
     total = sum(e["requests"] for e in from_metrics.values()) or 1.0
     print(
@@ -227,9 +273,7 @@ def print_summary(router: RouterProcess, log_url: str, traffic: TrafficResult) -
 def evaluate(config: Path, workdir: Path, tag: str) -> int:
     """Run the CLI exactly as a data scientist or a CronJob would."""
     command = [
-        sys.executable,
-        "-c",
-        "from experiments.cli import evaluate_and_promote_main as m; m()",
+        str(Path(sys.executable).with_name("evaluate_and_promote")),
         "--config",
         str(config),
         "--json",
@@ -237,7 +281,8 @@ def evaluate(config: Path, workdir: Path, tag: str) -> int:
         "--report",
         str(workdir / f"evaluation-{tag}.html"),
     ]
-    return subprocess.run(command, check=False).returncode
+    # cwd: MLflow puts a SQLite store's run artifacts under ./mlruns of the working directory.
+    return subprocess.run(command, check=False, cwd=workdir).returncode
 
 
 def wait_for_champion(router: RouterProcess, version: str, timeout_s: float = 60.0) -> float:
@@ -285,10 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         print(router.experiment())
 
         _say(f"3. Live traffic: {args.requests} requests from 2,000 sticky users, delayed feedback")
+        before = router.metrics_text()
         traffic = asyncio.run(
             send_traffic(router.base_url, features, labels, n_requests=args.requests, seed=1)
         )
-        print_summary(router, log_url, traffic)
+        print_summary(router, log_url, traffic, before)
 
         _say("4. evaluate_and_promote")
         code = evaluate(config, workdir, "1")
@@ -310,17 +356,25 @@ def main(argv: list[str] | None = None) -> int:
             if arms.get("challenger", {}).get("version") == str(worse):
                 break
             time.sleep(0.2)
+        before = router.metrics_text()
         traffic = asyncio.run(
             send_traffic(router.base_url, features, labels, n_requests=args.requests, seed=3)
         )
-        print_summary(router, log_url, traffic)
+        print_summary(router, log_url, traffic, before)
         code = evaluate(config, workdir, "2")
         champion = {a["arm"]: a for a in router.experiment()["arms"]}["champion"]["version"]
         print(f"evaluate_and_promote exit code: {code}  (3 = rejected); champion is v{champion}")
     finally:
         _say("6. Stop the router (SIGTERM): the prediction log is flushed before exit")
+        served = router.served_requests()
         exit_code = router.stop()
-        print(f"router exited with {exit_code}; reports in {workdir}")
+        logged = count_logged_requests(log_url)
+        # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is done.
+        how = "cleanly" if exit_code in (0, -signal.SIGTERM) else f"with code {exit_code}"
+        print(
+            f"router stopped {how}; requests served {served}, requests in the prediction log "
+            f"{logged}; reports in {workdir}"
+        )
     return 0
 
 

@@ -192,6 +192,7 @@ class _Request:
     status: str
     latency_s: float
     ts: float
+    unit: str | None = None  # the hashed routing key: the unit sticky assignment randomises
 
 
 @dataclass(frozen=True)
@@ -221,11 +222,11 @@ def _load(
                 )
             has_outcomes = sa.inspect(conn).has_table(o.name)
             requests: dict[str, list[_Request]] = defaultdict(list)
-            query = sa.select(p.c.request_id, p.c.arm, p.c.status, p.c.latency_s, p.c.ts).where(
-                p.c.experiment_id == eid, p.c.row_index == 0
-            )
-            for rid, arm, status, latency, ts in conn.execute(query):
-                requests[rid].append(_Request(arm, status, latency, ts))
+            query = sa.select(
+                p.c.request_id, p.c.arm, p.c.status, p.c.latency_s, p.c.ts, p.c.routing_key_hash
+            ).where(p.c.experiment_id == eid, p.c.row_index == 0)
+            for rid, arm, status, latency, ts, unit in conn.execute(query):
+                requests[rid].append(_Request(arm, status, latency, ts, unit))
             scored: list[_Scored] = []
             skipped = 0
             if has_outcomes:
@@ -347,6 +348,9 @@ def judge(
     errors: dict[str, int] = {"champion": 0, other: 0}
     latencies: dict[str, list[float]] = {"champion": [], other: []}
     champion_owned: set[str] = set()
+    # Sticky assignment randomises users, not requests: the sample-ratio test counts distinct
+    # units (a request without a routing key is its own unit), else heavy users fake a mismatch.
+    units: dict[str, set[str]] = {"champion": set(), other: set()}
     for rid, logged in requests.items():
         by_arm = {r.arm: r for r in logged}
         if mode == "split":
@@ -358,6 +362,7 @@ def judge(
                 champion_owned.add(rid)
             mine = by_arm.get(owner)
             assigned[owner] += 1
+            units[owner].add(next((r.unit for r in logged if r.unit), rid))
             if mine is None or mine.status != "ok" or fell_back:
                 errors[owner] += 1
             elif mine.latency_s > 0:
@@ -397,7 +402,8 @@ def judge(
     srm: stats.SrmResult | None = None
     if mode == "split":
         w = settings.routing.challenger_weight
-        srm = stats.sample_ratio_test(assigned, {"champion": 1.0 - w, "challenger": w})
+        unit_counts = {arm: len(members) for arm, members in units.items()}
+        srm = stats.sample_ratio_test(unit_counts, {"champion": 1.0 - w, "challenger": w})
 
     n_champ, n_chall = arm_stats["champion"].n, arm_stats[other].n
     guardrails: tuple[GuardrailResult, ...] = ()

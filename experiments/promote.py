@@ -28,7 +28,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -173,6 +173,9 @@ def _promote(
 ) -> ActionResult:
     m = settings.model
     before = evaluation.aliases
+    if before.champion is None or before.challenger is None:
+        raise PromotionError("a promotion needs both a champion and a challenger version")
+    run_id: str | None = None
     try:
         with _lock(client, m.name, by):
             current = read_aliases(client, settings)
@@ -183,7 +186,6 @@ def _promote(
                 )
             with _translated("promoting"):
                 run_id = _record_run(client, settings, evaluation, artifacts, by, "promoted")
-                assert before.champion is not None and before.challenger is not None
                 client.set_registered_model_alias(m.name, m.rollback_alias, before.champion)
                 client.set_registered_model_alias(m.name, m.champion_alias, before.challenger)
                 client.delete_registered_model_alias(m.name, m.challenger_alias)
@@ -198,6 +200,12 @@ def _promote(
     except PromotionConflict as exc:
         with _translated("recording the aborted promotion"):
             _record_run(client, settings, evaluation, artifacts, by, "aborted", note=str(exc))
+        raise
+    except PromotionError:
+        # Failed mid-move (registry gone?): our run must not stay RUNNING forever.
+        if run_id is not None:
+            with suppress(MlflowException, sa.exc.SQLAlchemyError, OSError):  # best effort
+                client.set_terminated(run_id, status="FAILED")
         raise
     message = (
         f"Promoted: @{m.champion_alias} v{before.champion} -> v{before.challenger}, "

@@ -20,20 +20,28 @@ import httpx
 class PrometheusGuardrails:
     url: str
     window_s: int
-    error_rate: dict[str, float] = field(default_factory=dict)  # arm -> (error+fallback)/requests
+    error_rate: dict[str, float] = field(default_factory=dict)  # arm -> errors/requests
     latency_p95: dict[str, float] = field(default_factory=dict)  # arm -> seconds
     error: str | None = None  # why nothing could be read
 
 
 def queries(arms: Sequence[str], window_s: int) -> dict[str, str]:
-    """PromQL for each figure, over ``[window_s]`` ending now, one series per arm."""
+    """PromQL for each figure, over ``[window_s]`` ending now, one series per arm.
+
+    Mirrors the router's counting (``router/service.py``): a failed challenger counts
+    ``{arm="challenger",status="error"}`` and its stand-in answer ``{arm="champion",
+    status="fallback"}``; the latter is the challenger's request, so it is left out of the
+    champion's denominator (as are shadow requests ``skipped`` under load).
+    """
     selector = f'arm=~"{"|".join(arms)}"'
     window = f"[{window_s}s]"
     return {
-        "requests": f"sum by (arm) (increase(router_requests_total{{{selector}}}{window}))",
-        "errors": (
+        "requests": (
             "sum by (arm) (increase(router_requests_total"
-            f'{{{selector},status=~"error|fallback"}}{window}))'
+            f'{{{selector},status!~"fallback|skipped"}}{window}))'
+        ),
+        "errors": (
+            f'sum by (arm) (increase(router_requests_total{{{selector},status="error"}}{window}))'
         ),
         "latency_p95": (
             "histogram_quantile(0.95, sum by (arm, le) "

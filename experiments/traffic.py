@@ -39,7 +39,8 @@ async def send_traffic(
 ) -> TrafficResult:
     """Send ``n_requests`` single-row requests, then each row's true label after a random delay.
 
-    User ``u`` always sends the same customer row, so the routing key stays meaningful.
+    Users are sticky to an arm through their routing key; each request scores a random row, so
+    outcomes are independent draws (a user's requests are different situations).
     """
     rng = random.Random(seed)
     columns = list(features.columns)
@@ -67,7 +68,7 @@ async def send_traffic(
             except asyncio.QueueEmpty:
                 return
             user = rng.randrange(n_users)
-            row = user % len(rows)
+            row = rng.randrange(len(rows))
             body = {"dataframe_split": {"columns": columns, "data": [rows[row]]}}
             response = await client.post(
                 "/invocations", json=body, headers={"X-Routing-Key": f"user-{user}"}

@@ -83,14 +83,20 @@ class ModelManager:
             previous = self.current
             try:
                 built = await anyio.to_thread.run_sync(self._build, previous)
-            except (RegistryUnavailable, ModelNotFound) as exc:
-                self.last_error = str(exc)
+            except Exception as exc:  # re-raised: only recorded and counted here
+                known = isinstance(exc, RegistryUnavailable | ModelNotFound)
+                self.last_error = str(exc) if known else f"{type(exc).__name__}: {exc}"
                 if previous is not None:
                     self._metrics.model_reloads.labels("champion", "error").inc()
                     log.error("reload failed, keeping the models in service: %s", exc)
                 raise
             self.last_error = None
-            if built is None or (previous is not None and _versions(built) == _versions(previous)):
+            if built is None:
+                return False
+            if previous is not None and _versions(built) == _versions(previous):
+                # The same versions, found another way (e.g. the missing @champion was set on the
+                # version served as "latest"): describe them as they are now; nothing reloaded.
+                self.current = built
                 return False
             self.current = built
             self._publish(previous, built)
@@ -101,9 +107,12 @@ class ModelManager:
         if previous is not None:
             for arm, loaded in _served(previous, self._settings):
                 metrics.model_info.remove(arm, name, loaded.version, loaded.ref.run_id or "")
+        before = dict(_served(previous, self._settings)) if previous is not None else None
         for arm, loaded in _served(arms, self._settings):
             metrics.model_info.labels(arm, name, loaded.version, loaded.ref.run_id or "").set(1)
-            if previous is not None:
+            old = before.get(arm) if before is not None else None
+            if before is not None and (old is None or old.version != loaded.version):
+                # Only an arm whose version changed was (re)loaded: an unchanged arm is not.
                 metrics.model_reloads.labels(arm, "ok").inc()
         metrics.ready.set(1)
         described = ", ".join(
@@ -118,7 +127,12 @@ class ModelManager:
             try:
                 await self.refresh()
             except (RegistryUnavailable, ModelNotFound) as exc:
-                log.error("champion not loaded yet (retrying in %.0fs): %s", interval, exc)
+                log.error("champion not loaded yet (retrying in %gs): %s", interval, exc)
+                await asyncio.sleep(interval)
+            except Exception:  # the poller task's outermost layer: log it, retry
+                log.exception(
+                    "champion not loaded yet (retrying in %gs): unexpected error", interval
+                )
                 await asyncio.sleep(interval)
 
     async def poll_forever(self) -> None:
@@ -129,6 +143,9 @@ class ModelManager:
                 await self.refresh()
             except (RegistryUnavailable, ModelNotFound):
                 continue  # counted and logged in refresh(); the old models keep serving
+            except Exception:  # the poller task's outermost layer
+                # Counted in refresh() too. Uncaught, it would end hot reload silently for good.
+                log.exception("alias poll failed unexpectedly; the models in service are unchanged")
 
     def describe(self) -> dict[str, Any]:
         arms = self.current

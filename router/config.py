@@ -87,6 +87,9 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
+    # Threads scoring at once per worker. Scoring is CPU-bound and holds the GIL: more threads
+    # than cores only stretch each prediction; requests beyond this wait in line instead.
+    predict_threads: int = 4
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,7 @@ def _validate(s: Settings) -> None:
     )
     _require(1 <= s.server.port <= 65535, "server.port", "must be within 1..65535")
     _require(s.server.workers >= 1, "server.workers", "must be >= 1")
+    _require(s.server.predict_threads >= 1, "server.predict_threads", "must be >= 1")
 
 
 def settings_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Settings:

@@ -27,6 +27,15 @@ class ModelNotFound(LookupError):
     """The registry answered, but has no version for what was asked."""
 
 
+class ModelLoadFailed(RegistryUnavailable):
+    """A version's artifacts were fetched but do not load (corrupt, incomplete or incompatible).
+
+    A subclass of :class:`RegistryUnavailable`, so every caller keeps the models in service.
+    """
+
+    code = "model_load_failed"
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """Which registry version an arm serves, and how it was found."""
@@ -127,10 +136,19 @@ class Registry:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=source, tracking_uri=self.tracking_uri
             )
-            model = mlflow.pyfunc.load_model(local)
         except MlflowException as exc:
             raise RegistryUnavailable(f"loading {uri}: {exc.message}") from exc
         except OSError as exc:
             raise RegistryUnavailable(f"loading {uri}: {exc}") from exc
-        schema = model.metadata.get_input_schema() if model.metadata else None
+        try:
+            model = mlflow.pyfunc.load_model(local)
+            schema = model.metadata.get_input_schema() if model.metadata else None
+        except MlflowException as exc:
+            raise ModelLoadFailed(f"loading {uri}: {exc.message}") from exc
+        except Exception as exc:
+            # Loading runs the flavor's and the model's own code (skops, cloudpickle, a
+            # PythonModel's load_context): a corrupt or incompatible version raises anything
+            # (BadZipFile, YAMLError, AttributeError, ImportError...). Any of them means "this
+            # version cannot serve"; untranslated, it escaped the reload loop and ended it.
+            raise ModelLoadFailed(f"loading {uri}: {type(exc).__name__}: {exc}") from exc
         return LoadedModel(ref=ref, model=model, input_schema=schema, loaded_at=time.time())

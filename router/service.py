@@ -70,6 +70,7 @@ class RouterService:
         self._rng = rng or random.Random()
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._shadow_limiter = anyio.CapacityLimiter(1)
+        self._score_limiter = anyio.CapacityLimiter(settings.server.predict_threads)
         self.publish_weights()
 
     # -- weights --------------------------------------------------------------------------------
@@ -122,6 +123,7 @@ class RouterService:
             content_type,
             request_id,
             key_hash,
+            limiter=self._score_limiter,
         )
         if shadow and arms.challenger is not None:
             self._start_shadow(arms, arms.challenger, parsed, request_id, key_hash)

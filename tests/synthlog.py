@@ -46,6 +46,7 @@ def write_log(
     spacing_s: float = 1.0,
     outcome_delay_s: float = 5.0,
     drop_challenger_every: int = 0,  # >0: lose every k-th challenger request (induces SRM)
+    users: int = 0,  # >0: sticky users with heavy-tailed request volumes (routing keys set)
 ) -> None:
     """Append ``n_requests`` single-row requests (and their 0/1 outcomes) to the log at ``url``."""
     rng = random.Random(seed)
@@ -54,6 +55,9 @@ def write_log(
     preds: list[dict[str, Any]] = []
     outs: list[dict[str, Any]] = []
     challenger_seen = 0
+    # Heavy-tailed volumes: a few users send most requests, as in real traffic.
+    user_weights = [1.0 / (u + 1) for u in range(users)]
+    user_arm = {u: rng.random() < challenger_weight for u in range(users)}
 
     def row(
         rid: str,
@@ -64,6 +68,7 @@ def write_log(
         status: str,
         truth: int,
         latency: float | None = None,
+        unit: str | None = None,
     ) -> dict[str, Any]:
         if spec is None or status == "error":
             score, cls, lat = None, None, 0.0
@@ -83,7 +88,7 @@ def write_log(
             "ts": ts,
             "latency_s": lat,
             "status": status,
-            "routing_key_hash": None,
+            "routing_key_hash": unit,
             "score": score,
             "predicted_class": cls,
             "output": None,
@@ -93,13 +98,16 @@ def write_log(
         rid = f"{experiment_id}-{seed}-{i}"
         ts = t0 + i * spacing_s
         truth = int(rng.random() < 0.5)
+        user = rng.choices(range(users), weights=user_weights)[0] if users else None
+        unit = None if user is None else f"{user:032x}"
+        to_challenger = user_arm[user] if user is not None else rng.random() < challenger_weight
         if mode == "shadow":
             preds.append(row(rid, "champion", versions[0], ts, champion, "ok", truth))
             failed = rng.random() < challenger.error_rate
             preds.append(
                 row(rid, "shadow", versions[1], ts, challenger, "error" if failed else "ok", truth)
             )
-        elif rng.random() < challenger_weight:
+        elif to_challenger:
             challenger_seen += 1
             if drop_challenger_every and challenger_seen % drop_challenger_every == 0:
                 continue
@@ -107,12 +115,13 @@ def write_log(
                 preds.append(row(rid, "challenger", versions[1], ts, None, "error", truth))
                 preds.append(row(rid, "champion", versions[0], ts, champion, "fallback", truth))
             else:
-                preds.append(row(rid, "challenger", versions[1], ts, challenger, "ok", truth))
+                preds.append(
+                    row(rid, "challenger", versions[1], ts, challenger, "ok", truth, unit=unit)
+                )
         else:
             failed = rng.random() < champion.error_rate
-            preds.append(
-                row(rid, "champion", versions[0], ts, champion, "error" if failed else "ok", truth)
-            )
+            status = "error" if failed else "ok"
+            preds.append(row(rid, "champion", versions[0], ts, champion, status, truth, unit=unit))
         outs.append(
             {
                 "request_id": rid,

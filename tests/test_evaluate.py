@@ -125,6 +125,19 @@ def test_sample_ratio_mismatch_is_invalid(mlflow_registry: MlflowRegistry, tmp_p
     assert "Sample-ratio mismatch" in ev.reason
 
 
+def test_sample_ratio_counts_sticky_users_not_requests(
+    mlflow_registry: MlflowRegistry, tmp_path: Path
+) -> None:
+    # 300 sticky users, a few of them sending most requests: the test counts users (the unit
+    # sticky assignment randomises), else one heavy user would decide the chi-square alone.
+    ev = _evaluate(
+        mlflow_registry, tmp_path, champion=Arm(0.70), challenger=Arm(0.80), users=300, seed=11
+    )
+    assert ev.srm is not None and ev.srm.checked and not ev.srm.mismatch
+    assert ev.champion.requests + ev.challenger.requests == 4000
+    assert 250 < sum(ev.srm.observed.values()) <= 300
+
+
 def test_empty_log_is_invalid(mlflow_registry: MlflowRegistry, tmp_path: Path) -> None:
     ev = _evaluate(mlflow_registry, tmp_path, n_requests=0)
     assert ev.decision == "invalid"
@@ -232,7 +245,7 @@ def test_prometheus_guardrails_are_read_per_arm() -> None:
         seen.append(query)
         if "histogram_quantile" in query:
             values = {"champion": "0.012", "challenger": "0.030"}
-        elif "error|fallback" in query:
+        elif 'status="error"' in query:
             values = {"champion": "1", "challenger": "4"}
         else:
             values = {"champion": "900", "challenger": "100"}

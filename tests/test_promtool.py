@@ -6,7 +6,6 @@ with a syntax error fails here before the live-Prometheus test runs it.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -15,20 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
-DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "champion-challenger.json"
-
-# Values the Grafana variables take for a syntax check (what "All" and a 15 s scrape give).
-GRAFANA_VARIABLES = {
-    "${datasource}": "prometheus",
-    "$__rate_interval": "1m",
-    "$__interval": "15s",
-    "$__range": "1h",
-    "$instance": ".*",
-    "$model": ".*",
-    "$job": ".*",
-}
+from tests.promql import (
+    PROMETHEUS_DIR,
+    ROOT,
+    alert_rules,
+    annotation_queries,
+    panel_queries,
+    substitute,
+)
 
 pytestmark = pytest.mark.prometheus
 
@@ -61,7 +54,8 @@ def test_check_config(promtool: str) -> None:
 
 def test_check_rules(promtool: str) -> None:
     out = _run(promtool, "check", "rules", "deploy/prometheus/alerts.yml")
-    assert "9 rules found" in out
+    assert f"{len(alert_rules())} rules found" in out
+    assert len(alert_rules()) == 9
 
 
 def test_alert_unit_tests(promtool: str) -> None:
@@ -69,20 +63,10 @@ def test_alert_unit_tests(promtool: str) -> None:
     assert "SUCCESS" in out
 
 
-def _substitute(expr: str) -> str:
-    for variable, value in GRAFANA_VARIABLES.items():
-        expr = expr.replace(variable, value)
-    assert "$" not in expr, f"unsubstituted variable in {expr}"
-    return expr
-
-
 def test_dashboard_expressions_parse(promtool: str, tmp_path: Path) -> None:
-    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    exprs = [
-        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
-    ] + [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
+    queries = panel_queries() + annotation_queries()
     rules = [
-        {"record": f"dashboard:expr_{i}", "expr": _substitute(expr)} for i, expr in enumerate(exprs)
+        {"record": f"dashboard:expr_{i}", "expr": substitute(q.expr)} for i, q in enumerate(queries)
     ]
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))

@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from experiments.demo_data import LABEL
+from experiments.train import using_tracking_uri
 from router.app import create_app
 from router.config import settings_from_mapping
 from tests.conftest import MlflowRegistry, serve_in_thread
@@ -81,12 +82,11 @@ def _post(base_url: str, body: Any, **headers: str) -> httpx.Response:
 
 @pytest.fixture(scope="module")
 def pyfunc_models(mlflow_registry: MlflowRegistry) -> dict[str, Any]:
-    mlflow.set_tracking_uri(mlflow_registry.tracking_uri)
-    mlflow.set_registry_uri(mlflow_registry.tracking_uri)
-    return {
-        version: mlflow.pyfunc.load_model(f"models:/{mlflow_registry.model_name}/{version}")
-        for version in mlflow_registry.versions.values()
-    }
+    with using_tracking_uri(mlflow_registry.tracking_uri):
+        return {
+            version: mlflow.pyfunc.load_model(f"models:/{mlflow_registry.model_name}/{version}")
+            for version in mlflow_registry.versions.values()
+        }
 
 
 def _bodies(frame: pd.DataFrame) -> dict[str, Any]:

@@ -140,12 +140,13 @@ def test_using_tracking_uri_restores_globals_and_environment(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///outer.db")
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     inner = f"sqlite:///{tmp_path / 'inner.db'}"
+    before = mlflow.get_tracking_uri()
     with using_tracking_uri(inner):
         assert mlflow.get_tracking_uri() == inner
         assert mlflow.get_registry_uri() == inner
     assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///outer.db"
     assert "MLFLOW_REGISTRY_URI" not in os.environ
-    assert mlflow.get_tracking_uri() == "sqlite:///outer.db"
+    assert mlflow.get_tracking_uri() == before
 
 
 def test_running_server_runs_the_lifespan(

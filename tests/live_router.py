@@ -1,0 +1,121 @@
+"""Helpers for tests that drive a live router: settings, request bodies, a client, polling, the log.
+
+Used by the end-to-end tests of arms, hot reload and shutdown (``tests/test_router_*.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+import pandas as pd
+import sqlalchemy as sa
+
+from experiments.demo_data import FEATURES
+from router.config import Settings, settings_from_mapping
+
+if TYPE_CHECKING:  # conftest is pytest's to import; a second import would run it twice
+    from tests.conftest import MlflowRegistry
+
+T = TypeVar("T")
+
+DEADLINE_S = 60.0  # generous: polls end as soon as the state is reached
+
+
+def router_settings(
+    registry: MlflowRegistry,
+    log_path: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    model: Mapping[str, Any] | None = None,
+    **sections: Mapping[str, Any],
+) -> Settings:
+    """Settings for ``registry``'s model with a SQLite prediction log at ``log_path``.
+
+    ``model`` and every other section (``routing={...}``, ...) are merged over the defaults used
+    here; ``env`` is the whole environment the settings see (nothing leaks from the test's own).
+    """
+    raw: dict[str, Any] = {
+        "model": {
+            "name": registry.model_name,
+            "tracking_uri": registry.tracking_uri,
+            "poll_interval_s": 3600,  # no hot reload unless a test asks for it
+            **(model or {}),
+        },
+        "prediction_log": {"url": f"sqlite:///{log_path}"},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return settings_from_mapping(raw, env=dict(env or {}))
+
+
+def split_body(frame: pd.DataFrame) -> dict[str, Any]:
+    """An MLflow ``dataframe_split`` body for the feature columns of ``frame``."""
+    return {"dataframe_split": json.loads(frame[FEATURES].to_json(orient="split", index=False))}
+
+
+def http_client(base_url: str, *, timeout_s: float = 60.0) -> httpx.Client:
+    """A client opening one connection per request.
+
+    Keep-alive connections to ``serve_in_thread`` servers stall ~40 ms per request: its socket is
+    created without ``IPPROTO_TCP``, so asyncio never sets ``TCP_NODELAY`` on accepted
+    connections and Nagle meets the client's delayed ACK. Fresh connections are quick-ACKed.
+    """
+    return httpx.Client(
+        base_url=base_url,
+        timeout=timeout_s,
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
+
+
+def wait_until(
+    probe: Callable[[], T | None],
+    what: str,
+    *,
+    timeout_s: float = DEADLINE_S,
+    interval_s: float = 0.05,
+) -> T:
+    """Call ``probe`` until it returns something truthy and return it; fail after ``timeout_s``.
+
+    The deadline only bounds the loop: the assertion is on the state reached, never on the time.
+    """
+    deadline = time.monotonic() + timeout_s
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+
+
+def wait_ready(client: httpx.Client) -> dict[str, Any]:
+    """Poll ``/readyz`` until 200; return its body."""
+    response = wait_until(
+        lambda: (r := client.get("/readyz")).status_code == 200 and r, "/readyz to answer 200"
+    )
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def arm_of(experiment: Mapping[str, Any], arm: str) -> dict[str, Any] | None:
+    """The entry for ``arm`` in a ``/experiment`` body, or None."""
+    for entry in experiment["arms"]:
+        if entry["arm"] == arm:
+            found: dict[str, Any] = entry
+            return found
+    return None
+
+
+def query_log(url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` against the prediction log at ``url`` (a fresh engine each call)."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return [tuple(row) for row in conn.execute(sa.text(sql), params)]
+    finally:
+        engine.dispose()

@@ -1,0 +1,314 @@
+"""The status page at ``/`` in a real headless Chromium, over a real router and MLflow registry.
+
+Chromium is driven through the DevTools protocol over ``--remote-debugging-pipe`` (NUL-separated
+JSON on file descriptors 3 and 4: no websocket client needed). One page load, then traffic and
+feedback: the page must show both arms with their versions, and then the new counts by its own
+refresh, without a reload. A screenshot goes to ``test-artifacts/status-page.png``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import select
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from experiments.demo_data import LABEL
+from router.app import create_app
+from router.assignment import bucket_of, threshold_of
+from router.config import settings_from_mapping
+from tests.conftest import MlflowRegistry, serve_in_thread
+
+pytestmark = pytest.mark.chromium
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+SALT = "status-page"
+WEIGHT = 0.5
+PER_ARM = 12  # requests per arm, one row each, every one with feedback
+DEADLINE_S = 60.0  # any single wait on Chromium or the page
+
+
+def _chromium_binary() -> str:
+    for candidate in (
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    reason = (
+        "no chromium at /usr/bin/chromium or on PATH "
+        "(Debian package `chromium`; .ci/run installs it)"
+    )
+    if os.environ.get("ROUTER_REQUIRE_SERVICES") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+class DevTools:
+    """A headless Chromium and a DevTools session on its first page, over a pipe."""
+
+    def __init__(self, binary: str, user_data_dir: Path, stderr_path: Path) -> None:
+        cmd_read, self._cmd_write = os.pipe()  # we write commands; Chromium reads fd 3
+        self._evt_read, evt_write = os.pipe()  # Chromium writes fd 4; we read
+        args = [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={user_data_dir}",
+            "--window-size=1280,900",
+            "--remote-debugging-pipe",
+            "about:blank",
+        ]
+        # bash moves our pipe ends onto fds 3 and 4 (no preexec_fn in a threaded process; dash
+        # cannot redirect from a descriptor above 9).
+        self._stderr = stderr_path.open("wb")
+        self.process = subprocess.Popen(
+            ["bash", "-c", f'exec "$@" 3<&{cmd_read} 4>&{evt_write}', "bash", *args],
+            pass_fds=(cmd_read, evt_write),
+            stdin=subprocess.DEVNULL,
+            stdout=self._stderr,
+            stderr=self._stderr,
+        )
+        os.close(cmd_read)
+        os.close(evt_write)
+        self._buffer = b""
+        self._next_id = 0
+        self.events: list[dict[str, Any]] = []
+        self.session: str | None = None
+
+    def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        self._next_id += 1
+        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
+        if self.session is not None:
+            message["sessionId"] = self.session
+        os.write(self._cmd_write, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") != self._next_id:
+                    self.events.append(reply)
+                    continue
+                assert "error" not in reply, f"{method}: {reply['error']}"
+                result: dict[str, Any] = reply["result"]
+                return result
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"Chromium did not answer {method} within {DEADLINE_S} s")
+            readable, _, _ = select.select([self._evt_read], [], [], remaining)
+            if readable:
+                chunk = os.read(self._evt_read, 1 << 20)
+                if not chunk:
+                    raise RuntimeError(
+                        f"Chromium closed the DevTools pipe (exit {self.process.poll()})"
+                    )
+                self._buffer += chunk
+
+    def attach_to_page(self) -> None:
+        targets = self.call("Target.getTargets")["targetInfos"]
+        page = next(t for t in targets if t["type"] == "page")
+        attached = self.call(
+            "Target.attachToTarget", {"targetId": page["targetId"], "flatten": True}
+        )
+        self.session = attached["sessionId"]
+
+    def evaluate(self, expression: str) -> Any:
+        reply = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
+        assert "exceptionDetails" not in reply, reply["exceptionDetails"]
+        return reply["result"].get("value")
+
+    def wait_for(self, expression: str, what: str) -> Any:
+        """Poll a JS expression until it is truthy (bounded by DEADLINE_S)."""
+        deadline = time.monotonic() + DEADLINE_S
+        value = None
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"the page never showed {what}; last value {value!r}")
+
+    def close(self) -> None:
+        os.close(self._cmd_write)  # Chromium exits when its pipe closes
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        finally:
+            os.close(self._evt_read)
+            self._stderr.close()
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[DevTools]:
+    browser = DevTools(_chromium_binary(), tmp_path / "chromium-profile", tmp_path / "chromium.log")
+    try:
+        browser.attach_to_page()
+        yield browser
+    finally:
+        browser.close()
+
+
+@pytest.fixture
+def router(
+    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
+) -> Iterator[tuple[str, MlflowRegistry]]:
+    registry = fresh_registry()
+    settings = settings_from_mapping(
+        {
+            "model": {"name": registry.model_name, "tracking_uri": registry.tracking_uri},
+            "routing": {"challenger_weight": WEIGHT, "salt": SALT},
+            "prediction_log": {"url": f"sqlite:///{tmp_path / 'predictions.db'}"},
+        },
+        env={},
+    )
+    with serve_in_thread(create_app(settings)) as base_url:
+        for _ in range(600):
+            if httpx.get(f"{base_url}/readyz").status_code == 200:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("router never became ready")
+        yield base_url, registry
+
+
+def _keys_for(arm: str, n: int) -> list[str]:
+    """Routing keys the sticky hash sends to ``arm`` (deterministic, so both arms get traffic)."""
+    threshold = threshold_of(WEIGHT)
+    keys = (f"user-{i}" for i in range(100_000))
+    wanted = (k for k in keys if (bucket_of(SALT, k) < threshold) == (arm == "challenger"))
+    return [next(wanted) for _ in range(n)]
+
+
+def _send_traffic(base_url: str, registry: MlflowRegistry) -> tuple[dict[str, int], dict[str, int]]:
+    """PER_ARM one-row requests to each arm, each followed by its true outcome.
+
+    Returns the requests and the correct predictions (argmax class == outcome) per arm.
+    """
+    rows = registry.holdout.head(2 * PER_ARM).reset_index(drop=True)
+    features = rows.drop(columns=[LABEL])
+    served = {"champion": 0, "challenger": 0}
+    correct = {"champion": 0, "challenger": 0}
+    keys = _keys_for("champion", PER_ARM) + _keys_for("challenger", PER_ARM)
+    with httpx.Client(base_url=base_url) as client:
+        for i, key in enumerate(keys):
+            body = {
+                "dataframe_split": {
+                    "columns": list(features.columns),
+                    "data": features.iloc[[i]].to_numpy().tolist(),
+                }
+            }
+            response = client.post("/invocations", json=body, headers={"X-Routing-Key": key})
+            assert response.status_code == 200, response.text
+            answer = response.json()
+            served[answer["arm"]] += 1
+            label = int(rows[LABEL].iloc[i])
+            probabilities = answer["predictions"][0]  # [p_stay, p_churn]
+            correct[answer["arm"]] += int(probabilities.index(max(probabilities)) == label)
+            outcome = {"request_id": answer["request_id"], "outcome": label}
+            assert client.post("/feedback", json=outcome).status_code == 200
+    return served, correct
+
+
+def _percent(x: float) -> str:
+    """What the page's ``Intl.NumberFormat`` percent (at most one decimal) shows."""
+    return f"{round(x * 100, 1):g}%"
+
+
+# Per arm, every element carrying data-field: the arm's card and its column of the table.
+FIELDS_JS = """JSON.stringify(Object.fromEntries(["champion", "challenger"].map(arm => [arm,
+  Object.fromEntries([...document.querySelectorAll(
+      `[data-arm="${arm}"] [data-field], td[data-arm="${arm}"]`)]
+    .map(e => [e.dataset.field, e.textContent]))])))"""
+
+
+def test_status_page_shows_both_arms_and_updates_after_traffic(
+    router: tuple[str, MlflowRegistry], chromium: DevTools
+) -> None:
+    base_url, registry = router
+    chromium.call("Network.enable")
+    chromium.call("Runtime.enable")
+    chromium.call(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+    )
+    chromium.call("Page.navigate", {"url": f"{base_url}/"})
+    chromium.wait_for(
+        "document.body !== null && Number(document.body.dataset.refreshes || 0) >= 1",
+        "a first refresh",
+    )
+
+    assert chromium.evaluate("document.title").startswith("Champion/challenger router")
+    assert chromium.evaluate("document.getElementById('model').textContent") == registry.model_name
+    assert chromium.evaluate("document.getElementById('ready').textContent") == "ready"
+    before = json.loads(chromium.evaluate(FIELDS_JS))
+    for arm, version in registry.versions.items():
+        assert before[arm]["version"] == f"v{version}", before
+        assert before[arm]["weight"] == "50%", before
+        assert before[arm]["requests"] == "0", before
+        assert before[arm]["accuracy"] == "—", before  # no feedback yet: nothing to divide
+
+    served, correct = _send_traffic(base_url, registry)
+    assert served == {"champion": PER_ARM, "challenger": PER_ARM}
+
+    # No reload: the page's own refresh must bring the new counts.
+    refreshes = chromium.evaluate("Number(document.body.dataset.refreshes)")
+    expected = str(PER_ARM)
+    chromium.wait_for(
+        f"""(() => {{ const f = JSON.parse({FIELDS_JS});
+            return ["champion", "challenger"].every(a =>
+              f[a].requests === "{expected}" && f[a].feedback === "{expected}"); }})()""",
+        f"{PER_ARM} requests and {PER_ARM} feedback rows per arm",
+    )
+    after = json.loads(chromium.evaluate(FIELDS_JS))
+    assert chromium.evaluate("Number(document.body.dataset.refreshes)") > refreshes
+    for arm, version in registry.versions.items():
+        shown = after[arm]
+        assert shown["version"] == f"v{version}", shown
+        assert shown["errors"] == "0", shown
+        assert shown["share"] == "50%", shown
+        assert shown["p50"].endswith(" ms") and shown["p95"].endswith(" ms"), shown
+        assert shown["accuracy"] == _percent(correct[arm] / PER_ARM), (shown, correct)
+    assert chromium.evaluate("document.getElementById('problem').hidden") is True
+
+    # Offline by construction: every request the page made went to the router itself.
+    urls = [
+        e["params"]["request"]["url"]
+        for e in chromium.events
+        if e.get("method") == "Network.requestWillBeSent"
+    ]
+    assert urls, "no network events recorded"
+    assert all(url.startswith(base_url) for url in urls), urls
+    exceptions = [e for e in chromium.events if e.get("method") == "Runtime.exceptionThrown"]
+    assert not exceptions, exceptions
+
+    height = chromium.evaluate("document.documentElement.scrollHeight")
+    clip = {"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1}
+    shot = chromium.call(
+        "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip}
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "status-page.png").write_bytes(base64.b64decode(shot["data"]))
