@@ -290,3 +290,22 @@ def serve_in_thread(app: Any, *, startup_timeout_s: float = 60.0, **config: Any)
 def running_server() -> Callable[..., AbstractContextManager[str]]:
     """``with running_server(app) as base_url: ...``: see :func:`serve_in_thread`."""
     return serve_in_thread
+
+
+SERVICE_MARKERS = ("postgres", "prometheus", "chromium")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """In CI (``ROUTER_REQUIRE_SERVICES=1``, set by .ci/run) a service test may not skip.
+
+    Locally a missing PostgreSQL, Prometheus or Chromium skips with a reason; in CI, where
+    .ci/run installs and starts them, the same skip would hide a broken set-up: it fails.
+    """
+    report = yield
+    required = os.environ.get("ROUTER_REQUIRE_SERVICES") == "1"
+    needs_service = any(item.get_closest_marker(m) for m in SERVICE_MARKERS)
+    if required and needs_service and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where its service must be present: {report.longrepr}"
+    return report

@@ -1,0 +1,154 @@
+"""The servers under test: how each one is started and how its answer is checked."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.registry import REPO_ROOT, BenchRegistry
+
+ROUTER = "router"
+ROUTER_CHAMPION_ONLY = "router, champion only"
+_STRIPPED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "ROUTER_CONFIG")
+_STRIPPED_PREFIXES = ("ROUTER_",)
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    cmd: list[str]
+    ready_path: str
+    env: dict[str, str] = field(default_factory=dict)
+    routing_keys: bool = False
+    cwd: Path = REPO_ROOT
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The harness's environment without settings that would redirect a server."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _STRIPPED_ENV and not k.startswith(_STRIPPED_PREFIXES)
+    }
+    env.update(extra or {})
+    return env
+
+
+def router_config(registry: BenchRegistry, path: Path, log_db: Path, port: int) -> Path:
+    """A config as users write it: SQLite registry and prediction log, a 90/10 split."""
+    path.write_text(
+        "\n".join(
+            [
+                "model:",
+                f"  name: {registry.model_name}",
+                f"  tracking_uri: {registry.tracking_uri}",
+                "routing:",
+                "  mode: split",
+                "  challenger_weight: 0.1",
+                "prediction_log:",
+                f"  url: sqlite:///{log_db}",
+                "server:",
+                "  host: 127.0.0.1",
+                f"  port: {port}",
+                "",
+            ]
+        ),
+        encoding="utf-8",
+    )
+    return path
+
+
+def router_target(name: str, registry: BenchRegistry, work: Path, port: int) -> Target:
+    slug = name.replace(" ", "-").replace(",", "")
+    config = router_config(registry, work / f"{slug}.yaml", work / f"{slug}-log.db", port)
+    return Target(
+        name=name,
+        cmd=[sys.executable, "-m", "router", "--config", str(config), "--port", str(port)],
+        ready_path="/readyz",
+        env=clean_env(),
+        routing_keys=True,
+    )
+
+
+def baseline_target(name: str, registry: BenchRegistry, port: int) -> Target:
+    return Target(
+        name=name,
+        cmd=[
+            sys.executable,
+            "-m",
+            "bench.baseline_app",
+            "--tracking-uri",
+            registry.tracking_uri,
+            "--model-uri",
+            registry.uri_for("champion"),
+            "--port",
+            str(port),
+        ],
+        ready_path="/ping",
+        env=clean_env(),
+    )
+
+
+def mlflow_serve_target(name: str, registry: BenchRegistry, port: int) -> Target:
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    return Target(
+        name=name,
+        cmd=[
+            str(mlflow_cli),
+            "models",
+            "serve",
+            "-m",
+            registry.uri_for("champion"),
+            "--env-manager",
+            "local",
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+        ],
+        ready_path="/ping",
+        # It runs ``uvicorn`` by name: the interpreter's bin directory must be on PATH.
+        env=clean_env(
+            {
+                "MLFLOW_TRACKING_URI": registry.tracking_uri,
+                "PATH": os.pathsep.join([str(mlflow_cli.parent), os.environ.get("PATH", "")]),
+            }
+        ),
+        cwd=registry.root,
+    )
+
+
+def check_answer(base_url: str, body: str) -> str:
+    """One request before the load: the target must answer 200 with ``predictions``."""
+    response = httpx.post(
+        f"{base_url}/invocations",
+        content=body,
+        headers={"Content-Type": "application/json", "X-Routing-Key": "user-0"},
+        timeout=30.0,
+    )
+    if response.status_code != 200 or "predictions" not in orjson.loads(response.content):
+        raise RuntimeError(f"bad answer {response.status_code}: {response.text[:300]}")
+    return str(response.json()["predictions"])
+
+
+def arm_shares(base_url: str) -> str:
+    """``router_requests_total`` per arm from the router's own ``/metrics``, as shares."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10.0).text
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "router_requests":
+            continue
+        for sample in family.samples:
+            if sample.name == "router_requests_total" and sample.labels.get("status") == "ok":
+                arm = sample.labels["arm"]
+                counts[arm] = counts.get(arm, 0.0) + sample.value
+    total = sum(counts.values())
+    if not total:
+        return "no requests metered"
+    return ", ".join(f"{arm} {n / total:.1%}" for arm, n in sorted(counts.items()))
