@@ -6,6 +6,7 @@ The HTTP layer (``router/app.py``) only parses headers and shapes responses arou
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -43,6 +44,26 @@ class Invocation:
     arm: str
     model_version: str
     request_id: str
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One request as it moves through the core: who asked, which models, what input."""
+
+    arms: ArmSet
+    request_id: str
+    key_hash: str | None
+    body: bytes
+    content_type: str | None
+    parsed: ParsedInput | None = None
+
+    def parsed_with(self, parsed: ParsedInput) -> _Call:
+        return dataclasses.replace(self, parsed=parsed, body=b"")
+
+    @property
+    def input(self) -> ParsedInput:
+        assert self.parsed is not None, "parsed before scoring"
+        return self.parsed
 
 
 @dataclass(frozen=True)
@@ -112,108 +133,73 @@ class RouterService:
         key_hash = (
             hash_routing_key(self.settings.routing.salt, routing_key) if routing_key else None
         )
-        chosen = arms.challenger if assignment.arm == "challenger" else arms.champion
-        assert chosen is not None  # assign() only picks the challenger when there is one
-        parsed, invocation = await anyio.to_thread.run_sync(
+        call, invocation = await anyio.to_thread.run_sync(
             self._score_and_record,
-            arms,
+            _Call(arms, request_id, key_hash, body, content_type),
             assignment.arm,
-            chosen,
-            body,
-            content_type,
-            request_id,
-            key_hash,
             limiter=self._score_limiter,
         )
         if shadow and arms.challenger is not None:
-            self._start_shadow(arms, arms.challenger, parsed, request_id, key_hash)
+            self._start_shadow(call, arms.challenger)
         return invocation
 
-    def _score_and_record(
-        self,
-        arms: ArmSet,
-        arm: str,
-        model: LoadedModel,
-        body: bytes,
-        content_type: str | None,
-        request_id: str,
-        key_hash: str | None,
-    ) -> tuple[ParsedInput, Invocation]:
+    def _score_and_record(self, call: _Call, arm: str) -> tuple[_Call, Invocation]:
         """Runs in a worker thread: parsing, predicting and recording never block the loop."""
-        parsed = parse_invocation(
-            body, content_type, arms.champion.input_schema, self.settings.limits.max_rows
+        arms = call.arms
+        call = call.parsed_with(
+            parse_invocation(
+                call.body,
+                call.content_type,
+                arms.champion.input_schema,
+                self.settings.limits.max_rows,
+            )
         )
+        model = arms.challenger if arm == "challenger" and arms.challenger else arms.champion
         try:
-            scored = _predict(model, parsed)
+            scored = _predict(model, call.input)
         except Exception as exc:  # a model may raise anything: judged and re-raised below
+            self._record_failure(call, arm, model)
             if arm == "champion":
-                self._record_failure(arms, "champion", model, parsed, request_id, key_hash, exc)
-                raise _champion_error(parsed, model, exc) from exc
+                raise _champion_error(call.input, model, exc) from exc
             log.warning("challenger v%s failed, champion answers: %s", model.version, exc)
             self.metrics.fallback.labels("challenger_error").inc()
-            self._record_failure(arms, "challenger", model, parsed, request_id, key_hash, exc)
             arm, model = "champion", arms.champion
             try:
-                scored = _predict(model, parsed)
+                scored = _predict(model, call.input)
             except Exception as champion_exc:  # see above
-                self._record_failure(
-                    arms, "champion", model, parsed, request_id, key_hash, champion_exc
-                )
-                raise _champion_error(parsed, model, champion_exc) from champion_exc
+                self._record_failure(call, arm, model)
+                raise _champion_error(call.input, model, champion_exc) from champion_exc
             status = "fallback"
         else:
             status = "ok"
-        jsonable = to_jsonable(scored.prediction)
-        self._record(arms, arm, model, parsed, scored, jsonable, status, request_id, key_hash)
-        return parsed, Invocation(jsonable, arm, model.version, request_id)
+        jsonable = self._record(call, arm, model, scored, status)
+        return call, Invocation(jsonable, arm, model.version, call.request_id)
 
     def _record(
-        self,
-        arms: ArmSet,
-        arm: str,
-        model: LoadedModel,
-        parsed: ParsedInput,
-        scored: _Scored,
-        jsonable: Any,
-        status: str,
-        request_id: str,
-        key_hash: str | None,
-    ) -> None:
-        facts = row_facts(scored.prediction, jsonable, parsed.n_rows)
+        self, call: _Call, arm: str, model: LoadedModel, scored: _Scored, status: str
+    ) -> Any:
+        """Meter and log one arm's answer; returns the JSON-able predictions."""
+        jsonable = to_jsonable(scored.prediction)
+        facts = row_facts(scored.prediction, jsonable, call.input.n_rows)
         version = model.version
         m = self.metrics
         m.requests.labels(arm, version, status).inc()
         m.predict_latency.labels(arm, version).observe(scored.latency_s)
         m.observe_scores(arm, version, (s for s in facts.scores if s is not None))
         m.count_classes(arm, version, facts.classes)
-        self._enqueue(
-            arms, arm, version, parsed.n_rows, request_id, key_hash, status, scored.latency_s, facts
-        )
+        self._enqueue(call, arm, version, status, scored.latency_s, facts)
+        return jsonable
 
-    def _record_failure(
-        self,
-        arms: ArmSet,
-        arm: str,
-        model: LoadedModel,
-        parsed: ParsedInput,
-        request_id: str,
-        key_hash: str | None,
-        exc: BaseException,
-    ) -> None:
+    def _record_failure(self, call: _Call, arm: str, model: LoadedModel) -> None:
         """A failed arm's rows stay in the log: the error-rate guardrail counts them."""
         self.metrics.requests.labels(arm, model.version, "error").inc()
-        self._enqueue(
-            arms, arm, model.version, parsed.n_rows, request_id, key_hash, "error", 0.0, None
-        )
+        self._enqueue(call, arm, model.version, "error", 0.0, None)
 
     def _enqueue(
         self,
-        arms: ArmSet,
+        call: _Call,
         arm: str,
         version: str,
-        n_rows: int,
-        request_id: str,
-        key_hash: str | None,
         status: str,
         latency_s: float,
         facts: RowFacts | None,
@@ -222,77 +208,45 @@ class RouterService:
         self.prediction_log.enqueue(
             [
                 PredictionRecord(
-                    request_id=request_id,
+                    request_id=call.request_id,
                     row_index=i,
                     arm=arm,
-                    experiment_id=arms.experiment_id,
+                    experiment_id=call.arms.experiment_id,
                     model_name=self.settings.model.name,
                     model_version=version,
                     ts=now,
                     latency_s=latency_s,
                     status=status,
-                    routing_key_hash=key_hash,
+                    routing_key_hash=call.key_hash,
                     score=facts.scores[i] if facts else None,
                     predicted_class=facts.classes[i] if facts else None,
                     output=facts.outputs[i] if facts else None,
                 )
-                for i in range(n_rows)
+                for i in range(call.input.n_rows)
             ]
         )
 
     # -- shadow ---------------------------------------------------------------------------------
-    def _start_shadow(
-        self,
-        arms: ArmSet,
-        model: LoadedModel,
-        parsed: ParsedInput,
-        request_id: str,
-        key_hash: str | None,
-    ) -> None:
+    def _start_shadow(self, call: _Call, model: LoadedModel) -> None:
         if len(self._shadow_tasks) >= MAX_SHADOW_IN_FLIGHT:
             self.metrics.requests.labels("shadow", model.version, "skipped").inc()
             return
-        task = asyncio.get_running_loop().create_task(
-            self._shadow(arms, model, parsed, request_id, key_hash)
+        scoring = anyio.to_thread.run_sync(
+            self._shadow_score, call, model, limiter=self._shadow_limiter
         )
+        task = asyncio.get_running_loop().create_task(scoring)
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
-    async def _shadow(
-        self,
-        arms: ArmSet,
-        model: LoadedModel,
-        parsed: ParsedInput,
-        request_id: str,
-        key_hash: str | None,
-    ) -> None:
-        await anyio.to_thread.run_sync(
-            self._shadow_score,
-            arms,
-            model,
-            parsed,
-            request_id,
-            key_hash,
-            limiter=self._shadow_limiter,
-        )
-
-    def _shadow_score(
-        self,
-        arms: ArmSet,
-        model: LoadedModel,
-        parsed: ParsedInput,
-        request_id: str,
-        key_hash: str | None,
-    ) -> None:
+    def _shadow_score(self, call: _Call, model: LoadedModel) -> None:
         try:
-            scored = _predict(model, parsed)
+            scored = _predict(model, call.input)
         except Exception as exc:  # noqa: BLE001 - a shadow fault never reaches clients: counted, logged, recorded
             log.warning("shadow v%s failed: %s", model.version, exc)
             self.metrics.fallback.labels("shadow_error").inc()
-            self._record_failure(arms, "shadow", model, parsed, request_id, key_hash, exc)
+            self._record_failure(call, "shadow", model)
             return
-        jsonable = to_jsonable(scored.prediction)
-        self._record(arms, "shadow", model, parsed, scored, jsonable, "ok", request_id, key_hash)
+        self._record(call, "shadow", model, scored, "ok")
 
     async def drain(self) -> None:
         """Wait for shadow scoring still in flight (shutdown: everything served gets logged)."""
