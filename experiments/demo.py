@@ -369,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         served = router.served_requests()
         exit_code = router.stop()
         logged = count_logged_requests(log_url)
-        # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is done.
-        how = "cleanly" if exit_code in (0, -signal.SIGTERM) else f"with code {exit_code}"
+        how = "cleanly" if exit_code == 0 else f"with code {exit_code}"
         print(
             f"router stopped {how}; requests served {served}, requests in the prediction log "
             f"{logged}; reports in {workdir}"

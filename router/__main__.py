@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
+from types import FrameType
+from typing import Any
 
 # OpenMP models busy-wait on a second thread per worker; one thread halves CPU at equal throughput.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# MLflow's HTTP client retries for minutes by default: an unreachable tracking server would keep
+# start-up silent that long. Fail fast instead; the router itself retries and says why each time.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 from router.config import ConfigError, load_settings
 
@@ -39,6 +47,28 @@ def _prepare_multiprocess_metrics() -> None:
     os.makedirs(directory, exist_ok=True)
 
 
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging plus the project's loggers: worker processes are configured from it."""
+    import uvicorn.config
+
+    config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["formatters"]["project"] = {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    config["handlers"]["project"] = {
+        "formatter": "project",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+    }
+    for name in ("router", "experiments"):
+        config["loggers"][name] = {"handlers": ["project"], "level": level, "propagate": False}
+    return config
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    # uvicorn handles SIGTERM/SIGINT itself (graceful shutdown, log flushed) and then re-raises
+    # the signal to the handler it found; this one turns that into an ordinary exit status 0.
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(
@@ -51,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     import uvicorn
 
+    for handled in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(handled, _exit_cleanly)
+    log_config = _log_config(args.log_level.upper())
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     workers = args.workers if args.workers is not None else settings.server.workers
@@ -66,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=port,
             workers=workers,
             log_level=args.log_level,
+            log_config=log_config,
             timeout_graceful_shutdown=30,
         )
         return 0
@@ -76,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=host,
         port=port,
         log_level=args.log_level,
+        log_config=log_config,
         timeout_graceful_shutdown=30,
     )
     return 0

@@ -195,9 +195,8 @@ async def experiment(request: Request) -> Response:
         name = "shadow" if shadow else "challenger"
         body["arms"].append(_arm_json(name, s.model.challenger_alias, weight, arms.challenger))
     else:
-        body["challenger_missing"] = (
-            f"no @{s.model.challenger_alias} version: the champion serves all traffic"
-        )
+        why = arms.challenger_error or f"no @{s.model.challenger_alias} version"
+        body["challenger_missing"] = f"{why}: the champion serves all traffic"
     return JSONResponse(body)
 
 

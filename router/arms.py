@@ -27,6 +27,7 @@ class ArmSet:
     champion: LoadedModel
     challenger: LoadedModel | None
     experiment_id: str
+    challenger_error: str | None = None  # why a challenger alias is set but not served
 
 
 class ModelManager:
@@ -63,19 +64,21 @@ class ModelManager:
             return None
         champion = self._load(champion_ref, previous)
         challenger = None
+        challenger_error = None
         if challenger_ref is not None:
             try:
                 challenger = self._load(challenger_ref, previous)
             except RegistryUnavailable as exc:
                 # The champion alone is a working router; a broken challenger must not stop it.
-                log.error("challenger v%s failed to load: %s", challenger_ref.version, exc.message)
+                challenger_error = f"challenger v{challenger_ref.version} failed to load: {exc}"
+                log.error("%s", challenger_error)
                 self._metrics.model_reloads.labels("challenger", "error").inc()
         exp = experiment_id(
             self._registry.model_name,
             champion.version,
             challenger.version if challenger else None,
         )
-        return ArmSet(champion, challenger, exp)
+        return ArmSet(champion, challenger, exp, challenger_error)
 
     async def refresh(self) -> bool:
         """Resolve aliases and swap in what changed; True when the served set changed."""

@@ -58,17 +58,13 @@ def split_body(frame: pd.DataFrame) -> dict[str, Any]:
     return {"dataframe_split": json.loads(frame[FEATURES].to_json(orient="split", index=False))}
 
 
-def http_client(base_url: str, *, timeout_s: float = 60.0) -> httpx.Client:
-    """A client opening one connection per request.
-
-    Keep-alive connections to ``serve_in_thread`` servers stall ~40 ms per request: its socket is
-    created without ``IPPROTO_TCP``, so asyncio never sets ``TCP_NODELAY`` on accepted
-    connections and Nagle meets the client's delayed ACK. Fresh connections are quick-ACKed.
-    """
+def http_client(base_url: str, *, keep_alive: bool = True, timeout_s: float = 60.0) -> httpx.Client:
+    """A client for a live router; ``keep_alive=False`` opens one connection per request (so that
+    with ``--workers N`` successive requests may land on different workers)."""
     return httpx.Client(
         base_url=base_url,
         timeout=timeout_s,
-        limits=httpx.Limits(max_keepalive_connections=0),
+        limits=httpx.Limits(max_keepalive_connections=None if keep_alive else 0),
     )
 
 

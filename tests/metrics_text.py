@@ -45,7 +45,9 @@ class Scrape:
 
     def values(self, name: str) -> list[tuple[dict[str, str], float]]:
         """Every sample called ``name``, with its labels."""
-        return [(labels, value) for sample_name, labels, value in self.samples if sample_name == name]
+        return [
+            (labels, value) for sample_name, labels, value in self.samples if sample_name == name
+        ]
 
 
 def scrape(client: httpx.Client, base_url: str = "") -> Scrape:

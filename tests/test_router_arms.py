@@ -1,8 +1,9 @@
 """End to end: which arm answers, under real uvicorn on 127.0.0.1 against real MLflow registries.
 
 Covers the split ratio, sticky assignment (across restarts and salts), shadow mode, a failing
-challenger, a failing champion, a missing challenger, the missing-champion fallbacks (legacy
-``Production`` stage, else the latest version) and a registry with no versions at start-up.
+challenger, a failing champion, a missing challenger, a challenger that cannot load, the
+missing-champion fallbacks (legacy ``Production`` stage, else the latest version) and a registry
+with no versions at start-up.
 The prediction log is a SQLite file in ``tmp_path``; the app's lifespan flushes it on exit, so
 rows are counted after the server has stopped (or polled for while it runs).
 """
@@ -179,11 +180,13 @@ def test_shadow_mode_answers_from_the_champion_and_logs_the_challenger_as_shadow
 
         challenger_version = mlflow_registry.versions["challenger"]
         metrics = wait_until(
-            lambda: (m := scrape(client)).total(
-                "router_requests_total", arm="shadow", model_version=challenger_version
-            )
-            >= len(sent)
-            and m,
+            lambda: (
+                (m := scrape(client)).total(
+                    "router_requests_total", arm="shadow", model_version=challenger_version
+                )
+                >= len(sent)
+                and m
+            ),
             "every request to be scored in shadow",
         )
         assert metrics.total("router_requests_total", arm="shadow", status="ok") == len(sent)
@@ -251,7 +254,9 @@ def test_failing_challenger_falls_back_to_the_champion(
     assert metrics.total("router_fallback_total", reason="challenger_error") == n
     assert metrics.total("router_requests_total", arm="champion", status="fallback") == n
     assert (
-        metrics.total("router_requests_total", arm="challenger", model_version=failing, status="error")
+        metrics.total(
+            "router_requests_total", arm="challenger", model_version=failing, status="error"
+        )
         == n
     )
     assert metrics.total("router_requests_total", status="ok") == 0
@@ -300,13 +305,15 @@ def test_champion_fault_is_a_500_json_error_and_counted(
         assert client.get("/readyz").status_code == 200  # loaded, just failing
 
     assert (
-        metrics.total("router_requests_total", arm="champion", model_version=failing, status="error")
+        metrics.total(
+            "router_requests_total", arm="champion", model_version=failing, status="error"
+        )
         == n
     )
     assert metrics.total("router_requests_total", status="ok") == 0
-    assert _rows(tmp_path, "SELECT arm, model_version, status, count(*) FROM predictions GROUP BY 1, 2, 3") == [
-        ("champion", failing, "error", n)
-    ]
+    assert _rows(
+        tmp_path, "SELECT arm, model_version, status, count(*) FROM predictions GROUP BY 1, 2, 3"
+    ) == [("champion", failing, "error", n)]
 
 
 def test_missing_challenger_alias_serves_all_traffic_from_the_champion(
@@ -322,7 +329,7 @@ def test_missing_challenger_alias_serves_all_traffic_from_the_champion(
     with running_server(create_app(settings)) as url, http_client(url) as client:
         wait_ready(client)
         experiment = client.get("/experiment").json()
-        arms = Counter()
+        arms: Counter[tuple[str, str]] = Counter()
         for i in range(40):
             # Half of these keys would go to the challenger if there were one.
             response = _invoke(client, body, **{"X-Routing-Key": f"user-{i}"})
@@ -340,6 +347,35 @@ def test_missing_challenger_alias_serves_all_traffic_from_the_champion(
     assert not metrics.has("router_model_info", arm="challenger")
 
 
+def test_challenger_that_cannot_load_leaves_the_champion_serving_alone(
+    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+) -> None:
+    registry = fresh_registry()
+    client_ = registry.client()
+    challenger = registry.versions["challenger"]
+    artifacts = Path(client_.get_model_version_download_uri(registry.model_name, challenger))
+    (artifacts / "model.skops").write_bytes(b"not a zip archive")  # corrupt, not missing
+    settings = router_settings(
+        registry, tmp_path / "predictions.db", routing={"challenger_weight": 0.5}
+    )
+    champion = registry.versions["champion"]
+    with running_server(create_app(settings)) as url, http_client(url) as client:
+        assert wait_ready(client)["champion_version"] == champion
+        experiment = client.get("/experiment").json()
+        versions = {
+            _invoke(
+                client, split_body(registry.holdout.head(1)), **{"X-Routing-Key": f"k{i}"}
+            ).json()["model_version"]
+            for i in range(20)
+        }
+        metrics = scrape(client)
+
+    assert versions == {champion}
+    assert [a["arm"] for a in experiment["arms"]] == ["champion"]
+    assert "challenger_missing" in experiment
+    assert metrics.total("router_model_reloads_total", arm="challenger", result="error") >= 1
+
+
 def _transition_to_production(registry: MlflowRegistry, version: str) -> None:
     with warnings.catch_warnings():
         # Stages are deprecated in favour of aliases; the fallback exists for registries that
@@ -349,9 +385,7 @@ def _transition_to_production(registry: MlflowRegistry, version: str) -> None:
             message=r".*transition_model_version_stage.* is deprecated",
             category=FutureWarning,
         )
-        registry.client().transition_model_version_stage(
-            registry.model_name, version, "Production"
-        )
+        registry.client().transition_model_version_stage(registry.model_name, version, "Production")
 
 
 def test_missing_champion_alias_falls_back_to_the_production_stage(
@@ -397,7 +431,9 @@ def test_missing_champion_alias_without_production_falls_back_to_the_latest_vers
     client_.delete_registered_model_alias(registry.model_name, "champion")
     latest = registry.versions["challenger"]  # v2
     # Keep a challenger in play, on the other version.
-    client_.set_registered_model_alias(registry.model_name, "challenger", registry.versions["champion"])
+    client_.set_registered_model_alias(
+        registry.model_name, "challenger", registry.versions["champion"]
+    )
     settings = router_settings(
         registry, tmp_path / "predictions.db", routing={"challenger_weight": 0.0}
     )
@@ -430,9 +466,11 @@ def test_registry_without_versions_is_not_ready_until_one_is_registered(
     )
     with running_server(create_app(settings)) as url, http_client(url) as client:
         not_ready = wait_until(
-            lambda: (r := client.get("/readyz")).status_code == 503
-            and "no versions" in (r.json().get("reason") or "")
-            and r,
+            lambda: (
+                (r := client.get("/readyz")).status_code == 503
+                and "no versions" in (r.json().get("reason") or "")
+                and r
+            ),
             "/readyz to say why it is not ready",
         )
         assert name in not_ready.json()["reason"]

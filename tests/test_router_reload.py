@@ -6,6 +6,7 @@ the tests wait for the new state by polling ``/experiment`` and ``/metrics`` and
 
 from __future__ import annotations
 
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -63,6 +64,28 @@ class GateModel(PythonModel):
             if time.monotonic() > deadline:
                 raise TimeoutError("GateModel: never released")
             time.sleep(0.01)
+        return np.tile(np.array([0.5, 0.5]), (len(model_input), 1))
+
+
+class SlowLoadingModel(PythonModel):
+    """Loads only once the test lets it: ``load_context`` creates ``<gate_dir>/loading``, then
+    waits (bounded) for ``<gate_dir>/release``. Predicts ``[0.5, 0.5]`` per row."""
+
+    def __init__(self, gate_dir: str) -> None:
+        self.gate_dir = gate_dir
+
+    def load_context(self, context: object) -> None:
+        gate = Path(self.gate_dir)
+        (gate / "loading").touch()
+        deadline = time.monotonic() + 60.0
+        while not (gate / "release").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("SlowLoadingModel: never released")
+            time.sleep(0.01)
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
         return np.tile(np.array([0.5, 0.5]), (len(model_input), 1))
 
 
@@ -158,9 +181,7 @@ def test_in_flight_request_finishes_on_the_model_it_started_with(
         in_flight = pool.submit(slow_request)
         wait_until(lambda: (gate / "started").exists(), "the gated request to reach its model")
 
-        registry.client().set_registered_model_alias(
-            registry.model_name, "champion", next_champion
-        )
+        registry.client().set_registered_model_alias(registry.model_name, "champion", next_champion)
         wait_until(
             lambda: _champion(client)["version"] == next_champion, "the new champion in service"
         )
@@ -196,9 +217,11 @@ def test_moving_only_the_challenger_reloads_only_the_challenger(
         )
         registry.client().set_registered_model_alias(name, "challenger", new)
         experiment = wait_until(
-            lambda: (e := client.get("/experiment").json())["experiment_id"]
-            == f"{name}:v{champion}-vs-v{new}"
-            and e,
+            lambda: (
+                (e := client.get("/experiment").json())["experiment_id"]
+                == f"{name}:v{champion}-vs-v{new}"
+                and e
+            ),
             "the new challenger in service",
         )
         metrics = scrape(client)
@@ -239,6 +262,48 @@ def test_setting_the_missing_champion_alias_on_the_served_version_updates_resolv
     assert metrics.total("router_model_reloads_total") == 0
 
 
+def test_shutdown_does_not_wait_for_a_model_load_in_progress(
+    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+) -> None:
+    """A reload stuck in a slow load (a big model, a registry timing out) must not hold up the
+    shutdown, and with it the prediction log's flush: an orchestrator kills slow shutdowns."""
+    registry = fresh_registry()
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (gate / "release").touch()  # MLflow loads the model while logging it
+    slow = register_pyfunc(
+        registry.tracking_uri,
+        registry.model_name,
+        SlowLoadingModel(str(gate)),
+        registry.holdout[FEATURES],
+    )
+    for name in ("release", "loading"):
+        (gate / name).unlink(missing_ok=True)
+    settings = router_settings(
+        registry,
+        tmp_path / "predictions.db",
+        model={"poll_interval_s": POLL_S},
+        routing={"challenger_weight": 0.0},
+    )
+    body = split_body(registry.holdout.head(2))
+    try:
+        with running_server(create_app(settings)) as url, http_client(url) as client:
+            wait_ready(client)
+            for i in range(20):
+                response = client.post("/invocations", json=body, headers={"X-Request-Id": f"{i}"})
+                assert response.status_code == 200
+            registry.client().set_registered_model_alias(registry.model_name, "champion", slow)
+            wait_until(lambda: (gate / "loading").exists(), "the reload to start loading")
+        # The server has stopped (lifespan shutdown included) while the load is still stuck.
+        assert not (gate / "release").exists()
+        logged = query_log(
+            f"sqlite:///{tmp_path / 'predictions.db'}", "SELECT count(*) FROM predictions"
+        )
+        assert logged == [(40,)]
+    finally:
+        (gate / "release").touch()  # let the abandoned load finish
+
+
 def _break_artifacts(registry: MlflowRegistry, version: str, how: str) -> None:
     client = registry.client()
     path = Path(client.get_model_version_download_uri(registry.model_name, version))
@@ -266,11 +331,13 @@ def test_failed_load_keeps_the_old_model_and_is_counted(
         _break_artifacts(registry, broken, how)
         client_.set_registered_model_alias(name, "champion", broken)
         failed = wait_until(
-            lambda: (m := scrape(client)).total(
-                "router_model_reloads_total", arm="champion", result="error"
-            )
-            >= 1
-            and m,
+            lambda: (
+                (m := scrape(client)).total(
+                    "router_model_reloads_total", arm="champion", result="error"
+                )
+                >= 1
+                and m
+            ),
             "the failed reload to be counted",
         )
         assert failed.total("router_model_reloads_total", result="ok") == 0
@@ -344,7 +411,7 @@ def test_admin_weights_change_the_split_and_the_gauge(
     salt = settings.routing.salt
     keys = [f"member-{i}" for i in range(40)]
     body = split_body(mlflow_registry.holdout.head(1))
-    rng = __import__("random").Random(0)  # never drawn from: every request has a key
+    rng = random.Random(0)  # never drawn from: every request has a key
     with running_server(create_app(settings)) as url, http_client(url) as client:
         wait_ready(client)
         at_20 = _arms_by_key(client, body, keys)
@@ -362,7 +429,9 @@ def test_admin_weights_change_the_split_and_the_gauge(
             assert refused.status_code == status, refused.text
         assert scrape(client).total("router_arm_weight", arm="challenger") == pytest.approx(0.6)
 
-        assert client.put("/admin/weights", json={"challenger_weight": 1}, headers=_auth()).is_success
+        assert client.put(
+            "/admin/weights", json={"challenger_weight": 1}, headers=_auth()
+        ).is_success
         everyone = _arms_by_key(client, body, keys)
 
     assert at_60 == {k: assign(k, salt, 0.6, True, rng).arm for k in keys}

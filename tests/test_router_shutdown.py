@@ -8,6 +8,7 @@ graceful shutdown, and nothing else is, on SQLite and on PostgreSQL. With ``--wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -25,7 +26,7 @@ import yaml
 from prometheus_client.mmap_dict import MmapedDict
 
 from tests.conftest import MlflowRegistry, free_port
-from tests.live_router import query_log, split_body, wait_until
+from tests.live_router import http_client, query_log, split_body, wait_until
 from tests.metrics_text import Scrape
 from tests.pg import isolated_schema_url
 
@@ -113,6 +114,7 @@ def router_process(
             env=_clean_env(extra),
             stdout=sink,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: cleanup reaches --workers children
         )
     router = RouterProcess(process, f"http://127.0.0.1:{port}", output)
     try:
@@ -131,9 +133,10 @@ def router_process(
             wait_until(ready, f"{wait_for} of the router process", timeout_s=START_DEADLINE_S)
         yield router
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
+        # A test that failed midway leaves the router (and its workers) running: kill the group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 @dataclass
@@ -155,10 +158,14 @@ async def _drive(
     total: int,
     concurrency: int,
     after_each: Callable[[Traffic], None] | None = None,
+    *,
+    keep_alive: bool = True,
 ) -> Traffic:
     traffic = Traffic()
     pending = iter(range(total))  # shared by the workers: one event loop, no lock needed
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    limits = httpx.Limits(
+        max_connections=concurrency, max_keepalive_connections=concurrency if keep_alive else 0
+    )
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
 
         async def worker() -> None:
@@ -234,7 +241,9 @@ def test_sigterm_under_load_logs_every_served_row_sqlite(
     logged = _logged_rows(f"sqlite:///{tmp_path / 'predictions.db'}")
     assert sum(logged.values()) == sum(traffic.served.values())
     assert logged == traffic.served
-    arms = query_log(f"sqlite:///{tmp_path / 'predictions.db'}", "SELECT DISTINCT arm FROM predictions")
+    arms = query_log(
+        f"sqlite:///{tmp_path / 'predictions.db'}", "SELECT DISTINCT arm FROM predictions"
+    )
     assert {arm for (arm,) in arms} == {"champion", "challenger"}
 
 
@@ -273,10 +282,22 @@ def test_two_workers_aggregate_metrics_and_log_every_row(
     with router_process(
         registry, tmp_path, workers=2, env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     ) as router:
-        traffic = asyncio.run(_drive(router.base_url, _bodies(registry), total, 8))
-        assert len(traffic.served) == total, (traffic.refused, traffic.other)
-
-        with httpx.Client(base_url=router.base_url, timeout=10) as client:
+        # A connection per request (scrapes included): each may be accepted by either worker.
+        with http_client(router.base_url, keep_alive=False) as client:
+            # /readyz answered from one worker; router_ready (livemin over the live workers'
+            # files) is 1 once both have their champion.
+            wait_until(
+                lambda: (
+                    len(list(metrics_dir.glob("gauge_livemin_*.db"))) == 2
+                    and Scrape.parse(client.get("/metrics").text).total("router_ready") == 1
+                ),
+                "both workers ready",
+            )
+            # No keep-alive for the traffic either: a worker keeps the connections it accepted.
+            traffic = asyncio.run(
+                _drive(router.base_url, _bodies(registry), total, 8, keep_alive=False)
+            )
+            assert len(traffic.served) == total, (traffic.refused, traffic.other)
             # Each scrape may land on either worker: every one must show the whole count.
             counts = [
                 Scrape.parse(client.get("/metrics").text).total("router_requests_total")
@@ -288,9 +309,9 @@ def test_two_workers_aggregate_metrics_and_log_every_row(
         assert router.process.wait(timeout=EXIT_DEADLINE_S) == 0, router.output_text()
         output = router.output_text()
 
-    # Each worker ran its lifespan shutdown (the log flush). Their own INFO lines are not in the
-    # output: workers do not inherit the parent's logging.basicConfig.
+    # Each worker ran its lifespan shutdown, the log flush included, and says so.
     assert output.count("Application shutdown complete.") == 2
+    assert output.count("prediction log closed: 0 dropped in total") == 2
     assert counts == [total] * len(counts)
     assert sum(by_pid.values()) == total
     assert len([pid for pid, n in by_pid.items() if n > 0]) == 2, by_pid  # both served
@@ -298,18 +319,14 @@ def test_two_workers_aggregate_metrics_and_log_every_row(
     assert logged == traffic.served
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="router/__main__.py: with one worker, uvicorn re-raises the SIGTERM it handled after "
-    "its graceful shutdown, so `python -m router` dies by the signal (-15, shell 143); with "
-    "--workers N it exits 0",
-)
 def test_sigterm_exit_status_is_zero_with_one_worker(
     fresh_registry: FreshRegistry, tmp_path: Path
 ) -> None:
     registry = fresh_registry()
     # A model with no versions: the process serves /healthz at once, no model to load first.
-    with router_process(registry, tmp_path, model_name="nothing-here", wait_for="/healthz") as router:
+    with router_process(
+        registry, tmp_path, model_name="nothing-here", wait_for="/healthz"
+    ) as router:
         router.process.send_signal(signal.SIGTERM)
         exit_code = router.process.wait(timeout=EXIT_DEADLINE_S)
         output = router.output_text()
