@@ -270,6 +270,19 @@ def print_summary(
         )
 
 
+def describe(experiment: dict[str, Any]) -> str:
+    """/experiment as a few readable lines."""
+    lines = [f"experiment {experiment['experiment_id']} ({experiment['mode']} mode)"]
+    for arm in experiment["arms"]:
+        lines.append(
+            f"  {arm['arm']:<10} @{arm['alias']:<10} v{arm['version']:<3} "
+            f"weight {arm['weight']:.0%}  (found by {arm['resolved_via']}, run {arm['run_id']})"
+        )
+    if "challenger_missing" in experiment:
+        lines.append(f"  {experiment['challenger_missing']}")
+    return "\n".join(lines)
+
+
 def evaluate(config: Path, workdir: Path, tag: str) -> int:
     """Run the CLI exactly as a data scientist or a CronJob would."""
     command = [
@@ -316,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
 
     _say("1. Train two churn models and register them: v1 @champion, v2 @challenger")
     pair = train_and_register(tracking_uri, "churn-predictor", n_rows=20_000, seed=0)
-    print(pair)
+    for role, registered in (("champion", pair.champion), ("challenger", pair.challenger)):
+        print(
+            f"v{registered.version} @{role}: holdout accuracy {registered.holdout_accuracy:.3f}, "
+            f"log loss {registered.holdout_log_loss:.3f} (run {registered.run_id})"
+        )
     holdout = pair.holdout
     features, labels = holdout.drop(columns=[LABEL]), holdout[LABEL].tolist()
 
@@ -327,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     router = RouterProcess(config, port, workdir / "router.log")
     try:
         router.wait_ready()
-        print(router.experiment())
+        print(describe(router.experiment()))
 
         _say(f"3. Live traffic: {args.requests} requests from 2,000 sticky users, delayed feedback")
         before = router.metrics_text()
@@ -345,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"the running router now serves v{pair.challenger_version} as champion "
                 f"(picked up in {waited:.1f}s, no restart)"
             )
-            print(router.experiment())
+            print(describe(router.experiment()))
 
         _say("5. A deliberately worse challenger")
         worse = train_worse_model(tracking_uri, "churn-predictor", alias="challenger", seed=2)
