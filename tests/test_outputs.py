@@ -1,0 +1,75 @@
+"""What the router keeps per row of a prediction: score, class and JSON, for every output shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+
+from router.outputs import row_facts, to_jsonable
+
+CASES: list[tuple[str, Any, list[float | None], list[str | None]]] = [
+    (
+        "binary probabilities: positive-class score, argmax class",
+        np.array([[0.8, 0.2], [0.3, 0.7]]),
+        [0.2, 0.7],
+        ["0", "1"],
+    ),
+    (
+        "three classes: top probability, argmax class",
+        np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]]),
+        [0.6, 0.5],
+        ["1", "0"],
+    ),
+    ("integer labels", np.array([1, 0]), [1.0, 0.0], ["1", "0"]),
+    ("boolean labels", np.array([True, False]), [1.0, 0.0], ["1", "0"]),
+    ("string labels", np.array(["churn", "stay"], dtype=object), [None, None], ["churn", "stay"]),
+    ("regression", np.array([12.5, np.nan]), [12.5, None], [None, None]),
+    ("a Series", pd.Series([0.25, 0.75]), [0.25, 0.75], [None, None]),
+    ("a one-column DataFrame", pd.DataFrame({"y": [3, 4]}), [3.0, 4.0], ["3", "4"]),
+    (
+        "a probability DataFrame",
+        pd.DataFrame({"stay": [0.9, 0.4], "churn": [0.1, 0.6]}),
+        [0.1, 0.6],
+        ["0", "1"],
+    ),
+    ("a list of floats", [0.5, 1.5], [0.5, 1.5], [None, None]),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "prediction", "scores", "classes"), CASES, ids=[c[0] for c in CASES]
+)
+def test_row_facts(
+    case: str, prediction: Any, scores: list[float | None], classes: list[str | None]
+) -> None:
+    jsonable = to_jsonable(prediction)
+    facts = row_facts(prediction, jsonable, 2)
+    assert [s is None for s in facts.scores] == [s is None for s in scores]
+    assert [s for s in facts.scores if s is not None] == pytest.approx(
+        [s for s in scores if s is not None]
+    )
+    assert facts.classes == classes
+    assert len(facts.outputs) == 2
+    assert [orjson.loads(o) for o in facts.outputs] == [
+        orjson.loads(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)) for row in jsonable
+    ]
+
+
+def test_an_output_not_shaped_one_per_row_is_kept_whole_on_row_zero() -> None:
+    prediction = {"summary": np.array([1, 2, 3])}
+    facts = row_facts(prediction, to_jsonable(prediction), 2)
+    assert orjson.loads(facts.outputs[0]) == {"summary": [1, 2, 3]}
+    assert facts.outputs[1] == "null"
+    assert facts.scores == [None, None]
+    assert facts.classes == [None, None]
+
+
+def test_json_form_matches_the_scoring_server() -> None:
+    frame = pd.DataFrame({"a": [1, 2], "b": ["x", "y"]})
+    assert to_jsonable(frame) == [{"a": 1, "b": "x"}, {"a": 2, "b": "y"}]
+    assert to_jsonable(np.array([[1.0, 2.0]])) == [[1.0, 2.0]]
+    assert to_jsonable(np.float32(0.5)) == 0.5
