@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.evaluate import ArmSummary, Evaluation, SeriesPoint
+from experiments.judge import ArmSummary, Evaluation, SeriesPoint
 from experiments.stats import Interval
 
 _COLORS = {"champion": "#1f77b4", "challenger": "#d62728", "shadow": "#d62728"}

@@ -100,11 +100,11 @@ class RegisteredPair:
 
 
 @contextmanager
-def using_tracking_uri(tracking_uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (tracking and registry) at ``tracking_uri``, then restore.
+def restored_tracking_uris() -> Iterator[None]:
+    """Whatever happens inside, put MLflow's global tracking and registry URIs back afterwards.
 
-    ``mlflow.set_tracking_uri`` also writes ``MLFLOW_TRACKING_URI`` into ``os.environ`` (for
-    subprocesses); both the module globals and the environment are put back as they were.
+    Both the module globals and ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI`` in ``os.environ``
+    (``mlflow.set_tracking_uri`` writes the former, for subprocesses) are restored as they were.
     """
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
@@ -112,8 +112,6 @@ def using_tracking_uri(tracking_uri: str) -> Iterator[None]:
     saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     saved_tracking = tracking_utils._tracking_uri
     saved_registry = registry_utils._registry_uri
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     try:
         yield
     finally:
@@ -125,6 +123,15 @@ def using_tracking_uri(tracking_uri: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextmanager
+def using_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (tracking and registry) at ``tracking_uri``, then restore."""
+    with restored_tracking_uris():
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        yield
 
 
 def signature_for(x_example: pd.DataFrame, n_outputs: int = 2) -> ModelSignature:

@@ -28,9 +28,10 @@ from router.errors import (
     RouterError,
     Unauthorized,
 )
+from router.feedback import FeedbackItem
 from router.metrics import RouterMetrics, render
 from router.models import ModelNotFound, Registry
-from router.predlog import FeedbackItem, PredictionLog
+from router.predlog import PredictionLog
 from router.service import RouterService
 
 log = logging.getLogger(__name__)

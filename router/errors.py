@@ -69,3 +69,10 @@ class PredictionFailed(RouterError):
 class RegistryUnavailable(RouterError):
     status_code = 503
     code = "registry_unavailable"
+
+
+class PredictionLogUnavailable(RouterError):
+    """The prediction log's database cannot be reached or keeps failing (HTTP 503)."""
+
+    status_code = 503
+    code = "prediction_log_unavailable"

@@ -1,4 +1,4 @@
-"""The prediction log: a batched background writer for prediction rows, and the feedback store.
+"""The prediction log: a batched background writer for prediction rows.
 
 ``enqueue`` runs on the event loop, on the request path: it appends to an in-memory queue under a
 lock held for microseconds and never touches the database. One writer thread drains the queue in
@@ -10,14 +10,13 @@ Nothing is lost silently: records refused because ``max_pending`` records are al
 records the writer gave up on (database down past the retries, or a record the database
 rejects), are counted in ``dropped`` and logged.
 
-``record_feedback`` is synchronous (call it off the event loop) and joins feedback to the logged
-rows, in one transaction per call.
+``record_feedback`` delegates to ``router.feedback.FeedbackStore`` on the same engine, which
+flushes this writer when feedback names a request id still in the queue.
 """
 
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import math
 import threading
@@ -27,27 +26,18 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from router.errors import Conflict, InvalidInput, NotFound, RouterError
-from router.logschema import metadata, outcomes, predictions
+from router.database import brief, create_engine, insert_ignoring, safe_url
+from router.errors import PredictionLogUnavailable
+from router.feedback import FeedbackItem, FeedbackResult, FeedbackStore
+from router.logschema import metadata, predictions
 
 logger = logging.getLogger(__name__)
 
-SQLITE_BUSY_TIMEOUT_MS = 10_000  # writer and feedback serialise on SQLite's single write lock
 _MAX_BACKOFF_S = 5.0
 _WARN_EVERY_S = 10.0  # drop warnings: at most one line per interval, with the count since the last
-_FEEDBACK_FLUSH_TIMEOUT_S = 30.0
-_IN_CHUNK = 500  # ids per IN (...) list: well under SQLite's and PostgreSQL's parameter limits
 _HEX = frozenset("0123456789abcdef")
-
-
-class PredictionLogUnavailable(RouterError):
-    """The prediction log's database cannot be reached or keeps failing (HTTP 503)."""
-
-    status_code = 503
-    code = "prediction_log_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,45 +71,6 @@ class PredictionRecord:
 _RECORD_FIELDS = tuple(f.name for f in fields(PredictionRecord))
 
 
-@dataclass(frozen=True, slots=True)
-class FeedbackItem:
-    """Feedback for one request: a scalar outcome for every row, or a list with one per row."""
-
-    request_id: str
-    outcome: Any
-
-
-@dataclass(frozen=True, slots=True)
-class ScoredRow:
-    """A logged prediction row matched by feedback, with the outcome now attached to it."""
-
-    arm: str
-    model_version: str
-    row_index: int
-    score: float | None
-    predicted_class: str | None
-    outcome: Any
-    outcome_value: float | None
-    created: bool  # this call stored the outcome (False: it was already there, same value)
-
-
-@dataclass(frozen=True, slots=True)
-class FeedbackResult:
-    """Rows of every arm for the request; ``created`` counts outcome rows this call inserted."""
-
-    request_id: str
-    rows: list[ScoredRow]
-    created: int
-
-
-class _Missing(Exception):
-    """Internal: request ids not (yet) in the table; the caller flushes and looks again."""
-
-
-class _Raced(Exception):
-    """Internal: a concurrent call stored some of the same outcomes first; look again."""
-
-
 class PredictionLog:
     """Batched prediction writer plus feedback store over one SQLAlchemy engine.
 
@@ -148,19 +99,16 @@ class PredictionLog:
         self._max_pending = max_pending
         self._max_retries = max_retries
         self._retry_backoff_s = retry_backoff_s
-        self._engine = _create_engine(url)
-        self._safe_url = self._engine.url.render_as_string(hide_password=True)
+        self._engine = create_engine(url)
+        self._safe_url = safe_url(self._engine)
         # Ignore-on-conflict: a client reusing a request id must not fail the other rows of the
         # batch. The first record for a (request_id, row_index, arm) wins; later ones are counted
         # in ``duplicates`` and logged, not stored.
-        dialect = self._engine.dialect.name
-        self._insert = _insert_ignoring(dialect, predictions)
-        if dialect == "postgresql":
+        self._insert = insert_ignoring(self._engine, predictions)
+        if self._engine.dialect.name == "postgresql":
             # psycopg reports no rowcount for executemany: RETURNING says which rows went in.
             self._insert = self._insert.returning(predictions.c.row_index)
-        # Feedback racing another call for the same rows sees fewer rows returned and starts over,
-        # rather than failing on a unique violation (which psycopg also logs noisily).
-        self._insert_outcomes = _insert_ignoring(dialect, outcomes).returning(outcomes.c.row_index)
+        self._feedback = FeedbackStore(self._engine, self._flush_if_running)
 
         lock = threading.Lock()
         self._wake = threading.Condition(lock)  # writer waits here for records/flush/close
@@ -193,7 +141,7 @@ class PredictionLog:
                 # tables on the next attempt. Anything else fails the same way three times.
                 if attempt == 2:
                     raise PredictionLogUnavailable(
-                        f"prediction log {self._safe_url}: cannot create tables: {_brief(exc)}"
+                        f"prediction log {self._safe_url}: cannot create tables: {brief(exc)}"
                     ) from exc
                 time.sleep(0.2)
         self._thread = threading.Thread(target=self._run, name="prediction-log-writer", daemon=True)
@@ -369,7 +317,7 @@ class PredictionLog:
                 # A record the database rejects, not a database problem: retrying the same batch
                 # cannot help, so write the records one by one and drop only the bad ones.
                 logger.warning(
-                    "prediction log: batch rejected (%s); writing row by row", _brief(exc)
+                    "prediction log: batch rejected (%s); writing row by row", brief(exc)
                 )
                 self._write_each(rows)
                 return
@@ -380,14 +328,14 @@ class PredictionLog:
                         "prediction log: %d records dropped after %d attempts: %s",
                         len(rows),
                         attempt,
-                        _brief(exc),
+                        brief(exc),
                     )
                     self._count_dropped(len(rows))
                     return
                 delay = min(self._retry_backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S)
                 logger.warning(
                     "prediction log: write failed (%s); retry %d/%d in %.2fs",
-                    _brief(exc),
+                    brief(exc),
                     attempt,
                     self._max_retries,
                     delay,
@@ -406,7 +354,7 @@ class PredictionLog:
                     "prediction log: record %r row %r dropped: %s",
                     row["request_id"],
                     row["row_index"],
-                    _brief(exc),
+                    brief(exc),
                 )
                 failed += 1
         self._count_dropped(failed)
@@ -432,241 +380,14 @@ class PredictionLog:
 
     # -- feedback -------------------------------------------------------------------------------
     def record_feedback(self, items: Sequence[FeedbackItem]) -> list[FeedbackResult]:
-        """Attach outcomes to logged predictions; synchronous, call it off the event loop.
+        """Attach outcomes to logged predictions: ``FeedbackStore.record`` on this log's engine.
 
-        All items are validated before anything is written and the batch commits in one
-        transaction: an unknown request id (``NotFound``), a wrong number of per-row values
-        (``InvalidInput``) or an outcome differing from the stored one (``Conflict``) anywhere in
-        the batch raises and stores nothing. The same value again is accepted with ``created=0``,
-        so callers counting metrics on ``created`` never count a row twice. A request id not found
-        at first may still be queued: the log is flushed once and looked up again. Database
-        failures raise ``PredictionLogUnavailable`` (503). Each ``ScoredRow.created`` says whether
-        this call stored that row's outcome: count live metrics on those rows only.
+        Synchronous, call it off the event loop. A request id not found at first may still be
+        queued here: this log is flushed once and the id looked up again.
         """
-        prepared = [_prepare(item) for item in items]
-        if not prepared:
-            return []
-        flushed = False
-        races = 0
-        while True:
-            try:
-                with self._engine.begin() as conn:
-                    return self._apply_feedback(conn, prepared, final=flushed)
-            except _Missing:
-                flushed = True
-                if self._thread is not None and self._thread.is_alive():
-                    try:
-                        self.flush(_FEEDBACK_FLUSH_TIMEOUT_S)
-                    except (TimeoutError, RuntimeError) as exc:
-                        raise PredictionLogUnavailable(f"prediction log is behind: {exc}") from exc
-            except _Raced as exc:
-                # PostgreSQL only (BEGIN IMMEDIATE serialises SQLite): the transaction rolled back;
-                # the next look finds the other call's values, equal (idempotent) or not (409).
-                races += 1
-                if races >= 5:
-                    raise PredictionLogUnavailable("feedback kept racing other calls") from exc
-            except sa.exc.SQLAlchemyError as exc:
-                raise PredictionLogUnavailable(
-                    f"prediction log {self._safe_url}: {_brief(exc)}"
-                ) from exc
+        return self._feedback.record(items)
 
-    def _apply_feedback(
-        self, conn: Connection, prepared: list[_Prepared], *, final: bool
-    ) -> list[FeedbackResult]:
-        ids = list(dict.fromkeys(p.request_id for p in prepared))
-        logged: dict[str, list[Any]] = {}  # request id -> its prediction rows
-        for chunk in _chunks(ids):
-            query = (
-                sa.select(
-                    predictions.c.request_id,
-                    predictions.c.row_index,
-                    predictions.c.arm,
-                    predictions.c.model_version,
-                    predictions.c.score,
-                    predictions.c.predicted_class,
-                )
-                .where(predictions.c.request_id.in_(chunk))
-                .order_by(predictions.c.request_id, predictions.c.row_index, predictions.c.arm)
-            )
-            for row in conn.execute(query):
-                logged.setdefault(row.request_id, []).append(row)
-        missing = [rid for rid in ids if rid not in logged]
-        if missing:
-            if not final:
-                raise _Missing
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise NotFound(f"unknown request_id {missing[0]!r}{more}")
-
-        stored: dict[tuple[str, int], str] = {}
-        for chunk in _chunks(ids):
-            query = sa.select(
-                outcomes.c.request_id, outcomes.c.row_index, outcomes.c.outcome
-            ).where(outcomes.c.request_id.in_(chunk))
-            for hit in conn.execute(query):
-                stored[(hit.request_id, hit.row_index)] = hit.outcome
-
-        now = time.time()
-        inserts: list[dict[str, Any]] = []
-        results: list[FeedbackResult] = []
-        for item in prepared:
-            rows = logged[item.request_id]
-            indices = sorted({row.row_index for row in rows})
-            per_row = item.per_row(len(indices))
-            created: dict[int, bool] = {}
-            for index, (value, text, number) in zip(indices, per_row, strict=True):
-                key = (item.request_id, index)
-                previous = stored.get(key)
-                if previous is None:
-                    stored[key] = text  # a later item of this batch compares against it
-                    created[index] = True
-                    inserts.append(
-                        {
-                            "request_id": item.request_id,
-                            "row_index": index,
-                            "outcome": text,
-                            "outcome_value": number,
-                            "ts": now,
-                        }
-                    )
-                elif json.loads(previous) == value:
-                    created[index] = False
-                else:
-                    raise Conflict(
-                        f"request_id {item.request_id!r} already has outcome "
-                        f"{_short(previous)} for row {index}, not {_short(text)}"
-                    )
-            values = dict(zip(indices, per_row, strict=True))
-            results.append(
-                FeedbackResult(
-                    request_id=item.request_id,
-                    rows=[
-                        ScoredRow(
-                            arm=row.arm,
-                            model_version=row.model_version,
-                            row_index=row.row_index,
-                            score=row.score,
-                            predicted_class=row.predicted_class,
-                            outcome=values[row.row_index][0],
-                            outcome_value=values[row.row_index][2],
-                            created=created[row.row_index],
-                        )
-                        for row in rows
-                    ],
-                    created=sum(created.values()),
-                )
-            )
-        if inserts and len(conn.execute(self._insert_outcomes, inserts).all()) != len(inserts):
-            raise _Raced
-        return results
-
-
-_Encoded = tuple[Any, str, float | None]  # (decoded value, JSON text, numeric form)
-
-
-@dataclass(frozen=True, slots=True)
-class _Prepared:
-    request_id: str
-    scalar: _Encoded | None
-    values: list[_Encoded] | None
-
-    def per_row(self, n_rows: int) -> list[_Encoded]:
-        if self.values is None:
-            assert self.scalar is not None
-            return [self.scalar] * n_rows
-        if len(self.values) != n_rows:
-            raise InvalidInput(
-                f"request_id {self.request_id!r}: outcome has {len(self.values)} values, "
-                f"expected {n_rows} (one per row)"
-            )
-        return self.values
-
-
-def _prepare(item: FeedbackItem) -> _Prepared:
-    """Validate and encode before any I/O. A list is always one value per row (a row whose
-    outcome is itself a list is sent as a list of lists)."""
-    rid = item.request_id
-    if not isinstance(rid, str) or not rid:
-        raise InvalidInput(f"request_id must be a non-empty string, got {rid!r}")
-    if isinstance(item.outcome, list | tuple):
-        return _Prepared(rid, None, [_encode(rid, v) for v in item.outcome])
-    return _Prepared(rid, _encode(rid, item.outcome), None)
-
-
-def _encode(request_id: str, value: Any) -> _Encoded:
-    if value is None:
-        raise InvalidInput(f"request_id {request_id!r}: outcome is missing (null)")
-    try:
-        # Canonical text (sorted keys, no spaces) so equal values compare equal when re-sent.
-        text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"request_id {request_id!r}: outcome is not finite JSON: {exc}") from exc
-    number: float | None = None
-    if isinstance(value, bool | int | float):
-        number = float(value)  # bool -> 0.0/1.0
-    return json.loads(text), text, number
-
-
-def _insert_ignoring(dialect: str, table: sa.Table) -> sa.Insert:
-    if dialect == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing()
-    return postgresql.insert(table).on_conflict_do_nothing()
-
-
-def _chunks(ids: list[str]) -> list[list[str]]:
-    return [ids[i : i + _IN_CHUNK] for i in range(0, len(ids), _IN_CHUNK)]
-
-
-def _short(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _brief(exc: BaseException) -> str:
-    """The driver's message, first line, without SQLAlchemy's SQL and parameter dump."""
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc).strip().splitlines()
-    return f"{type(orig or exc).__name__}: {_short(text[0] if text else '', 300)}"
-
-
-def _create_engine(url: str) -> Engine:
-    parsed = sa.make_url(url)
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
-            # Each pooled connection would see its own empty database.
-            raise ValueError(
-                f"prediction log {url!r}: in-memory SQLite is not supported; use a file"
-            )
-        engine = sa.create_engine(parsed, connect_args={"check_same_thread": False})
-        sa.event.listen(engine, "connect", _sqlite_on_connect)
-        sa.event.listen(engine, "begin", _sqlite_on_begin)
-        return engine
-    if backend == "postgresql":
-        if parsed.drivername == "postgresql":
-            parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg2 is not a dependency
-        # pre_ping: a restarted server must not fail the first batch after it with a dead socket.
-        return sa.create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
-    raise ValueError(
-        f"prediction log {url!r}: unsupported database {backend!r} (use sqlite or postgresql)"
-    )
-
-
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # Driver-level autocommit, so that _sqlite_on_begin alone decides how transactions start.
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")  # first: WAL switch waits
-        # WAL: the evaluator reads while the router writes; NORMAL sync is safe with WAL (a power
-        # cut may lose the last commits, never corrupt the file).
-        mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        cursor.execute("PRAGMA synchronous = NORMAL")
-    finally:
-        cursor.close()
-    if str(mode).lower() != "wal":
-        logger.warning("prediction log: SQLite refused WAL mode (journal_mode=%s)", mode)
-
-
-def _sqlite_on_begin(conn: Connection) -> None:
-    # IMMEDIATE takes the write lock up front: feedback reads then writes, and a deferred
-    # transaction upgrading its lock fails with SQLITE_BUSY at once instead of waiting.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    def _flush_if_running(self, timeout: float) -> None:
+        # Records can only still appear if the writer is running; otherwise look up what is there.
+        if self._thread is not None and self._thread.is_alive():
+            self.flush(timeout)

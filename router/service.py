@@ -23,12 +23,13 @@ from router.arms import ArmSet, ModelManager
 from router.assignment import assign
 from router.config import Settings
 from router.errors import BadRequest, InvalidInput, NotReady, PredictionFailed
+from router.feedback import FeedbackItem, FeedbackResult
 from router.logschema import hash_routing_key
 from router.metrics import RouterMetrics
 from router.models import LoadedModel
 from router.outputs import RowFacts, row_facts, to_jsonable
 from router.payload import ParsedInput, parse_invocation
-from router.predlog import FeedbackItem, FeedbackResult, PredictionLog, PredictionRecord
+from router.predlog import PredictionLog, PredictionRecord
 
 log = logging.getLogger(__name__)
 

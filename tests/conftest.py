@@ -48,11 +48,10 @@ with warnings.catch_warnings():
     import mlflow.store.model_registry.sqlalchemy_store
     import mlflow.store.tracking.sqlalchemy_store
 
-from experiments.train import RegisteredPair, train_and_register
+from experiments.train import RegisteredPair, restored_tracking_uris, train_and_register
 
 MODEL_NAME = "churn-predictor"
 SESSION_ROWS = 3_000
-_TRACKING_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 @dataclass(frozen=True)
@@ -136,32 +135,10 @@ def copy_registry(source: MlflowRegistry, dest_root: Path) -> MlflowRegistry:
     )
 
 
-@contextmanager
-def _restored_tracking_env() -> Iterator[None]:
-    """Whatever a fixture or test does to MLflow's global URIs, put them back afterwards."""
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved_env = {k: os.environ.get(k) for k in _TRACKING_ENV}
-    saved_tracking = tracking_utils._tracking_uri
-    saved_registry = registry_utils._registry_uri
-    try:
-        yield
-    finally:
-        # None unsets the URI: accepted at run time, missing from MLflow's type hints.
-        mlflow.set_tracking_uri(saved_tracking)  # type: ignore[arg-type]
-        mlflow.set_registry_uri(saved_registry)  # type: ignore[arg-type]
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 @pytest.fixture(autouse=True)
 def _isolate_mlflow_globals() -> Iterator[None]:
     """No test leaks ``mlflow.set_tracking_uri`` or ``MLFLOW_TRACKING_URI`` into the next."""
-    with _restored_tracking_env():
+    with restored_tracking_uris():
         yield
 
 
@@ -169,7 +146,7 @@ def _build_registry(root: Path) -> MlflowRegistry:
     root.mkdir(parents=True, exist_ok=True)
     tracking_uri = sqlite_uri(root / "mlflow.db")
     artifact_root = root / "artifacts"
-    with _restored_tracking_env():
+    with restored_tracking_uris():
         pair: RegisteredPair = train_and_register(
             tracking_uri,
             MODEL_NAME,

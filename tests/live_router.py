@@ -1,13 +1,14 @@
 """Helpers for tests that drive a live router: settings, request bodies, a client, polling, the log.
 
-Used by the end-to-end tests of arms, hot reload and shutdown (``tests/test_router_*.py``).
+Used by the end-to-end tests of arms, hot reload and shutdown (``tests/test_router_*.py``), and by
+the live Prometheus and status-page tests for their traffic.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -15,7 +16,8 @@ import httpx
 import pandas as pd
 import sqlalchemy as sa
 
-from experiments.demo_data import FEATURES
+from experiments.demo_data import FEATURES, LABEL
+from router.assignment import bucket_of, threshold_of
 from router.config import Settings, settings_from_mapping
 
 if TYPE_CHECKING:  # conftest is pytest's to import; a second import would run it twice
@@ -66,6 +68,43 @@ def http_client(base_url: str, *, keep_alive: bool = True, timeout_s: float = 60
         timeout=timeout_s,
         limits=httpx.Limits(max_keepalive_connections=None if keep_alive else 0),
     )
+
+
+def keys_for(arm: str, n: int, *, salt: str, weight: float, start: int = 0) -> list[str]:
+    """The first ``n`` routing keys from ``user-{start}`` on that the sticky hash sends to ``arm``.
+
+    Deterministic, so that a test sends traffic to both arms without depending on chance.
+    """
+    threshold = threshold_of(weight)
+    keys = (f"user-{i}" for i in range(start, start + 100_000))
+    wanted = (k for k in keys if (bucket_of(salt, k) < threshold) == (arm == "challenger"))
+    return [next(wanted) for _ in range(n)]
+
+
+def send_with_feedback(
+    client: httpx.Client, rows: pd.DataFrame, keys: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Score row ``i`` of ``rows`` alone with routing key ``keys[i]``, then send its true outcome.
+
+    ``rows`` holds the features and ``LABEL``; every request and every feedback must answer 200.
+    Returns the ``/invocations`` bodies, in order.
+    """
+    features = rows.drop(columns=[LABEL])
+    answers: list[dict[str, Any]] = []
+    for i, key in enumerate(keys):
+        body = {
+            "dataframe_split": {
+                "columns": list(features.columns),
+                "data": features.iloc[[i]].to_numpy().tolist(),
+            }
+        }
+        response = client.post("/invocations", json=body, headers={"X-Routing-Key": key})
+        assert response.status_code == 200, response.text
+        answer: dict[str, Any] = response.json()
+        outcome = {"request_id": answer["request_id"], "outcome": int(rows[LABEL].iloc[i])}
+        assert client.post("/feedback", json=outcome).status_code == 200
+        answers.append(answer)
+    return answers
 
 
 def wait_until(

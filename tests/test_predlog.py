@@ -20,8 +20,9 @@ import pytest
 import sqlalchemy as sa
 
 from router.errors import Conflict, InvalidInput, NotFound
+from router.feedback import FeedbackItem
 from router.logschema import hash_routing_key, metadata, outcomes, predictions
-from router.predlog import FeedbackItem, PredictionLog, PredictionRecord
+from router.predlog import PredictionLog, PredictionRecord
 from tests.pg import isolated_schema_url
 
 NEVER = 3600.0  # a flush interval no test outlives: rows appear only through flush/close/batch

@@ -17,7 +17,6 @@ the HTTP API, with the Grafana variables substituted:
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 import time
@@ -29,11 +28,16 @@ import httpx
 import pytest
 import yaml
 
-from experiments.demo_data import LABEL
 from router.app import create_app
-from router.assignment import bucket_of, threshold_of
-from router.config import settings_from_mapping
 from tests.conftest import MlflowRegistry, free_port, serve_in_thread
+from tests.live_router import (
+    http_client,
+    keys_for,
+    router_settings,
+    send_with_feedback,
+    wait_ready,
+    wait_until,
+)
 from tests.promql import (
     ALERTS,
     JOB,
@@ -51,28 +55,15 @@ SALT = "prometheus-live"
 WEIGHT = 0.5
 BATCHES = 3
 PER_ARM_PER_BATCH = 4
-DEADLINE_S = 60.0  # any single wait; each ends as soon as its state is reached
+POLL_S = 0.2  # between looks at Prometheus, which scrapes every second
 
 
 def _prometheus_binary() -> str:
+    # A skip only locally: conftest fails a skipped `prometheus` test in CI.
     path = shutil.which("prometheus")
     if path is None:
-        reason = "prometheus not on PATH (Debian package `prometheus`; .ci/run installs it)"
-        if os.environ.get("ROUTER_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        pytest.skip("prometheus not on PATH (Debian package `prometheus`; .ci/run installs it)")
     return path
-
-
-def _wait_until(check: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + DEADLINE_S
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 class Prometheus:
@@ -107,18 +98,11 @@ def router(
     fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
 ) -> Iterator[tuple[str, MlflowRegistry]]:
     registry = fresh_registry()
-    settings = settings_from_mapping(
-        {
-            "model": {"name": registry.model_name, "tracking_uri": registry.tracking_uri},
-            "routing": {"challenger_weight": WEIGHT, "salt": SALT},
-            "prediction_log": {"url": f"sqlite:///{tmp_path / 'predictions.db'}"},
-        },
-        env={},
+    settings = router_settings(
+        registry, tmp_path / "predictions.db", routing={"challenger_weight": WEIGHT, "salt": SALT}
     )
-    with serve_in_thread(create_app(settings)) as base_url:
-        _wait_until(
-            lambda: httpx.get(f"{base_url}/readyz").status_code == 200, "the router to be ready"
-        )
+    with serve_in_thread(create_app(settings)) as base_url, http_client(base_url) as client:
+        wait_ready(client)
         yield base_url, registry
 
 
@@ -163,7 +147,7 @@ def prometheus(router: tuple[str, MlflowRegistry], tmp_path: Path) -> Iterator[P
                 return False
             return api.scalar(f'up{{job="{JOB}"}}') == 1.0
 
-        _wait_until(up, "Prometheus to scrape the router")
+        wait_until(up, "Prometheus to scrape the router", interval_s=POLL_S)
         yield api
     finally:
         api.client.close()
@@ -175,39 +159,26 @@ def prometheus(router: tuple[str, MlflowRegistry], tmp_path: Path) -> Iterator[P
             process.wait(timeout=15)
 
 
-def _keys_for(arm: str, n: int, offset: int) -> list[str]:
-    """Routing keys the sticky hash sends to ``arm``: both arms get traffic, deterministically."""
-    threshold = threshold_of(WEIGHT)
-    keys = (f"user-{i}" for i in range(offset, offset + 100_000))
-    wanted = (k for k in keys if (bucket_of(SALT, k) < threshold) == (arm == "challenger"))
-    return [next(wanted) for _ in range(n)]
-
-
 def _send_batch(client: httpx.Client, registry: MlflowRegistry, batch: int) -> int:
     """PER_ARM_PER_BATCH one-row requests to each arm, each with its true outcome as feedback."""
     n = PER_ARM_PER_BATCH
     rows = registry.holdout.iloc[batch * 2 * n : (batch + 1) * 2 * n].reset_index(drop=True)
-    features = rows.drop(columns=[LABEL])
-    keys = _keys_for("champion", n, batch * 1000) + _keys_for("challenger", n, batch * 1000)
-    arms = set()
-    for i, key in enumerate(keys):
-        body = {
-            "dataframe_split": {
-                "columns": list(features.columns),
-                "data": features.iloc[[i]].to_numpy().tolist(),
-            }
-        }
-        response = client.post("/invocations", json=body, headers={"X-Routing-Key": key})
-        assert response.status_code == 200, response.text
-        arms.add(response.json()["arm"])
-        outcome = {"request_id": response.json()["request_id"], "outcome": int(rows[LABEL][i])}
-        assert client.post("/feedback", json=outcome).status_code == 200
-    assert arms == {"champion", "challenger"}
+    keys = [
+        key
+        for arm in ("champion", "challenger")
+        for key in keys_for(arm, n, salt=SALT, weight=WEIGHT, start=batch * 1000)
+    ]
+    answers = send_with_feedback(client, rows, keys)
+    assert {answer["arm"] for answer in answers} == {"champion", "challenger"}
     return len(keys)
 
 
 def _wait_scraped(prometheus: Prometheus, expr: str, value: float) -> None:
-    _wait_until(lambda: prometheus.scalar(expr) == value, f"{expr} == {value} in Prometheus")
+    wait_until(
+        lambda: prometheus.scalar(expr) == value,
+        f"{expr} == {value} in Prometheus",
+        interval_s=POLL_S,
+    )
 
 
 def _is_number(sample: dict[str, Any]) -> bool:
@@ -221,7 +192,7 @@ def test_every_dashboard_query_and_alert_expression_works_on_a_live_router(
     base_url, registry = router
     selector = f'job="{JOB}"'
     sent = 0
-    with httpx.Client(base_url=base_url, timeout=60) as client:
+    with http_client(base_url) as client:
         for batch in range(BATCHES):
             sent += _send_batch(client, registry, batch)
             # Wait for the scrape that saw this batch: counters then rise across several scrapes.
@@ -296,7 +267,7 @@ def _assert_rules_healthy(prometheus: Prometheus, names: set[str]) -> None:
         done = all(not rule["lastEvaluation"].startswith("0001-") for rule in rules)
         return rules if done and rules else []
 
-    rules = _wait_until(evaluated, "every alert rule to be evaluated")
+    rules = wait_until(evaluated, "every alert rule to be evaluated", interval_s=POLL_S)
     assert {rule["name"] for rule in rules} == names
     unhealthy = [(r["name"], r["health"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert not unhealthy, unhealthy

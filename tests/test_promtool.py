@@ -6,7 +6,6 @@ with a syntax error fails here before the live-Prometheus test runs it.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,12 +27,10 @@ pytestmark = pytest.mark.prometheus
 
 @pytest.fixture(scope="module")
 def promtool() -> str:
+    # A skip only locally: conftest fails a skipped `prometheus` test in CI.
     path = shutil.which("promtool")
     if path is None:
-        reason = "promtool not on PATH (Debian package `prometheus`; .ci/run installs it)"
-        if os.environ.get("ROUTER_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        pytest.skip("promtool not on PATH (Debian package `prometheus`; .ci/run installs it)")
     return path
 
 

@@ -1,0 +1,93 @@
+"""The prediction log's database: engine set-up per backend and the helpers both of its users need.
+
+SQLite runs in WAL mode with ``BEGIN IMMEDIATE`` transactions, so the prediction writer and the
+feedback store serialise on its single write lock instead of failing; PostgreSQL goes through
+psycopg 3 with a pre-ping on checkout.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+logger = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000  # writer and feedback serialise on SQLite's single write lock
+
+
+def create_engine(url: str) -> Engine:
+    """An engine for ``sqlite:///path`` or ``postgresql[+psycopg]://...``; anything else fails.
+
+    Relative SQLite paths resolve against the working directory; in-memory SQLite is refused (each
+    pooled connection would see its own empty database). Plain ``postgresql://`` uses psycopg 3.
+    """
+    parsed = sa.make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
+            # Each pooled connection would see its own empty database.
+            raise ValueError(
+                f"prediction log {url!r}: in-memory SQLite is not supported; use a file"
+            )
+        engine = sa.create_engine(parsed, connect_args={"check_same_thread": False})
+        sa.event.listen(engine, "connect", _sqlite_on_connect)
+        sa.event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+    if backend == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")  # psycopg2 is not a dependency
+        # pre_ping: a restarted server must not fail the first batch after it with a dead socket.
+        return sa.create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+    raise ValueError(
+        f"prediction log {url!r}: unsupported database {backend!r} (use sqlite or postgresql)"
+    )
+
+
+def safe_url(engine: Engine) -> str:
+    """The engine's URL for messages, password hidden."""
+    return engine.url.render_as_string(hide_password=True)
+
+
+def insert_ignoring(engine: Engine, table: sa.Table) -> sa.Insert:
+    """``INSERT`` that skips rows whose unique key is already present (either backend)."""
+    if engine.dialect.name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing()
+    return postgresql.insert(table).on_conflict_do_nothing()
+
+
+def short(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def brief(exc: BaseException) -> str:
+    """The driver's message, first line, without SQLAlchemy's SQL and parameter dump."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    return f"{type(orig or exc).__name__}: {short(text[0] if text else '', 300)}"
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Driver-level autocommit, so that _sqlite_on_begin alone decides how transactions start.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")  # first: WAL switch waits
+        # WAL: the evaluator reads while the router writes; NORMAL sync is safe with WAL (a power
+        # cut may lose the last commits, never corrupt the file).
+        mode = cursor.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        cursor.execute("PRAGMA synchronous = NORMAL")
+    finally:
+        cursor.close()
+    if str(mode).lower() != "wal":
+        logger.warning("prediction log: SQLite refused WAL mode (journal_mode=%s)", mode)
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    # IMMEDIATE takes the write lock up front: feedback reads then writes, and a deferred
+    # transaction upgrading its lock fails with SQLITE_BUSY at once instead of waiting.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
