@@ -1,7 +1,7 @@
 """The deployment files agree with the package's real entry points, config keys and metrics.
 
 No Docker engine or cluster runs here: every compose file, manifest, dashboard and rule file is
-parsed and checked against the contract (DESIGN.md, docs/team-contracts.md, pyproject.toml).
+parsed and checked against the contract (DESIGN.md, the README, pyproject.toml).
 The phase-2 test runs the same PromQL against a live Prometheus scraping a real router.
 """
 
@@ -53,7 +53,7 @@ ROUTER_CMD = [
 ]
 ROUTER_FLAGS = {"--config", "--host", "--port", "--workers"}  # `python -m router` (DESIGN.md)
 
-# Metrics the router exports, with their labels (DESIGN.md + docs/team-contracts.md).
+# Metrics the router exports, with their labels (DESIGN.md + the README's metrics table).
 COUNTERS = {
     "router_requests": {"arm", "model_version", "status"},
     "router_predicted_class": {"arm", "model_version", "class"},
