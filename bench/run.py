@@ -32,6 +32,8 @@ from bench.servers import ServerFailed, free_port, running
 from bench.targets import (
     ROUTER,
     ROUTER_CHAMPION_ONLY,
+    ROUTER_UNBATCHED,
+    ROUTERS,
     Target,
     arm_shares,
     baseline_target,
@@ -44,6 +46,7 @@ from bench.targets import (
 ALL_TARGETS: dict[str, str] = {
     "router": ROUTER,
     "router-champion-only": ROUTER_CHAMPION_ONLY,
+    "router-unbatched": ROUTER_UNBATCHED,
     "baseline": BASELINE,
     "mlflow-serve": MLFLOW_SERVE,
 }
@@ -149,7 +152,7 @@ def _challenger_removed(registry: BenchRegistry) -> Iterator[None]:
 
 
 def _build_target(name: str, registry: BenchRegistry, work: Path, port: int) -> Target:
-    if name in (ROUTER, ROUTER_CHAMPION_ONLY):
+    if name in ROUTERS:
         return router_target(name, registry, work, port)
     if name == BASELINE:
         return baseline_target(name, registry, port)
@@ -190,7 +193,7 @@ def bench_target(
                     continue
                 note = "routing key per request" if target.routing_keys else ""
                 rows.append(TargetRow(name, connections, result, before, note))
-            if name in (ROUTER, ROUTER_CHAMPION_ONLY):
+            if name in ROUTERS:
                 shares = arm_shares(server.base_url)
                 rows = [
                     TargetRow(

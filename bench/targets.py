@@ -15,6 +15,8 @@ from bench.registry import REPO_ROOT, BenchRegistry
 
 ROUTER = "router"
 ROUTER_CHAMPION_ONLY = "router, champion only"
+ROUTER_UNBATCHED = "router, no micro-batching"
+ROUTERS = (ROUTER, ROUTER_CHAMPION_ONLY, ROUTER_UNBATCHED)
 _STRIPPED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "ROUTER_CONFIG")
 _STRIPPED_PREFIXES = ("ROUTER_",)
 
@@ -40,8 +42,11 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def router_config(registry: BenchRegistry, path: Path, log_db: Path, port: int) -> Path:
+def router_config(
+    registry: BenchRegistry, path: Path, log_db: Path, port: int, batch_max_rows: int | None = None
+) -> Path:
     """A config as users write it: SQLite registry and prediction log, a 90/10 split."""
+    batching = [] if batch_max_rows is None else [f"  batch_max_rows: {batch_max_rows}"]
     path.write_text(
         "\n".join(
             [
@@ -56,6 +61,7 @@ def router_config(registry: BenchRegistry, path: Path, log_db: Path, port: int) 
                 "server:",
                 "  host: 127.0.0.1",
                 f"  port: {port}",
+                *batching,
                 "",
             ]
         ),
@@ -66,7 +72,11 @@ def router_config(registry: BenchRegistry, path: Path, log_db: Path, port: int) 
 
 def router_target(name: str, registry: BenchRegistry, work: Path, port: int) -> Target:
     slug = name.replace(" ", "-").replace(",", "")
-    config = router_config(registry, work / f"{slug}.yaml", work / f"{slug}-log.db", port)
+    # batch_max_rows 1 turns the micro-batcher off: the same router, scoring each request alone.
+    batch_max_rows = 1 if name == ROUTER_UNBATCHED else None
+    config = router_config(
+        registry, work / f"{slug}.yaml", work / f"{slug}-log.db", port, batch_max_rows
+    )
     return Target(
         name=name,
         cmd=[sys.executable, "-m", "router", "--config", str(config), "--port", str(port)],

@@ -90,6 +90,11 @@ class ServerSettings:
     # Threads scoring at once per worker. Scoring is CPU-bound and holds the GIL: more threads
     # than cores only stretch each prediction; requests beyond this wait in line instead.
     predict_threads: int = 4
+    # Micro-batching: concurrent requests for one model share a predict call of up to this many
+    # rows (1 disables it). A batch waits at most batch_wait_ms for requests still being parsed;
+    # a lone request never waits.
+    batch_max_rows: int = 32
+    batch_wait_ms: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -206,6 +211,8 @@ def _validate(s: Settings) -> None:
     _require(1 <= s.server.port <= 65535, "server.port", "must be within 1..65535")
     _require(s.server.workers >= 1, "server.workers", "must be >= 1")
     _require(s.server.predict_threads >= 1, "server.predict_threads", "must be >= 1")
+    _require(s.server.batch_max_rows >= 1, "server.batch_max_rows", "must be >= 1")
+    _require(s.server.batch_wait_ms >= 0, "server.batch_wait_ms", "must be >= 0")
 
 
 def settings_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Settings:

@@ -42,6 +42,7 @@ LATENCY_BUCKETS = (
 )
 # Probabilities fall in [0, 1]; the wider tail keeps regression outputs visible too.
 VALUE_BUCKETS = (*(round(i * 0.05, 2) for i in range(1, 21)), 2.0, 5.0, 10.0, 100.0, 1000.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 ARM_VERSION = ("arm", "model_version")
 FALLBACK_REASONS = ("challenger_error", "shadow_error")
@@ -150,6 +151,13 @@ class RouterMetrics:
         self.log_dropped = Counter(
             "router_prediction_log_dropped",
             "Prediction records dropped because the log's queue was full or the database failed.",
+            registry=r,
+        )
+        self.batch_rows = Histogram(
+            "router_batch_rows",
+            "Rows per model call of the micro-batcher (concurrent requests scored together).",
+            ["model_version"],
+            buckets=BATCH_BUCKETS,
             registry=r,
         )
         self.model_reloads = Counter(

@@ -21,6 +21,7 @@ import pandas as pd
 
 from router.arms import ArmSet, ModelManager
 from router.assignment import assign
+from router.batcher import BatchScore, MicroBatcher
 from router.config import Settings
 from router.errors import BadRequest, InvalidInput, NotReady, PredictionFailed
 from router.feedback import FeedbackItem, FeedbackResult
@@ -93,6 +94,8 @@ class RouterService:
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._shadow_limiter = anyio.CapacityLimiter(1)
         self._score_limiter = anyio.CapacityLimiter(settings.server.predict_threads)
+        # One micro-batcher per loaded model, keyed by id (the model is kept alive beside it).
+        self._batchers: dict[int, tuple[LoadedModel, MicroBatcher]] = {}
         self.publish_weights()
 
     # -- weights --------------------------------------------------------------------------------
@@ -134,28 +137,51 @@ class RouterService:
         key_hash = (
             hash_routing_key(self.settings.routing.salt, routing_key) if routing_key else None
         )
-        call, invocation = await anyio.to_thread.run_sync(
-            self._score_and_record,
-            _Call(arms, request_id, key_hash, body, content_type),
-            assignment.arm,
-            limiter=self._score_limiter,
-        )
+        call = _Call(arms, request_id, key_hash, body, content_type)
+        arm = assignment.arm
+        batcher = self._batcher(_model_of(arms, arm))
+        if batcher is None:
+            call, invocation = await self._score_in_thread(call, arm)
+        else:
+            # A lone request is scored as without batching (one worker-thread hop, no wait);
+            # under concurrency the parse stays in the worker thread and the model is shared.
+            lone = batcher.active == 0
+            batcher.active += 1
+            try:
+                if lone:
+                    call, invocation = await self._score_in_thread(call, arm)
+                else:
+                    call, invocation = await self._score_batched(call, arm, batcher)
+            finally:
+                batcher.active -= 1
         if shadow and arms.challenger is not None:
             self._start_shadow(call, arms.challenger)
         return invocation
 
-    def _score_and_record(self, call: _Call, arm: str) -> tuple[_Call, Invocation]:
-        """Runs in a worker thread: parsing, predicting and recording never block the loop."""
-        arms = call.arms
-        call = call.parsed_with(
+    async def _score_in_thread(self, call: _Call, arm: str) -> tuple[_Call, Invocation]:
+        result: tuple[_Call, Invocation] = await anyio.to_thread.run_sync(
+            self._score_and_record, call, arm, limiter=self._score_limiter
+        )
+        return result
+
+    def _parse(self, call: _Call) -> _Call:
+        return call.parsed_with(
             parse_invocation(
                 call.body,
                 call.content_type,
-                arms.champion.input_schema,
+                call.arms.champion.input_schema,
                 self.settings.limits.max_rows,
             )
         )
-        model = arms.challenger if arm == "challenger" and arms.challenger else arms.champion
+
+    def _score_and_record(self, call: _Call, arm: str) -> tuple[_Call, Invocation]:
+        """Runs in a worker thread: parsing, predicting and recording never block the loop."""
+        return self._score_parsed(self._parse(call), arm)
+
+    def _score_parsed(self, call: _Call, arm: str) -> tuple[_Call, Invocation]:
+        """One request scored alone (worker thread): predict, fall back, record."""
+        arms = call.arms
+        model = _model_of(arms, arm)
         try:
             scored = _predict(model, call.input)
         except Exception as exc:  # a model may raise anything: judged and re-raised below
@@ -175,6 +201,85 @@ class RouterService:
             status = "ok"
         jsonable = self._record(call, arm, model, scored, status)
         return call, Invocation(jsonable, arm, model.version, call.request_id)
+
+    # -- micro-batching -------------------------------------------------------------------------
+    def _batcher(self, model: LoadedModel) -> MicroBatcher | None:
+        """The model's batcher, or None when batching is off or the model is unbatchable."""
+        server = self.settings.server
+        if server.batch_max_rows <= 1:
+            return None
+        entry = self._batchers.get(id(model))
+        if entry is None:
+            batcher = MicroBatcher(
+                lambda frame: _model_output(model, frame),
+                max_rows=server.batch_max_rows,
+                wait_s=server.batch_wait_ms / 1000.0,
+                run=self._run_scoring,
+                on_batch=self.metrics.batch_rows.labels(model.version).observe,
+                name=f"v{model.version}",
+            )
+            batcher.batchable = _is_batchable_model(model)
+            self._prune_batchers()
+            entry = self._batchers[id(model)] = (model, batcher)
+        batcher = entry[1]
+        return batcher if batcher.batchable else None
+
+    def _prune_batchers(self) -> None:
+        """Forget the batchers of models no longer in service (a reload swapped them out)."""
+        arms = self.manager.current
+        live = {id(arms.champion), id(arms.challenger)} if arms else set()
+        for key in [key for key in self._batchers if key not in live]:
+            del self._batchers[key]
+
+    async def _run_scoring(self, fn: Any) -> Any:
+        return await anyio.to_thread.run_sync(fn, limiter=self._score_limiter)
+
+    def _parse_for_batch(self, call: _Call, arm: str) -> tuple[_Call, Invocation | None]:
+        """Worker thread: parse; a request the batcher cannot take is scored alone right here."""
+        call = self._parse(call)
+        parsed = call.input
+        if (
+            isinstance(parsed.data, pd.DataFrame)
+            and not parsed.params
+            and parsed.n_rows < self.settings.server.batch_max_rows
+        ):
+            return call, None
+        return self._score_parsed(call, arm)
+
+    async def _score_batched(
+        self, call: _Call, arm: str, batcher: MicroBatcher
+    ) -> tuple[_Call, Invocation]:
+        """Parse in a worker thread, then share a model call with concurrent requests.
+
+        Fallback, metrics and log rows are exactly those of :meth:`_score_parsed`; the predict
+        latency each request records is the duration of the model call it shared.
+        """
+        batcher.expect()
+        submitted = False
+        try:
+            call, done = await anyio.to_thread.run_sync(
+                self._parse_for_batch, call, arm, limiter=self._score_limiter
+            )
+            if done is not None:
+                return call, done
+            frame = call.input.data
+            assert isinstance(frame, pd.DataFrame)
+            submitted = True
+            model = _model_of(call.arms, arm)
+            try:
+                share: BatchScore = await batcher.submit(frame, expected=True)
+            except Exception:  # noqa: BLE001 - the request's own fault (the batcher isolated it)
+                # Score it alone on the ordinary path: the same fallback, metrics and log rows,
+                # for the price of one more failing predict on a path that is already failing.
+                return await anyio.to_thread.run_sync(
+                    self._score_parsed, call, arm, limiter=self._score_limiter
+                )
+            scored = _Scored(share.prediction, share.latency_s)
+            jsonable = self._record(call, arm, model, scored, "ok")
+            return call, Invocation(jsonable, arm, model.version, call.request_id)
+        finally:
+            if not submitted:
+                batcher.withdraw()
 
     def _record(
         self, call: _Call, arm: str, model: LoadedModel, scored: _Scored, status: str
@@ -278,16 +383,33 @@ class RouterService:
                 m.feedback_squared_error.labels(*labels).inc(error * error)
 
 
+def _model_of(arms: ArmSet, arm: str) -> LoadedModel:
+    return arms.challenger if arm == "challenger" and arms.challenger else arms.champion
+
+
 def _predict(model: LoadedModel, parsed: ParsedInput) -> _Scored:
     start = time.perf_counter()
+    prediction = _model_output(model, parsed.data, parsed.params)
+    return _Scored(prediction, time.perf_counter() - start)
+
+
+def _model_output(model: LoadedModel, data: Any, params: dict[str, Any] | None = None) -> Any:
     with warnings.catch_warnings():
         # A model fitted on a DataFrame warns on every numpy call; that is the caller's choice.
         warnings.filterwarnings("ignore", message="X does not have valid feature names")
-        if parsed.params:
-            prediction = model.model.predict(parsed.data, params=parsed.params)
-        else:
-            prediction = model.model.predict(parsed.data)
-    return _Scored(prediction, time.perf_counter() - start)
+        if params:
+            return model.model.predict(data, params=params)
+        return model.model.predict(data)
+
+
+def _is_batchable_model(model: LoadedModel) -> bool:
+    """Column signatures only (typed DataFrames); ``router_batchable: false`` in the MLmodel's
+    ``metadata`` opts a model out (one whose rows are not scored independently)."""
+    schema = model.input_schema
+    if schema is None or schema.is_tensor_spec() or not schema.has_input_names():
+        return False
+    metadata = getattr(getattr(model.model, "metadata", None), "metadata", None)
+    return not (isinstance(metadata, dict) and metadata.get("router_batchable") is False)
 
 
 def _missing_columns(parsed: ParsedInput) -> list[str]:

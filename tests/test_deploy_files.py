@@ -69,6 +69,7 @@ HISTOGRAMS = {
     "router_predict_latency_seconds": {"arm", "model_version"},
     "router_request_latency_seconds": {"route"},
     "router_prediction_value": {"arm", "model_version"},
+    "router_batch_rows": {"model_version"},
 }
 GAUGES = {
     "router_model_info": {"arm", "model_name", "model_version", "run_id"},
