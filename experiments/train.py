@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -161,10 +162,18 @@ def signature_for(x_example: pd.DataFrame, n_outputs: int = 2) -> ModelSignature
 def experiment_id(
     client: MlflowClient, experiment_name: str, artifact_location: str | None = None
 ) -> str:
-    """The id of ``experiment_name``, created (with ``artifact_location``) if missing."""
+    """The id of ``experiment_name``, created (with ``artifact_location``) if missing.
+
+    Without a location, a SQLite store keeps a new experiment's artifacts beside its database
+    file, not in MLflow's default ``./mlruns`` of whatever directory the process runs in.
+    """
     found = client.get_experiment_by_name(experiment_name)
     if found is not None:
         return str(found.experiment_id)
+    if artifact_location is None and client.tracking_uri.startswith("sqlite:///"):
+        database = Path(client.tracking_uri.removeprefix("sqlite:///"))
+        slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in experiment_name)
+        artifact_location = str(database.resolve().parent / "artifacts" / slug)
     return str(client.create_experiment(experiment_name, artifact_location=artifact_location))
 
 

@@ -466,7 +466,9 @@ def sklearn_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     try:
-        with mlflow.start_run():
+        # Artifacts in tmp_path too (the default ./mlruns would land in the working directory).
+        experiment = mlflow.create_experiment("payload", artifact_location=str(tmp_path / "art"))
+        with mlflow.start_run(experiment_id=experiment):
             info = mlflow.sklearn.log_model(
                 pipeline,
                 name="model",
