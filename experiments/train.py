@@ -227,11 +227,23 @@ def register_model(
                 pip_requirements=PIP_REQUIREMENTS,
             )
     version = str(info.registered_model_version)
+    label_version(client, model_name, version, tags=tags, alias=alias)
+    return version
+
+
+def label_version(
+    client: MlflowClient,
+    model_name: str,
+    version: str,
+    *,
+    tags: Mapping[str, str] | None = None,
+    alias: str | None = None,
+) -> None:
+    """Tag a freshly registered version and, when given, move ``alias`` to it."""
     for key, value in (tags or {}).items():
         client.set_model_version_tag(model_name, version, key, value)
     if alias is not None:
         client.set_registered_model_alias(model_name, alias, version)
-    return version
 
 
 def champion_model(seed: int = 0) -> Pipeline:

@@ -19,7 +19,13 @@ import pandas as pd
 from mlflow.pyfunc.model import PythonModel
 from mlflow.tracking import MlflowClient
 
-from experiments.train import PIP_REQUIREMENTS, experiment_id, signature_for, using_tracking_uri
+from experiments.train import (
+    PIP_REQUIREMENTS,
+    experiment_id,
+    label_version,
+    signature_for,
+    using_tracking_uri,
+)
 
 
 def _constant_proba(n_rows: int, p: float) -> np.ndarray:
@@ -105,8 +111,5 @@ def register_pyfunc(
             code_paths=[__file__] if include_code else None,
         )
     version = str(info.registered_model_version)
-    for key, value in (tags or {}).items():
-        client.set_model_version_tag(name, version, key, value)
-    if alias is not None:
-        client.set_registered_model_alias(name, alias, version)
+    label_version(client, name, version, tags=tags, alias=alias)
     return version
