@@ -14,6 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from router.logschema import metadata
+
 logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # writer and feedback serialise on SQLite's single write lock
@@ -57,6 +59,25 @@ def insert_ignoring(engine: Engine, table: sa.Table) -> sa.Insert:
     if engine.dialect.name == "sqlite":
         return sqlite.insert(table).on_conflict_do_nothing()
     return postgresql.insert(table).on_conflict_do_nothing()
+
+
+def add_missing_columns(conn: Connection) -> None:
+    """Add nullable columns the contract gained since a log's tables were created.
+
+    ``create_all`` never alters an existing table; a log written by an older router would otherwise
+    refuse every insert that names a new column. Only nullable columns are ever added this way.
+    """
+    inspector = sa.inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:
+                raise ValueError(f"table {table.name!r} lacks non-nullable column {column.name!r}")
+            kind = column.type.compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+            logger.info("prediction log: added column %s.%s", table.name, column.name)
 
 
 def short(text: str, limit: int = 80) -> str:

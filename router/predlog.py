@@ -28,7 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from router.database import brief, create_engine, insert_ignoring, safe_url
+from router.database import add_missing_columns, brief, create_engine, insert_ignoring, safe_url
 from router.errors import PredictionLogUnavailable
 from router.feedback import FeedbackItem, FeedbackResult, FeedbackStore
 from router.logschema import metadata, predictions
@@ -135,6 +135,7 @@ class PredictionLog:
             try:
                 with self._engine.begin() as conn:
                     metadata.create_all(conn)
+                    add_missing_columns(conn)
                 break
             except sa.exc.SQLAlchemyError as exc:
                 # Replicas starting together on PostgreSQL race on CREATE TABLE; the loser sees the
