@@ -16,6 +16,10 @@ MLflow accepts them. Columns of other types (datetime, binary, arrays, objects, 
 by MLflow's own caster. Tensor-based signatures, unnamed columns and models without a signature
 are parsed by MLflow's own functions; tensor inputs are checked for their per-row feature count.
 Not supported: the unified LLM chat format and signatures inferred from type hints.
+
+Two steps, so that each arm is checked against its own signature: :func:`decode_invocation` reads
+the body once, whatever the model; :func:`conform` makes one model's input from it (its columns,
+in its order, typed). :func:`parse_invocation` does both.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from mlflow.types import ColSpec, DataType, Schema
 from mlflow.utils import proto_json_utils
 from pandas.api.types import infer_dtype
 
-from router.errors import BadRequest, InvalidInput, UnsupportedMediaType
+from router.errors import BadRequest, InvalidInput, RouterError, UnsupportedMediaType
 
 FORMAT_KEYS: tuple[str, ...] = ("dataframe_split", "dataframe_records", "instances", "inputs")
 PARAMS_KEY = "params"
@@ -80,6 +84,79 @@ class ParsedInput:
     format: str  # one of FORMAT_KEYS, or "csv" / "parquet"
 
 
+@dataclass(frozen=True)
+class RawInput:
+    """One request's body as decoded, before any model's signature is applied.
+
+    Decoding does not depend on a model, so one ``RawInput`` serves both arms: each arm's
+    :func:`conform` takes its own columns from it without decoding the body again.
+    """
+
+    format: str  # one of FORMAT_KEYS, or "csv" / "parquet"
+    n_rows: int
+    params: dict[str, Any] | None
+    value: Any  # the JSON value under the format key; the read DataFrame for CSV and Parquet
+    columns: Columns | None  # column name -> values, when the input names its columns
+    index: list[Any] | None  # the dataframe_split index a client sent
+    columns_error: RouterError | None = None  # why the input has no usable columns, if so
+    body: bytes = b""  # CSV only: string columns are read again as text
+
+
+def decode_invocation(body: bytes, content_type: str | None, max_rows: int) -> RawInput:
+    """Decode one ``/invocations`` body, independently of any model.
+
+    Raises :class:`UnsupportedMediaType` (415), :class:`BadRequest` (400: not JSON, not the
+    protocol's shape) or :class:`InvalidInput` (no rows, too many rows), each naming the problem.
+    """
+    media_type = _media_type(content_type)
+    if media_type == CONTENT_TYPE_JSON:
+        return _decode_json(body, max_rows)
+    frame = _read_table(body, media_type, max_rows)
+    fmt = "csv" if media_type == CONTENT_TYPE_CSV else "parquet"
+    _check_row_count(len(frame), max_rows, fmt, read_all=fmt == "parquet")
+    columns: Columns = {str(name): frame[name] for name in frame.columns}
+    return RawInput(
+        format=fmt,
+        n_rows=len(frame),
+        params=None,
+        value=frame,
+        columns=columns,
+        index=None,
+        body=body if fmt == "csv" else b"",
+    )
+
+
+def conform(
+    raw: RawInput,
+    input_schema: Schema | None,
+    *,
+    extra_columns: ExtraColumns = "reject",
+) -> ParsedInput:
+    """Check and type a decoded input for ONE model's signature (its own columns, in its order).
+
+    Raises :class:`BadRequest` or :class:`InvalidInput` naming the problem. Cheap to call once per
+    arm: the body is not decoded again. ``extra_columns="ignore"`` drops columns the signature does
+    not name, as MLflow does (with a warning in its log), instead of rejecting them.
+    """
+    schema = input_schema
+    if _is_named_columns(schema):
+        assert schema is not None
+        columns = _columns_for(raw, schema)
+        frame = _build_frame(columns, raw.n_rows, raw.index, schema, extra_columns)
+        return ParsedInput(data=frame, n_rows=raw.n_rows, params=raw.params, format=raw.format)
+    if raw.format in ("csv", "parquet"):
+        data: InputData = raw.value
+        n_rows = raw.n_rows
+    else:
+        data = _parse_with_mlflow(raw.format, raw.value, schema)
+        n_rows = _row_count(data)
+    if schema is not None and schema.is_tensor_spec():
+        _check_tensor(data, schema)
+    elif schema is not None:
+        _check_unnamed(data, schema)
+    return ParsedInput(data=data, n_rows=n_rows, params=raw.params, format=raw.format)
+
+
 def parse_invocation(
     body: bytes,
     content_type: str | None,
@@ -88,30 +165,9 @@ def parse_invocation(
     *,
     extra_columns: ExtraColumns = "reject",
 ) -> ParsedInput:
-    """Parse and validate one ``/invocations`` body against the model's input signature.
-
-    Raises :class:`UnsupportedMediaType` (415), :class:`BadRequest` (400: not JSON, not the
-    protocol's shape) or :class:`InvalidInput` (422: empty, too many rows, does not fit the
-    signature), each with a message naming the problem. ``extra_columns="ignore"`` drops columns
-    the signature does not name, as MLflow does (with a warning in its log), instead of rejecting.
-    """
-    media_type = _media_type(content_type)
-    if media_type == CONTENT_TYPE_JSON:
-        return _parse_json(body, input_schema, max_rows, extra_columns)
-    frame = _read_table(body, media_type, input_schema, max_rows)
-    fmt = "csv" if media_type == CONTENT_TYPE_CSV else "parquet"
-    _check_row_count(len(frame), max_rows, fmt, read_all=fmt == "parquet")
-    if _is_named_columns(input_schema):
-        assert input_schema is not None
-        columns: Columns = {str(name): frame[name] for name in frame.columns}
-        data: InputData = _build_frame(columns, len(frame), None, input_schema, extra_columns)
-    else:
-        data = frame
-        if input_schema is not None and input_schema.is_tensor_spec():
-            _check_tensor(data, input_schema)
-        elif input_schema is not None:
-            _check_unnamed(data, input_schema)
-    return ParsedInput(data=data, n_rows=len(frame), params=None, format=fmt)
+    """Decode one ``/invocations`` body and conform it to one model's signature."""
+    raw = decode_invocation(body, content_type, max_rows)
+    return conform(raw, input_schema, extra_columns=extra_columns)
 
 
 # --- content type and JSON ------------------------------------------------------------------
@@ -150,9 +206,7 @@ def _loads(body: bytes) -> Any:
             raise BadRequest(f"malformed JSON: {exc}") from exc
 
 
-def _parse_json(
-    body: bytes, schema: Schema | None, max_rows: int, extra_columns: ExtraColumns
-) -> ParsedInput:
+def _decode_json(body: bytes, max_rows: int) -> RawInput:
     document = _loads(body)
     if not isinstance(document, dict):
         raise BadRequest(f"{_KEYS_HINT}; got a JSON {_json_type(document)}")
@@ -168,59 +222,75 @@ def _parse_json(
     if params is not None and not isinstance(params, dict):
         raise BadRequest(f"'{PARAMS_KEY}' must be a JSON object, got a {_json_type(params)}")
     value = document[fmt]
-
-    if _is_named_columns(schema):
-        assert schema is not None
-        columns, n_rows, index = _columns(fmt, value, schema, max_rows)
-        data: InputData = _build_frame(columns, n_rows, index, schema, extra_columns)
-    else:
-        _check_row_count(_raw_row_count(fmt, value), max_rows, fmt)
-        data = _parse_with_mlflow(fmt, value, schema)
-        n_rows = _row_count(data)
-        _check_row_count(n_rows, max_rows, fmt)
-        if schema is not None and schema.is_tensor_spec():
-            _check_tensor(data, schema)
-        elif schema is not None:
-            _check_unnamed(data, schema)
-    return ParsedInput(data=data, n_rows=n_rows, params=params, format=fmt)
+    n_rows = _raw_row_count(fmt, value)
+    _check_row_count(n_rows, max_rows, fmt)
+    index = _split_index(value) if fmt == "dataframe_split" else None
+    try:
+        columns = _columns(fmt, value)
+    except RouterError as exc:  # only an error for models with named columns: see conform
+        return RawInput(fmt, n_rows, params, value, None, index, columns_error=exc)
+    return RawInput(fmt, n_rows, params, value, columns, index)
 
 
 # --- column-based signatures: raw columns from each format -----------------------------------
 
 
-def _columns(
-    fmt: str, value: Any, schema: Schema, max_rows: int
-) -> tuple[Columns, int, list[Any] | None]:
-    """Column name → raw values, the row count, and the dataframe_split index if given."""
+def _columns(fmt: str, value: Any) -> Columns | None:
+    """Column name -> raw values, or None when the input does not name its columns.
+
+    Raises for a shape that cannot be columns; the caller keeps the error for models with named
+    columns (other models are parsed by MLflow's own functions, which take other shapes).
+    """
     if fmt == "dataframe_split":
-        return _split_columns(value, schema, max_rows)
+        return _split_columns(value)
     if fmt == "dataframe_records":
         if not isinstance(value, list):
             raise BadRequest(f"{fmt} must be a list of objects, one per row")
-        _check_row_count(len(value), max_rows, fmt)
-        return _record_columns(value, fmt), len(value), None
+        return _record_columns(value, fmt)
     # instances / inputs: rows as objects, columns as an object of lists, or one column's values.
     if isinstance(value, dict):
-        columns, n_rows = _dict_columns(value, fmt)
-        _check_row_count(n_rows, max_rows, fmt)
-        return columns, n_rows, None
+        return _dict_columns(value, fmt)
     if not isinstance(value, list):
         raise BadRequest(f"{fmt} must be a list of rows or an object of columns")
-    _check_row_count(len(value), max_rows, fmt)
     if isinstance(value[0], dict):
-        return _record_columns(value, fmt), len(value), None
+        return _record_columns(value, fmt)
+    return None
+
+
+def _columns_for(raw: RawInput, schema: Schema) -> Columns:
+    """The input's columns for a model whose signature names its columns."""
+    if raw.columns_error is not None:
+        raise raw.columns_error
+    if raw.format == "csv":
+        return _csv_columns(raw, schema)
+    if raw.columns is not None:
+        return raw.columns
+    if raw.format == "dataframe_split":
+        raise InvalidInput(
+            f"{raw.format} needs 'columns' naming the model's inputs: "
+            f"{_names(schema.input_names())}"
+        )
     names = schema.input_names()
     if len(names) == 1:
-        return {str(names[0]): value}, len(value), None
+        return {str(names[0]): raw.value}
     raise InvalidInput(
-        f"{fmt} as a list of values needs one object per row naming the model's inputs "
+        f"{raw.format} as a list of values needs one object per row naming the model's inputs "
         f"({_names(names)}); for rows as lists use dataframe_split with 'columns'"
     )
 
 
-def _split_columns(
-    value: Any, schema: Schema, max_rows: int
-) -> tuple[Columns, int, list[Any] | None]:
+def _split_index(value: Any) -> list[Any] | None:
+    index = value.get("index") if isinstance(value, dict) else None
+    data = value.get("data") if isinstance(value, dict) else None
+    if index is not None and (
+        not isinstance(index, list) or not isinstance(data, list) or len(index) != len(data)
+    ):
+        n_rows = len(data) if isinstance(data, list) else 0
+        raise BadRequest(f"dataframe_split.index must be a list with one label per row ({n_rows})")
+    return index
+
+
+def _split_columns(value: Any) -> Columns | None:
     fmt = "dataframe_split"
     if (
         not isinstance(value, dict)
@@ -235,23 +305,17 @@ def _split_columns(
         raise BadRequest(f"{fmt}.data must be a list of rows")
     names = value.get("columns")
     if names is None:
-        raise InvalidInput(
-            f"{fmt} needs 'columns' naming the model's inputs: {_names(schema.input_names())}"
-        )
+        return None
     if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
         raise BadRequest(f"{fmt}.columns must be a list of column names (strings)")
     if len(set(names)) != len(names):
         duplicated = sorted({name for name in names if names.count(name) > 1})
         raise BadRequest(f"{fmt}.columns names a column more than once: {_names(duplicated)}")
-    _check_row_count(len(data), max_rows, fmt)
-    index = value.get("index")
-    if index is not None and (not isinstance(index, list) or len(index) != len(data)):
-        raise BadRequest(f"{fmt}.index must be a list with one label per row ({len(data)})")
     if len(names) == 1 and not isinstance(data[0], list):
-        return {names[0]: data}, len(data), index  # pandas takes a flat list for one column
+        return {names[0]: data}  # pandas takes a flat list for one column
     if set(map(type, data)) != {list} or set(map(len, data)) != {len(names)}:
         raise BadRequest(f"each row of {fmt}.data must be a list of {len(names)} values")
-    return dict(zip(names, zip(*data, strict=True), strict=True)), len(data), index
+    return dict(zip(names, zip(*data, strict=True), strict=True))
 
 
 def _record_columns(records: list[Any], fmt: str) -> Columns:
@@ -264,18 +328,18 @@ def _record_columns(records: list[Any], fmt: str) -> Columns:
     return {name: list(map(dict.get, records, repeat(name))) for name in names}
 
 
-def _dict_columns(value: dict[str, Any], fmt: str) -> tuple[Columns, int]:
+def _dict_columns(value: dict[str, Any], fmt: str) -> Columns:
     if not value:
         raise InvalidInput(f"no rows: {fmt} is empty")
     is_list = [isinstance(column, list) for column in value.values()]
     if not any(is_list):  # one row given as column -> value
-        return {name: [column] for name, column in value.items()}, 1
+        return {name: [column] for name, column in value.items()}
     lengths = {len(column) for column in value.values() if isinstance(column, list)}
     if not all(is_list) or len(lengths) != 1:
         raise BadRequest(
             f"{fmt} as an object of columns needs a list of the same length for every column"
         )
-    return value, lengths.pop()
+    return value
 
 
 # --- column-based signatures: checking and typing -------------------------------------------
@@ -462,22 +526,36 @@ def _check_unnamed(data: Any, schema: Schema) -> None:
 # --- CSV and Parquet --------------------------------------------------------------------------
 
 
-def _read_table(body: bytes, media_type: str, schema: Schema | None, max_rows: int) -> pd.DataFrame:
+def _read_table(body: bytes, media_type: str, max_rows: int) -> pd.DataFrame:
     if media_type == CONTENT_TYPE_PARQUET:
         try:
             return pd.read_parquet(io.BytesIO(body))
         except (ValueError, OSError) as exc:
             raise BadRequest(f"malformed Parquet: {exc}") from exc
-    # Strings stay strings ("007" is not 7); everything else is inferred, then checked.
-    dtypes: dict[str, Any] = {}
-    if _is_named_columns(schema):
-        assert schema is not None
-        dtypes = {str(spec.name): object for spec in schema.inputs if spec.type == DataType.string}
     try:
         # One row past the limit is enough to know the limit is exceeded.
-        return pd.read_csv(io.BytesIO(body), dtype=dtypes, nrows=max_rows + 1)
+        return _read_csv(body, nrows=max_rows + 1)
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise BadRequest(f"malformed CSV: {exc}") from exc
+
+
+def _read_csv(body: bytes, **options: Any) -> pd.DataFrame:
+    return pd.read_csv(io.BytesIO(body), **options)
+
+
+def _csv_columns(raw: RawInput, schema: Schema) -> Columns:
+    """A CSV's columns, with the signature's string columns read again as text ("007" not 7)."""
+    assert raw.columns is not None
+    text = [
+        str(spec.name)
+        for spec in schema.inputs
+        if spec.type == DataType.string and str(spec.name) in raw.columns
+    ]
+    if not text:
+        return raw.columns
+    # The body already parsed once, with these very rows: reading it again cannot fail.
+    strings = _read_csv(raw.body, usecols=text, dtype=object, nrows=raw.n_rows)
+    return {**raw.columns, **{name: strings[name] for name in text}}
 
 
 # --- helpers ----------------------------------------------------------------------------------

@@ -18,7 +18,13 @@ from mlflow.pyfunc import scoring_server
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
 from router.errors import BadRequest, InvalidInput, RouterError, UnsupportedMediaType
-from router.payload import FORMAT_KEYS, ParsedInput, parse_invocation
+from router.payload import (
+    FORMAT_KEYS,
+    ParsedInput,
+    conform,
+    decode_invocation,
+    parse_invocation,
+)
 
 JSON = "application/json"
 COLUMNS = ["tenure_months", "monthly_charges", "contract", "support_calls"]
@@ -498,3 +504,34 @@ def test_predictions_equal_mlflow_scoring(sklearn_model: Any, fmt: str) -> None:
     theirs = sklearn_model.predict(reference)
     assert ours.shape == (7, 2)
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_one_decoded_body_conforms_to_each_models_signature() -> None:
+    # A challenger that adds a column: clients send the union; each model gets its own columns.
+    challenger = Schema([*SCHEMA.inputs, ColSpec(DataType.double, "discount")])
+    rows = [{**row, "discount": 0.1} for row in ROWS]
+    raw = decode_invocation(json.dumps({"dataframe_records": rows}).encode(), JSON, 10)
+    assert (raw.format, raw.n_rows) == ("dataframe_records", 5)
+    champion_view = conform(raw, SCHEMA, extra_columns="ignore")
+    challenger_view = conform(raw, challenger)
+    assert list(_frame(champion_view).columns) == COLUMNS
+    assert list(_frame(challenger_view).columns) == [*COLUMNS, "discount"]
+    with pytest.raises(InvalidInput, match=r"missing column.*'discount'"):
+        conform(
+            decode_invocation(json.dumps({"dataframe_records": ROWS}).encode(), JSON, 10),
+            challenger,
+        )
+
+
+def test_decoding_does_not_need_a_signature() -> None:
+    split = json.loads(FRAME.to_json(orient="split"))
+    split["index"] = [10, 11, 12, 13, 14]
+    raw = decode_invocation(json.dumps({"dataframe_split": split}).encode(), JSON, 10)
+    assert raw.index == [10, 11, 12, 13, 14]
+    assert raw.columns is not None and list(raw.columns) == COLUMNS
+    # A shape only some models take is decoded; the error comes with a model that cannot take it.
+    raw = decode_invocation(b'{"inputs": [[1, 2, 3]]}', JSON, 10)
+    assert raw.columns is None
+    assert conform(raw, TENSOR).n_rows == 1
+    with pytest.raises(InvalidInput, match="list of values needs one object per row"):
+        conform(raw, SCHEMA)
