@@ -6,7 +6,6 @@ import argparse
 import copy
 import logging
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -36,15 +35,26 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _prepare_multiprocess_metrics() -> None:
-    """Several workers share metrics through files; stale files from a past run would add up."""
+def _prepare_multiprocess_metrics(workers: int) -> None:
+    """Metrics files of a past run would add their counts to this one's: remove them.
+
+    Several workers share metrics through files in ``PROMETHEUS_MULTIPROC_DIR`` (a temporary
+    directory when unset). With one worker the directory is used only when set.
+    """
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if directory:
-        shutil.rmtree(directory, ignore_errors=True)
-    else:
+    if not directory:
+        if workers == 1:
+            return
         directory = tempfile.mkdtemp(prefix="router-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     os.makedirs(directory, exist_ok=True)
+    from router.metrics import remove_stale_files
+
+    removed = remove_stale_files(directory)
+    if removed:
+        logging.getLogger("router").info(
+            "removed %d metrics files of past runs from %s", len(removed), directory
+        )
 
 
 def _log_config(level: str) -> dict[str, Any]:
@@ -87,12 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     workers = args.workers if args.workers is not None else settings.server.workers
+    _prepare_multiprocess_metrics(workers)
     if workers > 1:
+        from router.supervisor import Supervisor
+
         # Workers rebuild the app from the environment: pass the config path along.
         if args.config:
             os.environ["ROUTER_CONFIG"] = os.path.abspath(args.config)
-        _prepare_multiprocess_metrics()
-        uvicorn.run(
+        config = uvicorn.Config(
             "router.app:app_from_env",
             factory=True,
             host=host,
@@ -102,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_config=log_config,
             timeout_graceful_shutdown=30,
         )
-        return 0
+        return Supervisor(config, workers).run()
     from router.app import create_app
 
     uvicorn.run(

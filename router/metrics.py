@@ -8,8 +8,10 @@ files and :func:`render` aggregates them with a fresh ``MultiProcessCollector`` 
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter as TallyCounter
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -48,9 +50,41 @@ ARM_VERSION = ("arm", "model_version")
 FALLBACK_REASONS = ("challenger_error", "shadow_error")
 
 
+# prometheus_client's per-process files: <kind>_<pid>.db (values.MultiProcessValue).
+_METRICS_FILE = re.compile(r"(?:counter|histogram|summary|gauge_[a-z]+)_(\d+)\.db")
+
+
 def multiprocess_dir() -> str | None:
     """The multiprocess directory when several workers share metrics, else None."""
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def remove_stale_files(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the metrics files of processes that are gone (or of this pid, reused); return them.
+
+    Only prometheus_client's own ``<kind>_<pid>.db`` files are touched: the directory and anything
+    else in it stay, and so do the files of a live process sharing the directory.
+    """
+    removed = []
+    for path in Path(directory).iterdir():
+        match = _METRICS_FILE.fullmatch(path.name)
+        if match is None or not path.is_file():
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or not _alive(pid):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 class RouterMetrics:

@@ -1,0 +1,155 @@
+"""``--workers N`` process hygiene and sockets: TCP_NODELAY on accepted connections, workers that
+die with their supervisor, a clean restart on the same port, and a metrics directory of which only
+the router's own stale files are removed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from router.metrics import remove_stale_files
+from router.supervisor import claim_port, listening_socket
+from tests.conftest import MlflowRegistry
+from tests.live_router import http_client, split_body, wait_until
+from tests.metrics_text import Scrape
+from tests.router_process import EXIT_DEADLINE_S, group_members, router_process
+
+FreshRegistry = Callable[[], MlflowRegistry]
+
+
+async def _hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    assert scope["type"] == "http"
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+@contextmanager
+def _serving(sock: socket.socket) -> Iterator[uvicorn.Server]:
+    config = uvicorn.Config(_hello, lifespan="off", log_config=None, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, "the server to start")
+        yield server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_accepted_connections_have_tcp_nodelay() -> None:
+    """A worker's listening socket says it is TCP, so asyncio disables Nagle on every accepted
+    connection (without it each keep-alive response waits for the client's delayed ACK)."""
+    sock = listening_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    with _serving(sock) as server, httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        for _ in range(3):  # one keep-alive connection, reused
+            assert client.get("/").text == "hello"
+        connections = list(server.server_state.connections)
+        assert connections
+        for connection in connections:
+            accepted = connection.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_a_port_in_use_is_refused_even_by_reuse_port_sockets() -> None:
+    """Another router's (or an orphaned worker's) reuse-port listener makes the probe fail: two
+    routers never silently share one port."""
+    holder = listening_socket("127.0.0.1", 0)
+    port = holder.getsockname()[1]
+    with holder, pytest.raises(OSError, match="in use"):
+        claim_port("127.0.0.1", port)
+    assert claim_port("127.0.0.1", port) == port  # free again once the listener is closed
+
+
+def _worker_pids(pgid: int, supervisor: int) -> list[int]:
+    return [pid for pid in group_members(pgid) if pid != supervisor]
+
+
+def test_workers_exit_when_the_supervisor_is_killed_and_a_restart_binds(
+    fresh_registry: FreshRegistry, tmp_path: Path
+) -> None:
+    registry = fresh_registry()
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    with router_process(registry, first_dir, workers=2) as first:
+        supervisor = first.process.pid
+        assert len(_worker_pids(supervisor, supervisor)) >= 2  # the workers (and spawn's helper)
+        with http_client(first.base_url) as client:
+            assert client.get("/healthz").status_code == 200
+            first.process.send_signal(signal.SIGKILL)  # a crash: no chance to stop the workers
+            first.process.wait(timeout=EXIT_DEADLINE_S)
+            # Bounded, not timed: the orphans notice and shut down (gracefully, on SIGTERM).
+            wait_until(
+                lambda: not group_members(supervisor),
+                "the orphaned workers to exit",
+                timeout_s=EXIT_DEADLINE_S,
+            )
+        output = first.output_text()
+        assert output.count("Application shutdown complete.") == 2, output
+        port = first.port
+
+    with (
+        router_process(registry, second_dir, workers=2, port=port) as second,
+        http_client(second.base_url) as client,
+    ):
+        assert client.get("/readyz").status_code == 200
+
+
+def test_metrics_files_of_past_runs_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    dead = int(ended.stdout)
+    alive = os.getppid()  # pytest's parent: another process, running
+    names = {
+        "stale": [f"counter_{dead}.db", f"gauge_livesum_{dead}.db", f"histogram_{os.getpid()}.db"],
+        "kept": [f"counter_{alive}.db", "notes.txt", "counter_x.db", "mine.db"],
+    }
+    for name in names["stale"] + names["kept"]:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / f"counter_{dead}.d").mkdir()
+
+    removed = remove_stale_files(tmp_path)
+
+    assert sorted(p.name for p in removed) == sorted(names["stale"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [*names["kept"], f"counter_{dead}.d"]
+    )
+
+
+def test_a_fresh_single_worker_start_does_not_add_past_counts(
+    fresh_registry: FreshRegistry, tmp_path: Path
+) -> None:
+    """One worker with ``PROMETHEUS_MULTIPROC_DIR`` set (as in the container): the counts of the
+    previous run must not be added to the new one's."""
+    registry = fresh_registry()
+    metrics_dir = tmp_path / "prometheus"
+    metrics_dir.mkdir()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    body = split_body(registry.holdout.iloc[:1])
+    for run, requests in (("first", 5), ("second", 3)):
+        with router_process(registry, tmp_path, env=env, name=run) as router:
+            with http_client(router.base_url) as client:
+                for _ in range(requests):
+                    assert client.post("/invocations", json=body).status_code == 200
+                total = Scrape.parse(client.get("/metrics").text).total("router_requests_total")
+            router.process.send_signal(signal.SIGTERM)
+            router.process.wait(timeout=EXIT_DEADLINE_S)
+        assert total == requests, run
