@@ -102,11 +102,13 @@ def test_workers_exit_when_the_supervisor_is_killed_and_a_restart_binds(
         assert output.count("Application shutdown complete.") == 2, output
         port = first.port
 
+    # router_process waits for /readyz 200 from the new router on the same port.
     with (
         router_process(registry, second_dir, workers=2, port=port) as second,
         http_client(second.base_url) as client,
     ):
-        assert client.get("/readyz").status_code == 200
+        assert client.get("/healthz").status_code == 200
+        assert second.process.poll() is None
 
 
 def test_metrics_files_of_past_runs_are_removed_and_nothing_else(tmp_path: Path) -> None:
