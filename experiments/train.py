@@ -51,9 +51,11 @@ from experiments.demo_data import (
     make_churn_data,
 )
 
-# skops refuses to load types it does not know; this is the only one our pipelines add.
+# skops refuses to load types it does not know; these are the ones our models add (the demo's
+# gradient boosting; the benchmark's decision tree and random forest, see bench/models.py).
 SKOPS_TRUSTED_TYPES: list[str] = [
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.tree._tree.Tree",
 ]
 # Explicit requirements: MLflow otherwise infers them by importing and inspecting the
 # environment, which is slow and warns when it cannot pin a version.
