@@ -45,6 +45,9 @@ def _free_port() -> int:
         return port
 
 
+OUTCOME_WINDOW_S = 2.0
+
+
 def _say(text: str) -> None:
     print(f"\n=== {text}", flush=True)
 
@@ -62,6 +65,8 @@ def _write_config(workdir: Path, port: int, challenger_weight: float) -> Path:
             "metric": "accuracy",
             "planned_samples": 6000,
             "min_samples_per_arm": 500,
+            # Feedback arrives within 1.5 s here (traffic.py); a real deployment keeps the week.
+            "outcome_window_s": OUTCOME_WINDOW_S,
             # The challenger is a bigger model (gradient boosting vs logistic regression): about
             # twice the predict time, both far below a 250 ms SLO. This team accepts that price
             # for the accuracy; the guardrail still rejects anything slower than 2.5x.
@@ -285,6 +290,7 @@ def describe(experiment: dict[str, Any]) -> str:
 
 def evaluate(config: Path, workdir: Path, tag: str) -> int:
     """Run the CLI exactly as a data scientist or a CronJob would."""
+    time.sleep(OUTCOME_WINDOW_S)  # the last predictions are judged once their window has closed
     command = [
         str(Path(sys.executable).with_name("evaluate_and_promote")),
         "--config",

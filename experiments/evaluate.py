@@ -1,17 +1,17 @@
 """Evaluate the current experiment: read the registry and the prediction log, then judge.
 
-The experiment is the version pair behind ``@champion``/``@challenger`` right now
-(:func:`router.logschema.experiment_id`). This module does the reading: the aliases from the
-registry, the experiment's rows from the prediction log (outcome windows closed by ``now``) and,
-when configured, Prometheus's guardrail series. :func:`experiments.judge.judge` turns the rows into
-the :class:`~experiments.judge.Evaluation`, without I/O.
+The experiment is the version pair behind ``@champion``/``@challenger`` right now: the router
+logs :func:`router.logschema.experiment_id` of the versions it has *loaded*, so the id read here is
+the one it writes once it serves the current aliases (when the log has none, the report lists the
+ids it does have). This module does the reading: the aliases from the registry, the experiment's
+sufficient statistics from the prediction log (:mod:`experiments.aggregate`, in SQL) and, when
+configured, Prometheus's guardrail series. :func:`experiments.judge.judge` turns them into the
+:class:`~experiments.judge.Evaluation`, without I/O.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,11 +19,13 @@ import sqlalchemy as sa
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from experiments.decision import row_metric
-from experiments.judge import AliasSnapshot, Evaluation, LoggedRequest, MetricRow, judge
+from experiments.aggregate import MetricUnusable, read_summary
+from experiments.decision import CAPPED_BY_DEFAULT
+from experiments.judge import AliasSnapshot, Evaluation, judge
 from experiments.promquery import PrometheusGuardrails, read_guardrails
+from experiments.sufficient import LogSummary
 from router import logschema
-from router.config import MetricName, Settings
+from router.config import Settings
 
 # AliasSnapshot and Evaluation live in experiments.judge; they are this module's inputs and output.
 __all__ = [
@@ -86,62 +88,73 @@ def _require_sqlite_file(url: str, what: str, error: type[EvaluationError]) -> N
             raise error(f"{what}: no database file at {path}")
 
 
-def _load(
-    url: str, eid: str, cutoff: float, window_s: float, metric: MetricName
-) -> tuple[dict[str, list[LoggedRequest]], list[MetricRow], int]:
-    """Requests (row 0 of each arm's rows) and metric rows with closed outcomes."""
+def _cap_quantile(settings: Settings) -> float | None:
+    exp = settings.experiment
+    on = exp.capping == "on" or (exp.capping == "auto" and exp.metric in CAPPED_BY_DEFAULT)
+    return exp.cap_quantile if on else None
+
+
+def _load(settings: Settings, eid: str, cutoff: float) -> tuple[LogSummary, str | None]:
+    """The experiment's sufficient statistics, and why there are none (ids the log does have)."""
+    url = settings.prediction_log.url
+    exp = settings.experiment
     _require_sqlite_file(url, "prediction log", PredictionLogUnavailable)
-    p, o = logschema.predictions, logschema.outcomes
+    p = logschema.predictions
     try:
         engine = sa.create_engine(url)
     except (sa.exc.ArgumentError, ImportError) as exc:
         raise PredictionLogUnavailable(f"prediction log URL {url!r}: {exc}") from exc
     try:
         with engine.connect() as conn:
-            if not sa.inspect(conn).has_table(p.name):
-                raise PredictionLogUnavailable(
-                    f"prediction log at {engine.url!r} has no {p.name!r} table (has a router run?)"
-                )
-            has_outcomes = sa.inspect(conn).has_table(o.name)
-            requests: dict[str, list[LoggedRequest]] = defaultdict(list)
-            query = sa.select(
-                p.c.request_id, p.c.arm, p.c.status, p.c.latency_s, p.c.ts, p.c.routing_key_hash
-            ).where(p.c.experiment_id == eid, p.c.row_index == 0)
-            for rid, arm, status, latency, ts, unit in conn.execute(query):
-                requests[rid].append(LoggedRequest(arm, status, latency, ts, unit))
-            scored: list[MetricRow] = []
-            skipped = 0
-            if has_outcomes:
-                joined = (
-                    sa.select(
-                        p.c.request_id,
-                        p.c.row_index,
-                        p.c.arm,
-                        p.c.ts,
-                        p.c.score,
-                        p.c.predicted_class,
-                        o.c.outcome,
-                        o.c.outcome_value,
-                        o.c.ts,
+            inspector = sa.inspect(conn)
+            for table in (p.name, logschema.outcomes.name):
+                if not inspector.has_table(table):
+                    raise PredictionLogUnavailable(
+                        f"prediction log at {engine.url!r} has no {table!r} table "
+                        "(has a router run?)"
                     )
-                    .join(
-                        o,
-                        sa.and_(o.c.request_id == p.c.request_id, o.c.row_index == p.c.row_index),
+            summary = read_summary(
+                conn,
+                eid,
+                metric=exp.metric,
+                cutoff=cutoff,
+                window_s=exp.outcome_window_s,
+                cap_quantile=_cap_quantile(settings),
+            )
+            missing = None
+            if summary.empty:
+                others = [
+                    i
+                    for (i,) in conn.execute(
+                        sa.select(p.c.experiment_id)
+                        .where(p.c.model_name == settings.model.name)
+                        .distinct()
+                        .limit(10)
                     )
-                    .where(p.c.experiment_id == eid, p.c.status == "ok", p.c.ts <= cutoff)
+                ]
+                missing = (
+                    f"No predictions are logged for experiment {eid!r} (the router writes the "
+                    "versions it has loaded; has it picked up the current aliases?). "
+                    + (
+                        f"The log has: {', '.join(sorted(others))}."
+                        if others
+                        else f"The log has no rows for model {settings.model.name!r}."
+                    )
                 )
-                for rid, idx, arm, ts, score, cls, outcome, value, o_ts in conn.execute(joined):
-                    v = row_metric(metric, score, cls, outcome, value)
-                    if v is None or not math.isfinite(v):
-                        skipped += 1
-                        continue
-                    scored.append(MetricRow(rid, idx, arm, v, max(ts + window_s, o_ts)))
+    except MetricUnusable as exc:
+        raise EvaluationError(str(exc)) from exc
     except sa.exc.SQLAlchemyError as exc:
         reason = str(exc.orig) if isinstance(exc, sa.exc.DBAPIError) else str(exc)
+        if "out of range" in reason or "overflow" in reason:
+            raise EvaluationError(
+                f"{exp.metric} overflows double precision in the database (a score or outcome of "
+                "magnitude above ~1e154): cap the metric (experiment.capping: on) or fix the "
+                "model's output"
+            ) from exc
         raise PredictionLogUnavailable(f"prediction log at {engine.url!r}: {reason}") from exc
     finally:
         engine.dispose()
-    return requests, scored, skipped
+    return summary, missing
 
 
 def evaluate(
@@ -166,10 +179,10 @@ def evaluate(
     exp = settings.experiment
     eid = logschema.experiment_id(name, snapshot.champion, snapshot.challenger)
     cutoff = now - exp.outcome_window_s
-    requests, scored, skipped = _load(
-        settings.prediction_log.url, eid, cutoff, exp.outcome_window_s, exp.metric
-    )
-    evaluation = judge(settings, snapshot, eid, requests, scored, now=now, skipped=skipped)
+    summary, missing = _load(settings, eid, cutoff)
+    evaluation = judge(settings, snapshot, eid, summary, now=now, no_data_reason=None)
+    if missing is not None and snapshot.challenger is not None:
+        evaluation = replace(evaluation, reason=missing)
     if settings.prometheus.url and evaluation.started_at is not None:
         prom = read_guardrails(
             settings.prometheus.url,

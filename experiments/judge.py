@@ -1,46 +1,52 @@
-"""Judging an experiment, without I/O: logged rows in, per-arm figures and a decision out.
+"""Judging an experiment, without I/O: sufficient statistics in, per-arm figures and a decision out.
 
-Only rows whose outcome window has closed count (``ts <= now - experiment.outcome_window_s``, the
-same cutoff for both arms; :mod:`experiments.evaluate` reads them), and only rows the arm itself
-scored (status ``ok``): failures are the error-rate guardrail's business.
+The steps, in the order :func:`judge` takes them:
 
-Attribution in split mode follows the router (``router/service.py``): a request assigned to the
-challenger that failed leaves a ``challenger`` row with status ``error`` and a ``champion`` row
-with status ``fallback`` (the champion answered). Such a request is the challenger's: it counts
-once, as a challenger assignment and a challenger error, and never in the champion's figures.
-
-In shadow mode (``shadow`` rows instead of ``challenger`` rows) every request is scored by both,
-so there is no ratio to check; the comparison uses the pairs (same request id and row index, both
-scored, outcome window closed).
+1. **attribute**: done by the log itself (intent-to-treat, :mod:`router.logschema`): every request
+   counts in the arm it was assigned to, a challenger that fell back keeps its request with the
+   answer actually served; client errors are nobody's; only predictions whose outcome window has
+   closed are judged, and only outcomes that arrived within it (:mod:`experiments.aggregate`).
+2. **units**: the unit of analysis is the unit of randomisation: users (routing keys) when
+   assignment is sticky, else requests. Each arm's metric is a ratio over units with a
+   cluster-robust (delta-method) variance (:class:`experiments.stats.UnitMoments`).
+3. **checks**: validity (sample ratio of units, requests per unit, feedback coverage), then
+   enough data (rows, and events and non-events of a 0/1 metric), then the guardrails.
+4. **decide**: :func:`experiments.decision.decide`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
 from dataclasses import dataclass, field
-from typing import Literal
-
-import numpy as np
 
 from experiments import stats
 from experiments.decision import (
+    BINARY_METRICS,
     EXIT_CODES,
+    GUARDRAIL_SHARE,
     HIGHER_IS_BETTER,
+    METRIC_SHARE,
+    VALIDITY_THRESHOLD,
+    Check,
     Decision,
     Difference,
     GuardrailResult,
+    arm_estimate,
     arm_interval,
+    coverage_check,
     decide,
     error_rate_guardrail,
+    events_shortfall,
     latency_guardrail,
     paired_difference,
+    requests_per_unit_check,
+    sample_ratio_check,
     split_difference,
 )
 from experiments.promquery import PrometheusGuardrails
+from experiments.sufficient import ArmData, LatencyHistogram, LogSummary, Mode
 from router.config import MetricName, Settings
 
-Mode = Literal["split", "shadow"]
-_SERIES_POINTS = 60
 _HIST_BINS = 30
 
 
@@ -66,12 +72,16 @@ class LatencySummary:
 class ArmSummary:
     arm: str  # champion | challenger | shadow
     version: str | None
-    requests: int  # assigned requests (split) or requests scored (shadow)
-    errors: int
-    n: int  # rows with a closed outcome that enter the metric
+    requests: int  # assigned requests (client errors excluded)
+    errors: int  # requests that failed for a model fault
+    n: int  # rows with an outcome inside the window that enter the metric
     metric_mean: float | None
     metric_interval: stats.Interval | None
     latency: LatencySummary
+    units: int = 0
+    fallbacks: int = 0
+    client_errors: int = 0
+    coverage: float | None = None  # share of matured predictions with an outcome
 
     @property
     def error_rate(self) -> float | None:
@@ -80,7 +90,7 @@ class ArmSummary:
 
 @dataclass(frozen=True)
 class SeriesPoint:
-    """The confidence sequence of the difference once the first ``n`` outcomes had arrived."""
+    """The confidence sequence of the difference as of predictions made up to ``ts``."""
 
     ts: float
     n_champion: int
@@ -119,177 +129,104 @@ class Evaluation:
     prometheus: PrometheusGuardrails | None = None
     skipped_rows: int = 0  # rows with an outcome the metric could not use (e.g. no score)
     notes: tuple[str, ...] = field(default=())
+    unit: str = "request"  # what was randomised: "user (routing key)" or "request"
+    checks: tuple[Check, ...] = ()
+    cap: float | None = None  # the row metric was capped (winsorised) at this value
+    max_samples: int = 0
 
     @property
     def exit_code(self) -> int:
         return EXIT_CODES[self.decision]
 
 
-@dataclass(frozen=True)
-class LoggedRequest:
-    """Row 0 of one arm's rows for one request: who was asked, how it went."""
-
-    arm: str
-    status: str
-    latency_s: float
-    ts: float
-    unit: str | None = None  # the hashed routing key: the unit sticky assignment randomises
-
-
-@dataclass(frozen=True)
-class MetricRow:
-    """One scored row with a closed outcome, as its per-row metric value."""
-
-    request_id: str
-    row_index: int
-    arm: str
-    value: float
-    available_at: float  # when this row could first enter the evaluation
-
-
 def judge(
     settings: Settings,
     aliases: AliasSnapshot,
     eid: str,
-    requests: dict[str, list[LoggedRequest]],
-    scored: Sequence[MetricRow],
+    summary: LogSummary,
     *,
     now: float,
-    skipped: int = 0,
+    no_data_reason: str | None = None,
 ) -> Evaluation:
-    """Pure: turn the rows read from the log into per-arm figures and a decision."""
+    """Pure: turn the log's sufficient statistics into per-arm figures and a decision."""
     exp = settings.experiment
-    mode = _mode(requests, settings.routing.mode)
-    no_data: str | None = None
-    if aliases.challenger is None:
-        no_data = (
-            f"No @{settings.model.challenger_alias} alias is set on {settings.model.name!r}: "
-            "there is no experiment to judge."
-        )
-    elif not requests:
-        no_data = f"No predictions are logged for experiment {eid!r}."
-    elif mode is None:
-        no_data = "Both challenger and shadow rows are logged for this experiment: modes mixed."
-    mode = mode or settings.routing.mode
-    other = "shadow" if mode == "shadow" else "challenger"
-
-    # Guardrail inputs: who was assigned each request, who failed, how long the arm took.
-    assigned: dict[str, int] = {"champion": 0, other: 0}
-    errors: dict[str, int] = {"champion": 0, other: 0}
-    latencies: dict[str, list[float]] = {"champion": [], other: []}
-    champion_owned: set[str] = set()
-    # Sticky assignment randomises users, not requests: the sample-ratio test counts distinct
-    # units (a request without a routing key is its own unit), else heavy users fake a mismatch.
-    units: dict[str, set[str]] = {"champion": set(), other: set()}
-    for rid, logged in requests.items():
-        by_arm = {r.arm: r for r in logged}
-        if mode == "split":
-            fell_back = (
-                by_arm.get("champion") is not None and by_arm["champion"].status == "fallback"
-            )
-            owner = "challenger" if "challenger" in by_arm or fell_back else "champion"
-            if owner == "champion":
-                champion_owned.add(rid)
-            mine = by_arm.get(owner)
-            assigned[owner] += 1
-            units[owner].add(next((r.unit for r in logged if r.unit), rid))
-            if mine is None or mine.status != "ok" or fell_back:
-                errors[owner] += 1
-            elif mine.latency_s > 0:
-                latencies[owner].append(mine.latency_s)
-        else:
-            for arm, r in by_arm.items():
-                if arm not in assigned:
-                    continue
-                assigned[arm] += 1
-                if r.status != "ok":
-                    errors[arm] += 1
-                elif r.latency_s > 0:
-                    latencies[arm].append(r.latency_s)
-
-    # Metric rows: in split mode only the champion's own requests count on its side.
-    rows = [
-        s
-        for s in scored
-        if s.arm == other
-        or (s.arm == "champion" and (mode == "shadow" or s.request_id in champion_owned))
-    ]
+    mode: Mode = summary.mode or settings.routing.mode
     higher = HIGHER_IS_BETTER[exp.metric]
-    values: dict[str, list[float]] = {"champion": [], other: []}
-    series: tuple[SeriesPoint, ...]
-    if mode == "shadow":
-        pairs = _pairs(rows, other)
-        values["champion"] = [c.value for c, _ in pairs]
-        values[other] = [t.value for _, t in pairs]
-        series = _paired_series(pairs, exp.planned_samples, exp.alpha, higher)
-    else:
-        ordered = sorted(rows, key=lambda s: s.available_at)
-        for s in ordered:
-            values[s.arm].append(s.value)
-        series = _split_series(ordered, other, exp.planned_samples, exp.alpha, higher)
-    arm_stats = {arm: stats.ArmStats.from_values(v) for arm, v in values.items()}
+    binary = exp.metric in BINARY_METRICS
+    alpha_metric = exp.alpha * METRIC_SHARE
+    alpha_guard = exp.alpha * GUARDRAIL_SHARE
+    planned = exp.planned_samples
+    max_samples = exp.max_samples or 5 * planned
+    champ, chall = summary.champion, summary.challenger
 
+    # 1-2. attribute and units: done in the log and in SQL; here, only what is missing.
+    no_data = no_data_reason or _no_data(settings, aliases, eid, summary)
+
+    # 3. checks: validity first (they make the comparison meaningless), then enough data.
+    checks: tuple[Check, ...] = ()
     srm: stats.SrmResult | None = None
-    if mode == "split":
+    if mode == "split" and no_data is None:
         w = settings.routing.challenger_weight
-        unit_counts = {arm: len(members) for arm, members in units.items()}
-        srm = stats.sample_ratio_test(unit_counts, {"champion": 1.0 - w, "challenger": w})
+        units = {"champion": champ.units, "challenger": chall.units}
+        srm = stats.sequential_srm(
+            units, {"champion": 1.0 - w, "challenger": w}, VALIDITY_THRESHOLD
+        )
+        checks = (
+            sample_ratio_check(srm),
+            requests_per_unit_check(
+                champ.requests_per_unit, chall.requests_per_unit, exp.planned_samples
+            ),
+            coverage_check(champ.coverage, chall.coverage, exp.planned_samples),
+        )
+    elif no_data is None:
+        checks = (coverage_check(champ.coverage, chall.coverage, exp.planned_samples),)
+    n_champ, n_chall = champ.metric.rows, chall.metric.rows
 
-    n_champ, n_chall = arm_stats["champion"].n, arm_stats[other].n
-    guardrails: tuple[GuardrailResult, ...] = ()
     difference: Difference | None = None
-    if no_data is None and min(n_champ, n_chall) >= 2:
-        if mode == "shadow":
-            difference = paired_difference(
-                values["champion"], values[other], exp.planned_samples, exp.alpha, higher
-            )
-        else:
-            difference = split_difference(
-                arm_stats["champion"], arm_stats[other], exp.planned_samples, exp.alpha, higher
-            )
+    guardrails: tuple[GuardrailResult, ...] = ()
+    shortfall: str | None = None
+    overflow = _overflow(summary, exp.metric)
+    if overflow is not None:
+        no_data = no_data or overflow
+    elif no_data is None and min(champ.metric.n, chall.metric.n) >= 2 and min(n_champ, n_chall):
+        shortfall = events_shortfall(champ.metric, chall.metric, exp.metric)
+        difference = _difference(summary, binary, exp.planned_samples, alpha_metric, higher)
         g = exp.guardrails
         guardrails = (
             error_rate_guardrail(
-                errors["champion"],
-                assigned["champion"],
-                errors[other],
-                assigned[other],
+                champ.faults,
+                chall.faults,
                 g.max_error_rate_increase,
+                exp.planned_samples,
+                alpha_guard,
             ),
             latency_guardrail(
-                latencies["champion"], latencies[other], g.max_latency_p95_increase, exp.alpha
+                champ.latency,
+                chall.latency,
+                g.max_latency_p95_increase,
+                exp.planned_samples,
+                alpha_guard,
             ),
         )
+
+    # 4. decide.
     decision, reason = decide(
-        srm=srm,
         no_data_reason=no_data,
+        checks=checks,
         n_champion=n_champ,
         n_challenger=n_chall,
         min_samples_per_arm=exp.min_samples_per_arm,
+        too_few_events=shortfall,
         guardrails=guardrails,
         difference=difference,
         min_effect=exp.min_effect,
+        units_total=champ.metric.n + chall.metric.n,
+        max_samples=max_samples,
         metric=exp.metric,
     )
-    edges = _hist_edges(latencies["champion"] + latencies[other])
-    summaries = {
-        arm: ArmSummary(
-            arm=arm,
-            version=aliases.champion if arm == "champion" else aliases.challenger,
-            requests=assigned[arm],
-            errors=errors[arm],
-            n=arm_stats[arm].n,
-            metric_mean=arm_stats[arm].mean if arm_stats[arm].n else None,
-            metric_interval=(
-                arm_interval(arm_stats[arm], exp.planned_samples, exp.alpha)
-                if arm_stats[arm].n >= 2
-                else None
-            ),
-            latency=_latency_summary(latencies[arm], edges),
-        )
-        for arm in ("champion", other)
-    }
-    started = min((r.ts for rs in requests.values() for r in rs), default=None)
+    other = "shadow" if mode == "shadow" else "challenger"
+    edges = _hist_edges(champ.latency, chall.latency)
+    versions = {"champion": aliases.champion, other: aliases.challenger}
     return Evaluation(
         decision=decision,
         reason=reason,
@@ -306,103 +243,129 @@ def judge(
         outcome_window_s=exp.outcome_window_s,
         evaluated_at=now,
         cutoff=now - exp.outcome_window_s,
-        started_at=started,
-        champion=summaries["champion"],
-        challenger=summaries[other],
+        started_at=summary.first_ts,
+        champion=_arm_summary("champion", versions, champ, edges, binary, planned, alpha_metric),
+        challenger=_arm_summary(other, versions, chall, edges, binary, planned, alpha_metric),
         difference=difference,
         srm=srm,
         guardrails=guardrails,
-        series=series,
-        skipped_rows=skipped,
+        series=_series(summary, binary, exp.planned_samples, alpha_metric, higher),
+        skipped_rows=champ.skipped + chall.skipped,
+        unit="user (routing key)" if summary.keyed else "request",
+        checks=checks,
+        cap=summary.cap,
+        max_samples=max_samples,
     )
 
 
-def _mode(requests: dict[str, list[LoggedRequest]], configured: Mode) -> Mode | None:
-    arms = {r.arm for rows in requests.values() for r in rows}
-    if "shadow" in arms and "challenger" in arms:
-        return None
-    if "shadow" in arms:
-        return "shadow"
-    if "challenger" in arms:
-        return "split"
-    return configured
+def _no_data(settings: Settings, aliases: AliasSnapshot, eid: str, s: LogSummary) -> str | None:
+    if aliases.challenger is None:
+        return (
+            f"No @{settings.model.challenger_alias} alias is set on {settings.model.name!r}: "
+            "there is no experiment to judge."
+        )
+    if s.empty:
+        return f"No predictions are logged for experiment {eid!r}."
+    if s.mode is None:
+        return "Both challenger and shadow rows are logged for this experiment: modes mixed."
+    return None
 
 
-def _pairs(rows: Sequence[MetricRow], other: str) -> list[tuple[MetricRow, MetricRow]]:
-    champion = {(s.request_id, s.row_index): s for s in rows if s.arm == "champion"}
-    pairs = [
-        (champion[(s.request_id, s.row_index)], s)
-        for s in rows
-        if s.arm == other and (s.request_id, s.row_index) in champion
-    ]
-    pairs.sort(key=lambda p: max(p[0].available_at, p[1].available_at))
-    return pairs
+def _overflow(summary: LogSummary, metric: MetricName) -> str | None:
+    for arm, data in (("champion", summary.champion), ("challenger", summary.challenger)):
+        if not data.metric.finite:
+            return (
+                f"The {arm}'s {metric} overflows double precision (a score or outcome of "
+                "magnitude above ~1e154): cap the metric (experiment.capping: on) or fix the "
+                "model's output."
+            )
+    return None
 
 
-def _checkpoints(n: int) -> list[int]:
-    if n == 0:
-        return []
-    return sorted({max(1, round(n * k / _SERIES_POINTS)) for k in range(1, _SERIES_POINTS + 1)})
+def _difference(
+    s: LogSummary, binary: bool, planned: int, alpha: float, higher: bool
+) -> Difference:
+    if s.paired is not None:
+        return paired_difference(s.paired, s.champion.metric.mean, planned, alpha, higher)
+    return split_difference(
+        arm_estimate(s.champion.metric, binary),
+        arm_estimate(s.challenger.metric, binary),
+        planned,
+        alpha,
+        higher,
+    )
 
 
-def _split_series(
-    ordered: Sequence[MetricRow], other: str, planned: int, alpha: float, higher: bool
+def _arm_summary(
+    arm: str,
+    versions: dict[str, str | None],
+    data: ArmData,
+    edges: tuple[float, ...],
+    binary: bool,
+    planned: int,
+    alpha: float,
+) -> ArmSummary:
+    m = data.metric
+    interval = None
+    if m.n >= 2 and m.sum_y > 0 and m.finite:
+        interval = arm_interval(arm_estimate(m, binary), planned, alpha)
+    return ArmSummary(
+        arm=arm,
+        version=versions.get(arm),
+        requests=data.requests,
+        errors=data.faulted,
+        n=m.rows,
+        metric_mean=m.mean if m.sum_y > 0 and m.finite else None,
+        metric_interval=interval,
+        latency=_latency_summary(data.latency, edges),
+        units=data.units,
+        fallbacks=data.fallbacks,
+        client_errors=data.client_errors,
+        coverage=data.coverage.mean if data.coverage.sum_y > 0 else None,
+    )
+
+
+def _series(
+    s: LogSummary, binary: bool, planned: int, alpha: float, higher: bool
 ) -> tuple[SeriesPoint, ...]:
-    """The difference's confidence sequence at up to 60 points as outcomes accumulated."""
-    is_t = np.array([s.arm == other for s in ordered], dtype=bool)
-    v = np.array([s.value for s in ordered], dtype=np.float64)
-    cum = {
-        flag: (np.cumsum(mask), np.cumsum(v * mask), np.cumsum(v * v * mask))
-        for flag, mask in ((False, (~is_t).astype(float)), (True, is_t.astype(float)))
-    }
+    """The difference's confidence sequence as predictions accumulated (running sums)."""
+    c = t = stats.UnitMoments.zero()
     points: list[SeriesPoint] = []
-    for k in _checkpoints(len(ordered)):
-        i = k - 1
-        c = stats.ArmStats(int(cum[False][0][i]), float(cum[False][1][i]), float(cum[False][2][i]))
-        t = stats.ArmStats(int(cum[True][0][i]), float(cum[True][1][i]), float(cum[True][2][i]))
-        if c.n < 2 or t.n < 2:
+    for piece in s.series:
+        c, t = c + piece.champion, t + piece.challenger
+        if min(c.n, t.n) < 2 or min(c.sum_y, t.sum_y) <= 0 or not (c.finite and t.finite):
             continue
-        d = split_difference(c, t, planned, alpha, higher).absolute
-        points.append(SeriesPoint(ordered[i].available_at, c.n, t.n, d.estimate, d.lower, d.upper))
+        if s.paired is not None:  # shadow: the challenger slot carries the differences
+            d = paired_difference(t, c.mean, planned, alpha, higher).absolute
+        else:
+            d = split_difference(
+                arm_estimate(c, binary), arm_estimate(t, binary), planned, alpha, higher
+            ).absolute
+        points.append(SeriesPoint(piece.ts, c.rows, t.rows, d.estimate, d.lower, d.upper))
     return tuple(points)
 
 
-def _paired_series(
-    pairs: Sequence[tuple[MetricRow, MetricRow]], planned: int, alpha: float, higher: bool
-) -> tuple[SeriesPoint, ...]:
-    sign = 1.0 if higher else -1.0
-    d = np.array([sign * (t.value - c.value) for c, t in pairs], dtype=np.float64)
-    n_cum, s_cum, q_cum = np.arange(1, len(d) + 1), np.cumsum(d), np.cumsum(d * d)
-    points: list[SeriesPoint] = []
-    for k in _checkpoints(len(d)):
-        if k < 2:
-            continue
-        i = k - 1
-        diffs = stats.ArmStats(int(n_cum[i]), float(s_cum[i]), float(q_cum[i]))
-        half = stats.cs_halfwidth(diffs.variance / k, k, planned, alpha)
-        at = max(pairs[i][0].available_at, pairs[i][1].available_at)
-        points.append(SeriesPoint(at, k, k, diffs.mean, diffs.mean - half, diffs.mean + half))
-    return tuple(points)
-
-
-def _hist_edges(latencies: Sequence[float]) -> tuple[float, ...]:
-    if not latencies:
+def _hist_edges(*hists: LatencyHistogram) -> tuple[float, ...]:
+    buckets = [b for h in hists for b in h.counts]
+    if not buckets:
         return ()
-    lo, hi = min(latencies), max(latencies)
-    if hi <= lo:
-        hi = lo * 1.01 + 1e-9
-    return tuple(float(x) for x in np.geomspace(lo, hi, _HIST_BINS + 1))
+    lo, hi = min(buckets), max(buckets) + 1
+    step = max(1, math.ceil((hi - lo) / _HIST_BINS))
+    return tuple(LatencyHistogram.edge(b) for b in range(lo, hi + step, step))
 
 
-def _latency_summary(latencies: Sequence[float], edges: tuple[float, ...]) -> LatencySummary:
-    if not latencies:
+def _latency_summary(hist: LatencyHistogram, edges: tuple[float, ...]) -> LatencySummary:
+    if hist.n == 0:
         return LatencySummary(0, None, None)
-    arr = np.asarray(latencies, dtype=np.float64)
-    counts = np.histogram(arr, bins=np.asarray(edges))[0] if edges else np.array([], dtype=int)
+    counts = [0] * max(len(edges) - 1, 0)
+    for b, n in hist.counts.items():
+        mid = math.sqrt(LatencyHistogram.edge(b) * LatencyHistogram.edge(b + 1))
+        i = next((k for k in range(len(counts)) if mid < edges[k + 1]), len(counts) - 1)
+        counts[i] += n
     return LatencySummary(
-        n=int(arr.size),
-        p50=float(np.quantile(arr, 0.5)),
-        p95=float(np.quantile(arr, 0.95)),
+        n=hist.n,
+        p50=hist.quantile(0.5),
+        p95=hist.quantile(0.95),
         hist_edges=edges,
-        hist_counts=tuple(int(c) for c in counts),
+        hist_counts=tuple(counts),
     )

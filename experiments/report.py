@@ -75,6 +75,8 @@ def text_table(evaluation: Evaluation) -> str:
         f"Experiment {e.experiment_id} ({e.mode} mode, metric {e.metric}, "
         f"{'higher' if e.higher_is_better else 'lower'} is better; alpha {e.alpha:g}, "
         f"N* {e.planned_samples}, outcome window {e.outcome_window_s:g} s)",
+        f"unit of analysis: {e.unit} (the unit of randomisation); intent-to-treat"
+        + (f"; {e.metric} capped at {e.cap:.4g}" if e.cap is not None else ""),
         "",
         f"{'arm':<11} {'version':>7} {'requests':>8} {'n':>7}  "
         f"{e.metric + f' ({level} CS)':<30} {'p50 ms':>8} {'p95 ms':>8} {'errors':>7}",
@@ -102,16 +104,15 @@ def text_table(evaluation: Evaluation) -> str:
         lines.append("difference: not computed (too few rows)")
     if e.srm is None:
         lines.append("sample ratio: not applicable (shadow mode: every request scored by both)")
-    elif not e.srm.checked:
-        lines.append("sample ratio: not checked yet (too few assignments)")
-    else:
-        observed = "/".join(str(v) for v in e.srm.observed.values())
-        expected = "/".join(f"{v:.0f}" for v in e.srm.expected.values())
-        verdict = "MISMATCH" if e.srm.mismatch else "ok"
-        lines.append(
-            f"sample ratio: p = {e.srm.p_value:.3g} "
-            f"(observed {observed}, expected {expected}) {verdict}"
-        )
+    for c in e.checks:
+        verdict = "not checked yet" if not c.checked else ("ok" if c.passed else "FAIL")
+        lines.append(f"check {c.name.replace('_', ' ')}: {verdict} ({c.detail})")
+    for a in (e.champion, e.challenger):
+        if a.fallbacks or a.client_errors:
+            lines.append(
+                f"{a.arm}: {a.fallbacks} fallbacks (judged on the answer served), "
+                f"{a.client_errors} client errors (not judged)"
+            )
     for g in e.guardrails:
         lines.append(f"guardrail {g.name}: {'pass' if g.passed else 'FAIL'} ({g.detail})")
     if not e.guardrails:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, Protocol, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -27,8 +27,11 @@ FloatArray = NDArray[np.float64]
 
 __all__ = [
     "ArmStats",
+    "Estimate",
     "Interval",
     "SrmResult",
+    "UnitMoments",
+    "binary_variance_floor",
     "cs_halfwidth",
     "cs_halfwidth_one_sided",
     "cs_rho_squared",
@@ -36,9 +39,11 @@ __all__ = [
     "difference_relative",
     "fixed_horizon_interval",
     "noninferiority_lower_bound",
+    "quantile_cs_ranks",
     "quantile_interval",
     "quantile_ratio_interval",
     "sample_ratio_test",
+    "sequential_srm",
     "welch_variance",
 ]
 
@@ -75,6 +80,11 @@ class ArmStats:
             return 0.0
         return max((self.total_sq - self.total * self.total / self.n) / (self.n - 1), 0.0)
 
+    @property
+    def mean_variance(self) -> float:
+        """Variance of the mean: s²/n (0 below two units)."""
+        return self.variance / self.n if self.n >= 2 else 0.0
+
     def __add__(self, other: ArmStats) -> ArmStats:
         return ArmStats(self.n + other.n, self.total + other.total, self.total_sq + other.total_sq)
 
@@ -91,6 +101,128 @@ class ArmStats:
         if not 0 <= successes <= n:
             raise ValueError(f"successes must be in [0, n={n}], got {successes}")
         return cls(n, float(successes), float(successes))
+
+
+class Estimate(Protocol):
+    """What the interval functions need of an arm: units, a mean and the variance of that mean."""
+
+    @property
+    def n(self) -> int: ...
+    @property
+    def mean(self) -> float: ...
+    @property
+    def mean_variance(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class UnitMoments:
+    """Summable sufficient statistics of a ratio metric over randomisation units.
+
+    Each unit u (a user under sticky assignment, else a request) contributes x_u (the metric
+    summed over its rows) and y_u (its number of rows). The arm's metric is Σx/Σy, the mean per
+    row; its variance is the delta method over units (cluster-robust), as GrowthBook's
+    ``RatioStatistic`` and Statsig compute user-level ratio metrics:
+
+        V = (s²_x/m_y² − 2·c_xy·m_x/m_y³ + s²_y·m_x²/m_y⁴) / n
+
+    with m, s², c the per-unit means, variances and covariance (ddof=1). When every unit is one
+    row (y ≡ 1) this is s²_x/n, the ordinary variance of a mean: one formula for both cases.
+    Rows of one user are correlated (a user the model gets wrong keeps being got wrong), so a
+    variance over rows would be too small and promote too often.
+    """
+
+    n: int  # units
+    sum_x: float
+    sum_y: float
+    sum_xx: float
+    sum_yy: float
+    sum_xy: float
+
+    def __post_init__(self) -> None:
+        if self.n < 0 or self.sum_y < 0:
+            raise ValueError(f"UnitMoments needs n >= 0 and sum_y >= 0, got {self}")
+
+    @classmethod
+    def zero(cls) -> UnitMoments:
+        return cls(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+    @classmethod
+    def from_units(cls, x: ArrayLike, y: ArrayLike) -> UnitMoments:
+        xs = np.asarray(x, dtype=np.float64).ravel()
+        ys = np.asarray(y, dtype=np.float64).ravel()
+        if xs.shape != ys.shape:
+            raise ValueError("x and y need one value per unit each")
+        return cls(
+            int(xs.size),
+            float(xs.sum()),
+            float(ys.sum()),
+            float(np.dot(xs, xs)),
+            float(np.dot(ys, ys)),
+            float(np.dot(xs, ys)),
+        )
+
+    @classmethod
+    def from_rows(cls, values: ArrayLike) -> UnitMoments:
+        """Every row its own unit."""
+        xs = np.asarray(values, dtype=np.float64).ravel()
+        return cls.from_units(xs, np.ones_like(xs))
+
+    def __add__(self, other: UnitMoments) -> UnitMoments:
+        return UnitMoments(
+            self.n + other.n,
+            self.sum_x + other.sum_x,
+            self.sum_y + other.sum_y,
+            self.sum_xx + other.sum_xx,
+            self.sum_yy + other.sum_yy,
+            self.sum_xy + other.sum_xy,
+        )
+
+    @property
+    def rows(self) -> int:
+        return round(self.sum_y)
+
+    @property
+    def finite(self) -> bool:
+        return all(
+            math.isfinite(v)
+            for v in (self.sum_x, self.sum_y, self.sum_xx, self.sum_yy, self.sum_xy)
+        )
+
+    @property
+    def mean(self) -> float:
+        if self.sum_y <= 0:
+            raise ValueError("the mean of an arm with no rows is undefined")
+        return self.sum_x / self.sum_y
+
+    def _var(self, total: float, total_sq: float) -> float:
+        return max((total_sq - total * total / self.n) / (self.n - 1), 0.0)
+
+    @property
+    def mean_variance(self) -> float:
+        """Delta-method variance of Σx/Σy over units (0 below two units)."""
+        if self.n < 2 or self.sum_y <= 0:
+            return 0.0
+        n = self.n
+        m_x, m_y = self.sum_x / n, self.sum_y / n
+        var_x, var_y = self._var(self.sum_x, self.sum_xx), self._var(self.sum_y, self.sum_yy)
+        cov = (self.sum_xy - self.sum_x * self.sum_y / n) / (n - 1)
+        v = var_x / m_y**2 - 2.0 * cov * m_x / m_y**3 + var_y * m_x**2 / m_y**4
+        return max(v, 0.0) / n
+
+
+def binary_variance_floor(events: float, rows: int) -> float:
+    """The smallest credible variance of a 0/1 mean: p̃(1 − p̃)/rows, p̃ = (events + 1)/(rows + 2).
+
+    An arm that got every row right (or wrong) has a sample variance of 0, and an interval of
+    width 0 around its mean: a confident decision from no information about its error rate.
+    One pseudo-event and one pseudo-non-event per arm (Agresti & Caffo 2000, whose adjusted Wald
+    interval this is) keep the variance at what a rate that small can honestly claim. The
+    cluster-robust variance of a user-level ratio is floored at this independent-rows value.
+    """
+    if rows <= 0:
+        return math.inf
+    p = (events + 1.0) / (rows + 2.0)
+    return p * (1.0 - p) / rows
 
 
 @dataclass(frozen=True)
@@ -165,14 +297,14 @@ def sample_ratio_test(
     )
 
 
-def welch_variance(a: ArmStats, b: ArmStats) -> float:
+def welch_variance(a: Estimate, b: Estimate) -> float:
     """Variance of mean_b − mean_a: s²_A/n_A + s²_B/n_B, never pooled.
 
     Pooling assumes equal variances; at a 90/10 split with unequal variances it mis-states the
     error of the small arm, in either direction.
     """
     _require_two_units(a, b)
-    return a.variance / a.n + b.variance / b.n
+    return a.mean_variance + b.mean_variance
 
 
 def cs_rho_squared(planned_samples: int, alpha: float) -> float:
@@ -263,7 +395,7 @@ def cs_halfwidth_one_sided(
 
 
 def difference_absolute(
-    control: ArmStats, treatment: ArmStats, planned_samples: int, alpha: float
+    control: Estimate, treatment: Estimate, planned_samples: int, alpha: float
 ) -> Interval:
     """mean_t − mean_c with its two-sided (1−α) confidence sequence (Welch variance)."""
     estimate, variance = _absolute_moments(control, treatment)
@@ -272,7 +404,7 @@ def difference_absolute(
 
 
 def difference_relative(
-    control: ArmStats, treatment: ArmStats, planned_samples: int, alpha: float
+    control: Estimate, treatment: Estimate, planned_samples: int, alpha: float
 ) -> Interval:
     """mean_t/mean_c − 1 with its two-sided (1−α) confidence sequence.
 
@@ -287,8 +419,8 @@ def difference_relative(
 
 
 def noninferiority_lower_bound(
-    control: ArmStats,
-    treatment: ArmStats,
+    control: Estimate,
+    treatment: Estimate,
     planned_samples: int,
     alpha: float,
     relative: bool = False,
@@ -311,7 +443,7 @@ def noninferiority_lower_bound(
     return improvement - hw
 
 
-def fixed_horizon_interval(control: ArmStats, treatment: ArmStats, alpha: float) -> Interval:
+def fixed_horizon_interval(control: Estimate, treatment: Estimate, alpha: float) -> Interval:
     """Naive two-sided z-interval of mean_t − mean_c, valid for ONE look at a fixed n.
 
     Kept only as the contrast in `experiments.simulate`: checked repeatedly it promotes A/A
@@ -384,23 +516,86 @@ def quantile_ratio_interval(
     return Interval(ci_t.estimate / ci_c.estimate - 1.0, lower, upper)
 
 
-def _absolute_moments(control: ArmStats, treatment: ArmStats) -> tuple[float, float]:
+def sequential_srm(
+    counts: Mapping[str, int],
+    weights: Mapping[str, float],
+    threshold: float = 0.001,
+    concentration: float = 1000.0,
+) -> SrmResult:
+    """Anytime-valid sample-ratio test (Lindon & Malek 2022, "Anytime-valid inference for
+    multinomial count data", NeurIPS): a Dirichlet-multinomial mixture martingale.
+
+    Under the configured weights p₀, M = B(α + x)/B(α) / Π p₀ᵢ^xᵢ (α = concentration·p₀) is a
+    non-negative martingale with mean 1, so P(ever M ≥ 1/threshold) ≤ threshold (Ville): the
+    check may run after every batch of traffic without inflating its false alarms, unlike a
+    chi-square p-value re-read every hour. ``p_value`` is min(1, 1/M). The concentration centres
+    the prior on the configured split (about 1/√1000 ≈ 3% of spread), where SRM bugs live.
+    ``chi2`` carries the Pearson statistic for the report.
+    """
+    base = sample_ratio_test(counts, weights, threshold)
+    active = [a for a, w in weights.items() if w > 0]
+    if base.p_value == 0.0 or len(active) < 2:  # units in a zero-weight arm: certain mismatch
+        return base
+    total_w = sum(weights[a] for a in active)
+    p0 = np.array([weights[a] / total_w for a in active])
+    x = np.array([base.observed[a] for a in active], dtype=np.float64)
+    prior = concentration * p0
+    log_m = (
+        math.lgamma(prior.sum())
+        - math.lgamma(prior.sum() + x.sum())
+        + math.fsum(math.lgamma(a + k) - math.lgamma(a) for a, k in zip(prior, x, strict=True))
+        - float(np.dot(x, np.log(p0)))
+    )
+    p_value = 1.0 if log_m <= 0 else math.exp(-log_m)
+    return SrmResult(
+        p_value=p_value,
+        chi2=base.chi2,
+        observed=base.observed,
+        expected=base.expected,
+        checked=bool(x.sum() > 0),
+        mismatch=bool(x.sum() > 0 and p_value < threshold),
+    )
+
+
+def quantile_cs_ranks(
+    n: int, q: float, planned_samples: int, alpha: float, *, one_sided: bool
+) -> tuple[int, int]:
+    """1-based ranks (l, u) of order statistics that bound the q-quantile at every n at once.
+
+    For the true quantile ξ, the indicators 1{xᵢ ≤ ξ} are Bernoulli(q) with the known variance
+    q(1 − q), so the confidence sequence of a mean (``cs_halfwidth``, or its one-sided form at
+    α per side) bounds their running share: |B_n/n − q| ≤ h_n for all n with probability 1 − α.
+    Then x_(l) ≤ ξ ≤ x_(u) with l = ⌈n(q − h_n)⌉ and u = ⌊n(q + h_n)⌋ + 1 (Howard & Ramdas
+    2022, "Sequential estimation of quantiles", the same construction with this boundary).
+    l < 1 means no lower bound yet, u > n no upper bound.
+    """
+    if n < 1:
+        return 0, n + 1
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q must be in (0, 1), got {q}")
+    variance = q * (1.0 - q) / n
+    if one_sided:
+        h = cs_halfwidth_one_sided(variance, n, planned_samples, alpha)
+    else:
+        h = cs_halfwidth(variance, n, planned_samples, alpha)
+    return math.ceil(n * (q - h)), math.floor(n * (q + h)) + 1
+
+
+def _absolute_moments(control: Estimate, treatment: Estimate) -> tuple[float, float]:
     variance = welch_variance(control, treatment)
     return treatment.mean - control.mean, variance
 
 
-def _relative_moments(control: ArmStats, treatment: ArmStats) -> tuple[float, float]:
+def _relative_moments(control: Estimate, treatment: Estimate) -> tuple[float, float]:
     _require_two_units(control, treatment)
     m_c, m_t = control.mean, treatment.mean
     if m_c == 0:
         raise ValueError("relative difference is undefined: the control (champion) mean is 0")
-    variance = treatment.variance / (treatment.n * m_c**2) + control.variance * m_t**2 / (
-        control.n * m_c**4
-    )
+    variance = treatment.mean_variance / m_c**2 + control.mean_variance * m_t**2 / m_c**4
     return m_t / m_c - 1.0, variance
 
 
-def _require_two_units(a: ArmStats, b: ArmStats) -> None:
+def _require_two_units(a: Estimate, b: Estimate) -> None:
     # With n < 2 there is no variance estimate; a zero-width interval would look decisive.
     if a.n < 2 or b.n < 2:
         raise ValueError(f"each arm needs at least 2 units to estimate a variance (n={a.n}, {b.n})")

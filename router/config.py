@@ -73,7 +73,18 @@ class ExperimentSettings:
     planned_samples: int = 20_000
     min_samples_per_arm: int = 500
     min_effect: float = 0.0
-    outcome_window_s: float = 0.0
+    # An outcome counts only if it arrived within this long after its prediction, and a
+    # prediction is judged only once this long has passed (both arms alike). A week: churn-like
+    # labels arrive over days, and a window shorter than the slowest label would judge one arm
+    # on its quick (often negative) outcomes only. Waiting costs only time: the interval stays
+    # valid however often it is read.
+    outcome_window_s: float = 604_800.0
+    # Stop with "no worthwhile difference" once this many units are judged (None: 5 x N*).
+    max_samples: int | None = None
+    # Winsorise the row metric at this quantile of both arms' values: auto caps the heavy-tailed
+    # abs_error and squared_error only.
+    capping: Literal["auto", "on", "off"] = "auto"
+    cap_quantile: float = 0.99
     guardrails: GuardrailSettings = field(default_factory=GuardrailSettings)
 
 
@@ -196,7 +207,13 @@ def _validate(s: Settings) -> None:
         s.experiment.min_samples_per_arm >= 2, "experiment.min_samples_per_arm", "must be >= 2"
     )
     _require(s.experiment.min_effect >= 0, "experiment.min_effect", "must be >= 0")
-    _require(s.experiment.outcome_window_s >= 0, "experiment.outcome_window_s", "must be >= 0")
+    _require(s.experiment.outcome_window_s > 0, "experiment.outcome_window_s", "must be > 0")
+    _require(
+        s.experiment.max_samples is None or s.experiment.max_samples >= 2,
+        "experiment.max_samples",
+        "must be >= 2 (or null: 5 x planned_samples)",
+    )
+    _require(0 < s.experiment.cap_quantile < 1, "experiment.cap_quantile", "must be within (0, 1)")
     g = s.experiment.guardrails
     _require(
         g.max_error_rate_increase >= 0,

@@ -1,8 +1,10 @@
 """Synthetic prediction logs with known effects, written straight into the logschema tables.
 
-Deterministic (seeded); no router needed. Rows mimic ``router/service.py``: one predictions row
-per scored row and arm, a failed challenger leaves a ``challenger``/``error`` row plus a
-``champion``/``fallback`` row, shadow mode a ``champion`` and a ``shadow`` row per request.
+Deterministic (seeded); no router needed. Rows follow the intent-to-treat contract of
+``router/logschema.py``: one predictions row per input row in the ASSIGNED arm; a challenger that
+failed leaves its ``challenger`` row with the champion's served answer, status ``fallback`` and a
+reason; a champion fault an ``error`` row; a client fault a ``client_error`` row; shadow mode a
+``champion`` and a ``shadow`` row per request.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import yaml
 
 from router import logschema
 from router.config import Settings, settings_from_mapping
+from router.logschema import Arm as Arm_
+from router.logschema import Reason
+from router.logschema import RowStatus as Status
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,8 @@ def write_log(
     outcome_delay_s: float = 5.0,
     drop_challenger_every: int = 0,  # >0: lose every k-th challenger request (induces SRM)
     users: int = 0,  # >0: sticky users with heavy-tailed request volumes (routing keys set)
+    client_error_rate: float = 0.0,  # share of requests that are the client's fault (4xx)
+    champion_positive_delay_s: float | None = None,  # the champion's positives arrive this late
 ) -> None:
     """Append ``n_requests`` single-row requests (and their 0/1 outcomes) to the log at ``url``."""
     rng = random.Random(seed)
@@ -67,17 +74,17 @@ def write_log(
         spec: Arm | None,
         status: str,
         truth: int,
-        latency: float | None = None,
         unit: str | None = None,
+        reason: str | None = None,
     ) -> dict[str, Any]:
-        if spec is None or status == "error":
+        if spec is None:
             score, cls, lat = None, None, 0.0
         else:
             correct = rng.random() < spec.accuracy
             cls_i = truth if correct else 1 - truth
             score = min(max(0.5 + (0.3 if cls_i else -0.3) + rng.gauss(0, 0.1), 0.01), 0.99)
             cls = str(cls_i)
-            lat = latency if latency is not None else spec.latency_s * rng.lognormvariate(0, 0.3)
+            lat = spec.latency_s * rng.lognormvariate(0, 0.3)
         return {
             "request_id": rid,
             "row_index": 0,
@@ -88,6 +95,7 @@ def write_log(
             "ts": ts,
             "latency_s": lat,
             "status": status,
+            "reason": reason,
             "routing_key_hash": unit,
             "score": score,
             "predicted_class": cls,
@@ -101,34 +109,72 @@ def write_log(
         user = rng.choices(range(users), weights=user_weights)[0] if users else None
         unit = None if user is None else f"{user:032x}"
         to_challenger = user_arm[user] if user is not None else rng.random() < challenger_weight
+        delay = outcome_delay_s
         if mode == "shadow":
-            preds.append(row(rid, "champion", versions[0], ts, champion, "ok", truth))
-            failed = rng.random() < challenger.error_rate
+            preds.append(row(rid, Arm_.CHAMPION, versions[0], ts, champion, Status.OK, truth))
+            if rng.random() < challenger.error_rate:
+                failed = row(rid, Arm_.SHADOW, versions[1], ts, None, Status.ERROR, truth)
+                preds.append({**failed, "reason": Reason.ERROR.value})
+            else:
+                preds.append(row(rid, Arm_.SHADOW, versions[1], ts, challenger, Status.OK, truth))
+        elif rng.random() < client_error_rate:
+            arm = Arm_.CHALLENGER if to_challenger else Arm_.CHAMPION
+            version = versions[1] if to_challenger else versions[0]
             preds.append(
-                row(rid, "shadow", versions[1], ts, challenger, "error" if failed else "ok", truth)
+                row(rid, arm, version, ts, None, Status.CLIENT_ERROR, truth, unit, Reason.BAD_INPUT)
             )
+            continue
         elif to_challenger:
             challenger_seen += 1
             if drop_challenger_every and challenger_seen % drop_challenger_every == 0:
                 continue
             if rng.random() < challenger.error_rate:
-                preds.append(row(rid, "challenger", versions[1], ts, None, "error", truth))
-                preds.append(row(rid, "champion", versions[0], ts, champion, "fallback", truth))
+                # Intent-to-treat: the challenger's row carries the champion's served answer.
+                preds.append(
+                    row(
+                        rid,
+                        Arm_.CHALLENGER,
+                        versions[0],
+                        ts,
+                        champion,
+                        Status.FALLBACK,
+                        truth,
+                        unit,
+                        Reason.ERROR,
+                    )
+                )
             else:
                 preds.append(
-                    row(rid, "challenger", versions[1], ts, challenger, "ok", truth, unit=unit)
+                    row(rid, Arm_.CHALLENGER, versions[1], ts, challenger, Status.OK, truth, unit)
                 )
         else:
-            failed = rng.random() < champion.error_rate
-            status = "error" if failed else "ok"
-            preds.append(row(rid, "champion", versions[0], ts, champion, status, truth, unit=unit))
+            if rng.random() < champion.error_rate:
+                preds.append(
+                    row(
+                        rid,
+                        Arm_.CHAMPION,
+                        versions[0],
+                        ts,
+                        None,
+                        Status.ERROR,
+                        truth,
+                        unit,
+                        Reason.ERROR,
+                    )
+                )
+            else:
+                preds.append(
+                    row(rid, Arm_.CHAMPION, versions[0], ts, champion, Status.OK, truth, unit)
+                )
+            if champion_positive_delay_s is not None and truth == 1:
+                delay = champion_positive_delay_s
         outs.append(
             {
                 "request_id": rid,
                 "row_index": 0,
                 "outcome": str(truth),
                 "outcome_value": float(truth),
-                "ts": ts + outcome_delay_s,
+                "ts": ts + delay,
             }
         )
     with engine.begin() as conn:
@@ -140,6 +186,7 @@ def write_log(
 
 
 T0 = 1_700_000_000.0
+OUTCOME_WINDOW_S = 600.0  # the tests' window: synthetic outcomes arrive within seconds
 
 
 def settings_for(
@@ -156,7 +203,11 @@ def settings_for(
         "model": {"name": model_name, "tracking_uri": tracking_uri},
         "prediction_log": {"url": log_url},
         "routing": {"challenger_weight": 0.5, **(routing or {})},
-        "experiment": {"min_samples_per_arm": 500, **(experiment or {})},
+        "experiment": {
+            "min_samples_per_arm": 500,
+            "outcome_window_s": OUTCOME_WINDOW_S,
+            **(experiment or {}),
+        },
         "prometheus": {"url": prometheus_url},
     }
     return settings_from_mapping(raw, env={})

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from conftest import MlflowRegistry
-from synthlog import T0, Arm, settings_for, sqlite_url, write_log
+from synthlog import OUTCOME_WINDOW_S, T0, Arm, settings_for, sqlite_url, write_log
 
 from experiments import stats
 from experiments.decision import (
+    Check,
+    Difference,
     decide,
     paired_difference,
     row_metric,
@@ -323,11 +326,11 @@ def test_losses_are_oriented_so_positive_means_challenger_better() -> None:
 def test_paired_difference_uses_the_pairs() -> None:
     # Row difficulty varies a lot; the challenger is better by 0.1 on every row. Pairing sees it.
     base = [float(i % 10) for i in range(400)]
-    champion = base
     challenger = [b + 0.1 for b in base]
-    paired = paired_difference(champion, challenger, 20_000, 0.05, higher_is_better=True)
+    diffs = stats.UnitMoments.from_rows([t - c for c, t in zip(base, challenger, strict=True)])
+    paired = paired_difference(diffs, 4.5, 20_000, 0.05, higher_is_better=True)
     unpaired = split_difference(
-        stats.ArmStats.from_values(champion),
+        stats.ArmStats.from_values(base),
         stats.ArmStats.from_values(challenger),
         20_000,
         0.05,
@@ -337,26 +340,119 @@ def test_paired_difference_uses_the_pairs() -> None:
     assert paired.absolute.lower > 0 > unpaired.absolute.lower
 
 
-def test_decision_order() -> None:
-    ok = split_difference(
-        stats.ArmStats.from_counts(1000, 700),
-        stats.ArmStats.from_counts(1000, 850),
-        20_000,
-        0.05,
-        higher_is_better=True,
-    )
-    kwargs = dict(
-        srm=None,
+def _decide(difference: Difference, **override: object) -> tuple[str, str]:
+    kwargs: dict[str, object] = dict(
         no_data_reason=None,
+        checks=(),
         n_champion=1000,
         n_challenger=1000,
         min_samples_per_arm=500,
+        too_few_events=None,
         guardrails=(),
-        difference=ok,
+        difference=difference,
         min_effect=0.0,
+        units_total=2000,
+        max_samples=100_000,
         metric="accuracy",
     )
-    assert decide(**kwargs)[0] == "promote"  # type: ignore[arg-type]
-    assert decide(**{**kwargs, "min_effect": 0.5})[0] == "inconclusive"  # type: ignore[arg-type]
-    assert decide(**{**kwargs, "n_challenger": 10})[0] == "inconclusive"  # type: ignore[arg-type]
-    assert decide(**{**kwargs, "no_data_reason": "none"})[0] == "invalid"  # type: ignore[arg-type]
+    kwargs.update(override)
+    return decide(**kwargs)  # type: ignore[arg-type]
+
+
+def _diff(lower: float, upper: float) -> Difference:
+    return Difference(stats.Interval((lower + upper) / 2, lower, upper), None, False, 1000, 1000)
+
+
+def test_decision_order() -> None:
+    ok = _diff(0.05, 0.25)
+    assert _decide(ok)[0] == "promote"
+    assert _decide(ok, min_effect=0.5)[0] == "inconclusive"
+    assert _decide(ok, n_challenger=10)[0] == "inconclusive"
+    assert _decide(ok, no_data_reason="none")[0] == "invalid"
+    assert _decide(ok, too_few_events="few")[0] == "inconclusive"
+    bad = Check("feedback_coverage", True, False, "differs")
+    assert _decide(ok, checks=(bad,)) == (
+        "invalid",
+        "Feedback coverage differs between arms: differs.",
+    )
+    assert _decide(_diff(-0.3, -0.1))[0] == "reject"
+
+
+def test_futility_stops_with_no_worthwhile_difference() -> None:
+    # The interval rules out the smallest effect worth having: stop, whatever more data would say.
+    decision, reason = _decide(_diff(-0.01, 0.015), min_effect=0.02)
+    assert decision == "inconclusive" and reason.startswith("No worthwhile difference")
+    # Past the stated maximum of units, an interval still covering 0 stops too.
+    decision, reason = _decide(_diff(-0.01, 0.01), units_total=100_000)
+    assert decision == "inconclusive" and reason.startswith("No worthwhile difference")
+    decision, reason = _decide(_diff(-0.01, 0.01))
+    assert reason.startswith("No decision yet")
+
+
+def test_all_correct_arms_decide_nothing(mlflow_registry: MlflowRegistry, tmp_path: Path) -> None:
+    # Both arms right on every row: zero variance. Without a floor the interval would be a point.
+    ev = _evaluate(mlflow_registry, tmp_path, champion=Arm(0.995), challenger=Arm(1.0))
+    assert ev.decision == "inconclusive"
+    assert "wrong rows" in ev.reason and "challenger" in ev.reason
+
+
+def test_late_champion_positives_make_the_experiment_invalid(
+    mlflow_registry: MlflowRegistry, tmp_path: Path
+) -> None:
+    # The champion's positive outcomes arrive after the window: its arm would be judged on its
+    # negatives only. The coverage check sees the arms' outcomes arrive differently.
+    ev = _evaluate(
+        mlflow_registry,
+        tmp_path,
+        champion=Arm(0.75),
+        challenger=Arm(0.75),
+        champion_positive_delay_s=10 * OUTCOME_WINDOW_S,
+    )
+    assert ev.decision == "invalid"
+    assert "Feedback coverage differs" in ev.reason
+    assert ev.champion.coverage is not None and ev.champion.coverage < 0.6
+
+
+def test_fallbacks_count_in_the_challenger_arm(
+    mlflow_registry: MlflowRegistry, tmp_path: Path
+) -> None:
+    # Intent-to-treat: a challenger request served by the champion's fallback stays the
+    # challenger's, judged on the answer served; client errors are nobody's fault.
+    ev = _evaluate(
+        mlflow_registry,
+        tmp_path,
+        champion=Arm(0.70),
+        challenger=Arm(0.80, error_rate=0.2),
+        client_error_rate=0.05,
+    )
+    assert ev.challenger.fallbacks > 0 and ev.challenger.errors == ev.challenger.fallbacks
+    assert ev.champion.errors == 0
+    assert ev.champion.client_errors + ev.challenger.client_errors > 100
+    assert ev.challenger.n > ev.challenger.requests - ev.challenger.fallbacks
+
+
+def test_an_overflowing_metric_is_a_clear_invalid(
+    mlflow_registry: MlflowRegistry, tmp_path: Path
+) -> None:
+    url = sqlite_url(tmp_path / "predictions.db")
+    write_log(url, experiment_id=EID, champion=Arm(0.70), challenger=Arm(0.80))
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.update(logschema.predictions).values(score=1e300))
+    engine.dispose()
+    settings = settings_for(
+        mlflow_registry.tracking_uri,
+        url,
+        experiment={"metric": "squared_error", "capping": "off"},
+    )
+    ev = evaluate(settings, client=mlflow_registry.client(), now=NOW)
+    assert ev.decision == "invalid" and "overflows" in ev.reason
+
+
+def test_sticky_users_are_the_units(mlflow_registry: MlflowRegistry, tmp_path: Path) -> None:
+    ev = _evaluate(
+        mlflow_registry, tmp_path, champion=Arm(0.70), challenger=Arm(0.80), users=300, seed=11
+    )
+    assert ev.unit == "user (routing key)"
+    assert ev.difference is not None
+    assert ev.champion.units + ev.challenger.units <= 300

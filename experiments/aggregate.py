@@ -1,0 +1,411 @@
+"""The prediction log to sufficient statistics, in SQL: a few rows per arm come back, never one per
+prediction, so 10M logged rows are judged in seconds with bounded memory (SQLite and PostgreSQL).
+
+Four passes over the experiment's rows, each a GROUP BY the database does in one scan:
+
+1. shape: are there routing keys (units are users) or multi-row requests (units are requests)?
+2. requests (row 0 of each request, per assigned arm): requests, model faults and client errors per
+   unit, and per-arm latency histograms;
+3. (capped metrics only) a histogram of the row metric, for the cap at its configured quantile;
+4. predictions whose outcome window has closed, LEFT JOIN their outcomes: per unit and time slice,
+   the metric and coverage sums; window functions turn per-slice sums into running per-unit sums,
+   so one query yields both the final moments and the running interval of the report.
+
+The accuracy event is :func:`router.logschema.outcome_matches` itself: the distinct (class,
+outcome) spellings in the log are few, so Python decides each pair once and SQL looks them up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from experiments.stats import UnitMoments
+from experiments.sufficient import (
+    LATENCY_BASE_S,
+    LATENCY_RATIO,
+    ArmData,
+    LatencyHistogram,
+    LogSummary,
+    Mode,
+    SeriesSlice,
+)
+from router import logschema
+from router.config import MetricName
+from router.logschema import MODEL_FAULTS, SERVED_STATUSES, Arm, RowStatus
+
+SLICES = 60
+#: More distinct (class, outcome) pairs than this means the metric is not a classification one.
+MAX_LABEL_PAIRS = 5000
+_FLOAT_MAX = 1.7976931348623157e308  # a BETWEEN on it keeps finite values only (no inf, no NaN)
+
+
+class MetricUnusable(ValueError):
+    """The configured metric cannot be computed from this log (the message says why)."""
+
+
+def _in_list(name: str, values: Sequence[str], params: dict[str, Any]) -> str:
+    keys = []
+    for i, v in enumerate(values):
+        params[f"{name}{i}"] = v
+        keys.append(f":{name}{i}")
+    return f"({', '.join(keys)})"
+
+
+def _metric_sql(
+    metric: MetricName, alias: str, label_pairs: Sequence[tuple[str, str]], params: dict[str, Any]
+) -> str:
+    """The row metric of predictions row ``alias`` against outcome row ``o``; NULL if unusable."""
+    score, y = f"{alias}.score", "o.outcome_value"
+    finite = f"{score} BETWEEN {-_FLOAT_MAX!r} AND {_FLOAT_MAX!r}"
+    if metric == "accuracy":
+        if not label_pairs:
+            match = "0"
+        else:
+            ors = []
+            for i, (cls, out) in enumerate(label_pairs):
+                params[f"lc{i}"], params[f"lo{i}"] = cls, out
+                ors.append(f"({alias}.predicted_class = :lc{i} AND o.outcome = :lo{i})")
+            match = f"CASE WHEN {' OR '.join(ors)} THEN 1.0 ELSE 0.0 END"
+        return f"CASE WHEN {alias}.predicted_class IS NULL THEN NULL ELSE {match} END"
+    if metric == "outcome":
+        return y
+    if metric in ("log_loss", "brier"):
+        binary = f"{finite} AND {y} IN (0.0, 1.0)"
+        if metric == "brier":
+            return f"CASE WHEN {binary} THEN ({score} - {y}) * ({score} - {y}) END"
+        # Probabilities of exactly 0 or 1 have infinite loss; clipped as sklearn does.
+        p = (
+            f"(CASE WHEN {score} < 1e-15 THEN 1e-15 WHEN {score} > 1 - 1e-15 THEN 1 - 1e-15 "
+            f"ELSE {score} END)"
+        )
+        loss = f"CASE WHEN {y} = 1.0 THEN -LN({p}) ELSE -LN(1 - {p}) END"
+        return f"CASE WHEN {binary} THEN ({loss}) END"
+    usable = f"{finite} AND {y} IS NOT NULL"
+    if metric == "abs_error":
+        return f"CASE WHEN {usable} THEN ABS({score} - {y}) END"
+    return f"CASE WHEN {usable} THEN ({score} - {y}) * ({score} - {y}) END"
+
+
+def label_pairs(conn: Connection, eid: str) -> list[tuple[str, str]]:
+    """The (predicted class, outcome JSON) pairs of the log that ``outcome_matches`` accepts."""
+    p, o = logschema.predictions, logschema.outcomes
+    classes = [
+        c
+        for (c,) in conn.execute(
+            sa.select(p.c.predicted_class)
+            .where(p.c.experiment_id == eid, p.c.predicted_class.is_not(None))
+            .distinct()
+        )
+    ]
+    outcomes = [v for (v,) in conn.execute(sa.select(o.c.outcome).distinct())]
+    if len(classes) * len(outcomes) > MAX_LABEL_PAIRS:
+        raise MetricUnusable(
+            f"accuracy: {len(classes)} distinct predicted classes × {len(outcomes)} distinct "
+            "outcomes: this is not a classification log (use abs_error or squared_error)"
+        )
+    return [(c, v) for c in classes for v in outcomes if logschema.outcome_matches(c, v)]
+
+
+def _shape(conn: Connection, eid: str) -> dict[str, Any]:
+    row = conn.execute(
+        sa.text(
+            "SELECT COUNT(routing_key_hash), MAX(row_index), MIN(ts), MAX(ts), "
+            "SUM(CASE WHEN arm = :shadow THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN arm = :challenger THEN 1 ELSE 0 END), COUNT(*) "
+            "FROM predictions WHERE experiment_id = :eid"
+        ),
+        {"eid": eid, "shadow": Arm.SHADOW.value, "challenger": Arm.CHALLENGER.value},
+    ).one()
+    keyed, max_row, first, last, shadow, challenger, total = row
+    return {
+        "keyed": bool(keyed),
+        "multi_row": (max_row or 0) > 0,
+        "first_ts": first,
+        "last_ts": last,
+        "shadow": bool(shadow),
+        "challenger": bool(challenger),
+        "rows": total,
+    }
+
+
+def _moments(prefix: str, r: Mapping[str, Any]) -> UnitMoments:
+    return UnitMoments(
+        int(r["units"] or 0),
+        float(r[f"{prefix}x"] or 0.0),
+        float(r[f"{prefix}y"] or 0.0),
+        float(r[f"{prefix}xx"] or 0.0),
+        float(r[f"{prefix}yy"] or 0.0),
+        float(r[f"{prefix}xy"] or 0.0),
+    )
+
+
+def _requests(
+    conn: Connection, eid: str, arms: Sequence[str], unit: str | None
+) -> dict[str, dict[str, Any]]:
+    """Per arm: requests, client errors, fallbacks, units and the fault moments (row 0 rows)."""
+    params: dict[str, Any] = {"eid": eid, "client": RowStatus.CLIENT_ERROR.value}
+    arm_in = _in_list("arm", arms, params)
+    faults_in = _in_list("fault", sorted(r.value for r in MODEL_FAULTS), params)
+    params["fallback"] = RowStatus.FALLBACK.value
+    per_row = (
+        "SELECT arm, {unit} AS unit, "
+        "CASE WHEN status = :client THEN 0 ELSE 1 END AS r, "
+        f"CASE WHEN status <> :client AND reason IN {faults_in} THEN 1 ELSE 0 END AS f, "
+        "CASE WHEN status = :client THEN 1 ELSE 0 END AS ce, "
+        "CASE WHEN status = :fallback THEN 1 ELSE 0 END AS fb "
+        f"FROM predictions WHERE experiment_id = :eid AND row_index = 0 AND arm IN {arm_in}"
+    )
+    if unit is None:  # every request its own unit: x = f, y = r per unit
+        sql = (
+            "SELECT arm, SUM(r) AS units, SUM(f) AS fx, SUM(r) AS fy, SUM(f) AS fxx, "
+            "SUM(r) AS fyy, SUM(f) AS fxy, SUM(ce) AS ce, SUM(fb) AS fb, SUM(r) AS requests "
+            f"FROM ({per_row.format(unit='NULL')}) t GROUP BY arm"
+        )
+    else:
+        sql = (
+            "SELECT arm, SUM(CASE WHEN r > 0 THEN 1 ELSE 0 END) AS units, SUM(f) AS fx, "
+            "SUM(r) AS fy, SUM(f * f) AS fxx, SUM(r * r) AS fyy, SUM(f * r) AS fxy, "
+            "SUM(ce) AS ce, SUM(fb) AS fb, SUM(r) AS requests FROM ("
+            "SELECT arm, unit, SUM(r) AS r, SUM(f) AS f, SUM(ce) AS ce, SUM(fb) AS fb "
+            f"FROM ({per_row.format(unit=unit)}) t GROUP BY arm, unit) u GROUP BY arm"
+        )
+    return {r["arm"]: dict(r) for r in conn.execute(sa.text(sql), params).mappings()}
+
+
+def _latencies(conn: Connection, eid: str, arms: Sequence[str]) -> dict[str, LatencyHistogram]:
+    params: dict[str, Any] = {
+        "eid": eid,
+        "ok": RowStatus.OK.value,
+        "base": LATENCY_BASE_S,
+        "lnr": math.log(LATENCY_RATIO),
+    }
+    arm_in = _in_list("arm", arms, params)
+    sql = (
+        "SELECT arm, CAST(FLOOR(LN(latency_s / :base) / :lnr) AS INTEGER) AS b, COUNT(*) AS n "
+        f"FROM predictions WHERE experiment_id = :eid AND row_index = 0 AND arm IN {arm_in} "
+        "AND status = :ok AND latency_s > 0 GROUP BY arm, b"
+    )
+    counts: dict[str, dict[int, int]] = {a: {} for a in arms}
+    for arm, b, n in conn.execute(sa.text(sql), params):
+        counts[arm][int(b)] = int(n)
+    return {a: LatencyHistogram(c) for a, c in counts.items()}
+
+
+def _judged_rows(
+    mode: Mode,
+    metric: MetricName,
+    pairs: Sequence[tuple[str, str]],
+    unit: str,
+    cap: float | None,
+    params: dict[str, Any],
+) -> str:
+    """Matured predictions (status served), one row each: arm, unit, slice, metric v, covered c."""
+    served = _in_list("served", sorted(s.value for s in SERVED_STATUSES), params)
+    counted = "o.ts IS NOT NULL AND o.ts <= {a}.ts + :window"
+    slice_ = "CAST(FLOOR(({a}.ts - :t0) / :width) AS INTEGER)"
+
+    def value(alias: str) -> str:
+        v = _metric_sql(metric, alias, pairs, params)
+        if cap is not None:
+            params["cap"] = cap
+            v = f"(CASE WHEN ({v}) > :cap THEN :cap ELSE ({v}) END)"
+        return f"CASE WHEN {counted.format(a=alias)} THEN {v} END"
+
+    join = "LEFT JOIN outcomes o ON o.request_id = {a}.request_id AND o.row_index = {a}.row_index"
+    if mode == "split":
+        params["arm_c"], params["arm_t"] = Arm.CHAMPION.value, Arm.CHALLENGER.value
+        return (
+            f"SELECT p.arm AS arm, {unit.format(a='p')} AS unit, {slice_.format(a='p')} AS slice, "
+            f"{value('p')} AS v, CASE WHEN {counted.format(a='p')} THEN 1 ELSE 0 END AS c "
+            f"FROM predictions p {join.format(a='p')} "
+            f"WHERE p.experiment_id = :eid AND p.arm IN (:arm_c, :arm_t) "
+            f"AND p.status IN {served} AND p.ts <= :cutoff"
+        )
+    # Shadow: the same rows scored by both; judged as pairs ("diff" = shadow − champion).
+    params["arm_c"], params["arm_s"] = Arm.CHAMPION.value, Arm.SHADOW.value
+    pair = (
+        f"SELECT {unit.format(a='p')} AS unit, {slice_.format(a='p')} AS slice, "
+        f"{value('p')} AS v1, {value('s')} AS v2, "
+        f"CASE WHEN {counted.format(a='p')} THEN 1 ELSE 0 END AS c "
+        "FROM predictions p JOIN predictions s ON s.request_id = p.request_id "
+        "AND s.row_index = p.row_index AND s.arm = :arm_s "
+        f"{join.format(a='p')} "
+        f"WHERE p.experiment_id = :eid AND p.arm = :arm_c AND p.status IN {served} "
+        f"AND s.status IN {served} AND p.ts <= :cutoff"
+    )
+    both = "CASE WHEN v1 IS NOT NULL AND v2 IS NOT NULL THEN {e} END"
+    return (
+        f"SELECT 'champion' AS arm, unit, slice, {both.format(e='v1')} AS v, c FROM ({pair}) a "
+        f"UNION ALL SELECT 'shadow', unit, slice, {both.format(e='v2')}, c FROM ({pair}) b "
+        f"UNION ALL SELECT 'diff', unit, slice, {both.format(e='v2 - v1')}, c FROM ({pair}) d"
+    )
+
+
+def _metric_cells(conn: Connection, judged: str, keyed: bool, params: dict[str, Any]) -> list[Any]:
+    """Per arm and slice: units first seen, and the increments of the metric/coverage moments."""
+    if not keyed:  # every prediction its own unit: the moments are plain sums
+        sql = (
+            "SELECT arm, slice, COUNT(*) AS units, "
+            "COALESCE(SUM(v), 0) AS mx, COUNT(v) AS my, COALESCE(SUM(v * v), 0) AS mxx, "
+            "COUNT(v) AS myy, COALESCE(SUM(v), 0) AS mxy, "
+            "SUM(c) AS cx, COUNT(*) AS cy, SUM(c) AS cxx, COUNT(*) AS cyy, SUM(c) AS cxy, "
+            "SUM(CASE WHEN c = 1 AND v IS NULL THEN 1 ELSE 0 END) AS skipped "
+            f"FROM ({judged}) j GROUP BY arm, slice"
+        )
+        return list(conn.execute(sa.text(sql), params).mappings())
+
+    def sq(t: str, d: str) -> str:  # increment of Σ_u T_u² when unit u adds d this slice
+        return f"SUM({t} * {t} - ({t} - {d}) * ({t} - {d}))"
+
+    def cross(t1: str, d1: str, t2: str, d2: str) -> str:
+        return f"SUM({t1} * {t2} - ({t1} - {d1}) * ({t2} - {d2}))"
+
+    sql = (
+        "WITH cells AS (SELECT arm, unit, slice, COALESCE(SUM(v), 0) AS mx, COUNT(v) AS my, "
+        "SUM(c) AS cx, COUNT(*) AS cy, "
+        "SUM(CASE WHEN c = 1 AND v IS NULL THEN 1 ELSE 0 END) AS skipped "
+        f"FROM ({judged}) j GROUP BY arm, unit, slice), "
+        "run AS (SELECT arm, slice, mx, my, cx, cy, skipped, "
+        "SUM(mx) OVER w AS tmx, SUM(my) OVER w AS tmy, SUM(cx) OVER w AS tcx, "
+        "SUM(cy) OVER w AS tcy, ROW_NUMBER() OVER w AS k FROM cells "
+        "WINDOW w AS (PARTITION BY arm, unit ORDER BY slice ROWS UNBOUNDED PRECEDING)) "
+        "SELECT arm, slice, SUM(CASE WHEN k = 1 THEN 1 ELSE 0 END) AS units, "
+        f"SUM(mx) AS mx, SUM(my) AS my, {sq('tmx', 'mx')} AS mxx, {sq('tmy', 'my')} AS myy, "
+        f"{cross('tmx', 'mx', 'tmy', 'my')} AS mxy, "
+        f"SUM(cx) AS cx, SUM(cy) AS cy, {sq('tcx', 'cx')} AS cxx, {sq('tcy', 'cy')} AS cyy, "
+        f"{cross('tcx', 'cx', 'tcy', 'cy')} AS cxy, SUM(skipped) AS skipped "
+        "FROM run GROUP BY arm, slice"
+    )
+    return list(conn.execute(sa.text(sql), params).mappings())
+
+
+def _cap(conn: Connection, judged: str, q: float, params: dict[str, Any]) -> float | None:
+    """The metric's q-quantile over both arms (to 1%: the upper edge of its geometric bucket)."""
+    p = dict(params, lnr=math.log(LATENCY_RATIO), base=LATENCY_BASE_S)
+    sql = (
+        "SELECT CASE WHEN v <= 0 THEN -1000000 ELSE "
+        "CAST(FLOOR(LN(v / :base) / :lnr) AS INTEGER) END AS b, COUNT(*) AS n "
+        f"FROM ({judged}) j WHERE v IS NOT NULL AND arm <> 'diff' GROUP BY b"
+    )
+    counts = {int(b): int(n) for b, n in conn.execute(sa.text(sql), p)}
+    total = sum(counts.values())
+    if total == 0:
+        return None
+    rank, seen = max(1, math.ceil(q * total)), 0
+    for b in sorted(counts):
+        seen += counts[b]
+        if seen >= rank:
+            return 0.0 if b == -1000000 else LatencyHistogram.edge(b + 1)
+    return None  # pragma: no cover
+
+
+def read_summary(
+    conn: Connection,
+    eid: str,
+    *,
+    metric: MetricName,
+    cutoff: float,
+    window_s: float,
+    cap_quantile: float | None,
+) -> LogSummary:
+    """Sufficient statistics of experiment ``eid``: predictions up to ``cutoff`` are matured."""
+    shape = _shape(conn, eid)
+    mode: Mode | None
+    if shape["shadow"] and shape["challenger"]:
+        mode = None
+    else:
+        mode = "shadow" if shape["shadow"] else "split"
+    other = Arm.SHADOW.value if mode == "shadow" else Arm.CHALLENGER.value
+    arms = [Arm.CHAMPION.value, other]
+    keyed = shape["keyed"]
+    unit_sql = (
+        "COALESCE({a}.routing_key_hash, {a}.request_id)"
+        if keyed
+        else ("{a}.request_id" if shape["multi_row"] else "NULL")
+    )
+    req_unit = None if unit_sql == "NULL" else unit_sql.format(a="predictions")
+    requests = _requests(conn, eid, arms, req_unit)
+    latency = _latencies(conn, eid, arms)
+    cells: list[Any] = []
+    cap: float | None = None
+    first, last = shape["first_ts"], shape["last_ts"]
+    if mode is not None and first is not None and first <= cutoff:
+        pairs = label_pairs(conn, eid) if metric == "accuracy" else []
+        width = max((min(last, cutoff) - first) / SLICES, 1e-9) * (1 + 1e-9)
+        params: dict[str, Any] = {
+            "eid": eid,
+            "cutoff": cutoff,
+            "window": window_s,
+            "t0": first,
+            "width": width,
+        }
+        unit_rows = unit_sql if unit_sql != "NULL" else "{a}.request_id"
+        if cap_quantile is not None:
+            judged = _judged_rows(mode, metric, pairs, unit_rows, None, params)
+            cap = _cap(conn, judged, cap_quantile, params)
+        judged = _judged_rows(mode, metric, pairs, unit_rows, cap, params)
+        cells = _metric_cells(conn, judged, keyed or shape["multi_row"], params)
+        return _summarise(mode, keyed, arms, requests, latency, cells, first, width, cap)
+    return _summarise(mode, keyed, arms, requests, latency, cells, first, 0.0, cap)
+
+
+def _summarise(
+    mode: Mode | None,
+    keyed: bool,
+    arms: Sequence[str],
+    requests: Mapping[str, Mapping[str, Any]],
+    latency: Mapping[str, LatencyHistogram],
+    cells: Sequence[Mapping[str, Any]],
+    first: float | None,
+    width: float,
+    cap: float | None,
+) -> LogSummary:
+    zero = UnitMoments.zero()
+    metric = {a: zero for a in [*arms, "diff"]}
+    coverage = {a: zero for a in [*arms, "diff"]}
+    skipped = {a: 0 for a in [*arms, "diff"]}
+    by_slice: dict[int, dict[str, UnitMoments]] = {}
+    for r in cells:
+        m, c = _moments("m", r), _moments("c", r)
+        metric[r["arm"]] += m
+        coverage[r["arm"]] += c
+        skipped[r["arm"]] += int(r["skipped"] or 0)
+        by_slice.setdefault(int(r["slice"]), {})[r["arm"]] = m
+    series = tuple(
+        SeriesSlice(
+            ts=(first or 0.0) + (s + 1) * width,
+            champion=by_slice[s].get(arms[0], zero),
+            challenger=by_slice[s].get("diff" if mode == "shadow" else arms[1], zero),
+        )
+        for s in sorted(by_slice)
+    )
+
+    def arm_data(arm: str) -> ArmData:
+        r = requests.get(arm, {})
+        return ArmData(
+            requests=int(r.get("requests") or 0),
+            client_errors=int(r.get("ce") or 0),
+            fallbacks=int(r.get("fb") or 0),
+            units=int(r.get("units") or 0),
+            faults=_moments("f", r) if r else zero,
+            coverage=coverage[arm],
+            metric=metric[arm],
+            skipped=skipped[arm],
+            latency=latency.get(arm, LatencyHistogram()),
+        )
+
+    return LogSummary(
+        mode=mode,
+        keyed=keyed,
+        champion=arm_data(arms[0]),
+        challenger=arm_data(arms[1]),
+        paired=metric["diff"] if mode == "shadow" else None,
+        series=series,
+        first_ts=first,
+        cap=cap,
+    )

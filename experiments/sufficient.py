@@ -1,0 +1,127 @@
+"""What the evaluator reads from the prediction log: per-arm sufficient statistics, no rows.
+
+:mod:`experiments.aggregate` fills these in SQL (one row per arm and time slice comes back, never
+one per prediction), :mod:`experiments.simulate` draws them directly, and both hand them to the
+same pure :func:`experiments.judge.judge`. Every figure is summable, so time slices add up to the
+whole experiment and the report's confidence sequence is a running sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from experiments.stats import UnitMoments
+
+Mode = Literal["split", "shadow"]
+
+#: Latency buckets are geometric: bucket b holds [LATENCY_BASE_S·r^b, LATENCY_BASE_S·r^(b+1)).
+#: A 1% ratio bounds a quantile to within 1% while the log returns a few hundred buckets.
+LATENCY_BASE_S = 1e-6
+LATENCY_RATIO = 1.01
+
+
+@dataclass(frozen=True)
+class LatencyHistogram:
+    """Counts of model latencies per geometric bucket (bucket index -> count)."""
+
+    counts: Mapping[int, int] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return sum(self.counts.values())
+
+    @staticmethod
+    def edge(bucket: int) -> float:
+        return LATENCY_BASE_S * LATENCY_RATIO**bucket
+
+    @classmethod
+    def from_values(cls, latencies_s: list[float]) -> LatencyHistogram:
+        counts: dict[int, int] = {}
+        for v in latencies_s:
+            if v > 0:
+                b = math.floor(math.log(v / LATENCY_BASE_S) / math.log(LATENCY_RATIO))
+                counts[b] = counts.get(b, 0) + 1
+        return cls(counts)
+
+    def order_statistic_bounds(self, rank: int) -> tuple[float, float]:
+        """The bucket edges around the rank-th smallest latency (1-based): it lies between them."""
+        if rank < 1:
+            return 0.0, 0.0
+        if rank > self.n:
+            return math.inf, math.inf
+        seen = 0
+        for b in sorted(self.counts):
+            seen += self.counts[b]
+            if seen >= rank:
+                return self.edge(b), self.edge(b + 1)
+        return math.inf, math.inf  # pragma: no cover - rank <= n always lands in a bucket
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile, to bucket resolution (the bucket's geometric middle)."""
+        n = self.n
+        if n == 0:
+            return None
+        lo, hi = self.order_statistic_bounds(max(1, math.ceil(q * n)))
+        return math.sqrt(lo * hi)
+
+
+@dataclass(frozen=True)
+class ArmData:
+    """One arm's figures, intent-to-treat: every request assigned to the arm counts in it.
+
+    ``faults`` is per unit x = requests that failed for a model fault (``MODEL_FAULTS``), y =
+    requests (client errors excluded): its ratio is the error rate, and ``requests_per_unit``
+    comes from the same sums. ``coverage`` is per unit x = matured predictions whose outcome
+    arrived within the window, y = matured predictions. ``metric`` is per unit x = the metric
+    summed over those rows with a usable outcome, y = their number.
+    """
+
+    requests: int = 0  # assigned requests, client errors excluded
+    client_errors: int = 0
+    fallbacks: int = 0  # challenger requests answered by the champion's fallback
+    units: int = 0  # distinct randomisation units with a request
+    faults: UnitMoments = field(default_factory=UnitMoments.zero)
+    coverage: UnitMoments = field(default_factory=UnitMoments.zero)
+    metric: UnitMoments = field(default_factory=UnitMoments.zero)
+    skipped: int = 0  # rows with an outcome the metric could not use (no score, label not 0/1)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    @property
+    def faulted(self) -> int:
+        return round(self.faults.sum_x)
+
+    @property
+    def requests_per_unit(self) -> UnitMoments:
+        """Per unit x = its requests, y = 1: the mean is requests per unit."""
+        f = self.faults
+        return UnitMoments(f.n, f.sum_y, float(f.n), f.sum_yy, float(f.n), f.sum_y)
+
+
+@dataclass(frozen=True)
+class SeriesSlice:
+    """The metric sums added by predictions made in one time slice (for the running interval)."""
+
+    ts: float  # end of the slice: predictions up to here
+    champion: UnitMoments
+    challenger: UnitMoments
+
+
+@dataclass(frozen=True)
+class LogSummary:
+    """Everything the judge needs from the log for one experiment."""
+
+    mode: Mode | None  # None: challenger and shadow rows both logged (modes mixed)
+    keyed: bool  # units are routing keys (sticky users); else each request is a unit
+    champion: ArmData
+    challenger: ArmData  # the shadow arm in shadow mode
+    paired: UnitMoments | None = None  # shadow: per unit x = Σ(challenger − champion), y = rows
+    series: tuple[SeriesSlice, ...] = ()
+    first_ts: float | None = None
+    cap: float | None = None  # the cap (winsorising) applied to the row metric, if any
+
+    @property
+    def empty(self) -> bool:
+        return self.champion.requests + self.challenger.requests == 0
