@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test lint typecheck unit bench simulate serve clean
+.PHONY: install demo test lint typecheck unit bench simulate serve clean image-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ unit: install
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck unit
+
+# Build ./Dockerfile with podman on a base made from Debian packages and smoke-test the container
+# (root and apt needed; see .ci/image.sh). Independent of .venv.
+image-test:
+	bash .ci/image.sh
 
 simulate: install
 	$(BIN)/python -m experiments.simulate

@@ -1,8 +1,11 @@
 """The deployment files agree with the package's real entry points, config keys and metrics.
 
 No Docker engine or cluster runs here: every compose file, manifest, dashboard and rule file is
-parsed and checked against the contract (DESIGN.md, the README, pyproject.toml).
-The phase-2 test runs the same PromQL against a live Prometheus scraping a real router.
+parsed and checked against the contract (DESIGN.md, the README, pyproject.toml); the Kubernetes
+manifests against the Kubernetes API schemas (kubernetes-validate, offline, strict) and the compose
+file against the Compose Specification's schema (check-jsonschema's vendored copy).
+The phase-2 test runs the same PromQL against a live Prometheus scraping a real router; the image
+itself is built and run by .ci/image.sh.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
@@ -513,8 +517,56 @@ def test_kustomize_builds() -> None:
     out = subprocess.run(
         [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, check=True, timeout=60
     ).stdout
-    kinds = {doc["kind"] for doc in yaml.safe_load_all(out) if doc}
+    docs = [doc for doc in yaml.safe_load_all(out) if doc]
+    kinds = {doc["kind"] for doc in docs}
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "CronJob", "ConfigMap"} <= kinds
+    for doc in docs:  # what `kubectl apply -k` would send, labels added by kustomize included
+        kubernetes_validate.validate(doc, K8S_OLDEST, strict=True)
+
+
+# The oldest Kubernetes the manifests must suit (autoscaling/v2 and batch/v1 CronJob are GA long
+# before it) and the newest whose schemas kubernetes-validate ships.
+K8S_OLDEST = "1.29.0"
+K8S_VERSIONS = [K8S_OLDEST, kubernetes_validate.latest_version()]
+CRDS = {"ServiceMonitor"}  # the Prometheus Operator's: no schema offline (docs/deploy.md)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_manifests_match_the_kubernetes_api_schemas(version: str) -> None:
+    """Strict: an unknown or misspelt field fails, as `kubectl apply --validate=strict` would."""
+    checked: set[str] = set()
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in _yaml_docs(path):
+            if doc["kind"] == "Kustomization" or doc["kind"] in CRDS:
+                continue
+            kubernetes_validate.validate(doc, version, strict=True)
+            checked.add(doc["kind"])
+    assert set(_manifests()) - checked == CRDS
+
+
+def test_k8s_schema_check_rejects_a_misspelt_field() -> None:
+    deployment = _manifests()["Deployment"]
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError, match="readinessprobe"):
+        kubernetes_validate.validate(deployment, K8S_OLDEST, strict=True)
+
+
+def _check_compose(path: Path) -> subprocess.CompletedProcess[str]:
+    """check-jsonschema with its vendored Compose Specification schema (no network)."""
+    command = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"]
+    return subprocess.run(
+        [*command, str(path)], capture_output=True, text=True, check=False, timeout=120
+    )
+
+
+def test_compose_file_matches_the_compose_spec(tmp_path: Path) -> None:
+    result = _check_compose(DEPLOY / "docker-compose.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = _compose()
+    broken["services"]["router"]["stop_grace_periodd"] = "45s"
+    (tmp_path / "docker-compose.yml").write_text(yaml.safe_dump(broken), encoding="utf-8")
+    result = _check_compose(tmp_path / "docker-compose.yml")
+    assert result.returncode == 1 and "stop_grace_periodd" in result.stdout + result.stderr
 
 
 # --- Dockerfile ------------------------------------------------------------------------------
@@ -523,7 +575,16 @@ def test_dockerfile_matches_the_contract() -> None:
     by_kind: dict[str, list[str]] = {}
     for keyword, rest in instructions:
         by_kind.setdefault(keyword, []).append(rest)
-    assert by_kind["FROM"] == ["python:3.11-slim"]
+    # The base is a build argument (CI builds on a local Debian base); python:3.11-slim elsewhere.
+    assert by_kind["ARG"] == ["BASE_IMAGE=python:3.11-slim"]
+    assert by_kind["FROM"] == ["${BASE_IMAGE}"]
+    # Layer order: the dependencies install from pyproject.toml alone, before the source arrives.
+    order = [f"{keyword} {rest}" for keyword, rest in instructions]
+    deps = next(i for i, line in enumerate(order) if "-r /tmp/deps/requirements.txt" in line)
+    source = next(i for i, line in enumerate(order) if line.startswith("COPY router "))
+    assert all(not line.startswith("COPY") or "pyproject.toml" in line for line in order[:deps])
+    assert deps < source
+    assert "--no-deps" in next(line for line in order[source:] if "pip install" in line)
     assert json.loads(by_kind["CMD"][-1]) == ROUTER_CMD
     assert by_kind["EXPOSE"] == [str(PORT)]
     user = by_kind["USER"][-1].split(":")[0]
