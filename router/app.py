@@ -145,18 +145,28 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """200 once the champion is loaded. The prediction log's state is reported, not required: a
+    failing log database queues, retries and counts drops, and must not take serving down."""
     service = _service(request)
     arms = service.manager.current
+    plog = service.prediction_log
+    log_state = {"healthy": plog.error is None, "error": plog.error, "dropped": plog.dropped}
     if arms is None:
         reason = service.manager.last_error or "champion not loaded yet"
-        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
-    return JSONResponse({"status": "ready", "champion_version": arms.champion.version})
+        body = {"status": "not ready", "reason": reason, "prediction_log": log_state}
+        return JSONResponse(body, status_code=503)
+    body = {
+        "status": "ready",
+        "champion_version": arms.champion.version,
+        "prediction_log": log_state,
+    }
+    return JSONResponse(body)
 
 
 async def metrics(request: Request) -> Response:
     service = _service(request)
     log_ = service.prediction_log
-    service.metrics.sync_prediction_log(log_.pending, log_.dropped)
+    service.metrics.sync_prediction_log(log_.pending, log_.dropped, log_.error is None)
     body, content_type = render(service.metrics.registry)
     return Response(body, media_type=content_type)
 
@@ -314,7 +324,8 @@ def create_app(
             flush_interval_s=settings.prediction_log.flush_interval_s,
             max_pending=settings.prediction_log.max_pending,
         )
-        plog.start()
+        plog.start()  # the writer creates the tables in its own thread: nothing here waits
+        # Nothing connects to the registry here either: the poller loads in the background.
         manager = ModelManager(
             settings, Registry(settings.model.tracking_uri, settings.model.name), router_metrics
         )
@@ -348,7 +359,7 @@ async def _sync_log_metrics(service: RouterService) -> None:
     while True:
         await asyncio.sleep(LOG_SYNC_INTERVAL_S)
         plog = service.prediction_log
-        service.metrics.sync_prediction_log(plog.pending, plog.dropped)
+        service.metrics.sync_prediction_log(plog.pending, plog.dropped, plog.error is None)
 
 
 def app_from_env() -> Starlette:

@@ -21,6 +21,8 @@ from router.models import LoadedModel, ModelNotFound, ModelRef, Registry
 
 log = logging.getLogger(__name__)
 
+STARTUP_FIRST_RETRY_S = 0.5
+
 
 @dataclass(frozen=True)
 class ArmSet:
@@ -128,19 +130,30 @@ class ModelManager:
         log.info("serving %s: %s [experiment %s]", name, described, arms.experiment_id)
 
     async def load_until_ready(self) -> None:
-        """Start-up: retry until the champion loads, saying why on each failure (no crash loop)."""
-        interval = self._settings.model.startup_retry_interval_s
+        """Start-up: retry until the champion loads, saying why on each failure (no crash loop).
+
+        Runs in the background (the app answers ``/healthz`` meanwhile); the wait between attempts
+        doubles from ``STARTUP_FIRST_RETRY_S`` up to ``model.startup_retry_interval_s``.
+        """
+        ceiling = self._settings.model.startup_retry_interval_s
+        attempt = 0
         while self.current is None:
+            attempt += 1
+            delay = min(STARTUP_FIRST_RETRY_S * 2 ** (attempt - 1), ceiling)
             try:
                 await self.refresh()
             except (RegistryUnavailable, ModelNotFound) as exc:
-                log.error("champion not loaded yet (retrying in %gs): %s", interval, exc)
-                await asyncio.sleep(interval)
+                log.error(
+                    "champion not loaded yet (attempt %d, retrying in %gs): %s", attempt, delay, exc
+                )
+                await asyncio.sleep(delay)
             except Exception:  # the poller task's outermost layer: log it, retry
                 log.exception(
-                    "champion not loaded yet (retrying in %gs): unexpected error", interval
+                    "champion not loaded yet (attempt %d, retrying in %gs): unexpected error",
+                    attempt,
+                    delay,
                 )
-                await asyncio.sleep(interval)
+                await asyncio.sleep(delay)
 
     async def poll_forever(self) -> None:
         await self.load_until_ready()

@@ -8,6 +8,9 @@ psycopg 3 with a pre-ping on checkout.
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,6 +39,8 @@ def create_engine(url: str) -> Engine:
                 f"prediction log {url!r}: in-memory SQLite is not supported; use a file"
             )
         engine = sa.create_engine(parsed, connect_args={"check_same_thread": False})
+        shm = Path(f"{Path(parsed.database).resolve()}-shm")
+        sa.event.listen(engine, "do_connect", lambda *_: _refuse_unwritable(shm))
         sa.event.listen(engine, "connect", _sqlite_on_connect)
         sa.event.listen(engine, "begin", _sqlite_on_begin)
         return engine
@@ -47,6 +52,55 @@ def create_engine(url: str) -> Engine:
     raise ValueError(
         f"prediction log {url!r}: unsupported database {backend!r} (use sqlite or postgresql)"
     )
+
+
+class SqliteFile:
+    """The file behind a SQLite engine, to notice when it is deleted or replaced while open.
+
+    SQLite keeps writing to an unlinked file without complaint: every row written after the
+    file (or its directory) was deleted would vanish without an error.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._identity: tuple[int, int] | None = None
+
+    def _current(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def remember(self) -> None:
+        """Note the file the engine's connections now use (after they opened it)."""
+        self._identity = self._current()
+
+    def forget(self) -> None:
+        self._identity = None
+
+    def replaced(self) -> bool:
+        """True when the remembered file is no longer at its path (one ``stat``, ~2 µs)."""
+        return self._identity is not None and self._current() != self._identity
+
+
+def sqlite_file(engine: Engine) -> SqliteFile | None:
+    """A :class:`SqliteFile` for a SQLite engine's database, None for other databases."""
+    if engine.dialect.name != "sqlite" or not engine.url.database:
+        return None
+    return SqliteFile(Path(engine.url.database).resolve())
+
+
+def _refuse_unwritable(shm: Path) -> None:
+    """Refuse to open a database whose ``-shm`` file this process cannot write.
+
+    SQLite would map it read-only; a wal-index it cannot grow then ends in SIGBUS, a crash no
+    Python code can catch. A clear, retried and counted error instead.
+    """
+    if shm.exists() and not os.access(shm, os.R_OK | os.W_OK):
+        raise sqlite3.OperationalError(
+            f"{shm} is not writable by this process (uid {os.geteuid()}): fix its owner or mode"
+        )
 
 
 def safe_url(engine: Engine) -> str:

@@ -182,6 +182,12 @@ class RouterMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.log_healthy = Gauge(
+            "router_prediction_log_healthy",
+            "0 while the prediction log's database is failing (writes retried, records queued).",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.log_dropped = Counter(
             "router_prediction_log_dropped",
             "Prediction records dropped because the log's queue was full or the database failed.",
@@ -218,9 +224,10 @@ class RouterMetrics:
         for name, count in TallyCounter(c for c in classes if c is not None).items():
             self.predicted_class.labels(arm, version, name).inc(count)
 
-    def sync_prediction_log(self, pending: int, dropped: int) -> None:
+    def sync_prediction_log(self, pending: int, dropped: int, healthy: bool) -> None:
         """Mirror the log writer's own counters (it knows nothing of Prometheus)."""
         self.log_pending.set(pending)
+        self.log_healthy.set(1 if healthy else 0)
         if dropped > self._dropped_seen:
             self.log_dropped.inc(dropped - self._dropped_seen)
             self._dropped_seen = dropped

@@ -8,11 +8,14 @@ event loop.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import mlflow
+import sqlalchemy as sa
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -64,13 +67,70 @@ def _is_not_found(exc: MlflowException) -> bool:
     return exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 
 
+# MLflow's database-backed stores (mlflow.store.db.db_types); the first word of the URI scheme.
+_DATABASE_SCHEMES = frozenset({"sqlite", "postgresql", "mysql", "mssql"})
+PROBE_TIMEOUT_S = 5
+
+
+def probe_database(tracking_uri: str) -> None:
+    """Raise ``RegistryUnavailable`` at once when a database-backed store cannot be reached.
+
+    MLflow's own engine set-up retries for ~105 s before it gives up, and would create an empty
+    SQLite registry where none exists: a router only reads a registry, so it must find one.
+    """
+    scheme = tracking_uri.partition(":")[0].partition("+")[0].lower()
+    if scheme not in _DATABASE_SCHEMES:
+        return
+    try:
+        url = sa.make_url(tracking_uri)
+    except sa.exc.ArgumentError as exc:
+        raise RegistryUnavailable(f"registry {tracking_uri}: {exc}") from exc
+    if scheme == "sqlite":
+        if not url.database or not Path(url.database).is_file():
+            raise RegistryUnavailable(f"registry {tracking_uri}: no database file")
+        return
+    connect_args = {"connect_timeout": PROBE_TIMEOUT_S} if scheme in ("postgresql", "mysql") else {}
+    try:
+        engine = sa.create_engine(url, connect_args=connect_args, poolclass=sa.pool.NullPool)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except (sa.exc.SQLAlchemyError, ImportError) as exc:
+        orig = getattr(exc, "orig", None) or exc
+        first = str(orig).strip().splitlines()[:1]
+        raise RegistryUnavailable(
+            f"registry {tracking_uri}: {type(orig).__name__}: {''.join(first)}"
+        ) from exc
+
+
 class Registry:
-    """A thin client for one registered model."""
+    """A thin client for one registered model.
+
+    Nothing connects before the first call (and calls run off the event loop), so a registry that
+    is down never blocks start-up; a client is only built once its store answers.
+    """
 
     def __init__(self, tracking_uri: str, model_name: str) -> None:
         self.tracking_uri = tracking_uri
         self.model_name = model_name
-        self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        self._client_lock = threading.Lock()
+        self._mlflow_client: MlflowClient | None = None
+
+    @property
+    def _client(self) -> MlflowClient:
+        with self._client_lock:
+            if self._mlflow_client is None:
+                probe_database(self.tracking_uri)
+                uri = self.tracking_uri
+                try:
+                    self._mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+                except MlflowException as exc:
+                    raise RegistryUnavailable(f"registry {uri}: {exc.message}") from exc
+                except (sa.exc.SQLAlchemyError, OSError) as exc:
+                    raise RegistryUnavailable(f"registry {uri}: {exc}") from exc
+            return self._mlflow_client
 
     def _by_alias(self, alias: str) -> ModelRef | None:
         try:
@@ -79,7 +139,7 @@ class Registry:
             if _is_not_found(exc):
                 return None
             raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc.message}") from exc
-        except OSError as exc:
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
             raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc}") from exc
         return ModelRef(alias, str(mv.version), mv.run_id, "alias")
 
@@ -88,7 +148,7 @@ class Registry:
             return list(self._client.search_model_versions(f"name = '{self.model_name}'"))
         except MlflowException as exc:
             raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc.message}") from exc
-        except OSError as exc:
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
             raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc}") from exc
 
     def resolve_champion(self, alias: str) -> ModelRef:

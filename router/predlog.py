@@ -6,9 +6,16 @@ batches (``batch_size`` records or ``flush_interval_s`` after the first one arri
 first), one transaction and one executemany per batch. ``flush``/``close`` wait until every
 record accepted before the call is committed: "rows logged == rows served" at SIGTERM rests on it.
 
-Nothing is lost silently: records refused because ``max_pending`` records are already waiting, and
-records the writer gave up on (database down past the retries, or a record the database
-rejects), are counted in ``dropped`` and logged.
+Nothing is lost silently. A failing database is retried (backoff, one log line per attempt) for
+as long as the queue has room: records are refused, counted in ``dropped`` and logged, only once
+``max_pending`` records are waiting, or when ``close`` runs out of time. A record the database
+rejects is dropped alone and counted. A SQLite file deleted or replaced under the writer is noticed
+before and after every batch: the rows this process had written to it are counted as dropped, and
+the log is reopened (its tables created again) when its directory is there.
+
+Start-up never waits for the database: ``start`` only starts the writer, which creates the tables
+(retrying like a write) while records queue. ``error`` says what is failing now, for ``/readyz``
+and the ``router_prediction_log_healthy`` gauge.
 
 ``record_feedback`` delegates to ``router.feedback.FeedbackStore`` on the same engine, which
 flushes this writer when feedback names a request id still in the queue.
@@ -28,8 +35,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from router.database import add_missing_columns, brief, create_engine, insert_ignoring, safe_url
-from router.errors import PredictionLogUnavailable
+from router.database import (
+    SqliteFile,
+    add_missing_columns,
+    brief,
+    create_engine,
+    insert_ignoring,
+    safe_url,
+    sqlite_file,
+)
 from router.feedback import FeedbackItem, FeedbackResult, FeedbackStore
 from router.logschema import metadata, predictions
 
@@ -76,8 +90,8 @@ class PredictionLog:
 
     ``url`` is ``sqlite:///path`` (WAL mode; relative paths resolve against the working directory)
     or ``postgresql+psycopg://...`` (plain ``postgresql://`` uses psycopg 3, the driver installed).
-    A batch is retried ``max_retries`` times with exponential backoff from ``retry_backoff_s``
-    before its records are counted as dropped.
+    A failing batch is retried with exponential backoff from ``retry_backoff_s`` (at most
+    ``_MAX_BACKOFF_S`` apart) until it is written or ``close`` gives up on it.
     """
 
     def __init__(
@@ -87,20 +101,23 @@ class PredictionLog:
         batch_size: int = 500,
         flush_interval_s: float = 0.2,
         max_pending: int = 100_000,
-        max_retries: int = 5,
         retry_backoff_s: float = 0.1,
     ) -> None:
-        if batch_size < 1 or max_pending < 1 or max_retries < 0:
-            raise ValueError("batch_size and max_pending must be >= 1, max_retries >= 0")
+        if batch_size < 1 or max_pending < 1:
+            raise ValueError("batch_size and max_pending must be >= 1")
         if not flush_interval_s > 0 or retry_backoff_s < 0:
             raise ValueError("flush_interval_s must be > 0 and retry_backoff_s >= 0")
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
         self._max_pending = max_pending
-        self._max_retries = max_retries
         self._retry_backoff_s = retry_backoff_s
         self._engine = create_engine(url)
         self._safe_url = safe_url(self._engine)
+        self._file: SqliteFile | None = sqlite_file(self._engine)
+        self._tables_ready = False  # only the writer thread reads and writes these three
+        self._written_to_file = 0  # rows this process wrote to the SQLite file now open
+        self._error: str | None = None
+        self._prepared = threading.Event()  # the tables were created once
         # Ignore-on-conflict: a client reusing a request id must not fail the other rows of the
         # batch. The first record for a (request_id, row_index, arm) wins; later ones are counted
         # in ``duplicates`` and logged, not stored.
@@ -128,23 +145,9 @@ class PredictionLog:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        """Create the tables if missing and start the writer thread."""
+        """Start the writer thread; it creates the tables if missing (never blocks the caller)."""
         if self._thread is not None or self._closed:
             raise RuntimeError("PredictionLog.start() called twice or after close()")
-        for attempt in range(3):
-            try:
-                with self._engine.begin() as conn:
-                    metadata.create_all(conn)
-                    add_missing_columns(conn)
-                break
-            except sa.exc.SQLAlchemyError as exc:
-                # Replicas starting together on PostgreSQL race on CREATE TABLE; the loser sees the
-                # tables on the next attempt. Anything else fails the same way three times.
-                if attempt == 2:
-                    raise PredictionLogUnavailable(
-                        f"prediction log {self._safe_url}: cannot create tables: {brief(exc)}"
-                    ) from exc
-                time.sleep(0.2)
         self._thread = threading.Thread(target=self._run, name="prediction-log-writer", daemon=True)
         self._thread.start()
 
@@ -235,6 +238,15 @@ class PredictionLog:
         """Records refused at ``enqueue`` or given up on by the writer, since start."""
         return self._dropped
 
+    def wait_prepared(self, timeout: float) -> bool:
+        """Wait until the writer has created the tables once; False after ``timeout``."""
+        return self._prepared.wait(timeout)
+
+    @property
+    def error(self) -> str | None:
+        """Why the database is failing now (None: the last attempt worked, or none was made)."""
+        return self._error
+
     @property
     def duplicates(self) -> int:
         """Records ignored because their (request_id, row_index, arm) was already logged."""
@@ -275,6 +287,7 @@ class PredictionLog:
 
     # -- the writer thread ----------------------------------------------------------------------
     def _run(self) -> None:
+        self._prepare_at_start()
         backlog = False
         while True:
             with self._wake:
@@ -306,13 +319,77 @@ class PredictionLog:
                 self._done += len(batch)
                 self._progress.notify_all()
 
+    def _prepare_at_start(self) -> None:
+        """Create the tables before any record arrives, so ``error`` tells at once if it fails."""
+        attempt = 0
+        while True:
+            try:
+                self._prepare()
+                return
+            except sa.exc.SQLAlchemyError as exc:
+                attempt += 1
+                delay = self._failed(exc, attempt, "cannot create its tables")
+            with self._wake:
+                if self._stopping or self._abandon.is_set():
+                    return  # close(): the records still queued are written (or dropped) by _run
+                self._wake.wait(delay)
+
+    def _prepare(self) -> None:
+        """Reopen a SQLite file deleted or replaced under us; create missing tables and columns.
+
+        Replicas starting together on PostgreSQL race on CREATE TABLE; the loser fails, retries
+        and finds the tables.
+        """
+        if self._file is not None and self._file.replaced():
+            lost, self._written_to_file = self._written_to_file, 0
+            self._count_dropped(lost)
+            logger.error(
+                "prediction log: %s was deleted or replaced while open: the %d records this "
+                "process wrote to it are gone (counted as dropped); reopening",
+                self._file.path,
+                lost,
+            )
+            self._file.forget()
+            self._engine.dispose()  # pooled connections still point at the old file
+            self._tables_ready = False
+        if self._tables_ready:
+            return
+        with self._engine.begin() as conn:
+            metadata.create_all(conn)
+            add_missing_columns(conn)
+        self._tables_ready = True
+        if self._file is not None:
+            self._file.remember()
+        self._prepared.set()
+
+    def _failed(self, exc: sa.exc.SQLAlchemyError, attempt: int, doing: str) -> float:
+        """Record and log one failed attempt; return the wait before the next one."""
+        self._error = f"{doing}: {brief(exc)}"
+        self._tables_ready = False  # a dropped table or a new file: create them again
+        delay: float = min(self._retry_backoff_s * 2.0 ** (attempt - 1), _MAX_BACKOFF_S)
+        logger.warning(
+            "prediction log %s %s (attempt %d, retrying in %.2fs; %d records pending)",
+            self._safe_url,
+            self._error,
+            attempt,
+            delay,
+            self.pending,
+        )
+        return delay
+
     def _write(self, batch: list[PredictionRecord]) -> None:
         rows = [{name: getattr(r, name) for name in _RECORD_FIELDS} for r in batch]
         attempt = 0
         while True:
             try:
+                self._prepare()
                 with self._engine.begin() as conn:
                     inserted = self._execute_insert(conn, rows)
+                if self._file is not None and self._file.replaced():
+                    # Committed to a file no longer in the log: write the batch again.
+                    raise sa.exc.OperationalError(
+                        "commit", None, FileNotFoundError(f"{self._file.path} was replaced")
+                    )
                 break
             except (sa.exc.DataError, sa.exc.IntegrityError) as exc:
                 # A record the database rejects, not a database problem: retrying the same batch
@@ -324,24 +401,20 @@ class PredictionLog:
                 return
             except sa.exc.SQLAlchemyError as exc:
                 attempt += 1
-                if attempt > self._max_retries or self._abandon.is_set():
+                if self._abandon.is_set():
                     logger.error(
-                        "prediction log: %d records dropped after %d attempts: %s",
+                        "prediction log: %d records dropped at close after %d attempts: %s",
                         len(rows),
                         attempt,
                         brief(exc),
                     )
                     self._count_dropped(len(rows))
                     return
-                delay = min(self._retry_backoff_s * 2 ** (attempt - 1), _MAX_BACKOFF_S)
-                logger.warning(
-                    "prediction log: write failed (%s); retry %d/%d in %.2fs",
-                    brief(exc),
-                    attempt,
-                    self._max_retries,
-                    delay,
-                )
-                self._abandon.wait(delay)
+                # Retried while the queue has room: new records are refused (and counted) only
+                # once max_pending are waiting, this batch included.
+                self._abandon.wait(self._failed(exc, attempt, "write failed"))
+        self._error = None
+        self._written_to_file += inserted
         self._count_duplicates(len(rows) - inserted)
 
     def _write_each(self, rows: list[dict[str, Any]]) -> None:
@@ -349,7 +422,9 @@ class PredictionLog:
         for row in rows:
             try:
                 with self._engine.begin() as conn:
-                    inserted += self._execute_insert(conn, [row])
+                    n = self._execute_insert(conn, [row])
+                inserted += n
+                self._written_to_file += n
             except sa.exc.SQLAlchemyError as exc:
                 logger.error(
                     "prediction log: record %r row %r dropped: %s",

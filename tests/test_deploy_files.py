@@ -80,6 +80,7 @@ GAUGES = {
     "router_arm_weight": {"arm"},
     "router_ready": set(),
     "router_prediction_log_pending": set(),
+    "router_prediction_log_healthy": set(),
 }
 TARGET_LABELS = {"job", "instance"}
 
@@ -253,6 +254,7 @@ def test_alerts_cover_the_issue_and_runbooks_exist() -> None:
         "PredictLatencySLOBreach",
         "TrafficShareDrift",
         "PredictionLogBacklog",
+        "PredictionLogFailing",
         "PredictionLogDrops",
         "ModelReloadFailures",
     }
