@@ -1,24 +1,51 @@
-"""``evaluate_and_promote`` and ``rollback``: the command-line entry points.
+"""``evaluate_and_promote`` and ``rollback``: the command-line entry points and their exit codes.
 
-Exit codes (DESIGN.md): 0 promoted (or would promote, with ``--dry-run``), 3 rejected, 4
-inconclusive, 5 invalid, 1 error (config, registry or database unreachable, aliases moved during
-the evaluation, another promotion under way), reported as ONE line on stderr, no traceback.
+The exit codes are the CLI's contract with scripts and CronJobs (README, "Exit codes"); the
+domain's :class:`~experiments.judge.Evaluation` only carries a decision. Every failure is ONE
+line on stderr and exit 1, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any, TextIO
 
-from experiments.evaluate import EvaluationError, evaluate, make_client
-from experiments.promote import apply, rollback
-from experiments.report import text_table, write_html, write_json
-from router.config import ConfigError, load_settings
+from mlflow.exceptions import MlflowException
 
+from experiments.decision import Decision
+from experiments.evaluate import (
+    AliasSnapshot,
+    EvaluationError,
+    evaluate,
+    make_client,
+    read_aliases,
+)
+from experiments.promote import ActionResult, apply, rollback, sticky_rejection
+from experiments.report import text_table, to_dict, write_html, write_json
+from router.config import ConfigError, Settings, load_settings
+
+#: The exit code of each decision. 2 is argparse's (bad arguments).
+EXIT_CODES: Mapping[Decision, int] = {"promote": 0, "reject": 3, "inconclusive": 4, "invalid": 5}
 EXIT_ERROR = 1
+#: No ``@challenger`` (nothing is being tested, e.g. after a promotion or a rejection): a normal
+#: state for a scheduled run, distinct from every decision; a CronJob treats it as success.
+EXIT_NO_EXPERIMENT = 6
+#: Codes a scheduler should treat as a successful run; 1 (error) and 5 (invalid) need a person.
+NORMAL_EXIT_CODES = frozenset({0, 3, 4, EXIT_NO_EXPERIMENT})
+
+STDOUT = "-"
+
+
+def exit_code(decision: Decision) -> int:
+    return EXIT_CODES[decision]
 
 
 def _fail(prog: str, message: str) -> int:
@@ -27,12 +54,46 @@ def _fail(prog: str, message: str) -> int:
     return EXIT_ERROR
 
 
-def evaluate_and_promote_main(argv: Sequence[str] | None = None) -> int:
-    """Judge the current experiment, print the table, and promote when the decision says so."""
+@contextmanager
+def _fail_fast_http() -> Iterator[None]:
+    """Few MLflow HTTP retries (as the router): a registry that is down fails in seconds, not the
+    minutes of MLflow's default backoff; the next scheduled run tries again. A value set by the
+    user wins."""
+    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "2"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+
+
+def _guarded(prog: str, debug: bool, run: Callable[[], int]) -> int:
+    """The outermost layer: every failure becomes one line on stderr and exit 1."""
+    try:
+        with _fail_fast_http():
+            return run()
+    except (ConfigError, EvaluationError) as exc:
+        return _fail(prog, str(exc))
+    except MlflowException as exc:  # one the domain did not translate (e.g. an unsupported URI)
+        return _fail(prog, f"MLflow: {exc.message}")
+    except OSError as exc:  # --json/--report paths, temp files
+        return _fail(prog, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+    except Exception as exc:  # a bug: still one line; --debug shows the traceback
+        if debug:
+            raise
+        return _fail(prog, f"unexpected {type(exc).__name__}: {exc} (rerun with --debug)")
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evaluate_and_promote",
-        description="Judge the champion/challenger experiment and promote the challenger if it "
-        "is better (always-valid statistics: safe to run every hour).",
+        description="Judge the champion/challenger experiment; promote the challenger if it is "
+        "better, end the experiment if it is worse (always-valid statistics: safe to run every "
+        "hour). Exit codes: 0 promoted, 3 rejected, 4 inconclusive, 5 invalid, "
+        f"{EXIT_NO_EXPERIMENT} no experiment running (no @challenger), 1 error.",
     )
     parser.add_argument(
         "--config", default=None, help="config file (default: $ROUTER_CONFIG or config.yaml)"
@@ -41,7 +102,10 @@ def evaluate_and_promote_main(argv: Sequence[str] | None = None) -> int:
         "--dry-run", action="store_true", help="decide and report; write nothing to MLflow"
     )
     parser.add_argument(
-        "--json", type=Path, default=None, metavar="FILE", help="write everything as JSON"
+        "--json",
+        default=None,
+        metavar="FILE",
+        help="write everything as JSON; '-' writes it to stdout (the table then goes to stderr)",
     )
     parser.add_argument(
         "--report",
@@ -50,34 +114,107 @@ def evaluate_and_promote_main(argv: Sequence[str] | None = None) -> int:
         metavar="FILE",
         help="write a self-contained HTML report",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an unexpected error"
+    )
+    return parser
+
+
+def evaluate_and_promote_main(argv: Sequence[str] | None = None) -> int:
+    """Judge the current experiment, print the table, and act on the decision."""
+    parser = _parser()
     args = parser.parse_args(argv)
-    prog = parser.prog
-    try:
-        settings = load_settings(args.config)
-        client = make_client(settings)
-        evaluation = evaluate(settings, client=client)
-        print(text_table(evaluation))
-        if args.json is not None:
-            write_json(evaluation, args.json)
-        if args.report is not None:
-            write_html(evaluation, args.report)
-        if args.dry_run:
-            verb = (
-                "would promote" if evaluation.decision == "promote" else "would keep the champion"
-            )
-            print(f"dry run: {verb}; nothing written to MLflow.")
-            return evaluation.exit_code
+    # With --json - stdout carries the JSON document alone; people read stderr.
+    human = sys.stderr if args.json == STDOUT else sys.stdout
+    return _guarded(parser.prog, args.debug, lambda: _run(args, human))
+
+
+def _run(args: argparse.Namespace, human: TextIO) -> int:
+    settings = load_settings(args.config)
+    client = make_client(settings)
+    aliases = read_aliases(client, settings)
+    if not _experiment_running(aliases):
+        return _no_experiment(settings, aliases, args, human)
+    evaluation = evaluate(settings, client=client, aliases=aliases)
+    # A version rejected in this experiment stays rejected: dry runs report it too.
+    evaluation = sticky_rejection(client, settings, evaluation)
+    code = exit_code(evaluation.decision)
+    print(text_table(evaluation), file=human)
+    print(f"exit code {code} ({evaluation.decision})", file=human)
+    if args.report is not None:
+        write_html(evaluation, args.report)
+    result: ActionResult | None = None
+    if args.dry_run:
+        print(f"dry run: {_would(evaluation.decision)}; nothing written to MLflow.", file=human)
+    else:
         with tempfile.TemporaryDirectory(prefix="evaluation-") as tmp:
             artifacts = [Path(tmp) / "evaluation.json", Path(tmp) / "report.html"]
             write_json(evaluation, artifacts[0])
             write_html(evaluation, artifacts[1])
             result = apply(client, settings, evaluation, artifacts=artifacts)
-        print(result.message)
-    except (ConfigError, EvaluationError) as exc:
-        return _fail(prog, str(exc))
-    except OSError as exc:  # --json/--report paths, temp files
-        return _fail(prog, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
-    return evaluation.exit_code
+        print(result.message, file=human)
+    if args.json is not None:
+        document = {**to_dict(evaluation), "exit_code": code, "dry_run": args.dry_run}
+        document["action"] = None if result is None else _action_dict(result)
+        _write_document(document, args.json)
+    return code
+
+
+def _experiment_running(aliases: AliasSnapshot) -> bool:
+    # The router serves no challenger when @challenger is unset or is the champion's version.
+    return aliases.challenger is not None and aliases.challenger != aliases.champion
+
+
+def _no_experiment(
+    settings: Settings, aliases: AliasSnapshot, args: argparse.Namespace, human: TextIO
+) -> int:
+    m = settings.model
+    reason = (
+        f"No experiment running: registered model {m.name!r} has no @{m.challenger_alias} "
+        f"distinct from @{m.champion_alias} (v{aliases.champion}); nothing to judge. "
+        f"Set @{m.challenger_alias} on a new version to start one."
+    )
+    print(reason, file=human)
+    print(f"exit code {EXIT_NO_EXPERIMENT} (no experiment)", file=human)
+    if args.json is not None:
+        document = {
+            "decision": None,
+            "reason": reason,
+            "model_name": m.name,
+            "aliases": asdict(aliases),
+            "exit_code": EXIT_NO_EXPERIMENT,
+            "dry_run": args.dry_run,
+            "action": None,
+        }
+        _write_document(document, args.json)
+    return EXIT_NO_EXPERIMENT
+
+
+def _would(decision: Decision) -> str:
+    if decision == "promote":
+        return "would promote"
+    if decision == "reject":
+        return "would reject (remove @challenger)"
+    return "would keep the champion and the experiment running"
+
+
+def _action_dict(result: ActionResult) -> dict[str, Any]:
+    return {
+        "action": result.action,
+        "run_id": result.run_id,
+        "message": result.message,
+        "aliases_before": asdict(result.aliases_before),
+        "aliases_after": asdict(result.aliases_after),
+    }
+
+
+def _write_document(document: Mapping[str, Any], target: str) -> None:
+    text = json.dumps(document, indent=2) + "\n"
+    if target == STDOUT:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        Path(target).write_text(text, encoding="utf-8")
 
 
 def rollback_main(argv: Sequence[str] | None = None) -> int:
@@ -88,14 +225,17 @@ def rollback_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--config", default=None, help="config file (default: $ROUTER_CONFIG or config.yaml)"
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an unexpected error"
+    )
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> int:
         settings = load_settings(args.config)
-        result = rollback(make_client(settings), settings)
-    except (ConfigError, EvaluationError) as exc:
-        return _fail(parser.prog, str(exc))
-    print(result.message)
-    return 0
+        print(rollback(make_client(settings), settings).message)
+        return 0
+
+    return _guarded(parser.prog, args.debug, run)
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m experiments.cli` evaluates

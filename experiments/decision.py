@@ -31,9 +31,6 @@ from router.logschema import outcome_matches
 
 Decision = Literal["promote", "reject", "inconclusive", "invalid"]
 
-#: The CLI's exit code for each decision; 1 is reserved for errors.
-EXIT_CODES: dict[Decision, int] = {"promote": 0, "reject": 3, "inconclusive": 4, "invalid": 5}
-
 #: Metrics where a larger per-row value is better; the others are losses.
 HIGHER_IS_BETTER: dict[MetricName, bool] = {
     "accuracy": True,

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from experiments import stats
 from experiments.decision import (
     BINARY_METRICS,
-    EXIT_CODES,
     GUARDRAIL_SHARE,
     HIGHER_IS_BETTER,
     METRIC_SHARE,
@@ -133,10 +132,6 @@ class Evaluation:
     checks: tuple[Check, ...] = ()
     cap: float | None = None  # the row metric was capped (winsorised) at this value
     max_samples: int = 0
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_CODES[self.decision]
 
 
 def judge(

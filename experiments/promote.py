@@ -6,6 +6,13 @@ recorded as an MLflow run in the experiment ``champion-challenger/<model name>``
 per-arm and difference metrics, the decision as a tag, the report files as artifacts). A dry run
 never gets here: it writes nothing to MLflow.
 
+Decisions act and stick. PROMOTE moves ``@champion`` to the challenger (``@rollback`` to the old
+champion) and removes ``@challenger``; REJECT removes ``@challenger`` (routers serve the champion
+alone from their next poll) and tags the version rejected. Both end the experiment. A version
+rejected in an experiment (same experiment id: same champion, same challenger) stays rejected: if
+``@challenger`` points at it again, :func:`sticky_rejection` turns any later decision into REJECT
+and the alias is removed again. The audit runs are the record that is searched, not version tags.
+
 Compare-and-set. MLflow has no conditional alias update, so two evaluators could both read the
 old aliases and both promote. Alias moves therefore happen under a lock that the registry itself
 makes atomic: a registered model named ``<model>.promotion-lock``, *created* by the holder
@@ -45,7 +52,7 @@ from router.config import Settings
 TAG_PREFIX = "champion_challenger."
 LOCK_SUFFIX = ".promotion-lock"
 
-Action = Literal["promoted", "kept", "rolled_back", "aborted"]
+Action = Literal["promoted", "rejected", "kept", "rolled_back", "aborted"]
 
 
 class PromotionError(EvaluationError):
@@ -97,25 +104,67 @@ def apply(
     artifacts: Sequence[Path] = (),
     by: str | None = None,
 ) -> ActionResult:
-    """Record ``evaluation`` as an MLflow run and, when it says promote, move the aliases.
+    """Record ``evaluation`` as an MLflow run and act on its decision.
 
-    Raises :class:`PromotionConflict` (after recording the run as ``aborted``) when the aliases
-    moved since the evaluation began or another promotion is under way.
+    PROMOTE and REJECT move aliases (see the module docstring); the other decisions only record
+    the run. A challenger already rejected in this experiment is never promoted
+    (:func:`sticky_rejection` is applied first). Raises :class:`PromotionConflict` (after
+    recording the run as ``aborted``) when the aliases moved since the evaluation began or another
+    promotion is under way.
     """
     by = by or actor()
+    evaluation = sticky_rejection(client, settings, evaluation)
+    if evaluation.decision == "promote":
+        return _move(client, settings, evaluation, artifacts, by, "promoted")
+    if evaluation.decision == "reject" and evaluation.aliases.challenger is not None:
+        return _move(client, settings, evaluation, artifacts, by, "rejected")
     before = evaluation.aliases
     with _translated("recording the evaluation"):
-        if evaluation.decision != "promote":
-            run_id = _record_run(client, settings, evaluation, artifacts, by, "kept")
-            if evaluation.decision == "reject" and before.challenger is not None:
-                _tag_version(
-                    client,
-                    settings.model.name,
-                    before.challenger,
-                    _audit_tags(evaluation, run_id, by, role="rejected"),
-                )
-            return ActionResult("kept", run_id, _kept_message(evaluation), before, before)
-    return _promote(client, settings, evaluation, artifacts, by)
+        run_id = _record_run(client, settings, evaluation, artifacts, by, "kept")
+    return ActionResult("kept", run_id, _kept_message(evaluation), before, before)
+
+
+def sticky_rejection(
+    client: MlflowClient, settings: Settings, evaluation: Evaluation
+) -> Evaluation:
+    """``evaluation``, its decision made REJECT if its challenger was rejected in this experiment.
+
+    Read-only (``--dry-run`` reports what a real run would do). The reason names the earlier
+    rejection's run and keeps what this evaluation alone found.
+    """
+    version = evaluation.aliases.challenger
+    if version is None or evaluation.decision == "reject":
+        return evaluation
+    with _translated("reading earlier rejections"):
+        run_id = prior_rejection(client, settings.model.name, evaluation.experiment_id)
+    if run_id is None:
+        return evaluation
+    reason = (
+        f"v{version} was already rejected in this experiment (evaluation run {run_id}); a "
+        "rejection ends the experiment, so it is never promoted against this champion: register "
+        f"a new version to try again. This evaluation alone: {evaluation.decision}: "
+        f"{evaluation.reason}"
+    )
+    return dataclasses.replace(evaluation, decision="reject", reason=reason)
+
+
+def prior_rejection(client: MlflowClient, model_name: str, experiment_id: str) -> str | None:
+    """The run id of a finished rejection in experiment ``experiment_id``, or None."""
+    found = client.get_experiment_by_name(tracking_experiment_name(model_name))
+    if found is None:
+        return None
+    # Filter on the tag in the query and on the experiment id here: an experiment id holds the
+    # model name, which may contain quotes that a filter string would have to escape.
+    query = f"tags.`{TAG_PREFIX}action` = 'rejected' and attributes.status = 'FINISHED'"
+    token: str | None = None
+    while True:
+        page = client.search_runs([found.experiment_id], query, page_token=token)
+        for run in page:
+            if run.data.params.get("experiment_id") == experiment_id:
+                return str(run.info.run_id)
+        token = page.token
+        if not token:
+            return None
 
 
 def rollback(client: MlflowClient, settings: Settings, *, by: str | None = None) -> ActionResult:
@@ -161,20 +210,29 @@ def rollback(client: MlflowClient, settings: Settings, *, by: str | None = None)
     return ActionResult("rolled_back", run_id, message, before, after)
 
 
-# --- promotion -------------------------------------------------------------------------------
+# --- promotion and rejection ------------------------------------------------------------------
 
 
-def _promote(
+def _move(
     client: MlflowClient,
     settings: Settings,
     evaluation: Evaluation,
     artifacts: Sequence[Path],
     by: str,
+    action: Literal["promoted", "rejected"],
 ) -> ActionResult:
+    """Under the lock: check the aliases are still the evaluated ones, move them, tag, verify."""
     m = settings.model
     before = evaluation.aliases
     if before.champion is None or before.challenger is None:
-        raise PromotionError("a promotion needs both a champion and a challenger version")
+        raise PromotionError("acting on an experiment needs both a champion and a challenger")
+    roles: tuple[tuple[str, str], ...]
+    if action == "promoted":
+        expected = AliasSnapshot(before.challenger, None, before.champion)
+        roles = ((before.challenger, "champion"), (before.champion, "rollback"))
+    else:
+        expected = AliasSnapshot(before.champion, None, before.rollback)
+        roles = ((before.challenger, "rejected"),)
     run_id: str | None = None
     try:
         with _lock(client, m.name, by):
@@ -182,23 +240,20 @@ def _promote(
             if current != before:
                 raise PromotionConflict(
                     f"aliases moved since the evaluation began ({_describe(before)} -> "
-                    f"{_describe(current)}); nothing promoted, evaluate again"
+                    f"{_describe(current)}); nothing changed, evaluate again"
                 )
-            with _translated("promoting"):
-                run_id = _record_run(client, settings, evaluation, artifacts, by, "promoted")
-                client.set_registered_model_alias(m.name, m.rollback_alias, before.champion)
-                client.set_registered_model_alias(m.name, m.champion_alias, before.challenger)
+            with _translated("promoting" if action == "promoted" else "rejecting"):
+                run_id = _record_run(client, settings, evaluation, artifacts, by, action)
+                if action == "promoted":
+                    client.set_registered_model_alias(m.name, m.rollback_alias, before.champion)
+                    client.set_registered_model_alias(m.name, m.champion_alias, before.challenger)
                 client.delete_registered_model_alias(m.name, m.challenger_alias)
-                for version, role in (
-                    (before.challenger, "champion"),
-                    (before.champion, "rollback"),
-                ):
+                for version, role in roles:
                     _tag_version(client, m.name, version, _audit_tags(evaluation, run_id, by, role))
-                expected = AliasSnapshot(before.challenger, None, before.champion)
                 after = _verify(client, settings, expected, run_id)
                 client.set_terminated(run_id)
     except PromotionConflict as exc:
-        with _translated("recording the aborted promotion"):
+        with _translated("recording the aborted action"):
             _record_run(client, settings, evaluation, artifacts, by, "aborted", note=str(exc))
         raise
     except PromotionError:
@@ -207,11 +262,18 @@ def _promote(
             with suppress(MlflowException, sa.exc.SQLAlchemyError, OSError):  # best effort
                 client.set_terminated(run_id, status="FAILED")
         raise
-    message = (
-        f"Promoted: @{m.champion_alias} v{before.champion} -> v{before.challenger}, "
-        f"@{m.rollback_alias} = v{before.champion}, @{m.challenger_alias} removed (run {run_id})."
-    )
-    return ActionResult("promoted", run_id, message, before, after)
+    if action == "promoted":
+        message = (
+            f"Promoted: @{m.champion_alias} v{before.champion} -> v{before.challenger}, "
+            f"@{m.rollback_alias} = v{before.champion}, @{m.challenger_alias} removed "
+            f"(run {run_id})."
+        )
+    else:
+        message = (
+            f"Rejected: v{before.challenger} tagged rejected, @{m.challenger_alias} removed; "
+            f"@{m.champion_alias} stays v{before.champion} and serves all traffic (run {run_id})."
+        )
+    return ActionResult(action, run_id, message, before, after)
 
 
 def _verify(
@@ -271,11 +333,10 @@ def _release(client: MlflowClient, name: str, token: str) -> None:
 
 
 def _audit_tags(evaluation: Evaluation, run_id: str, by: str, role: str) -> dict[str, str]:
+    verb = "rejected" if role == "rejected" else "promoted"
     tags = {
-        f"{TAG_PREFIX}promoted_at"
-        if role != "rejected"
-        else f"{TAG_PREFIX}evaluated_at": _iso_now(),
-        f"{TAG_PREFIX}promoted_by" if role != "rejected" else f"{TAG_PREFIX}evaluated_by": by,
+        f"{TAG_PREFIX}{verb}_at": _iso_now(),
+        f"{TAG_PREFIX}{verb}_by": by,
         f"{TAG_PREFIX}evaluation_run_id": run_id,
         f"{TAG_PREFIX}decision": evaluation.decision,
         f"{TAG_PREFIX}role": role,
@@ -381,7 +442,7 @@ def _record_run(
     )
     for path in artifacts:
         client.log_artifact(run_id, str(path))
-    if action != "promoted":  # a promotion's run ends once the aliases have moved
+    if action in ("kept", "aborted"):  # an acting run ends once the aliases have moved
         client.set_terminated(run_id, status="FAILED" if action == "aborted" else "FINISHED")
     return run_id
 

@@ -26,7 +26,6 @@ _COLORS = {"champion": "#1f77b4", "challenger": "#d62728", "shadow": "#d62728"}
 def to_dict(evaluation: Evaluation) -> dict[str, Any]:
     """Everything in the evaluation, JSON-ready (non-finite numbers become null)."""
     out: dict[str, Any] = dataclasses.asdict(evaluation)
-    out["exit_code"] = evaluation.exit_code
     for key in ("champion", "challenger"):
         arm: ArmSummary = getattr(evaluation, key)
         out[key]["error_rate"] = arm.error_rate
@@ -130,7 +129,7 @@ def text_table(evaluation: Evaluation) -> str:
             )
     if e.skipped_rows:
         lines.append(f"note: {e.skipped_rows} rows with outcomes could not carry {e.metric}")
-    lines += ["", f"decision: {e.decision.upper()} (exit {e.exit_code}). {e.reason}"]
+    lines += ["", f"decision: {e.decision.upper()}. {e.reason}"]
     return "\n".join(lines)
 
 

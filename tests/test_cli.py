@@ -4,18 +4,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
-from conftest import MlflowRegistry
+import yaml
+from conftest import MlflowRegistry, free_port
 from mlflow.tracking import MlflowClient
 from synthlog import Arm, sqlite_url, write_config, write_log
 
-from experiments.cli import evaluate_and_promote_main, rollback_main
+from experiments.cli import (
+    EXIT_CODES,
+    EXIT_NO_EXPERIMENT,
+    NORMAL_EXIT_CODES,
+    evaluate_and_promote_main,
+    rollback_main,
+)
+from experiments.decision import Decision
+from experiments.promote import TAG_PREFIX, tracking_experiment_name
 from router import logschema
 
 EID = logschema.experiment_id("churn-predictor", "1", "2")
@@ -91,11 +102,14 @@ def test_promote_prints_the_table_and_writes_reports(
         "guardrail error_rate",
         "guardrail latency_p95",
         "decision: PROMOTE",
+        "exit code 0 (promote)",
         "Promoted: @champion v1 -> v2",
     ):
         assert needle in out
     data = json.loads(doc.read_text())
     assert data["decision"] == "promote" and data["exit_code"] == 0
+    assert data["action"]["action"] == "promoted" and data["dry_run"] is False
+    assert data["action"]["aliases_after"] == {"champion": "2", "challenger": None, "rollback": "1"}
     assert data["experiment_id"] == EID
     assert data["difference"]["absolute"]["lower"] > 0
     assert len(data["series"]) > 10
@@ -103,12 +117,16 @@ def test_promote_prints_the_table_and_writes_reports(
     assert page.count("<svg") == 2 and "PROMOTE" in page
     assert "http" not in page.replace("http://www.w3.org/2000/svg", "")  # no external assets
     assert _aliases(registry) == {"champion": "2", "rollback": "1"}
+    client = registry.client()
+    new, old = (client.get_model_version("churn-predictor", v).tags for v in ("2", "1"))
+    assert new[f"{TAG_PREFIX}role"] == "champion" and old[f"{TAG_PREFIX}role"] == "rollback"
+    run = client.get_run(data["action"]["run_id"])
+    assert run.data.tags[f"{TAG_PREFIX}action"] == "promoted" and run.info.status == "FINISHED"
 
 
 @pytest.mark.parametrize(
     ("challenger", "log_kwargs", "code", "word"),
     [
-        (Arm(0.60), {}, 3, "REJECT"),
         (Arm(0.70), {}, 4, "INCONCLUSIVE"),
         (Arm(0.80), {"drop_challenger_every": 5}, 5, "INVALID"),
     ],
@@ -125,29 +143,40 @@ def test_exit_codes(
     registry = fresh_registry()
     config = _config(registry, tmp_path, _log(tmp_path, challenger, **log_kwargs))
     assert evaluate_and_promote_main(["--config", str(config)]) == code
-    assert f"decision: {word} (exit {code})" in capsys.readouterr().out
-    assert _aliases(registry) == {"champion": "1", "challenger": "2"}
+    out = capsys.readouterr().out
+    assert f"decision: {word}." in out and f"exit code {code} ({word.lower()})" in out
+    assert _aliases(registry) == {"champion": "1", "challenger": "2"}  # the experiment goes on
 
 
+@pytest.mark.parametrize(
+    ("challenger", "code", "verb"),
+    [(Arm(0.80), 0, "would promote"), (Arm(0.60), 3, "would reject (remove @challenger)")],
+)
 def test_dry_run_changes_nothing(
     fresh_registry: Callable[[], MlflowRegistry],
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
+    challenger: Arm,
+    code: int,
+    verb: str,
 ) -> None:
     registry = fresh_registry()
-    config = _config(registry, tmp_path, _log(tmp_path, Arm(0.80)))
+    config = _config(registry, tmp_path, _log(tmp_path, challenger))
     client = registry.client()
     before = _registry_state(client)
 
-    code = evaluate_and_promote_main(
-        ["--config", str(config), "--dry-run", "--json", str(tmp_path / "e.json")]
+    assert (
+        evaluate_and_promote_main(
+            ["--config", str(config), "--dry-run", "--json", str(tmp_path / "e.json")]
+        )
+        == code
     )
 
-    assert code == 0  # would promote
-    assert "dry run: would promote; nothing written to MLflow." in capsys.readouterr().out
+    assert f"dry run: {verb}; nothing written to MLflow." in capsys.readouterr().out
     assert _registry_state(client) == before
     assert not (tmp_path / "mlruns").exists()
-    assert json.loads((tmp_path / "e.json").read_text())["decision"] == "promote"
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert data["exit_code"] == code and data["dry_run"] is True and data["action"] is None
 
 
 def test_unreachable_database_is_one_line_exit_1(
@@ -222,6 +251,200 @@ def test_two_processes_at_once_promote_once(
     results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
     codes = sorted(code for code, _, _ in results)
     # The loser either lost the race for the lock/aliases (1) or evaluated after the winner had
-    # promoted: then there is no @challenger any more, and nothing to judge (5).
-    assert codes[0] == 0 and codes[1] in (1, 5), results
+    # promoted: then there is no @challenger any more, and no experiment to judge.
+    assert codes[0] == 0 and codes[1] in (1, EXIT_NO_EXPERIMENT), results
     assert _aliases(registry) == {"champion": "2", "rollback": "1"}
+
+
+def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``evaluate_and_promote`` as a CronJob runs it: a process of its own."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    script = "import sys; from experiments.cli import evaluate_and_promote_main as m; sys.exit(m())"
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _rejections(client: MlflowClient) -> list[Any]:
+    exp = client.get_experiment_by_name(tracking_experiment_name("churn-predictor"))
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    return [r for r in runs if r.data.tags[f"{TAG_PREFIX}action"] == "rejected"]
+
+
+def test_reject_ends_the_experiment_and_sticks(
+    fresh_registry: Callable[[], MlflowRegistry],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    registry = fresh_registry()
+    client = registry.client()
+    config = _config(registry, tmp_path, _log(tmp_path, Arm(0.60)))
+
+    assert evaluate_and_promote_main(["--config", str(config)]) == 3
+    out = capsys.readouterr().out
+    assert "decision: REJECT." in out and "exit code 3 (reject)" in out
+    assert "Rejected: v2 tagged rejected, @challenger removed" in out
+    assert _aliases(registry) == {"champion": "1"}
+    (rejection,) = _rejections(client)
+    tags = client.get_model_version("churn-predictor", "2").tags
+    assert tags[f"{TAG_PREFIX}role"] == "rejected"
+    assert tags[f"{TAG_PREFIX}evaluation_run_id"] == rejection.info.run_id
+    assert tags[f"{TAG_PREFIX}experiment_id"] == EID
+
+    # The next scheduled run: no experiment (not "invalid"), and nothing written.
+    before = _registry_state(client)
+    assert evaluate_and_promote_main(["--config", str(config)]) == EXIT_NO_EXPERIMENT
+    assert "No experiment running" in capsys.readouterr().out
+    assert _registry_state(client) == before
+
+    # Someone points @challenger at v2 again, and now the log says it is better: still rejected.
+    client.set_registered_model_alias("churn-predictor", "challenger", "2")
+    better = sqlite_url(tmp_path / "better.db")
+    write_log(better, experiment_id=EID, champion=Arm(0.70), challenger=Arm(0.80))
+    config = _config(registry, tmp_path, better)
+    dry = _run_cli("--config", str(config), "--dry-run", "--json", "-", cwd=tmp_path)
+    assert dry.returncode == 3, dry.stderr
+    assert json.loads(dry.stdout)["decision"] == "reject"
+    assert evaluate_and_promote_main(["--config", str(config)]) == 3
+    out = capsys.readouterr().out
+    assert f"already rejected in this experiment (evaluation run {rejection.info.run_id})" in out
+    assert "This evaluation alone: promote" in out
+    assert _aliases(registry) == {"champion": "1"}
+    assert len(_rejections(client)) == 2
+
+
+def test_no_experiment_after_a_promotion(
+    fresh_registry: Callable[[], MlflowRegistry],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    registry = fresh_registry()
+    client = registry.client()
+    config = _config(registry, tmp_path, _log(tmp_path, Arm(0.80)))
+    assert evaluate_and_promote_main(["--config", str(config)]) == 0
+    capsys.readouterr()
+    before = _registry_state(client)
+
+    for _ in range(2):  # every later scheduled run, not just the first
+        assert evaluate_and_promote_main(["--config", str(config), "--json", "-"]) == 6
+        captured = capsys.readouterr()
+        data = json.loads(captured.out)
+        assert data["exit_code"] == EXIT_NO_EXPERIMENT and data["decision"] is None
+        assert data["aliases"] == {"champion": "2", "challenger": None, "rollback": "1"}
+        assert "No experiment running" in captured.err and "(v2)" in captured.err
+    assert _registry_state(client) == before
+
+    # @challenger on the champion's own version is no experiment either (the router serves one arm).
+    client.set_registered_model_alias("churn-predictor", "challenger", "2")
+    assert evaluate_and_promote_main(["--config", str(config)]) == EXIT_NO_EXPERIMENT
+
+
+def test_json_to_stdout_is_the_only_stdout(
+    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
+) -> None:
+    registry = fresh_registry()
+    config = _config(registry, tmp_path, _log(tmp_path, Arm(0.80)))
+
+    done = _run_cli("--config", str(config), "--json", "-", cwd=tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert data["decision"] == "promote" and data["exit_code"] == 0
+    assert data["action"]["action"] == "promoted" and data["action"]["run_id"]
+    assert "decision: PROMOTE." in done.stderr and "Promoted: @champion v1 -> v2" in done.stderr
+    assert not (tmp_path / "-").exists()
+    # Any other path is a file, even one that merely ends in "-".
+    done = _run_cli("--config", str(config), "--json", "./-", cwd=tmp_path)
+    assert done.returncode == EXIT_NO_EXPERIMENT, done.stderr
+    assert json.loads((tmp_path / "-").read_text())["exit_code"] == EXIT_NO_EXPERIMENT
+    assert "No experiment running" in done.stdout
+
+
+def test_registry_down_is_one_line_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the refusal is the point
+    port = free_port()  # nothing listens there
+    config = write_config(
+        tmp_path / "config.yaml",
+        {"model": {"name": "churn-predictor", "tracking_uri": f"http://127.0.0.1:{port}"}},
+    )
+    assert evaluate_and_promote_main(["--config", str(config)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("evaluate_and_promote: error: MLflow registry at http://127.0.0.1:")
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("model: [unclosed\n", "invalid YAML"),
+        ("model: {name: m}\nrouting: {challenger_weight: 2}\n", "routing.challenger_weight"),
+        (None, "No such file"),
+    ],
+)
+def test_bad_config_is_one_line_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, needle: str
+) -> None:
+    path = tmp_path / "config.yaml"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    assert evaluate_and_promote_main(["--config", str(path)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("evaluate_and_promote: error: ") and needle in line
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "needle"),
+    [
+        ("not-a-database", "prediction log"),
+        ("bad-timestamp", ""),
+    ],
+)
+def test_unreadable_log_is_one_line_exit_1(
+    fresh_registry: Callable[[], MlflowRegistry],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    corrupt: str,
+    needle: str,
+) -> None:
+    registry = fresh_registry()
+    db = tmp_path / "predictions.db"
+    if corrupt == "not-a-database":
+        db.write_bytes(b"this is no SQLite file, just bytes" * 100)
+    else:  # a real log with a row no router writes: the evaluator must not crash on it
+        write_log(sqlite_url(db), experiment_id=EID, champion=Arm(0.7), challenger=Arm(0.7))
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE predictions SET ts = 'yesterday' WHERE rowid = 1")
+    config = _config(registry, tmp_path, sqlite_url(db))
+
+    assert evaluate_and_promote_main(["--config", str(config)]) == 1
+
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("evaluate_and_promote: error:") and needle in line
+    assert _aliases(registry) == {"champion": "1", "challenger": "2"}
+
+
+def test_exit_codes_table_covers_every_decision() -> None:
+    assert set(EXIT_CODES) == set(get_args(Decision))
+    codes = [*EXIT_CODES.values(), EXIT_NO_EXPERIMENT, 1, 2]  # 1 error, 2 argparse usage
+    assert len(codes) == len(set(codes))  # each outcome its own code
+
+
+def test_cronjob_treats_exactly_the_normal_codes_as_success() -> None:
+    cron = yaml.safe_load((REPO / "deploy/k8s/cronjob.yaml").read_text(encoding="utf-8"))
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    script = container["command"][-1]
+    match = re.search(r"^\s*([0-9|]+)\) exit 0 ;;", script, re.MULTILINE)
+    assert match is not None, script
+    assert {int(c) for c in match.group(1).split("|")} == NORMAL_EXIT_CODES
+    assert EXIT_CODES["invalid"] not in NORMAL_EXIT_CODES and 1 not in NORMAL_EXIT_CODES

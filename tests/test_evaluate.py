@@ -46,7 +46,7 @@ def _evaluate(
 
 def test_better_challenger_is_promoted(mlflow_registry: MlflowRegistry, tmp_path: Path) -> None:
     ev = _evaluate(mlflow_registry, tmp_path, champion=Arm(0.70), challenger=Arm(0.80))
-    assert ev.decision == "promote" and ev.exit_code == 0
+    assert ev.decision == "promote"
     assert ev.aliases == AliasSnapshot("1", "2", None)
     assert ev.experiment_id == EID
     assert ev.difference is not None and ev.difference.absolute.lower > 0
@@ -62,7 +62,7 @@ def test_better_challenger_is_promoted(mlflow_registry: MlflowRegistry, tmp_path
 
 def test_worse_challenger_is_rejected(mlflow_registry: MlflowRegistry, tmp_path: Path) -> None:
     ev = _evaluate(mlflow_registry, tmp_path, champion=Arm(0.80), challenger=Arm(0.68))
-    assert ev.decision == "reject" and ev.exit_code == 3
+    assert ev.decision == "reject"
     assert ev.difference is not None and ev.difference.absolute.upper < 0
     assert "worse" in ev.reason
 
@@ -101,7 +101,7 @@ def test_failing_challenger_fails_the_error_guardrail(
 
 def test_equal_arms_are_inconclusive(mlflow_registry: MlflowRegistry, tmp_path: Path) -> None:
     ev = _evaluate(mlflow_registry, tmp_path, champion=Arm(0.75), challenger=Arm(0.75), seed=3)
-    assert ev.decision == "inconclusive" and ev.exit_code == 4
+    assert ev.decision == "inconclusive"
     assert ev.difference is not None
     assert ev.difference.absolute.lower <= 0 <= ev.difference.absolute.upper
 
@@ -123,7 +123,7 @@ def test_sample_ratio_mismatch_is_invalid(mlflow_registry: MlflowRegistry, tmp_p
         challenger=Arm(0.80),
         drop_challenger_every=5,
     )
-    assert ev.decision == "invalid" and ev.exit_code == 5
+    assert ev.decision == "invalid"
     assert ev.srm is not None and ev.srm.mismatch and ev.srm.p_value < 0.001
     assert "Sample-ratio mismatch" in ev.reason
 

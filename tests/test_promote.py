@@ -19,7 +19,9 @@ from experiments.promote import (
     PromotionError,
     apply,
     lock_name,
+    prior_rejection,
     rollback,
+    sticky_rejection,
     tracking_experiment_name,
 )
 from experiments.report import write_html, write_json
@@ -96,7 +98,7 @@ def test_promotion_moves_aliases_and_leaves_an_audit_trail(
     assert not client.search_registered_models(f"name = '{lock_name('churn-predictor')}'")
 
 
-def test_rejection_keeps_the_champion_and_is_recorded(
+def test_rejection_ends_the_experiment_and_is_recorded(
     fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
 ) -> None:
     registry, settings = _setup(fresh_registry, tmp_path, Arm(0.60))
@@ -106,31 +108,101 @@ def test_rejection_keeps_the_champion_and_is_recorded(
 
     result = apply(client, settings, evaluation, by=BY)
 
-    assert result.action == "kept"
-    assert read_aliases(client, settings) == AliasSnapshot("1", "2", None)
+    assert result.action == "rejected"
+    assert read_aliases(client, settings) == AliasSnapshot("1", None, None)
+    assert result.aliases_after == AliasSnapshot("1", None, None)
+    assert "@challenger removed" in result.message
     tags = client.get_model_version("churn-predictor", "2").tags
+    assert tags[f"{TAG_PREFIX}role"] == "rejected"
     assert tags[f"{TAG_PREFIX}decision"] == "reject"
     assert tags[f"{TAG_PREFIX}evaluation_run_id"] == result.run_id
+    assert tags[f"{TAG_PREFIX}experiment_id"] == EID
+    assert tags[f"{TAG_PREFIX}rejected_by"] == BY
+    assert tags[f"{TAG_PREFIX}rejected_at"].endswith("+00:00")
     assert f"{TAG_PREFIX}decision" not in client.get_model_version("churn-predictor", "1").tags
     runs = _runs(client, "churn-predictor")
     assert len(runs) == 1
-    assert runs[0].data.tags[f"{TAG_PREFIX}decision"] == "reject"  # type: ignore[attr-defined]
+    run = runs[0]
+    assert run.data.tags[f"{TAG_PREFIX}decision"] == "reject"  # type: ignore[attr-defined]
+    assert run.data.tags[f"{TAG_PREFIX}action"] == "rejected"  # type: ignore[attr-defined]
+    assert run.info.status == "FINISHED"  # type: ignore[attr-defined]
+    assert prior_rejection(client, "churn-predictor", EID) == result.run_id
+    assert not client.search_registered_models(f"name = '{lock_name('churn-predictor')}'")
 
 
-def test_aliases_moved_since_the_evaluation_abort_the_promotion(
+def test_a_rejected_version_is_never_promoted_in_the_same_experiment(
     fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
 ) -> None:
-    registry, settings = _setup(fresh_registry, tmp_path, Arm(0.80))
+    registry, settings = _setup(fresh_registry, tmp_path, Arm(0.60))
+    client = registry.client()
+    rejected = apply(client, settings, evaluate(settings, client=client, now=NOW), by=BY)
+    # Someone points @challenger at v2 again, and this time the log says it is better.
+    client.set_registered_model_alias("churn-predictor", "challenger", "2")
+    better_url = sqlite_url(tmp_path / "better.db")
+    write_log(better_url, experiment_id=EID, champion=Arm(0.70), challenger=Arm(0.80))
+    better = settings_for(registry.tracking_uri, better_url)
+    evaluation = evaluate(better, client=client, now=NOW)
+    assert evaluation.decision == "promote"
+
+    sticky = sticky_rejection(client, better, evaluation)
+    result = apply(client, better, evaluation, by=BY)
+
+    assert sticky.decision == "reject"
+    assert str(rejected.run_id) in sticky.reason and "already rejected" in sticky.reason
+    assert "This evaluation alone: promote" in sticky.reason
+    assert result.action == "rejected"
+    assert read_aliases(client, settings) == AliasSnapshot("1", None, None)
+    assert client.get_model_version("churn-predictor", "2").tags[f"{TAG_PREFIX}role"] == "rejected"
+
+
+def test_a_rejection_holds_only_in_its_own_experiment(
+    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
+) -> None:
+    registry, settings = _setup(fresh_registry, tmp_path, Arm(0.60))
+    client = registry.client()
+    apply(client, settings, evaluate(settings, client=client, now=NOW), by=BY)
+    # v2 against a different champion (v3) is a new experiment: the old rejection says nothing.
+    other = logschema.experiment_id("churn-predictor", "3", "2")
+    assert prior_rejection(client, "churn-predictor", other) is None
+    assert prior_rejection(client, "other-model", EID) is None
+
+
+def test_inconclusive_keeps_everything_and_is_recorded(
+    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
+) -> None:
+    registry, settings = _setup(fresh_registry, tmp_path, Arm(0.70))
     client = registry.client()
     evaluation = evaluate(settings, client=client, now=NOW)
+    assert evaluation.decision == "inconclusive"
+
+    result = apply(client, settings, evaluation, by=BY)
+
+    assert result.action == "kept"
+    assert read_aliases(client, settings) == AliasSnapshot("1", "2", None)
+    assert f"{TAG_PREFIX}role" not in client.get_model_version("churn-predictor", "2").tags
+    runs = _runs(client, "churn-predictor")
+    assert [r.data.tags[f"{TAG_PREFIX}action"] for r in runs] == ["kept"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("challenger", [Arm(0.80), Arm(0.60)], ids=["promote", "reject"])
+def test_aliases_moved_since_the_evaluation_abort_the_action(
+    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path, challenger: Arm
+) -> None:
+    registry, settings = _setup(fresh_registry, tmp_path, challenger)
+    client = registry.client()
+    evaluation = evaluate(settings, client=client, now=NOW)
+    assert evaluation.decision in ("promote", "reject")
     client.set_registered_model_alias("churn-predictor", "challenger", "1")  # someone else
 
     with pytest.raises(PromotionConflict, match="aliases moved since the evaluation began"):
         apply(client, settings, evaluation, by=BY)
 
     assert read_aliases(client, settings) == AliasSnapshot("1", "1", None)
+    assert f"{TAG_PREFIX}role" not in client.get_model_version("churn-predictor", "2").tags
     runs = _runs(client, "churn-predictor")
     assert [r.data.tags[f"{TAG_PREFIX}action"] for r in runs] == ["aborted"]  # type: ignore[attr-defined]
+    # An aborted rejection is no rejection: it does not stick.
+    assert prior_rejection(client, "churn-predictor", EID) is None
 
 
 def test_a_held_lock_blocks_a_second_promotion(
