@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from mlflow.version import VERSION as MLFLOW_VERSION
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -27,6 +28,7 @@ from router.errors import (
     RegistryUnavailable,
     RouterError,
     Unauthorized,
+    http_error_body,
 )
 from router.feedback import FeedbackItem
 from router.metrics import RouterMetrics, render
@@ -142,6 +144,11 @@ async def feedback(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "alive"})
+
+
+async def version(request: Request) -> Response:
+    """The installed MLflow version, as ``mlflow models serve`` answers (bare text)."""
+    return Response(MLFLOW_VERSION, media_type="application/json")
 
 
 async def readyz(request: Request) -> Response:
@@ -260,15 +267,15 @@ async def _router_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    body = {
-        "error": {"code": code, "message": f"{request.method} {request.url.path}: {exc.detail}"}
-    }
-    return JSONResponse(body, status_code=exc.status_code)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse(
+        http_error_body(exc.status_code, code, message), status_code=exc.status_code
+    )
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    body = {"error": {"code": "internal_error", "message": "internal server error"}}
+    body = http_error_body(500, "internal_error", "internal server error")
     return JSONResponse(body, status_code=500)
 
 
@@ -304,7 +311,10 @@ def create_app(
         Route("/invocations", invocations, methods=["POST"]),
         Route("/feedback", feedback, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
-        Route("/ping", healthz, methods=["GET"]),  # `mlflow models serve` clients probe /ping
+        # `mlflow models serve` clients probe /ping and /health and read /version.
+        Route("/ping", healthz, methods=["GET"]),
+        Route("/health", healthz, methods=["GET"]),
+        Route("/version", version, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/experiment", experiment, methods=["GET"]),

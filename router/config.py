@@ -18,6 +18,9 @@ from typing import Any, Literal, TypeVar, get_args, get_type_hints
 import yaml
 
 RoutingMode = Literal["split", "shadow"]
+ExtraColumns = Literal["ignore", "reject"]
+Casting = Literal["mlflow", "strict"]
+NonFinite = Literal["reject", "pass"]
 MetricName = Literal["accuracy", "log_loss", "brier", "abs_error", "squared_error", "outcome"]
 
 
@@ -49,6 +52,21 @@ class RoutingSettings:
 class LimitSettings:
     max_rows: int = 1000
     max_body_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """How ``/invocations`` input is checked against each model's signature (docs/migration.md)."""
+
+    # Columns the model's signature does not name: dropped, as `mlflow models serve` drops them;
+    # "reject" answers 400 naming them.
+    extra_columns: ExtraColumns = "ignore"
+    # "mlflow": MLflow's casts ("3" or 1.5 into a long column, 7 into a string column);
+    # "strict": only values of the column's type and safe widening (1 into a double column).
+    casting: Casting = "mlflow"
+    # Infinity, -Infinity or 1e400 in a numeric column: "reject" answers 400 naming the column
+    # before predicting; "pass" hands them to the model, as `mlflow models serve` does.
+    non_finite: NonFinite = "reject"
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,7 @@ class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
     prediction_log: PredictionLogSettings = field(default_factory=PredictionLogSettings)
     experiment: ExperimentSettings = field(default_factory=ExperimentSettings)
     prometheus: PrometheusSettings = field(default_factory=PrometheusSettings)

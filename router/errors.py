@@ -1,6 +1,19 @@
-"""One error tree: each error carries its HTTP status and a stable code for the JSON body."""
+"""One error tree: each error carries its HTTP status and a stable code for the JSON body.
+
+The body is MLflow's scoring-server error (``error_code``, ``message``), so clients of
+``mlflow models serve`` read it unchanged, with the router's own ``error`` object beside it::
+
+    {"error_code": "BAD_REQUEST", "message": "...",
+     "error": {"code": "bad_request", "message": "..."}}
+
+``error_code`` is one of MLflow's codes (``mlflow.protos.databricks_pb2.ErrorCode``), chosen as
+MLflow's server chooses it for the same fault: ``BAD_REQUEST`` for a body it cannot parse,
+``INVALID_PARAMETER_VALUE`` for input that does not fit the model's signature or params.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class RouterError(Exception):
@@ -8,55 +21,74 @@ class RouterError(Exception):
 
     status_code = 500
     code = "internal_error"
+    error_code = "INTERNAL_ERROR"  # MLflow's code for the same fault
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, error_code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if error_code is not None:
+            self.error_code = error_code
 
-    def to_dict(self) -> dict[str, dict[str, str]]:
-        return {"error": {"code": self.code, "message": self.message}}
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error_code": self.error_code,
+            "message": self.message,
+            "error": {"code": self.code, "message": self.message},
+        }
 
 
 class BadRequest(RouterError):
+    """The body cannot be read as the protocol (not JSON, not one format key, not a frame)."""
+
     status_code = 400
     code = "bad_request"
+    error_code = "BAD_REQUEST"
 
 
 class InvalidInput(RouterError):
-    """The body parsed but does not fit the model (columns, types, row count)."""
+    """The body parsed but does not fit the model (columns, types, values, params)."""
 
-    status_code = 422
+    status_code = 400
     code = "invalid_input"
+    error_code = "INVALID_PARAMETER_VALUE"
 
 
 class PayloadTooLarge(RouterError):
+    """A body over ``limits.max_body_bytes`` or with more rows than ``limits.max_rows``."""
+
     status_code = 413
     code = "payload_too_large"
+    error_code = "REQUEST_LIMIT_EXCEEDED"
 
 
 class UnsupportedMediaType(RouterError):
     status_code = 415
     code = "unsupported_media_type"
+    error_code = "BAD_REQUEST"
 
 
 class Unauthorized(RouterError):
     status_code = 401
     code = "unauthorized"
+    error_code = "UNAUTHENTICATED"
 
 
 class NotFound(RouterError):
     status_code = 404
     code = "not_found"
+    error_code = "RESOURCE_DOES_NOT_EXIST"
 
 
 class Conflict(RouterError):
     status_code = 409
     code = "conflict"
+    error_code = "RESOURCE_CONFLICT"
 
 
 class NotReady(RouterError):
     status_code = 503
     code = "not_ready"
+    error_code = "TEMPORARILY_UNAVAILABLE"
 
 
 class PredictionFailed(RouterError):
@@ -69,6 +101,7 @@ class PredictionFailed(RouterError):
 class RegistryUnavailable(RouterError):
     status_code = 503
     code = "registry_unavailable"
+    error_code = "TEMPORARILY_UNAVAILABLE"
 
 
 class PredictionLogUnavailable(RouterError):
@@ -76,3 +109,13 @@ class PredictionLogUnavailable(RouterError):
 
     status_code = 503
     code = "prediction_log_unavailable"
+    error_code = "TEMPORARILY_UNAVAILABLE"
+
+
+def http_error_body(status_code: int, code: str, message: str) -> dict[str, Any]:
+    """The same body for errors raised outside the tree (Starlette's 404 and 405, a crash)."""
+    error_code = {404: "ENDPOINT_NOT_FOUND", 405: "BAD_REQUEST"}.get(
+        status_code, "BAD_REQUEST" if status_code < 500 else "INTERNAL_ERROR"
+    )
+    error = {"code": code, "message": message}
+    return {"error_code": error_code, "message": message, "error": error}

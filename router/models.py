@@ -62,6 +62,11 @@ class LoadedModel:
     def version(self) -> str:
         return self.ref.version
 
+    @property
+    def params_schema(self) -> Any:  # mlflow.types.ParamSchema | None
+        metadata = getattr(self.model, "metadata", None)
+        return metadata.get_params_schema() if metadata is not None else None
+
 
 def _is_not_found(exc: MlflowException) -> bool:
     return exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}

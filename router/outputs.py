@@ -8,12 +8,19 @@ two-column probability output, or the top probability of a wider one) and a ``pr
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 import pandas as pd
+from mlflow.utils import proto_json_utils
+from mlflow.utils.proto_json_utils import NumpyEncoder
+
+# MLflow's own encoder of outputs (untyped).
+_mlflow_jsonable: Callable[..., Any] = proto_json_utils._get_jsonable_obj
 
 
 @dataclass(frozen=True)
@@ -24,20 +31,18 @@ class RowFacts:
 
 
 def to_jsonable(prediction: Any) -> Any:
-    """The JSON-able form of a pyfunc output, shaped as MLflow's scoring server returns it."""
-    if isinstance(prediction, pd.DataFrame):
-        return prediction.to_dict(orient="records")
-    if isinstance(prediction, pd.Series):
-        return prediction.tolist()
-    if isinstance(prediction, np.ndarray):
-        return prediction.tolist()
-    if isinstance(prediction, dict):
-        return {k: to_jsonable(v) for k, v in prediction.items()}
-    if isinstance(prediction, list | tuple):
-        return [to_jsonable(v) for v in prediction]
-    if isinstance(prediction, np.generic):
-        return prediction.item()
-    return prediction
+    """The JSON-able form of a pyfunc output, exactly as MLflow's scoring server encodes it.
+
+    That is ``predictions_to_json``: a DataFrame as records, a Series as the records of a
+    one-column frame (``[{"0": 0.2}, ...]`` for an unnamed one), arrays as lists, numpy scalars,
+    bytes (base64) and dates (ISO 8601) by MLflow's ``NumpyEncoder``. The index of a DataFrame or
+    Series output is not sent, as MLflow does not send it. One difference: a NaN or infinite
+    number is written as ``null`` (MLflow writes ``NaN``, which is not JSON).
+    """
+    if isinstance(prediction, np.ndarray) and prediction.dtype.kind in "biuf":
+        return prediction.tolist()  # the common case, without a round trip through text
+    jsonable = _mlflow_jsonable(prediction, pandas_orient="records")
+    return json.loads(json.dumps(jsonable, cls=NumpyEncoder))
 
 
 def _as_array(prediction: Any) -> np.ndarray | None:

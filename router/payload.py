@@ -26,20 +26,31 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from typing import Any, Literal, TypeAlias
+from typing import Any, TypeAlias
 
 import numpy as np
 import orjson
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.types import ColSpec, DataType, Schema
+from mlflow.models import utils as model_utils
+from mlflow.pyfunc import scoring_server
+from mlflow.types import DataType, ParamSchema, Schema
 from mlflow.utils import proto_json_utils
-from pandas.api.types import infer_dtype
 
-from router.errors import BadRequest, InvalidInput, RouterError, UnsupportedMediaType
+from router import casting as casting_rules
+from router.casting import names_text as _names
+from router.config import Casting, ExtraColumns, NonFinite
+from router.errors import (
+    BadRequest,
+    InvalidInput,
+    PayloadTooLarge,
+    RouterError,
+    UnsupportedMediaType,
+)
 
 FORMAT_KEYS: tuple[str, ...] = ("dataframe_split", "dataframe_records", "instances", "inputs")
 PARAMS_KEY = "params"
@@ -48,30 +59,20 @@ CONTENT_TYPE_CSV = "text/csv"
 CONTENT_TYPE_PARQUET = "application/vnd.apache.parquet"
 CONTENT_TYPES: tuple[str, ...] = (CONTENT_TYPE_JSON, CONTENT_TYPE_CSV, CONTENT_TYPE_PARQUET)
 
-ExtraColumns = Literal["reject", "ignore"]
 Columns = dict[str, Sequence[Any]]
 InputData: TypeAlias = pd.DataFrame | np.ndarray | dict[str, np.ndarray]
 
 # The scoring server's own helpers (untyped): used where the fast path does not apply.
-_mlflow_cast: Callable[..., pd.DataFrame] = proto_json_utils.cast_df_types_according_to_schema
 _mlflow_dataframe: Callable[..., pd.DataFrame] = proto_json_utils.dataframe_from_parsed_json
 _mlflow_tf_serving: Callable[..., Any] = proto_json_utils.parse_tf_serving_input
+_mlflow_csv: Callable[..., pd.DataFrame] = scoring_server.parse_csv_input
+_mlflow_params: Callable[..., Any] = model_utils._enforce_params_schema
 
+_LONG_DIGITS = re.compile(rb"\d{19,}")
 _KEYS_HINT = (
     f"the body must be a JSON object with exactly one of the keys {', '.join(FORMAT_KEYS)} "
     f"(and optionally '{PARAMS_KEY}')"
 )
-_NUMBER_KINDS = frozenset({"integer", "floating", "mixed-integer-float", "empty"})
-_INTEGER_TYPES = frozenset({DataType.integer, DataType.long})
-_FLOAT_TYPES = frozenset({DataType.float, DataType.double})
-_EXPECTED = {
-    DataType.double: "double (a number)",
-    DataType.float: "float (a number)",
-    DataType.long: "long (an integer)",
-    DataType.integer: "integer (a 32-bit integer)",
-    DataType.boolean: "boolean (true or false)",
-    DataType.string: "string",
-}
 
 
 @dataclass(frozen=True)
@@ -130,30 +131,43 @@ def conform(
     raw: RawInput,
     input_schema: Schema | None,
     *,
-    extra_columns: ExtraColumns = "reject",
+    extra_columns: ExtraColumns = "ignore",
+    casting: Casting = "mlflow",
+    non_finite: NonFinite = "reject",
+    params_schema: ParamSchema | None = None,
 ) -> ParsedInput:
     """Check and type a decoded input for ONE model's signature (its own columns, in its order).
 
-    Raises :class:`BadRequest` or :class:`InvalidInput` naming the problem. Cheap to call once per
-    arm: the body is not decoded again. ``extra_columns="ignore"`` drops columns the signature does
-    not name, as MLflow does (with a warning in its log), instead of rejecting them.
+    Accepts and casts what ``mlflow models serve`` accepts for the same model, with the same
+    values (see :mod:`router.casting`); the switches are ``ValidationSettings``'. ``params`` are
+    checked against ``params_schema`` when given. Raises :class:`BadRequest` or
+    :class:`InvalidInput` (400) naming the problem. Cheap to call once per arm: the body is not
+    decoded again.
     """
     schema = input_schema
+    if params_schema is not None:
+        _check_params(raw.params, params_schema)
+    data: InputData
     if _is_named_columns(schema):
         assert schema is not None
         columns = _columns_for(raw, schema)
-        frame = _build_frame(columns, raw.n_rows, raw.index, schema, extra_columns)
-        return ParsedInput(data=frame, n_rows=raw.n_rows, params=raw.params, format=raw.format)
-    if raw.format in ("csv", "parquet"):
-        data: InputData = raw.value
+        casting_rules.check_columns(columns, schema, extra_columns)
+        try:
+            data = casting_rules.typed_frame(columns, raw.n_rows, raw.index, schema)
+        except InvalidInput:
+            if casting == "strict":
+                raise
+            data = casting_rules.enforce_like_mlflow(_parse_with_mlflow(raw, schema), schema)
         n_rows = raw.n_rows
     else:
-        data = _parse_with_mlflow(raw.format, raw.value, schema)
-        n_rows = _row_count(data)
-    if schema is not None and schema.is_tensor_spec():
-        _check_tensor(data, schema)
-    elif schema is not None:
-        _check_unnamed(data, schema)
+        data = _parse_with_mlflow(raw, schema)
+        n_rows = raw.n_rows if raw.format in ("csv", "parquet") else _row_count(data)
+        if schema is not None and schema.is_tensor_spec():
+            casting_rules.check_tensor(data, schema)
+        elif schema is not None:
+            casting_rules.check_unnamed(data, schema)
+    if non_finite == "reject":
+        casting_rules.check_finite(data)
     return ParsedInput(data=data, n_rows=n_rows, params=raw.params, format=raw.format)
 
 
@@ -162,12 +176,12 @@ def parse_invocation(
     content_type: str | None,
     input_schema: Schema | None,
     max_rows: int,
-    *,
-    extra_columns: ExtraColumns = "reject",
+    **rules: Any,
 ) -> ParsedInput:
-    """Decode one ``/invocations`` body and conform it to one model's signature."""
+    """Decode one ``/invocations`` body and conform it to one model's signature (``rules``: the
+    keyword arguments of :func:`conform`)."""
     raw = decode_invocation(body, content_type, max_rows)
-    return conform(raw, input_schema, extra_columns=extra_columns)
+    return conform(raw, input_schema, **rules)
 
 
 # --- content type and JSON ------------------------------------------------------------------
@@ -195,6 +209,10 @@ def _media_type(content_type: str | None) -> str:
 
 
 def _loads(body: bytes) -> Any:
+    if _LONG_DIGITS.search(body):
+        # orjson reads an integer past 64 bits as a float, which a long column then takes
+        # (wrapped); MLflow's json.loads keeps it an integer, which the column refuses.
+        return _json_loads(body)
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -204,6 +222,13 @@ def _loads(body: bytes) -> Any:
             return json.loads(body)
         except (ValueError, RecursionError):
             raise BadRequest(f"malformed JSON: {exc}") from exc
+
+
+def _json_loads(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from exc
 
 
 def _decode_json(body: bytes, max_rows: int) -> RawInput:
@@ -345,182 +370,33 @@ def _dict_columns(value: dict[str, Any], fmt: str) -> Columns:
 # --- column-based signatures: checking and typing -------------------------------------------
 
 
-def _build_frame(
-    columns: Mapping[str, Sequence[Any]],
-    n_rows: int,
-    index: list[Any] | None,
-    schema: Schema,
-    extra_columns: ExtraColumns,
-) -> pd.DataFrame:
-    names = [str(name) for name in schema.input_names()]
-    specs: dict[str, Any] = schema.input_dict()
-    missing = [name for name in schema.required_input_names() if name not in columns]
-    if missing:
-        raise InvalidInput(f"missing column(s) required by the model signature: {_names(missing)}")
-    if extra_columns == "reject":
-        extra = [name for name in columns if name not in specs]
-        if extra:
-            raise InvalidInput(
-                f"unknown column(s) not in the model signature: {_names(extra)} "
-                f"(the model takes {_names(names)})"
-            )
-    arrays = {name: _convert(name, specs[name], columns[name]) for name in names if name in columns}
-    frame_index = pd.RangeIndex(n_rows) if index is None else pd.Index(index)
-    return pd.DataFrame(arrays, index=frame_index, copy=False)
-
-
-def _convert(name: str, spec: ColSpec, values: Sequence[Any]) -> Any:
-    """One column's values as the array MLflow's scoring server would build, or InvalidInput."""
-    t = spec.type
-    if not isinstance(t, DataType):
-        return _convert_with_mlflow(name, spec, values)
-    if t in _FLOAT_TYPES:
-        if infer_dtype(values, skipna=True) in _NUMBER_KINDS:
-            return np.array(values, dtype=t.to_numpy())  # None -> NaN, as in pandas
-        raise _wrong_type(name, t, values)
-    if t in _INTEGER_TYPES:
-        return _convert_integers(name, t, values)
-    if t == DataType.boolean:
-        if infer_dtype(values, skipna=False) == "boolean":
-            return np.array(values, dtype=np.bool_)
-        if infer_dtype(values, skipna=True) in ("boolean", "empty"):
-            raise _null_value(name, t, values)
-        raise _wrong_type(name, t, values)
-    if t == DataType.string:
-        if infer_dtype(values, skipna=True) in ("string", "empty"):
-            return np.array(values, dtype=object)  # the frame infers pandas' string dtype
-        raise _wrong_type(name, t, values)
-    return _convert_with_mlflow(name, spec, values)
-
-
-def _convert_integers(name: str, t: DataType, values: Sequence[Any]) -> np.ndarray:
-    dtype = t.to_numpy()
-    limits = np.iinfo(dtype)
-    kind = infer_dtype(values, skipna=False)
-    if kind == "integer":
-        try:
-            return np.array(values, dtype=dtype)
-        except OverflowError:
-            raise _out_of_range(name, t, limits) from None
-    if kind in ("floating", "mixed-integer-float"):
-        floats = np.array(values, dtype=np.float64)
-        if np.isnan(floats).any():
-            raise _null_value(name, t, values)
-        if not np.array_equal(floats, np.trunc(floats)):  # fractions and infinities
-            raise _wrong_type(name, t, values)
-        if floats.min() < limits.min or floats.max() > limits.max:
-            raise _out_of_range(name, t, limits)
-        return floats.astype(dtype)
-    if infer_dtype(values, skipna=True) in _NUMBER_KINDS:
-        raise _null_value(name, t, values)
-    raise _wrong_type(name, t, values)
-
-
-def _convert_with_mlflow(name: str, spec: ColSpec, values: Sequence[Any]) -> Any:
-    """Datetime, binary, array, object, map and any-typed columns: MLflow's own conversion."""
-    column = pd.Series(list(values), dtype=object)
-    try:
-        frame = _mlflow_cast(pd.DataFrame({name: column}), Schema([spec]))
-    except MlflowException as exc:
-        raise InvalidInput(f"column '{name}' does not fit {spec.type}: {exc.message}") from exc
-    return frame[name].array
-
-
-def _fits(t: DataType, value: Any) -> bool:
-    """Whether one value has the column's type, nulls aside (error path only)."""
-    if value is None:
-        return True
-    if t == DataType.string:
-        return isinstance(value, str)
-    if isinstance(value, bool | np.bool_):
-        return t == DataType.boolean
-    if t == DataType.boolean or not isinstance(value, int | float | np.integer | np.floating):
-        return False
-    return t not in _INTEGER_TYPES or float(value).is_integer() or value != value
-
-
-def _wrong_type(name: str, t: DataType, values: Sequence[Any]) -> InvalidInput:
-    row, value = next(((i, v) for i, v in enumerate(values) if not _fits(t, v)), (0, None))
-    return InvalidInput(f"column '{name}' expects {_EXPECTED[t]}, but row {row} has {_show(value)}")
-
-
-def _null_value(name: str, t: DataType, values: Sequence[Any]) -> InvalidInput:
-    row = next(i for i, v in enumerate(values) if v is None or (isinstance(v, float) and v != v))
-    kind = "a boolean" if t == DataType.boolean else "an integer"
-    return InvalidInput(
-        f"column '{name}' is {t.name} ({kind} type), which cannot hold null or NaN, "
-        f"but row {row} is null or missing"
-    )
-
-
-def _out_of_range(name: str, t: DataType, limits: np.iinfo) -> InvalidInput:
-    return InvalidInput(
-        f"column '{name}' is {t.name}: a value is outside [{limits.min}, {limits.max}]"
-    )
-
-
 # --- other signatures: MLflow's own parsing ---------------------------------------------------
 
 
-def _parse_with_mlflow(fmt: str, value: Any, schema: Schema | None) -> InputData:
+def _parse_with_mlflow(raw: RawInput, schema: Schema | None) -> InputData:
+    """What MLflow's scoring server parses from the body for this model (its casts included)."""
     try:
-        if fmt in ("instances", "inputs"):
-            data: InputData = _mlflow_tf_serving({fmt: value}, schema=schema)
+        if raw.format == "parquet":
+            return raw.value  # typed by the file; MLflow does not cast it either
+        if raw.format == "csv":
+            if not _is_named_columns(schema):
+                return raw.value  # MLflow cannot read CSV for a tensor signature; we can
+            return _mlflow_csv(io.StringIO(raw.body.decode()), schema)
+        if raw.format in ("instances", "inputs"):
+            data: InputData = _mlflow_tf_serving({raw.format: raw.value}, schema=schema)
         else:
-            data = _mlflow_dataframe(value, pandas_orient=fmt[len("dataframe_") :], schema=schema)
+            orient = raw.format[len("dataframe_") :]
+            data = _mlflow_dataframe(raw.value, pandas_orient=orient, schema=schema)
     except MlflowException as exc:
-        raise InvalidInput(exc.message) from exc
+        raise BadRequest(exc.message) from exc
     return data
 
 
-def _check_tensor(data: Any, schema: Schema) -> None:
-    specs: list[Any] = schema.inputs  # TensorSpec, as schema.is_tensor_spec()
-    if schema.has_input_names():
-        names = [str(spec.name) for spec in specs]
-        present = set(data) if isinstance(data, dict) else set(getattr(data, "columns", ()))
-        missing = [name for name in names if name not in present]
-        if missing:
-            raise InvalidInput(
-                f"missing input(s) required by the model signature: {_names(missing)}"
-            )
-        if isinstance(data, dict):
-            for spec in specs:
-                _check_shape(f"input '{spec.name}'", np.asarray(data[str(spec.name)]), spec.shape)
-        return
-    shape = specs[0].shape
-    if isinstance(data, np.ndarray):
-        _check_shape("the input", data, shape)
-    elif (
-        isinstance(data, pd.DataFrame)
-        and len(shape) == 2
-        and shape[1] != -1
-        and data.shape[1] not in (1, shape[1])  # one column may hold each row as a list
-    ):
-        raise InvalidInput(
-            f"each row must have {shape[1]} features (model input shape {shape}), "
-            f"got {data.shape[1]}"
-        )
-
-
-def _check_shape(what: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
-    fits = array.ndim == len(shape) and all(
-        want == -1 or got == want for got, want in zip(array.shape, shape, strict=True)
-    )
-    if fits:
-        return
-    if array.ndim == len(shape) == 2:
-        raise InvalidInput(
-            f"each row of {what} must have {shape[1]} features (model input shape {shape}), "
-            f"got {array.shape[1]}"
-        )
-    raise InvalidInput(f"{what} has shape {array.shape}; the model expects {shape} (-1: any size)")
-
-
-def _check_unnamed(data: Any, schema: Schema) -> None:
-    """Unnamed column signatures can only be checked for their column count (as in MLflow)."""
-    want = len(schema.inputs)
-    if isinstance(data, pd.DataFrame) and data.shape[1] < want:
-        raise InvalidInput(f"the model takes {want} columns, got {data.shape[1]}")
+def _check_params(params: dict[str, Any] | None, schema: ParamSchema) -> None:
+    try:
+        _mlflow_params(params, schema)
+    except MlflowException as exc:
+        raise InvalidInput(f"params: {exc.message}") from exc
 
 
 # --- CSV and Parquet --------------------------------------------------------------------------
@@ -568,10 +444,10 @@ def _is_named_columns(schema: Schema | None) -> bool:
 def _check_row_count(n_rows: int, max_rows: int, fmt: str, *, read_all: bool = True) -> None:
     """``read_all=False``: the reader stopped after ``max_rows + 1`` rows."""
     if n_rows == 0:
-        raise InvalidInput(f"no rows: {fmt} is empty")
+        raise BadRequest(f"no rows: {fmt} is empty")
     if n_rows > max_rows:
         count = str(n_rows) if read_all else f"more than {max_rows}"
-        raise InvalidInput(
+        raise PayloadTooLarge(
             f"too many rows: {fmt} has {count} rows; the limit is {max_rows} per request "
             "(limits.max_rows)"
         )
@@ -597,10 +473,6 @@ def _row_count(data: Any) -> int:
     return 1
 
 
-def _names(names: Sequence[Any]) -> str:
-    return ", ".join(f"'{name}'" for name in names)
-
-
 def _json_type(value: Any) -> str:
     if isinstance(value, list):
         return "list"
@@ -613,16 +485,3 @@ def _json_type(value: Any) -> str:
     if value is None:
         return "null"
     return "number"
-
-
-def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, str):
-        text = value if len(value) <= 40 else value[:37] + "..."
-        return f"the string {text!r}"
-    if isinstance(value, bool | np.bool_):
-        return f"the boolean {str(bool(value)).lower()}"
-    if isinstance(value, int | float | np.integer | np.floating):
-        return f"the number {value}"
-    return f"a JSON {_json_type(value)}"

@@ -165,12 +165,17 @@ class RouterService:
         return result
 
     def _parse(self, call: _Call) -> _Call:
+        rules = self.settings.validation
         return call.parsed_with(
             parse_invocation(
                 call.body,
                 call.content_type,
                 call.arms.champion.input_schema,
                 self.settings.limits.max_rows,
+                extra_columns=rules.extra_columns,
+                casting=rules.casting,
+                non_finite=rules.non_finite,
+                params_schema=call.arms.champion.params_schema,
             )
         )
 

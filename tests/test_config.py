@@ -35,6 +35,11 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults() -> None:
             "routing.challenger_weight",
         ),
         ({"model": {"name": "m"}, "routing": {"mode": "canary"}}, "routing.mode"),
+        (
+            {"model": {"name": "m"}, "validation": {"extra_columns": "drop"}},
+            "validation.extra_columns",
+        ),
+        ({"model": {"name": "m"}, "validation": {"non_finite": False}}, "validation.non_finite"),
         ({"model": {"name": "m"}, "limits": {"max_rows": 0}}, "limits.max_rows"),
         ({"model": {"name": "m"}, "limits": {"max_rows": True}}, "limits.max_rows"),
         ({"model": {"name": "m"}, "experiment": {"metric": "auc"}}, "experiment.metric"),

@@ -73,3 +73,22 @@ def test_json_form_matches_the_scoring_server() -> None:
     assert to_jsonable(frame) == [{"a": 1, "b": "x"}, {"a": 2, "b": "y"}]
     assert to_jsonable(np.array([[1.0, 2.0]])) == [[1.0, 2.0]]
     assert to_jsonable(np.float32(0.5)) == 0.5
+
+
+def test_series_and_odd_values_are_encoded_as_the_scoring_server_encodes_them() -> None:
+    from io import StringIO
+
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+
+    outputs: list[Any] = [
+        pd.Series([0.25, 0.75]),
+        pd.Series([1, 0], name="label", index=[10, 11]),
+        pd.DataFrame({"when": pd.to_datetime(["2024-01-01", "2024-01-02"]), "v": [1.5, 2]}),
+        np.array([b"ab", b"c"], dtype=object),
+        [np.int64(3), {"nested": np.array([1, 2])}],
+    ]
+    for prediction in outputs:
+        text = StringIO()
+        predictions_to_json(prediction, text)
+        assert to_jsonable(prediction) == orjson.loads(text.getvalue())["predictions"]
+    assert to_jsonable(pd.Series([0.25])) == [{"0": 0.25}]

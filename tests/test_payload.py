@@ -17,7 +17,13 @@ from mlflow.models import infer_signature
 from mlflow.pyfunc import scoring_server
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
-from router.errors import BadRequest, InvalidInput, RouterError, UnsupportedMediaType
+from router.errors import (
+    BadRequest,
+    InvalidInput,
+    PayloadTooLarge,
+    RouterError,
+    UnsupportedMediaType,
+)
 from router.payload import (
     FORMAT_KEYS,
     ParsedInput,
@@ -196,12 +202,12 @@ def test_parquet_like_mlflow() -> None:
     pd.testing.assert_frame_equal(parsed.data, FRAME, check_dtype=False)
 
 
-def test_extra_columns_can_be_ignored_like_mlflow() -> None:
+def test_extra_columns_are_ignored_like_mlflow_or_refused() -> None:
     document = {"dataframe_records": [{**row, "customer_id": "c-1"} for row in ROWS]}
-    with pytest.raises(InvalidInput, match=r"unknown column.*'customer_id'"):
-        _parse(document)
-    parsed = _parse(document, extra_columns="ignore")
-    assert list(_frame(parsed).columns) == COLUMNS
+    assert list(_frame(_parse(document)).columns) == COLUMNS
+    with pytest.raises(InvalidInput, match=r"unknown column.*'customer_id'") as caught:
+        _parse(document, extra_columns="reject")
+    assert (caught.value.status_code, caught.value.error_code) == (400, "INVALID_PARAMETER_VALUE")
 
 
 def test_optional_columns_may_be_missing() -> None:
@@ -244,20 +250,20 @@ BAD_INPUTS: list[tuple[str, bytes, str | None, type[RouterError], str]] = [
         "must be a list of 4 values",
     ),
     ("records not rows", b'{"dataframe_records": [1, 2]}', JSON, BadRequest, "list of objects"),
-    ("empty records", b'{"dataframe_records": []}', JSON, InvalidInput, "no rows"),
+    ("empty records", b'{"dataframe_records": []}', JSON, BadRequest, "no rows"),
     (
         "empty split",
         json.dumps({"dataframe_split": {"columns": COLUMNS, "data": []}}).encode(),
         JSON,
-        InvalidInput,
+        BadRequest,
         "no rows",
     ),
-    ("empty inputs", b'{"inputs": {}}', JSON, InvalidInput, "no rows"),
+    ("empty inputs", b'{"inputs": {}}', JSON, BadRequest, "no rows"),
     (
         "too many rows",
         json.dumps({"dataframe_records": [ROW] * 4}).encode(),
         JSON,
-        InvalidInput,
+        PayloadTooLarge,
         "has 4 rows; the limit is 3",
     ),
     (
@@ -371,7 +377,7 @@ BAD_INPUTS: list[tuple[str, bytes, str | None, type[RouterError], str]] = [
         "csv too many rows",
         FRAME.to_csv(index=False).encode(),
         "text/csv",
-        InvalidInput,
+        PayloadTooLarge,
         "has more than 3 rows; the limit is 3",
     ),
     ("parquet garbage", b"PAR1 nope", "application/vnd.apache.parquet", BadRequest, "Parquet"),
@@ -386,8 +392,9 @@ BAD_INPUTS: list[tuple[str, bytes, str | None, type[RouterError], str]] = [
 def test_bad_input_is_a_4xx_naming_the_problem(
     body: bytes, content_type: str | None, error: type[RouterError], message: str
 ) -> None:
+    # The strict rules: MLflow's casts off, unknown columns refused (validation.* switches).
     with pytest.raises(error) as caught:
-        parse_invocation(body, content_type, SCHEMA, 3)
+        parse_invocation(body, content_type, SCHEMA, 3, casting="strict", extra_columns="reject")
     assert 400 <= caught.value.status_code < 500
     assert message in caught.value.message, caught.value.message
 
@@ -420,7 +427,7 @@ def test_tensor_signature_csv_feature_count() -> None:
 
 
 def test_tensor_signature_ragged_rows() -> None:
-    with pytest.raises(InvalidInput):
+    with pytest.raises(BadRequest, match="inhomogeneous"):
         _parse({"inputs": [[1, 2, 3], [4, 5]]}, TENSOR)
 
 
@@ -535,3 +542,73 @@ def test_decoding_does_not_need_a_signature() -> None:
     assert conform(raw, TENSOR).n_rows == 1
     with pytest.raises(InvalidInput, match="list of values needs one object per row"):
         conform(raw, SCHEMA)
+
+
+# MLflow's casts, as `mlflow models serve` applies them (validation.casting: mlflow, the default).
+MLFLOW_CASTS: list[tuple[str, dict[str, Any], str, Any]] = [
+    ("a numeric string in a long column", {"tenure_months": "3"}, "tenure_months", 3),
+    ("a fraction in a long column is truncated", {"tenure_months": 1.5}, "tenure_months", 1),
+    ("a boolean in a long column", {"support_calls": True}, "support_calls", 1),
+    ("a numeric string in a double column", {"monthly_charges": "70.5"}, "monthly_charges", 70.5),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "column", "expected"),
+    [case[1:] for case in MLFLOW_CASTS],
+    ids=[case[0] for case in MLFLOW_CASTS],
+)
+def test_mlflow_casts_are_applied_with_mlflow_values(
+    change: dict[str, Any], column: str, expected: Any
+) -> None:
+    for fmt in ("dataframe_records", "inputs"):
+        document = {fmt: [{**ROWS[0], **change}]}
+        parsed = _frame(_parse(document))
+        assert parsed[column].iloc[0] == expected, fmt
+        reference = scoring_server.infer_and_parse_data(document, SCHEMA)
+        enforced = mlflow.models.utils._enforce_schema(reference, SCHEMA)
+        pd.testing.assert_frame_equal(parsed, enforced, check_dtype=False)
+        with pytest.raises(InvalidInput, match=column):
+            _parse(document, casting="strict")
+
+
+def test_a_number_in_a_string_column_is_given_as_mlflow_gives_it() -> None:
+    # MLflow keeps 7 a number for the DataFrame formats and makes it "7" for inputs/instances.
+    assert _frame(_parse({"dataframe_records": [{**ROWS[0], "contract": 7}]}))["contract"][0] == 7
+    assert _frame(_parse({"inputs": [{**ROWS[0], "contract": 7}]}))["contract"][0] == "7"
+
+
+@pytest.mark.parametrize(
+    ("change", "column"),
+    [({"monthly_charges": "lots"}, "monthly_charges"), ({"tenure_months": None}, "tenure_months")],
+)
+def test_what_mlflow_cannot_cast_is_a_400_naming_the_column(
+    change: dict[str, Any], column: str
+) -> None:
+    with pytest.raises(BadRequest, match=column) as caught:
+        _parse({"dataframe_records": [{**ROWS[0], **change}]})
+    assert (caught.value.status_code, caught.value.error_code) == (400, "BAD_REQUEST")
+
+
+@pytest.mark.parametrize("literal", [b"Infinity", b"-Infinity", b"1e400"])
+def test_non_finite_numbers_are_refused_before_predicting(literal: bytes) -> None:
+    row = json.dumps({**ROWS[0], "monthly_charges": 0.5}).encode().replace(b"0.5", literal)
+    body = b'{"dataframe_records": [' + row + b"]}"
+    with pytest.raises(InvalidInput, match="column 'monthly_charges' has a non-finite number"):
+        parse_invocation(body, JSON, SCHEMA, 10)
+    passed = parse_invocation(body, JSON, SCHEMA, 10, non_finite="pass")
+    assert np.isinf(_frame(passed)["monthly_charges"].iloc[0])
+    with pytest.raises(InvalidInput, match="the input has a non-finite number"):
+        parse_invocation(b'{"inputs": [[1, ' + literal + b", 3]]}", JSON, TENSOR, 10)
+
+
+def test_params_are_checked_against_the_models_params_schema() -> None:
+    from mlflow.types import ParamSchema, ParamSpec
+
+    params_schema = ParamSchema([ParamSpec("threshold", DataType.double, 0.5)])
+    raw = decode_invocation(
+        json.dumps({"dataframe_records": ROWS, "params": {"threshold": "high"}}).encode(), JSON, 10
+    )
+    with pytest.raises(InvalidInput, match="threshold") as caught:
+        conform(raw, SCHEMA, params_schema=params_schema)
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"

@@ -360,7 +360,7 @@ def test_per_row_outcomes_and_length_mismatch(backend: Backend, make_log: MakeLo
     log.enqueue(request("rows", 3))
     with pytest.raises(InvalidInput, match=r"2 values, expected 3") as info:
         log.record_feedback([FeedbackItem("rows", [1, 0])])
-    assert info.value.status_code == 422
+    assert info.value.status_code == 400
     (result,) = log.record_feedback([FeedbackItem("rows", [0, 1, True])])
     assert [(r.row_index, r.outcome, r.outcome_value) for r in result.rows] == [
         (0, 0, 0.0),

@@ -1,0 +1,276 @@
+"""One model's view of an input: its columns checked, cast and typed for its signature.
+
+Two ways to type a column, both giving what MLflow's scoring server hands the model:
+
+- :func:`typed_frame`, the fast path, takes values already of the column's type (and safe
+  widening: 3 into a double column, 3.0 into a long column) and builds the typed array directly;
+  anything else raises :class:`InvalidInput` naming the column and row.
+- :func:`enforce_like_mlflow` is MLflow's own code: the scoring server's parsing (its casts:
+  ``"3"`` or ``1.5`` into a long column gives 3 or 1, ``7`` into a string column stays 7, as
+  ``astype`` does), then ``_enforce_schema`` as ``PyFuncModel.predict`` runs it. Used when the
+  fast path refuses, so that what MLflow accepts is accepted with the same values, and what it
+  refuses is refused before predicting with MLflow's message and ``error_code``.
+
+:func:`check_finite` refuses Infinity in numeric input (``validation.non_finite``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import utils as model_utils
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.utils import proto_json_utils
+from pandas.api.types import infer_dtype
+
+from router.config import ExtraColumns
+from router.errors import InvalidInput
+
+# MLflow's own casting and enforcement (untyped).
+_mlflow_cast: Callable[..., pd.DataFrame] = proto_json_utils.cast_df_types_according_to_schema
+_mlflow_enforce: Callable[..., Any] = model_utils._enforce_schema
+
+_NUMBER_KINDS = frozenset({"integer", "floating", "mixed-integer-float", "empty"})
+_INTEGER_TYPES = frozenset({DataType.integer, DataType.long})
+_FLOAT_TYPES = frozenset({DataType.float, DataType.double})
+_EXPECTED = {
+    DataType.double: "double (a number)",
+    DataType.float: "float (a number)",
+    DataType.long: "long (an integer)",
+    DataType.integer: "integer (a 32-bit integer)",
+    DataType.boolean: "boolean (true or false)",
+    DataType.string: "string",
+}
+
+
+def check_columns(columns: Mapping[str, Any], schema: Schema, extra_columns: ExtraColumns) -> None:
+    """Every required column present; unknown ones refused when ``extra_columns="reject"``."""
+    missing = [name for name in schema.required_input_names() if name not in columns]
+    if missing:
+        raise InvalidInput(
+            f"missing column(s) required by the model signature: {names_text(missing)}"
+        )
+    if extra_columns == "reject":
+        specs = schema.input_dict()
+        extra = [name for name in columns if name not in specs]
+        if extra:
+            raise InvalidInput(
+                f"unknown column(s) not in the model signature: {names_text(extra)} "
+                f"(the model takes {names_text(schema.input_names())}; "
+                "validation.extra_columns: ignore drops them)"
+            )
+
+
+def typed_frame(
+    columns: Mapping[str, Sequence[Any]], n_rows: int, index: list[Any] | None, schema: Schema
+) -> pd.DataFrame:
+    """The model's columns, in its order, typed; InvalidInput for a value not of its type."""
+    specs: dict[str, Any] = schema.input_dict()
+    names = [str(name) for name in schema.input_names()]
+    arrays = {name: _convert(name, specs[name], columns[name]) for name in names if name in columns}
+    frame_index = pd.RangeIndex(n_rows) if index is None else pd.Index(index)
+    return pd.DataFrame(arrays, index=frame_index, copy=False)
+
+
+def enforce_like_mlflow(data: Any, schema: Schema) -> Any:
+    """MLflow's ``_enforce_schema`` on input its scoring server parsed; its faults as 400s."""
+    try:
+        return _mlflow_enforce(data, schema)
+    except MlflowException as exc:
+        raise InvalidInput(exc.message) from exc
+    except (ValueError, TypeError, OverflowError, KeyError) as exc:
+        # What PyFuncModel.predict reports as a schema failure (INVALID_PARAMETER_VALUE).
+        raise InvalidInput(f"the input does not fit the model signature: {exc}") from exc
+
+
+def check_finite(data: Any) -> None:
+    """Refuse Infinity / -Infinity (also 1e400, which JSON readers make infinite) by column."""
+    if isinstance(data, pd.DataFrame):
+        for name, column in data.items():
+            if column.dtype.kind == "f":
+                _refuse_infinite(f"column '{name}'", column.to_numpy())
+    elif isinstance(data, np.ndarray):
+        if data.dtype.kind == "f":
+            _refuse_infinite("the input", data)
+    elif isinstance(data, dict):
+        for name, value in data.items():
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                _refuse_infinite(f"input '{name}'", value)
+
+
+def _refuse_infinite(what: str, values: np.ndarray) -> None:
+    infinite = np.isinf(values)
+    if infinite.any():
+        position = np.argwhere(infinite)[0]
+        row = int(position[0]) if position.size else 0
+        # BAD_REQUEST: what MLflow answers when the model then raises on it.
+        raise InvalidInput(
+            error_code="BAD_REQUEST",
+            message=f"{what} has a non-finite number ({values[tuple(position)]}) in row {row}: "
+            "Infinity and numbers too large for a double are refused before predicting "
+            "(validation.non_finite: pass hands them to the model)",
+        )
+
+
+def _convert(name: str, spec: ColSpec, values: Sequence[Any]) -> Any:
+    """One column's values as the array MLflow's scoring server would build, or InvalidInput."""
+    t = spec.type
+    if not isinstance(t, DataType):
+        return _convert_with_mlflow(name, spec, values)
+    if t in _FLOAT_TYPES:
+        if infer_dtype(values, skipna=True) in _NUMBER_KINDS:
+            return np.array(values, dtype=t.to_numpy())  # None -> NaN, as in pandas
+        raise _wrong_type(name, t, values)
+    if t in _INTEGER_TYPES:
+        return _convert_integers(name, t, values)
+    if t == DataType.boolean:
+        if infer_dtype(values, skipna=False) == "boolean":
+            return np.array(values, dtype=np.bool_)
+        if infer_dtype(values, skipna=True) in ("boolean", "empty"):
+            raise _null_value(name, t, values)
+        raise _wrong_type(name, t, values)
+    if t == DataType.string:
+        if infer_dtype(values, skipna=True) in ("string", "empty"):
+            return np.array(values, dtype=object)  # the frame infers pandas' string dtype
+        raise _wrong_type(name, t, values)
+    return _convert_with_mlflow(name, spec, values)
+
+
+def _convert_integers(name: str, t: DataType, values: Sequence[Any]) -> np.ndarray:
+    dtype = t.to_numpy()
+    limits = np.iinfo(dtype)
+    kind = infer_dtype(values, skipna=False)
+    if kind == "integer":
+        try:
+            return np.array(values, dtype=dtype)
+        except OverflowError:
+            raise _out_of_range(name, t, limits) from None
+    if kind in ("floating", "mixed-integer-float"):
+        floats = np.array(values, dtype=np.float64)
+        if np.isnan(floats).any():
+            raise _null_value(name, t, values)
+        if not np.array_equal(floats, np.trunc(floats)):  # fractions and infinities
+            raise _wrong_type(name, t, values)
+        if floats.min() < limits.min or floats.max() > limits.max:
+            raise _out_of_range(name, t, limits)
+        return floats.astype(dtype)
+    if infer_dtype(values, skipna=True) in _NUMBER_KINDS:
+        raise _null_value(name, t, values)
+    raise _wrong_type(name, t, values)
+
+
+def _convert_with_mlflow(name: str, spec: ColSpec, values: Sequence[Any]) -> Any:
+    """Datetime, binary, array, object, map and any-typed columns: MLflow's own conversion."""
+    column = pd.Series(list(values), dtype=object)
+    try:
+        frame = _mlflow_cast(pd.DataFrame({name: column}), Schema([spec]))
+    except MlflowException as exc:
+        raise InvalidInput(f"column '{name}' does not fit {spec.type}: {exc.message}") from exc
+    return frame[name].array
+
+
+def _fits(t: DataType, value: Any) -> bool:
+    """Whether one value has the column's type, nulls aside (error path only)."""
+    if value is None:
+        return True
+    if t == DataType.string:
+        return isinstance(value, str)
+    if isinstance(value, bool | np.bool_):
+        return t == DataType.boolean
+    if t == DataType.boolean or not isinstance(value, int | float | np.integer | np.floating):
+        return False
+    return t not in _INTEGER_TYPES or float(value).is_integer() or value != value
+
+
+def _wrong_type(name: str, t: DataType, values: Sequence[Any]) -> InvalidInput:
+    row, value = next(((i, v) for i, v in enumerate(values) if not _fits(t, v)), (0, None))
+    return InvalidInput(f"column '{name}' expects {_EXPECTED[t]}, but row {row} has {_show(value)}")
+
+
+def _null_value(name: str, t: DataType, values: Sequence[Any]) -> InvalidInput:
+    row = next(i for i, v in enumerate(values) if v is None or (isinstance(v, float) and v != v))
+    kind = "a boolean" if t == DataType.boolean else "an integer"
+    return InvalidInput(
+        f"column '{name}' is {t.name} ({kind} type), which cannot hold null or NaN, "
+        f"but row {row} is null or missing"
+    )
+
+
+def _out_of_range(name: str, t: DataType, limits: np.iinfo) -> InvalidInput:
+    return InvalidInput(
+        f"column '{name}' is {t.name}: a value is outside [{limits.min}, {limits.max}]"
+    )
+
+
+# --- tensor and unnamed signatures -------------------------------------------------------------
+
+
+def check_tensor(data: Any, schema: Schema) -> None:
+    specs: list[Any] = schema.inputs  # TensorSpec, as schema.is_tensor_spec()
+    if schema.has_input_names():
+        names = [str(spec.name) for spec in specs]
+        present = set(data) if isinstance(data, dict) else set(getattr(data, "columns", ()))
+        missing = [name for name in names if name not in present]
+        if missing:
+            raise InvalidInput(
+                f"missing input(s) required by the model signature: {names_text(missing)}"
+            )
+        if isinstance(data, dict):
+            for spec in specs:
+                _check_shape(f"input '{spec.name}'", np.asarray(data[str(spec.name)]), spec.shape)
+        return
+    shape = specs[0].shape
+    if isinstance(data, np.ndarray):
+        _check_shape("the input", data, shape)
+    elif (
+        isinstance(data, pd.DataFrame)
+        and len(shape) == 2
+        and shape[1] != -1
+        and data.shape[1] not in (1, shape[1])  # one column may hold each row as a list
+    ):
+        raise InvalidInput(
+            f"each row must have {shape[1]} features (model input shape {shape}), "
+            f"got {data.shape[1]}"
+        )
+
+
+def _check_shape(what: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
+    fits = array.ndim == len(shape) and all(
+        want == -1 or got == want for got, want in zip(array.shape, shape, strict=True)
+    )
+    if fits:
+        return
+    if array.ndim == len(shape) == 2:
+        raise InvalidInput(
+            f"each row of {what} must have {shape[1]} features (model input shape {shape}), "
+            f"got {array.shape[1]}"
+        )
+    raise InvalidInput(f"{what} has shape {array.shape}; the model expects {shape} (-1: any size)")
+
+
+def check_unnamed(data: Any, schema: Schema) -> None:
+    """Unnamed column signatures can only be checked for their column count (as in MLflow)."""
+    want = len(schema.inputs)
+    if isinstance(data, pd.DataFrame) and data.shape[1] < want:
+        raise InvalidInput(f"the model takes {want} columns, got {data.shape[1]}")
+
+
+def names_text(names: Sequence[Any]) -> str:
+    return ", ".join(f"'{name}'" for name in names)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        text = value if len(value) <= 40 else value[:37] + "..."
+        return f"the string {text!r}"
+    if isinstance(value, bool | np.bool_):
+        return f"the boolean {str(bool(value)).lower()}"
+    if isinstance(value, int | float | np.integer | np.floating):
+        return f"the number {value}"
+    return "a JSON object" if isinstance(value, dict) else "a JSON list"
