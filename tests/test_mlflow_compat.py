@@ -42,6 +42,9 @@ from router.app import create_app
 from router.config import settings_from_mapping
 from tests.conftest import MlflowRegistry, serve_in_thread, sqlite_uri
 
+# Six models registered and served twice each: setup is slow on a loaded machine.
+pytestmark = pytest.mark.timeout(600)
+
 JSON = "application/json"
 REPO = Path(__file__).resolve().parent.parent
 
