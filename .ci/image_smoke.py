@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -41,6 +42,7 @@ MODEL = "churn-predictor"
 VERSIONS = {"champion": "1", "challenger": "2"}  # train_and_register on an empty registry
 REQUESTS = 40  # distinct routing keys; at a 50/50 split both arms get some (deterministic hash)
 ROWS_PER_REQUEST = 3
+LABEL = "champion-challenger.image-smoke"  # on every container started here, for the clean-up
 
 CONFIG = f"""\
 model:
@@ -128,7 +130,7 @@ def check_build_left_nothing(image: str, base_image: str) -> None:
         "sha256sum /etc/ssl/certs/ca-certificates.crt; "
         "for p in /etc/pip.conf /root/.cache /src /tmp/deps; do test -e $p && echo left:$p; done"
     )
-    cmd = ("run", "--rm", "--network", "none", "--no-healthcheck", "--user", "0")
+    cmd = ("run", "--rm", "--label", LABEL, "--network", "none", "--no-healthcheck", "--user", "0")
     in_image = podman(*cmd, image, "sh", "-c", probe, check=False).stdout
     in_base = podman(*cmd, base_image, "sh", "-c", probe, check=False).stdout
     if in_image.split()[0] != in_base.split()[0]:
@@ -141,7 +143,7 @@ def check_build_left_nothing(image: str, base_image: str) -> None:
 def train(image: str, data: Path) -> None:
     started = time.monotonic()
     out = podman(
-        "run", "--rm", "--network", "none", "--no-healthcheck",
+        "run", "--rm", "--label", LABEL, "--network", "none", "--no-healthcheck",
         "-v", f"{data}:/data", "-e", "HOME=/tmp", image, "python", "-c", TRAIN,
     ).stdout  # fmt: skip
     say(f"registry trained inside the image, no network ({time.monotonic() - started:.0f} s)")
@@ -226,8 +228,19 @@ def stop_and_count(container: str, data: Path, served: dict[str, int]) -> None:
     say(f"prediction log after stop: {logged} = rows served")
 
 
+def remove_leftovers() -> None:
+    """Containers of an earlier run that was killed before its own clean-up (label LABEL only)."""
+    found = podman("ps", "--all", "--quiet", "--filter", f"label={LABEL}").stdout.split()
+    if found:
+        podman("rm", "--force", "--time", "0", *found, check=False)
+        say(f"removed {len(found)} container(s) left by an earlier run")
+
+
 def main(image: str, base_image: str) -> None:
     started = time.monotonic()
+    # A CI time-out or ^C ends the run through the clean-up below, not around it.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    remove_leftovers()
     work = Path(tempfile.mkdtemp(prefix="image-smoke-"))
     data = work / "data"
     data.mkdir()
@@ -239,7 +252,7 @@ def main(image: str, base_image: str) -> None:
         train(image, data)
         port = free_port()
         podman(
-            "run", "--detach", "--name", container,
+            "run", "--detach", "--name", container, "--label", LABEL,
             "--publish", f"127.0.0.1:{port}:8000",
             "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
             "--security-opt", "no-new-privileges", "-e", "HOME=/tmp",
