@@ -6,7 +6,9 @@ the median per-call time over ``repeats`` batches (the best one is kept too).
 
 from __future__ import annotations
 
+import gc
 import statistics
+import time
 import timeit
 import warnings
 from collections.abc import Callable
@@ -100,23 +102,88 @@ def measure_micro(
         for name, fn, rows, note in cases:
             median, best = time_call(fn, target_s=target_s, repeats=repeats)
             results.append(MicroCost(name, median * 1e6, best * 1e6, rows, note))
+        champion = models["champion"][0]
+        results += measure_gc(
+            calls=max(100, round(target_s * 10_000)),
+            request=lambda: champion.predict(
+                parse_invocation(body, "application/json", schema, 10).data
+            ),
+        )
     return results
+
+
+def measure_gc(request: Callable[[], Any], calls: int = 2_000) -> list[MicroCost]:
+    """What the cyclic collector costs one request, with and without ``gc.freeze()``.
+
+    Counts the full (generation 2) collections ``calls`` requests trigger, and times one full
+    collection in this process (MLflow, sklearn, pandas and two models loaded, as in the router)
+    before and after freezing what exists: per request, the product of the two.
+    """
+    full = 0
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        nonlocal full
+        if phase == "start" and info["generation"] == 2:
+            full += 1
+
+    gc.collect()
+    gc.callbacks.append(count)
+    try:
+        for _ in range(calls):
+            request()
+    finally:
+        gc.callbacks.remove(count)
+    tracked = len(gc.get_objects())
+    thawed = statistics.median(_timed(gc.collect) for _ in range(3))
+    gc.freeze()
+    try:
+        frozen = statistics.median(_timed(gc.collect) for _ in range(3))
+    finally:
+        gc.unfreeze()
+    note = (
+        f"{full} full collections in {calls:,} requests ({tracked:,} objects tracked): "
+        f"{thawed * full / calls * 1e6:,.1f} µs per request on average, as one pause"
+    )
+    return [
+        MicroCost("gc: one full collection, models loaded", thawed * 1e6, thawed * 1e6, 1, note),
+        MicroCost(
+            "gc: one full collection after gc.freeze()",
+            frozen * 1e6,
+            frozen * 1e6,
+            1,
+            "the router freezes once its models are loaded",
+        ),
+    ]
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _model_cases(label: str, pyfunc: Any, frame: Any, frames: dict[int, Any]) -> list[Case]:
     """One model's costs: pyfunc against the flavour, preprocessing, batches, output shaping."""
+    from router.flavors import predictor_for
     from router.outputs import row_facts, to_jsonable
 
     sk = pyfunc.get_raw_model()
     tag = f"{label} ({type(sk[-1]).__name__})"
     out = pyfunc.predict(frame)
     xt = sk[:-1].transform(frame)
+    predictor = predictor_for(pyfunc)
     return [
         (
             f"pyfunc predict, 1 row, {tag}",
             lambda: pyfunc.predict(frame),
             1,
             "schema enforcement + predict_proba",
+        ),
+        (
+            f"router.flavors predictor, 1 row, {tag}",
+            lambda: predictor.predict(frame, None),
+            1,
+            f"the flavor's estimator (numpy: {predictor.takes_numpy})",
         ),
         (
             f"sklearn predict_proba, 1-row DataFrame, {tag}",

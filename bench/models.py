@@ -9,6 +9,7 @@ breast-cancer data (30 double columns, shipped with sklearn: nothing is download
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,3 +82,13 @@ def register_pair(tracking_uri: str, pair: ModelPair, seed: int = 0) -> None:
             experiment_name=f"{pair.name}-training",
             run_name=f"{alias}-{type(model).__name__}",
         )
+
+
+def breast_cancer_body(rows: int = 1) -> str:
+    """A ``dataframe_split`` body of ``rows`` copies of one patient (30 numbers)."""
+    x, _ = breast_cancer_frame()
+    row = [float(v) for v in x.iloc[7]]
+    return json.dumps(
+        {"dataframe_split": {"columns": [str(c) for c in x.columns], "data": [row] * rows}},
+        separators=(",", ":"),
+    )

@@ -80,3 +80,40 @@ def split_body(rows: int = 1) -> str:
         {"dataframe_split": {"columns": FEATURES, "data": [[row[c] for c in FEATURES]] * rows}},
         separators=(",", ":"),
     )
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """One registered model the benchmark serves: where it is, what it is, a request for it."""
+
+    registry: BenchRegistry
+    label: str
+    body: str
+
+
+def train_models(root: Path, n_rows: int = 20_000) -> list[BenchModel]:
+    """The demo pair (:func:`train_registry`) and the numeric pairs of ``bench/models.py``.
+
+    The numeric pairs are registered in this process under ``root`` (their experiments' artifact
+    locations are set explicitly, nothing lands in the working directory).
+    """
+    from bench.models import PAIRS, breast_cancer_body, register_pair
+
+    demo = train_registry(root, n_rows=n_rows)
+    models = [
+        BenchModel(
+            demo,
+            "demo churn: ColumnTransformer pipelines (LogReg @champion, HGB @challenger)",
+            split_body(1),
+        )
+    ]
+    labels = {
+        "breast-cancer": "breast cancer: StandardScaler+LogReg @champion, depth-4 tree @challenger",
+        "breast-cancer-gbm": "breast cancer: HistGradientBoosting @champion, forest @challenger",
+    }
+    for pair in PAIRS:
+        register_pair(demo.tracking_uri, pair)
+        models.append(
+            BenchModel(BenchRegistry(root, pair.name), labels[pair.name], breast_cancer_body(1))
+        )
+    return models

@@ -1,4 +1,5 @@
-"""The results file: the throughput table, the micro-cost table, the machine facts."""
+"""The results file: throughput per model, the targets met or missed, the per-stage budget of one
+request, the micro-cost table and the machine facts."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from bench.goals import Goal, check_goals
 from bench.load import LoadResult
 from bench.micro import MicroCost
+from bench.rows import BASELINE, MLFLOW_SERVE, TargetRow, find
 
-BASELINE = "bare Starlette baseline"
-MLFLOW_SERVE = "mlflow models serve"
+__all__ = ["BASELINE", "MLFLOW_SERVE", "Report", "StageBudget", "TargetRow", "render"]
 
 THROUGHPUT_COLUMNS: tuple[str, ...] = (
+    "model",
     "target",
     "load generator",
     "connections",
@@ -20,23 +23,29 @@ THROUGHPUT_COLUMNS: tuple[str, ...] = (
     "p50 ms",
     "p99 ms",
     "errors",
-    "vs baseline",
+    "CPU µs/request",
+    "vs bare app",
     "vs mlflow serve",
     "load avg (1 min) before",
     "notes",
 )
 MICRO_COLUMNS: tuple[str, ...] = ("in-process cost", "µs per call", "best µs", "µs per row", "note")
+GOAL_COLUMNS: tuple[str, ...] = ("model", "target (issue 10 / 12)", "measured", "verdict")
 
 
 @dataclass(frozen=True)
-class TargetRow:
-    """One target at one concurrency: a measurement, or why there is none."""
+class StageBudget:
+    """Where one request's CPU went: sample shares times the measured CPU µs per request."""
 
+    model: str
     target: str
-    connections: int
-    result: LoadResult | None
-    load_before: float
-    note: str = ""
+    cpu_us: float
+    requests: int
+    samples: dict[str, int]
+
+    def us(self, stage: str) -> float:
+        total = sum(self.samples.values())
+        return self.cpu_us * self.samples.get(stage, 0) / total if total else math.nan
 
 
 @dataclass
@@ -46,29 +55,25 @@ class Report:
     facts: dict[str, str]
     rows: list[TargetRow] = field(default_factory=list)
     micro: list[MicroCost] = field(default_factory=list)
+    budgets: list[StageBudget] = field(default_factory=list)
+    models: dict[str, str] = field(default_factory=dict)  # registered name -> what it is
     load_start: tuple[float, float, float] = (math.nan, math.nan, math.nan)
     load_end: tuple[float, float, float] = (math.nan, math.nan, math.nan)
 
 
-def _rps(rows: Sequence[TargetRow], target: str, connections: int) -> float | None:
-    for row in rows:
-        if row.target == target and row.connections == connections and row.result is not None:
-            return row.result.rps
-    return None
-
-
-def _ratio(value: float, reference: float | None) -> str:
-    if reference is None or reference <= 0 or math.isnan(value):
+def _ratio(value: float, reference: LoadResult | None) -> str:
+    if reference is None or reference.rps <= 0 or math.isnan(value):
         return "n/a"
-    return f"{value / reference:.2f}×"
+    return f"{value / reference.rps:.2f}×"
 
 
 def _cells(row: TargetRow, rows: Sequence[TargetRow]) -> list[str]:
     r = row.result
     load = f"{row.load_before:.2f}"
     if r is None:
-        return [row.target, "", str(row.connections), "", "", "", "", "", "", load, row.note]
+        return [row.model, row.target, "", str(row.connections), *[""] * 7, load, row.note]
     return [
+        row.model,
         row.target,
         r.generator,
         str(row.connections),
@@ -76,8 +81,9 @@ def _cells(row: TargetRow, rows: Sequence[TargetRow]) -> list[str]:
         f"{r.p50_ms:.2f}",
         f"{r.p99_ms:.2f}",
         str(r.errors),
-        _ratio(r.rps, _rps(rows, BASELINE, row.connections)),
-        _ratio(r.rps, _rps(rows, MLFLOW_SERVE, row.connections)),
+        "" if row.cpu_us is None else f"{row.cpu_us:,.0f}",
+        _ratio(r.rps, find(rows, row.model, BASELINE, row.connections)),
+        _ratio(r.rps, find(rows, row.model, MLFLOW_SERVE, row.connections)),
         load,
         row.note,
     ]
@@ -102,23 +108,24 @@ def micro_table(costs: Sequence[MicroCost]) -> list[str]:
     return _table(MICRO_COLUMNS, body)
 
 
-def overhead_lines(rows: Sequence[TargetRow]) -> list[str]:
-    """Time per request (1e6 / requests/s) of each target against the baseline's."""
-    lines = []
-    for connections in sorted({row.connections for row in rows}):
-        base = _rps(rows, BASELINE, connections)
-        if base is None:
-            continue
-        for target in dict.fromkeys(row.target for row in rows):
-            rps = _rps(rows, target, connections)
-            if rps is None or target == BASELINE:
-                continue
-            extra = 1e6 / rps - 1e6 / base
-            lines.append(
-                f"- {target}, {connections} connection(s): {1e6 / rps:,.0f} µs per request vs "
-                f"{1e6 / base:,.0f} µs for the baseline: {extra:+,.0f} µs per request"
-            )
-    return lines
+def goal_table(goals: Sequence[Goal]) -> list[str]:
+    return _table(GOAL_COLUMNS, [[g.model, g.text, g.measured, g.verdict] for g in goals])
+
+
+def budget_tables(budgets: Sequence[StageBudget]) -> list[str]:
+    """Per model: each stage's µs per request for every profiled target, side by side."""
+    out: list[str] = []
+    for model in dict.fromkeys(b.model for b in budgets):
+        mine = [b for b in budgets if b.model == model]
+        stages = sorted(
+            {s for b in mine for s in b.samples}, key=lambda s: -max(b.us(s) for b in mine)
+        )
+        columns = ["stage", *(f"{b.target} µs" for b in mine)]
+        body = [[s, *(f"{b.us(s):,.0f}" for b in mine)] for s in stages]
+        body.append(["**total CPU per request**", *(f"**{b.cpu_us:,.0f}**" for b in mine)])
+        body.append(["requests profiled", *(f"{b.requests:,}" for b in mine)])
+        out += [f"**{model}**", "", *_table(columns, body), ""]
+    return out
 
 
 def _load(triple: tuple[float, float, float]) -> str:
@@ -126,27 +133,37 @@ def _load(triple: tuple[float, float, float]) -> str:
 
 
 def render(report: Report) -> str:
+    goals = check_goals(report.rows)
     out = [
         "# Benchmark: single-row `POST /invocations`",
         "",
         f"Generated by `bench/run.py` on {report.date}. Command: `{report.command}`",
         "",
-        "**Read the ratios, not the absolute numbers.** The machines are shared and noisy: other",
+        "**Read the ratios, not the absolute numbers.** The machine is shared and noisy: other",
         "processes may be busy on the same cores while this runs (see the load averages; the",
-        "benchmark itself keeps about two busy, the server and the load generator, so a 1-minute",
-        "load average near 2 during the run is mostly its own). Every",
-        "target was started by the same run, on the same machine, one at a time, on 127.0.0.1;",
-        "the load comes from a separate process (a closed loop: each connection sends one request",
-        "at a time). `vs baseline` / `vs mlflow serve`: requests/s divided by that target's",
-        "requests/s at the same number of connections (above 1× is faster).",
+        "benchmark itself keeps about two busy, the server and the load generator). Every target",
+        "was started by the same run, on the same machine, one at a time, on 127.0.0.1; the load",
+        "comes from a separate process (a closed loop: each connection sends one request at a",
+        "time). `vs bare app` / `vs mlflow serve`: requests/s divided by that target's requests/s",
+        "for the same model at the same number of connections (above 1× is faster). `CPU",
+        "µs/request`: the server's processes' CPU time over the measurement divided by the",
+        "requests answered.",
+        "",
+        *(f"- `{name}`: {label}" for name, label in report.models.items()),
         "",
         *throughput_table(report.rows),
         "",
-        "## Time per request against the baseline",
+        "## Targets",
         "",
-        *(overhead_lines(report.rows) or ["- (no baseline measurement)"]),
+        *(goal_table(goals) if goals else ["(nothing measured to check)"]),
         "",
-        "## In-process micro-costs (no HTTP, `timeit`, one thread)",
+        "## Per-stage CPU budget of one request (1 connection, sampled in the server)",
+        "",
+        "Stack samples of the server's busy threads (every 2 ms) attributed to the deepest frame",
+        "that names a stage, times the CPU µs per request measured over the same window.",
+        "",
+        *(budget_tables(report.budgets) or ["(not profiled)", ""]),
+        "## In-process micro-costs (no HTTP, `timeit`, one thread, demo model)",
         "",
         *(micro_table(report.micro) if report.micro else ["(not measured)"]),
         "",

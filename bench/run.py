@@ -1,10 +1,12 @@
 """``python -m bench.run [--quick] [--duration S] [--out bench/results.md]``.
 
-Trains the demo models into a temporary MLflow registry, then starts each target one at a time on
-127.0.0.1 (the router with a 90/10 split, the router with the champion only, a bare Starlette
-baseline, ``mlflow models serve``), loads it from a second process with single-row requests at 1
-and 8 connections, stops it, and finally times the request's pieces in-process. Writes the
-markdown report to ``--out`` and prints it.
+Trains three registered models into a temporary MLflow registry (the demo's ColumnTransformer
+pipelines, a numeric StandardScaler+LogReg pipeline, gradient boosting), then, for each model,
+starts each target one at a time on 127.0.0.1 (the router with batching on and off and with two
+workers, a bare Starlette app, ``mlflow models serve``), loads it from a second process with
+single-row requests at 1/8/32/64 connections, reads the server's CPU time per request, profiles
+one request's stages, stops it; finally times the request's pieces in-process. Writes the
+markdown report (with the targets met or missed) to ``--out`` and prints it.
 """
 
 from __future__ import annotations
@@ -12,26 +14,31 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import os
 import platform
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
 from bench import load as loadgen
+from bench.cpu import group_cpu_s
 from bench.micro import measure_micro
-from bench.registry import REPO_ROOT, BenchRegistry, split_body, train_registry
-from bench.report import BASELINE, MLFLOW_SERVE, Report, TargetRow, render
-from bench.servers import ServerFailed, free_port, running
+from bench.registry import REPO_ROOT, BenchModel, BenchRegistry, train_models
+from bench.report import BASELINE, MLFLOW_SERVE, Report, StageBudget, TargetRow, render
+from bench.servers import RunningServer, ServerFailed, free_port, running
 from bench.targets import (
     ROUTER,
     ROUTER_CHAMPION_ONLY,
+    ROUTER_TWO_WORKERS,
     ROUTER_UNBATCHED,
     ROUTERS,
     Target,
@@ -45,12 +52,18 @@ from bench.targets import (
 # Command-line ids of the targets, in the order they run, and their names in the table.
 ALL_TARGETS: dict[str, str] = {
     "router": ROUTER,
-    "router-champion-only": ROUTER_CHAMPION_ONLY,
     "router-unbatched": ROUTER_UNBATCHED,
+    "router-2-workers": ROUTER_TWO_WORKERS,
+    "router-champion-only": ROUTER_CHAMPION_ONLY,
     "baseline": BASELINE,
     "mlflow-serve": MLFLOW_SERVE,
 }
-CONNECTIONS: tuple[int, ...] = (1, 8)
+DEFAULT_TARGETS = ("router", "router-unbatched", "router-2-workers", "baseline", "mlflow-serve")
+MODEL_IDS = ("churn-predictor", "breast-cancer", "breast-cancer-gbm")
+CONNECTIONS: tuple[int, ...] = (1, 8, 32, 64)
+# The targets compared at fewer concurrencies (the issues' targets need 1 and 32): time.
+REDUCED: dict[str, tuple[int, ...]] = {ROUTER_TWO_WORKERS: (1, 32), MLFLOW_SERVE: (1, 32)}
+PROFILED = (ROUTER, BASELINE)
 PACKAGES: tuple[str, ...] = (
     "mlflow",
     "scikit-learn",
@@ -68,25 +81,35 @@ class Options:
     warmup_s: float
     connections: tuple[int, ...]
     targets: tuple[str, ...]
+    models: tuple[str, ...]
     generator: str
     train_rows: int
+    profile_s: float
     micro_target_s: float
     micro_repeats: int
     out: Path | None
     keep_work: bool
 
 
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def parse_args(argv: Sequence[str] | None) -> Options:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="~2 s per measurement, light micro")
-    parser.add_argument("--duration", type=float, help="seconds per measurement (default 10)")
+    parser.add_argument("--quick", action="store_true", help="~2 s per measurement, 1,32 conns")
+    parser.add_argument("--duration", type=float, help="seconds per measurement (default 5)")
     parser.add_argument("--warmup", type=float, help="seconds of discarded warm-up (default 1)")
-    parser.add_argument("--connections", default=",".join(map(str, CONNECTIONS)), help="e.g. 1,8")
+    parser.add_argument("--connections", help="e.g. 1,8,32,64 (the default; --quick: 1,32)")
     parser.add_argument(
         "--targets",
-        default=",".join(ALL_TARGETS),
+        default=",".join(DEFAULT_TARGETS),
         help=f"comma-separated subset of: {', '.join(ALL_TARGETS)}",
     )
+    parser.add_argument(
+        "--models", default=",".join(MODEL_IDS), help=f"subset of: {', '.join(MODEL_IDS)}"
+    )
+    parser.add_argument("--profile", type=float, help="seconds of stage profiling (0: none)")
     parser.add_argument(
         "--generator",
         choices=["auto", "wrk", "python"],
@@ -96,24 +119,28 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--out", default="bench/results.md", help="'-' to only print")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
-    ids = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = [t for t in ids if t not in ALL_TARGETS]
+    ids = _csv(args.targets)
+    unknown = [t for t in ids if t not in ALL_TARGETS] + [
+        m for m in _csv(args.models) if m not in MODEL_IDS
+    ]
     if unknown:
-        parser.error(f"unknown target(s) {unknown}; choose from {list(ALL_TARGETS)}")
-    targets = tuple(ALL_TARGETS[t] for t in ids)
+        parser.error(f"unknown target(s) or model(s) {unknown}")
     generator = args.generator
     if generator == "auto":
         generator = loadgen.generator_name()
     elif generator == "wrk" and loadgen.wrk_path() is None:
         parser.error("--generator wrk: wrk is not installed (apt-get install -y wrk)")
+    connections = args.connections or ("1,32" if args.quick else ",".join(map(str, CONNECTIONS)))
     return Options(
-        duration_s=args.duration or (2.0 if args.quick else 10.0),
+        duration_s=args.duration or (2.0 if args.quick else 5.0),
         warmup_s=args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0),
-        connections=tuple(int(c) for c in args.connections.split(",")),
-        targets=targets,
+        connections=tuple(int(c) for c in _csv(connections)),
+        targets=tuple(ALL_TARGETS[t] for t in ids),
+        models=tuple(_csv(args.models)),
         generator=generator,
         train_rows=3_000 if args.quick else 20_000,
-        micro_target_s=0.02 if args.quick else 0.2,
+        profile_s=args.profile if args.profile is not None else (2.0 if args.quick else 5.0),
+        micro_target_s=0.02 if args.quick else 0.1,
         micro_repeats=3 if args.quick else 5,
         out=None if args.out == "-" else Path(args.out),
         keep_work=args.keep_work,
@@ -133,7 +160,7 @@ def machine_facts(generator: str) -> dict[str, str]:
         if generator == "wrk"
         else "Python asyncio raw sockets (bench/pyload.py), 1 process"
     )
-    facts["servers"] = "1 uvicorn worker each, OMP_NUM_THREADS=1"
+    facts["servers"] = "1 uvicorn worker each unless the target says 2, OMP_NUM_THREADS=1"
     return facts
 
 
@@ -151,69 +178,103 @@ def _challenger_removed(registry: BenchRegistry) -> Iterator[None]:
         client.set_registered_model_alias(registry.model_name, "challenger", version)
 
 
-def _build_target(name: str, registry: BenchRegistry, work: Path, port: int) -> Target:
+def _build_target(
+    name: str, registry: BenchRegistry, work: Path, port: int, stages_out: Path | None
+) -> Target:
     if name in ROUTERS:
-        return router_target(name, registry, work, port)
+        return router_target(name, registry, work, port, stages_out)
     if name == BASELINE:
-        return baseline_target(name, registry, port)
+        return baseline_target(name, registry, port, stages_out)
     return mlflow_serve_target(name, registry, port)
 
 
+def _measure(
+    server: RunningServer, spec: loadgen.LoadSpec, generator: str, warmup_s: float
+) -> tuple[loadgen.LoadResult, float]:
+    """One measurement after a warm-up, and the server's CPU µs per request over it."""
+    if warmup_s > 0:
+        loadgen.run_load(replace(spec, duration_s=warmup_s), generator)
+    cpu_before = group_cpu_s(server.pid)
+    result = loadgen.run_load(spec, generator)
+    cpu_s = group_cpu_s(server.pid) - cpu_before
+    return result, (cpu_s * 1e6 / result.requests if result.requests else float("nan"))
+
+
+def _profile(
+    server: RunningServer, spec: loadgen.LoadSpec, opts: Options, out: Path, model: str
+) -> StageBudget:
+    """Sample the server's stacks during a 1-connection run (``bench/stages.py``)."""
+    os.kill(server.pid, signal.SIGUSR1)
+    result, cpu_us = _measure(server, spec, opts.generator, 0.0)
+    os.kill(server.pid, signal.SIGUSR2)
+    deadline = time.monotonic() + 10.0
+    while not out.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    data = json.loads(out.read_text(encoding="utf-8"))
+    return StageBudget(model, server.name, cpu_us, result.requests, data["stages"])
+
+
 def bench_target(
-    name: str, registry: BenchRegistry, work: Path, opts: Options, body: str
-) -> list[TargetRow]:
+    name: str, model: BenchModel, work: Path, opts: Options
+) -> tuple[list[TargetRow], list[StageBudget]]:
     """Start ``name``, measure it at every concurrency, stop it; failures become table notes."""
+    registry = model.registry
     rows: list[TargetRow] = []
+    budgets: list[StageBudget] = []
     port = free_port()
-    target = _build_target(name, registry, work, port)
+    slug = f"{registry.model_name}-{name.replace(' ', '-').replace(',', '')}"
+    profile = opts.profile_s > 0 and name in PROFILED
+    stages_out = work / "stages" / f"{slug}.json" if profile else None
+    if stages_out is not None:
+        stages_out.parent.mkdir(parents=True, exist_ok=True)
+    target = _build_target(name, registry, work, port, stages_out)
+    connections = [c for c in opts.connections if c in REDUCED.get(name, opts.connections)]
+    base = loadgen.LoadSpec(
+        port=port,
+        body=model.body,
+        connections=1,
+        duration_s=opts.duration_s,
+        routing_keys=target.routing_keys,
+    )
     try:
         with running(
             name,
             target.cmd,
             port=port,
             ready_path=target.ready_path,
-            log_path=work / "logs" / f"{name.replace(' ', '-').replace(',', '')}.log",
+            log_path=work / "logs" / f"{slug}.log",
             env=target.env,
             cwd=target.cwd,
         ) as server:
-            check_answer(server.base_url, body)
-            for connections in opts.connections:
-                spec = loadgen.LoadSpec(
-                    port=port,
-                    body=body,
-                    connections=connections,
-                    duration_s=opts.duration_s,
-                    routing_keys=target.routing_keys,
-                )
+            check_answer(server.base_url, model.body)
+            for n in connections:
                 before = os.getloadavg()[0]
                 try:
-                    result = loadgen.measure(spec, opts.generator, opts.warmup_s)
+                    result, cpu_us = _measure(
+                        server, replace(base, connections=n), opts.generator, opts.warmup_s
+                    )
                 except (RuntimeError, OSError) as exc:
-                    rows.append(TargetRow(name, connections, None, before, f"load failed: {exc}"))
+                    rows.append(
+                        TargetRow(name, n, None, before, f"load failed: {exc}", registry.model_name)
+                    )
                     continue
                 note = "routing key per request" if target.routing_keys else ""
-                rows.append(TargetRow(name, connections, result, before, note))
+                rows.append(TargetRow(name, n, result, before, note, registry.model_name, cpu_us))
+            if target.stages_out is not None:
+                spec = replace(base, duration_s=opts.profile_s)
+                budgets.append(_profile(server, spec, opts, target.stages_out, registry.model_name))
             if name in ROUTERS:
                 shares = arm_shares(server.base_url)
-                rows = [
-                    TargetRow(
-                        r.target,
-                        r.connections,
-                        r.result,
-                        r.load_before,
-                        _join(r.note, f"all runs incl. warm-up: {shares}"),
-                    )
-                    for r in rows
-                ]
-    except (ServerFailed, RuntimeError, OSError) as exc:
+                rows = [replace(r, note=_join(r.note, f"arms: {shares}")) for r in rows]
+    except (ServerFailed, RuntimeError, OSError, ValueError) as exc:
         reason = f"could not run: {' '.join(str(exc).split())[:300]}"
         done = {r.connections for r in rows}
         rows += [
-            TargetRow(name, c, None, os.getloadavg()[0], reason)
-            for c in opts.connections
+            TargetRow(name, c, None, os.getloadavg()[0], reason, registry.model_name)
+            for c in connections
             if c not in done
         ]
-    return rows
+    return rows, budgets
 
 
 def _join(*parts: str) -> str:
@@ -229,18 +290,26 @@ def run(opts: Options, command: str, log: Callable[[str], None] = print) -> Repo
     )
     work = Path(tempfile.mkdtemp(prefix="bench-run-"))
     try:
-        log(f"training the demo models into {work / 'registry'} ...")
-        registry = train_registry(work / "registry", n_rows=opts.train_rows)
-        body = split_body(1)
-        for name in opts.targets:
-            log(f"benchmarking {name} ...")
-            removed = _challenger_removed(registry) if name == ROUTER_CHAMPION_ONLY else None
-            with removed or contextlib.nullcontext():
-                report.rows += bench_target(name, registry, work, opts, body)
+        log(f"training the models into {work / 'registry'} ...")
+        models = [
+            m
+            for m in train_models(work / "registry", n_rows=opts.train_rows)
+            if m.registry.model_name in opts.models
+        ]
+        report.models = {m.registry.model_name: m.label for m in models}
+        for model in models:
+            for name in opts.targets:
+                log(f"benchmarking {name} on {model.registry.model_name} ...")
+                removed = (
+                    _challenger_removed(model.registry) if name == ROUTER_CHAMPION_ONLY else None
+                )
+                with removed or contextlib.nullcontext():
+                    rows, budgets = bench_target(name, model, work, opts)
+                report.rows += rows
+                report.budgets += budgets
         log("timing in-process micro-costs ...")
-        report.micro = measure_micro(
-            registry, target_s=opts.micro_target_s, repeats=opts.micro_repeats
-        )
+        demo = BenchRegistry(work / "registry")
+        report.micro = measure_micro(demo, target_s=opts.micro_target_s, repeats=opts.micro_repeats)
     finally:
         report.load_end = os.getloadavg()
         if opts.keep_work:

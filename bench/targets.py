@@ -14,11 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.registry import REPO_ROOT, BenchRegistry
 
 ROUTER = "router"
+ROUTER_UNBATCHED = "router, no batching"
+ROUTER_TWO_WORKERS = "router, 2 workers"
 ROUTER_CHAMPION_ONLY = "router, champion only"
-ROUTER_UNBATCHED = "router, no micro-batching"
-ROUTERS = (ROUTER, ROUTER_CHAMPION_ONLY, ROUTER_UNBATCHED)
+ROUTERS = (ROUTER, ROUTER_UNBATCHED, ROUTER_TWO_WORKERS, ROUTER_CHAMPION_ONLY)
 _STRIPPED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "ROUTER_CONFIG")
-_STRIPPED_PREFIXES = ("ROUTER_",)
+_STRIPPED_PREFIXES = ("ROUTER_", "PROMETHEUS_MULTIPROC_DIR")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class Target:
     env: dict[str, str] = field(default_factory=dict)
     routing_keys: bool = False
     cwd: Path = REPO_ROOT
+    workers: int = 1
+    stages_out: Path | None = None  # run under ``bench.stages``: SIGUSR1/SIGUSR2 profile it
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -70,38 +73,53 @@ def router_config(
     return path
 
 
-def router_target(name: str, registry: BenchRegistry, work: Path, port: int) -> Target:
-    slug = name.replace(" ", "-").replace(",", "")
+def _profiled(cmd_module: list[str], stages_out: Path | None) -> list[str]:
+    """``python -m <module> ...``, under the stage sampler when ``stages_out`` is given."""
+    if stages_out is None:
+        return [sys.executable, "-m", *cmd_module]
+    return [sys.executable, "-m", "bench.stages", str(stages_out), "--", "-m", *cmd_module]
+
+
+def router_target(
+    name: str, registry: BenchRegistry, work: Path, port: int, stages_out: Path | None = None
+) -> Target:
+    slug = f"{registry.model_name}-{name.replace(' ', '-').replace(',', '')}"
     # batch_max_rows 1 turns the micro-batcher off: the same router, scoring each request alone.
     batch_max_rows = 1 if name == ROUTER_UNBATCHED else None
+    workers = 2 if name == ROUTER_TWO_WORKERS else 1
     config = router_config(
         registry, work / f"{slug}.yaml", work / f"{slug}-log.db", port, batch_max_rows
     )
+    args = ["router", "--config", str(config), "--port", str(port), "--workers", str(workers)]
     return Target(
         name=name,
-        cmd=[sys.executable, "-m", "router", "--config", str(config), "--port", str(port)],
+        cmd=_profiled(args, stages_out if workers == 1 else None),
         ready_path="/readyz",
         env=clean_env(),
         routing_keys=True,
+        workers=workers,
+        stages_out=stages_out if workers == 1 else None,
     )
 
 
-def baseline_target(name: str, registry: BenchRegistry, port: int) -> Target:
+def baseline_target(
+    name: str, registry: BenchRegistry, port: int, stages_out: Path | None = None
+) -> Target:
+    args = [
+        "bench.baseline_app",
+        "--tracking-uri",
+        registry.tracking_uri,
+        "--model-uri",
+        registry.uri_for("champion"),
+        "--port",
+        str(port),
+    ]
     return Target(
         name=name,
-        cmd=[
-            sys.executable,
-            "-m",
-            "bench.baseline_app",
-            "--tracking-uri",
-            registry.tracking_uri,
-            "--model-uri",
-            registry.uri_for("champion"),
-            "--port",
-            str(port),
-        ],
+        cmd=_profiled(args, stages_out),
         ready_path="/ping",
         env=clean_env(),
+        stages_out=stages_out,
     )
 
 

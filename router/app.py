@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import time
@@ -303,6 +304,15 @@ class RouteTimer:
             service.metrics.request_latency.labels(route).observe(time.perf_counter() - start)
 
 
+async def _load_then_poll(manager: ModelManager) -> None:
+    await manager.load_until_ready()
+    # Everything long-lived exists now (modules, models, the app): move it out of the collector's
+    # generations, so the full collections that per-request garbage triggers stop traversing
+    # hundreds of thousands of objects (bench/results.md, "gc" in the micro-costs).
+    gc.freeze()
+    await manager.poll_forever()
+
+
 def create_app(
     settings: Settings, *, metrics_registry: CollectorRegistry | None = None
 ) -> Starlette:
@@ -340,7 +350,7 @@ def create_app(
             settings, Registry(settings.model.tracking_uri, settings.model.name), router_metrics
         )
         service = RouterService(settings, manager, plog, router_metrics)
-        poller = asyncio.create_task(manager.poll_forever(), name="alias-poller")
+        poller = asyncio.create_task(_load_then_poll(manager), name="alias-poller")
         syncer = asyncio.create_task(_sync_log_metrics(service), name="log-metrics")
         try:
             yield {"service": service}

@@ -6,12 +6,15 @@ correctness of what was measured (answers are 200s, the counts add up) are check
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import pytest
 
 from bench import load as loadgen
+from bench.cpu import group_cpu_s
+from bench.goals import check_goals
 from bench.micro import measure_micro
 from bench.registry import BenchRegistry, split_body
 from bench.report import (
@@ -23,6 +26,7 @@ from bench.report import (
     render,
 )
 from bench.servers import free_port, running
+from bench.stages import OTHER, stage_of
 from bench.targets import baseline_target, check_answer
 from tests.conftest import MlflowRegistry
 
@@ -82,10 +86,12 @@ def test_harness_pieces_make_a_well_formed_report(
     text = render(report)
 
     table = _table_rows(text, THROUGHPUT_COLUMNS)
-    assert [cells[0] for cells in table] == [r.target for r in rows]
-    measured = [cells for cells in table if cells[3]]
-    assert measured and all(cells[7] == "1.00×" for cells in measured)  # baseline vs itself
-    assert all(cells[8] == "n/a" for cells in measured)  # no mlflow serve figure to compare
+    column = {name: i for i, name in enumerate(THROUGHPUT_COLUMNS)}
+    assert [cells[column["target"]] for cells in table] == [r.target for r in rows]
+    measured = [cells for cells in table if cells[column["requests/s"]]]
+    # The baseline against itself; no mlflow serve figure to compare with.
+    assert measured and all(cells[column["vs bare app"]] == "1.00×" for cells in measured)
+    assert all(cells[column["vs mlflow serve"]] == "n/a" for cells in measured)
     assert "could not run" in table[-1][-1]
     micro_rows = _table_rows(text, MICRO_COLUMNS)
     assert len(micro_rows) == len(micro)
@@ -98,3 +104,38 @@ def test_unknown_generator_is_refused() -> None:
     spec = loadgen.LoadSpec(port=1, body="{}", connections=1, duration_s=0.1)
     with pytest.raises(ValueError, match="unknown load generator"):
         loadgen.run_load(spec, "ab")
+
+
+def _result(rps: float, p50_ms: float = 1.0, p99_ms: float = 2.0) -> loadgen.LoadResult:
+    return loadgen.LoadResult("wrk", 1, int(rps * 10), 10.0, 0, p50_ms, p99_ms)
+
+
+def test_goals_are_met_missed_or_not_measured_per_model() -> None:
+    rows = [
+        TargetRow(BASELINE, 1, _result(100), 0.0, model="m"),
+        TargetRow("router", 1, _result(95), 0.0, model="m"),
+        TargetRow(BASELINE, 32, _result(100, p99_ms=50.0), 0.0, model="m"),
+        TargetRow("router", 32, _result(250, p99_ms=40.0), 0.0, model="m"),
+        TargetRow("router, 2 workers", 32, _result(450), 0.0, model="m"),
+    ]
+    verdicts = {g.text: (g.measured, g.verdict) for g in check_goals(rows)}
+    assert verdicts["1 connection: router ≥ 0.9× bare app"] == ("0.95×", "met")
+    assert verdicts["32 connections: router ≥ 3× bare app"] == ("2.50×", "**missed**")
+    assert verdicts["32 connections: router ≥ 10× mlflow models serve"] == ("", "not measured")
+    assert verdicts["32 connections: router p99 ≤ bare app p99 (ratio of p99s)"][1] == "met"
+    assert verdicts["32 connections: 2 workers ≥ 1.7× one worker"] == ("1.80×", "met")
+
+
+def test_stage_of_takes_the_deepest_named_frame_and_skips_idle_threads() -> None:
+    parse = ["x/uvicorn/main.py:run", "router/service.py:invoke", "router/payload.py:conform"]
+    assert stage_of([*parse, "pandas/core/frame.py:__init__"]) == (
+        "parse + input checks (payload.py)"
+    )
+    assert stage_of([*parse, "/sklearn/pipeline.py:predict"]) == "model (sklearn, numpy)"
+    assert stage_of(["threading.py:run", "/usr/lib/python3.11/threading.py:wait"]) is None
+    assert stage_of(["asyncio/base_events.py:run_forever"]) == OTHER
+
+
+def test_group_cpu_counts_this_process() -> None:
+    own = os.times()
+    assert group_cpu_s(os.getpgid(0)) >= own.user + own.system - 0.05  # clock-tick rounding

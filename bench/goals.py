@@ -1,0 +1,97 @@
+"""The speed targets of issues 10 and 12, checked against one run's rows (ratios, never asserted).
+
+Each target compares two measurements of the same model from the same run; a target whose
+measurements are missing says so instead of a verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from bench.load import LoadResult
+from bench.rows import BASELINE, MLFLOW_SERVE, TargetRow, find
+
+ROUTER = "router"
+ROUTER_TWO_WORKERS = "router, 2 workers"
+
+
+@dataclass(frozen=True)
+class Goal:
+    model: str
+    text: str
+    measured: str
+    met: bool | None  # None: not measured
+
+    @property
+    def verdict(self) -> str:
+        return {True: "met", False: "**missed**", None: "not measured"}[self.met]
+
+
+@dataclass(frozen=True)
+class _Rule:
+    text: str
+    target: tuple[str, int]  # (target, connections) measured
+    reference: tuple[str, int]  # (target, connections) compared against
+    check: Callable[[LoadResult, LoadResult], tuple[float, bool]]  # (ratio, met)
+
+
+def _throughput(at_least: float) -> Callable[[LoadResult, LoadResult], tuple[float, bool]]:
+    def check(mine: LoadResult, ref: LoadResult) -> tuple[float, bool]:
+        ratio = mine.rps / ref.rps
+        return ratio, ratio >= at_least
+
+    return check
+
+
+def _p99_no_worse(mine: LoadResult, ref: LoadResult) -> tuple[float, bool]:
+    return mine.p99_ms / ref.p99_ms, mine.p99_ms <= ref.p99_ms
+
+
+def _p50_within_10pct(mine: LoadResult, ref: LoadResult) -> tuple[float, bool]:
+    return mine.p50_ms / ref.p50_ms, mine.p50_ms <= 1.1 * ref.p50_ms
+
+
+RULES: tuple[_Rule, ...] = (
+    _Rule("1 connection: router ≥ 0.9× bare app", (ROUTER, 1), (BASELINE, 1), _throughput(0.9)),
+    _Rule("32 connections: router ≥ 3× bare app", (ROUTER, 32), (BASELINE, 32), _throughput(3.0)),
+    _Rule(
+        "32 connections: router ≥ 10× mlflow models serve",
+        (ROUTER, 32),
+        (MLFLOW_SERVE, 32),
+        _throughput(10.0),
+    ),
+    _Rule(
+        "32 connections: router p99 ≤ bare app p99 (ratio of p99s)",
+        (ROUTER, 32),
+        (BASELINE, 32),
+        _p99_no_worse,
+    ),
+    _Rule(
+        "32 connections: 2 workers ≥ 1.7× one worker",
+        (ROUTER_TWO_WORKERS, 32),
+        (ROUTER, 32),
+        _throughput(1.7),
+    ),
+    _Rule(
+        "1 connection: 2 workers' p50 within 10% of one worker's (ratio of p50s)",
+        (ROUTER_TWO_WORKERS, 1),
+        (ROUTER, 1),
+        _p50_within_10pct,
+    ),
+)
+
+
+def check_goals(rows: Sequence[TargetRow]) -> list[Goal]:
+    """Every rule for every model that has at least one measured row."""
+    goals: list[Goal] = []
+    for model in dict.fromkeys(row.model for row in rows if row.result is not None):
+        for rule in RULES:
+            mine = find(rows, model, *rule.target)
+            ref = find(rows, model, *rule.reference)
+            if mine is None or ref is None:
+                goals.append(Goal(model, rule.text, "", None))
+                continue
+            value, met = rule.check(mine, ref)
+            goals.append(Goal(model, rule.text, f"{value:.2f}×", met))
+    return goals
