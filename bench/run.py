@@ -98,8 +98,8 @@ def _csv(text: str) -> list[str]:
 def parse_args(argv: Sequence[str] | None) -> Options:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="~2 s per measurement, 1,32 conns")
-    parser.add_argument("--duration", type=float, help="seconds per measurement (default 5)")
-    parser.add_argument("--warmup", type=float, help="seconds of discarded warm-up (default 1)")
+    parser.add_argument("--duration", type=float, help="seconds per measurement (default 3)")
+    parser.add_argument("--warmup", type=float, help="seconds of discarded warm-up (default 0.5)")
     parser.add_argument("--connections", help="e.g. 1,8,32,64 (the default; --quick: 1,32)")
     parser.add_argument(
         "--targets",
@@ -132,14 +132,14 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         parser.error("--generator wrk: wrk is not installed (apt-get install -y wrk)")
     connections = args.connections or ("1,32" if args.quick else ",".join(map(str, CONNECTIONS)))
     return Options(
-        duration_s=args.duration or (2.0 if args.quick else 5.0),
-        warmup_s=args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0),
+        duration_s=args.duration or (2.0 if args.quick else 3.0),
+        warmup_s=args.warmup if args.warmup is not None else 0.5,
         connections=tuple(int(c) for c in _csv(connections)),
         targets=tuple(ALL_TARGETS[t] for t in ids),
         models=tuple(_csv(args.models)),
         generator=generator,
-        train_rows=3_000 if args.quick else 20_000,
-        profile_s=args.profile if args.profile is not None else (2.0 if args.quick else 5.0),
+        train_rows=3_000 if args.quick else 5_000,
+        profile_s=args.profile if args.profile is not None else (2.0 if args.quick else 4.0),
         micro_target_s=0.02 if args.quick else 0.1,
         micro_repeats=3 if args.quick else 5,
         out=None if args.out == "-" else Path(args.out),
