@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any, get_args
 
 import pytest
+import sqlalchemy as sa
 import yaml
 from conftest import MlflowRegistry, free_port
 from mlflow.tracking import MlflowClient
-from synthlog import Arm, sqlite_url, write_config, write_log
+from synthlog import OUTCOME_WINDOW_S, Arm, sqlite_url, write_config, write_log
 
 from experiments.cli import (
     EXIT_CODES,
@@ -53,7 +54,8 @@ def _config(registry: MlflowRegistry, tmp_path: Path, log_url: str, **extra: Any
 
 def _log(tmp_path: Path, challenger: Arm, **kwargs: Any) -> str:
     url = sqlite_url(tmp_path / "predictions.db")
-    write_log(url, experiment_id=EID, champion=Arm(0.70), challenger=challenger, **kwargs)
+    kwargs.setdefault("champion", Arm(0.70))
+    write_log(url, experiment_id=EID, challenger=challenger, **kwargs)
     return url
 
 
@@ -448,3 +450,67 @@ def test_cronjob_treats_exactly_the_normal_codes_as_success() -> None:
     assert match is not None, script
     assert {int(c) for c in match.group(1).split("|")} == NORMAL_EXIT_CODES
     assert EXIT_CODES["invalid"] not in NORMAL_EXIT_CODES and 1 not in NORMAL_EXIT_CODES
+
+
+def _overflowing(url: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.update(logschema.predictions).values(score=1e300))
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("log_kwargs", "experiment", "code", "reason"),
+    [
+        # An arm right on (almost) every row: no confident interval from a degenerate variance.
+        ({"champion": Arm(0.995), "challenger": Arm(1.0)}, {}, 4, "wrong rows"),
+        # A/A with sticky users: users are the units, nothing is decided.
+        ({"challenger": Arm(0.70), "users": 300, "seed": 11}, {}, 4, "No decision yet"),
+        # Client faults (4xx) are nobody's: an A/A stays undecided.
+        ({"challenger": Arm(0.70), "client_error_rate": 0.05}, {}, 4, "No decision yet"),
+        # The interval rules out the smallest effect worth having: stop (futility), exit 4.
+        ({"challenger": Arm(0.70)}, {"min_effect": 0.15}, 4, "No worthwhile difference"),
+        # The challenger fails a fifth of its requests (fallbacks): the error guardrail rejects.
+        ({"challenger": Arm(0.80, error_rate=0.2)}, {}, 3, "error_rate"),
+        # The champion's positives arrive after the window: feedback coverage differs.
+        (
+            {"challenger": Arm(0.70), "champion_positive_delay_s": 10 * OUTCOME_WINDOW_S},
+            {"outcome_window_s": OUTCOME_WINDOW_S},
+            5,
+            "Feedback coverage differs",
+        ),
+        # A metric whose mean overflows: a clear invalid, not a traceback.
+        (
+            {"challenger": Arm(0.80), "then": _overflowing},
+            {"metric": "squared_error", "capping": "off"},
+            5,
+            "overflows",
+        ),
+    ],
+    ids=["all-correct", "sticky-aa", "client-errors", "futility", "fallbacks", "late", "overflow"],
+)
+def test_scenarios_exit_codes(
+    fresh_registry: Callable[[], MlflowRegistry],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    log_kwargs: dict[str, Any],
+    experiment: dict[str, Any],
+    code: int,
+    reason: str,
+) -> None:
+    registry = fresh_registry()
+    then = log_kwargs.pop("then", None)
+    url = _log(tmp_path, **log_kwargs)
+    if then is not None:
+        then(url)
+    config = _config(registry, tmp_path, url, experiment=experiment)
+
+    assert evaluate_and_promote_main(["--config", str(config), "--json", "-"]) == code
+
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert data["exit_code"] == code and EXIT_CODES[data["decision"]] == code
+    assert reason in data["reason"] and reason in captured.err
+    # Only a rejection ends the experiment here; nothing is promoted.
+    expected = {"champion": "1"} if code == 3 else {"champion": "1", "challenger": "2"}
+    assert _aliases(registry) == expected
