@@ -10,6 +10,7 @@ itself is built and run by .ci/image.sh.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -26,6 +27,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from router.config import settings_from_mapping
+from router.logschema import Arm
 from router.metrics import RouterMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -572,6 +574,27 @@ def test_compose_file_matches_the_compose_spec(tmp_path: Path) -> None:
 
 
 # --- Dockerfile ------------------------------------------------------------------------------
+def _image_smoke() -> Any:
+    """.ci/image_smoke.py as a module (it lives outside the packages: CI runs it as a script)."""
+    spec = importlib.util.spec_from_file_location("image_smoke", ROOT / ".ci" / "image_smoke.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_image_smoke_test_agrees_with_the_image_and_the_config() -> None:
+    """The CI smoke test's config, user and grace period are the project's: a renamed config key
+    or a changed USER fails here, in `make test`, not only in the image build after it."""
+    smoke = _image_smoke()
+    settings = settings_from_mapping(yaml.safe_load(smoke.CONFIG), {})
+    assert settings.server.port == PORT and settings.routing.challenger_weight == 0.5
+    user = [rest for keyword, rest in _dockerfile() if keyword == "USER"][-1]
+    assert user == f"{smoke.UID}:{smoke.UID}"
+    assert _compose()["services"]["router"]["stop_grace_period"] == f"{smoke.GRACE_S}s"
+    assert set(smoke.VERSIONS) == {Arm.CHAMPION, Arm.CHALLENGER}  # the script is stdlib-only
+
+
 def test_dockerfile_matches_the_contract() -> None:
     instructions = _dockerfile()
     by_kind: dict[str, list[str]] = {}
