@@ -5,16 +5,13 @@ Formats (``application/json``): exactly one of ``dataframe_split``, ``dataframe_
 ``text/csv`` (a header row, as ``DataFrame.to_csv`` writes) and ``application/vnd.apache.parquet``.
 
 With a column-based signature (named ``ColSpec`` inputs; what ``infer_signature`` gives for a
-DataFrame) every format becomes one ``pandas.DataFrame`` in signature order, typed as MLflow's
-scoring server types it (long → int64, double → float64, string → pandas' string inference), so
-``pyfunc.predict`` sees what it would see behind ``mlflow models serve``. The checks are stricter
-than MLflow's casting, which silently truncates 1.5 to 1 in a long column, parses "2.5" in a double
-column and turns a number into a string: here those are :class:`~router.errors.InvalidInput`
-naming the column, as are missing and (by default) unknown columns, and null in integer or boolean
-columns. Integers in float columns and integral floats (3.0) in integer columns are accepted, as
-MLflow accepts them. Columns of other types (datetime, binary, arrays, objects, maps) are converted
-by MLflow's own caster. Tensor-based signatures, unnamed columns and models without a signature
-are parsed by MLflow's own functions; tensor inputs are checked for their per-row feature count.
+DataFrame) every format becomes one ``pandas.DataFrame`` of the model's columns in signature order,
+typed and cast exactly as ``mlflow models serve`` would hand it to the model (``router.casting``):
+extra columns are dropped, MLflow's casts applied, and what MLflow refuses is a 400 before
+predicting, with MLflow's ``error_code``. The ``validation`` settings make it stricter (unknown
+columns, lossy casts) and refuse Infinity. Tensor-based signatures, unnamed columns and models
+without a signature are parsed by MLflow's own functions; tensor inputs are checked for their
+per-row feature count. All differences from MLflow: docs/migration.md.
 Not supported: the unified LLM chat format and signatures inferred from type hints.
 
 Two steps, so that each arm is checked against its own signature: :func:`decode_invocation` reads
@@ -27,9 +24,8 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -43,6 +39,7 @@ from mlflow.utils import proto_json_utils
 
 from router import casting as casting_rules
 from router.casting import names_text as _names
+from router.columns import Columns, columns_of, split_index
 from router.config import Casting, ExtraColumns, NonFinite
 from router.errors import (
     BadRequest,
@@ -59,7 +56,6 @@ CONTENT_TYPE_CSV = "text/csv"
 CONTENT_TYPE_PARQUET = "application/vnd.apache.parquet"
 CONTENT_TYPES: tuple[str, ...] = (CONTENT_TYPE_JSON, CONTENT_TYPE_CSV, CONTENT_TYPE_PARQUET)
 
-Columns = dict[str, Sequence[Any]]
 InputData: TypeAlias = pd.DataFrame | np.ndarray | dict[str, np.ndarray]
 
 # The scoring server's own helpers (untyped): used where the fast path does not apply.
@@ -249,37 +245,15 @@ def _decode_json(body: bytes, max_rows: int) -> RawInput:
     value = document[fmt]
     n_rows = _raw_row_count(fmt, value)
     _check_row_count(n_rows, max_rows, fmt)
-    index = _split_index(value) if fmt == "dataframe_split" else None
+    index = split_index(value) if fmt == "dataframe_split" else None
     try:
-        columns = _columns(fmt, value)
+        columns = columns_of(fmt, value)
     except RouterError as exc:  # only an error for models with named columns: see conform
         return RawInput(fmt, n_rows, params, value, None, index, columns_error=exc)
     return RawInput(fmt, n_rows, params, value, columns, index)
 
 
-# --- column-based signatures: raw columns from each format -----------------------------------
-
-
-def _columns(fmt: str, value: Any) -> Columns | None:
-    """Column name -> raw values, or None when the input does not name its columns.
-
-    Raises for a shape that cannot be columns; the caller keeps the error for models with named
-    columns (other models are parsed by MLflow's own functions, which take other shapes).
-    """
-    if fmt == "dataframe_split":
-        return _split_columns(value)
-    if fmt == "dataframe_records":
-        if not isinstance(value, list):
-            raise BadRequest(f"{fmt} must be a list of objects, one per row")
-        return _record_columns(value, fmt)
-    # instances / inputs: rows as objects, columns as an object of lists, or one column's values.
-    if isinstance(value, dict):
-        return _dict_columns(value, fmt)
-    if not isinstance(value, list):
-        raise BadRequest(f"{fmt} must be a list of rows or an object of columns")
-    if isinstance(value[0], dict):
-        return _record_columns(value, fmt)
-    return None
+# --- column-based signatures -----------------------------------------------------------------
 
 
 def _columns_for(raw: RawInput, schema: Schema) -> Columns:
@@ -302,72 +276,6 @@ def _columns_for(raw: RawInput, schema: Schema) -> Columns:
         f"{raw.format} as a list of values needs one object per row naming the model's inputs "
         f"({_names(names)}); for rows as lists use dataframe_split with 'columns'"
     )
-
-
-def _split_index(value: Any) -> list[Any] | None:
-    index = value.get("index") if isinstance(value, dict) else None
-    data = value.get("data") if isinstance(value, dict) else None
-    if index is not None and (
-        not isinstance(index, list) or not isinstance(data, list) or len(index) != len(data)
-    ):
-        n_rows = len(data) if isinstance(data, list) else 0
-        raise BadRequest(f"dataframe_split.index must be a list with one label per row ({n_rows})")
-    return index
-
-
-def _split_columns(value: Any) -> Columns | None:
-    fmt = "dataframe_split"
-    if (
-        not isinstance(value, dict)
-        or "data" not in value
-        or set(value) - {"columns", "data", "index"}
-    ):
-        raise BadRequest(
-            f"{fmt} must be an object with 'columns' and 'data' (and optionally 'index')"
-        )
-    data = value["data"]
-    if not isinstance(data, list):
-        raise BadRequest(f"{fmt}.data must be a list of rows")
-    names = value.get("columns")
-    if names is None:
-        return None
-    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-        raise BadRequest(f"{fmt}.columns must be a list of column names (strings)")
-    if len(set(names)) != len(names):
-        duplicated = sorted({name for name in names if names.count(name) > 1})
-        raise BadRequest(f"{fmt}.columns names a column more than once: {_names(duplicated)}")
-    if len(names) == 1 and not isinstance(data[0], list):
-        return {names[0]: data}  # pandas takes a flat list for one column
-    if set(map(type, data)) != {list} or set(map(len, data)) != {len(names)}:
-        raise BadRequest(f"each row of {fmt}.data must be a list of {len(names)} values")
-    return dict(zip(names, zip(*data, strict=True), strict=True))
-
-
-def _record_columns(records: list[Any], fmt: str) -> Columns:
-    if set(map(type, records)) != {dict}:
-        raise BadRequest(f"{fmt} must be a list of objects, one per row")
-    names: dict[str, None] = dict.fromkeys(records[0])
-    if len(records) > 1:
-        names.update(dict.fromkeys(set().union(*records)))
-    # A key missing from a record is a missing value (pandas makes it NaN), here None.
-    return {name: list(map(dict.get, records, repeat(name))) for name in names}
-
-
-def _dict_columns(value: dict[str, Any], fmt: str) -> Columns:
-    if not value:
-        raise InvalidInput(f"no rows: {fmt} is empty")
-    is_list = [isinstance(column, list) for column in value.values()]
-    if not any(is_list):  # one row given as column -> value
-        return {name: [column] for name, column in value.items()}
-    lengths = {len(column) for column in value.values() if isinstance(column, list)}
-    if not all(is_list) or len(lengths) != 1:
-        raise BadRequest(
-            f"{fmt} as an object of columns needs a list of the same length for every column"
-        )
-    return value
-
-
-# --- column-based signatures: checking and typing -------------------------------------------
 
 
 # --- other signatures: MLflow's own parsing ---------------------------------------------------
