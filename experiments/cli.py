@@ -169,9 +169,10 @@ def _no_experiment(
     settings: Settings, aliases: AliasSnapshot, args: argparse.Namespace, human: TextIO
 ) -> int:
     m = settings.model
+    champion = "unset" if aliases.champion is None else f"v{aliases.champion}"
     reason = (
         f"No experiment running: registered model {m.name!r} has no @{m.challenger_alias} "
-        f"distinct from @{m.champion_alias} (v{aliases.champion}); nothing to judge. "
+        f"distinct from @{m.champion_alias} ({champion}); nothing to judge. "
         f"Set @{m.challenger_alias} on a new version to start one."
     )
     print(reason, file=human)

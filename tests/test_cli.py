@@ -346,6 +346,11 @@ def test_no_experiment_after_a_promotion(
     # @challenger on the champion's own version is no experiment either (the router serves one arm).
     client.set_registered_model_alias("churn-predictor", "challenger", "2")
     assert evaluate_and_promote_main(["--config", str(config)]) == EXIT_NO_EXPERIMENT
+    # Nor is a model with no aliases at all (the router serves its latest version).
+    for alias in ("champion", "challenger", "rollback"):
+        client.delete_registered_model_alias("churn-predictor", alias)
+    assert evaluate_and_promote_main(["--config", str(config)]) == EXIT_NO_EXPERIMENT
+    assert "@champion (unset)" in capsys.readouterr().out
 
 
 def test_json_to_stdout_is_the_only_stdout(
