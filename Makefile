@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test lint typecheck unit bench simulate serve clean image-test
+.PHONY: install demo test lint typecheck unit bench simulate serve clean chaos image-test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: lint typecheck unit
 # (root and apt needed; see .ci/image.sh). Independent of .venv.
 image-test:
 	bash .ci/image.sh
+
+# Faults under traffic (log database, registry, challenger) for 60 s; needs PostgreSQL
+# (ROUTER_TEST_POSTGRES_URL, see tests/pg.py). `make test` runs the same test for 12 s.
+chaos: install
+	CHAOS_DURATION_S=$${CHAOS_DURATION_S:-60} $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/test_chaos.py
 
 simulate: install
 	$(BIN)/python -m experiments.simulate

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
@@ -113,3 +114,24 @@ def register_pyfunc(
     version = str(info.registered_model_version)
     label_version(client, name, version, tags=tags, alias=alias)
     return version
+
+
+class ScriptedModel(PythonModel):
+    """Answers like ``ConstantModel(p)``, but hangs while ``<control>/hang`` exists and raises
+    while ``<control>/raise`` exists: a test scripts its faults from outside the process."""
+
+    def __init__(self, control_dir: str, p: float = 0.5, max_hang_s: float = 60.0) -> None:
+        self.control_dir = control_dir
+        self.p = p
+        self.max_hang_s = max_hang_s
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
+        control = Path(self.control_dir)
+        deadline = time.monotonic() + self.max_hang_s
+        while (control / "hang").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if (control / "raise").exists():
+            raise RuntimeError("scripted failure")
+        return _constant_proba(len(model_input), self.p)
