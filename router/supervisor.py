@@ -100,7 +100,7 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 class Worker(Process):
-    """uvicorn's worker process (health-check pings included) on its own listening socket."""
+    """uvicorn's worker process on its own listening socket."""
 
     def __init__(self, config: Config, sock: socket.socket) -> None:
         super().__init__(config, [sock])
@@ -139,7 +139,9 @@ class Supervisor:
         try:
             while not self._stop.wait(CHECK_INTERVAL_S):
                 for i, process in enumerate(processes):
-                    if not process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                    # Only a worker that exited is replaced. A health-check timeout is no proof of a
+                    # hang on a starved machine, and killing a live worker loses its queued log.
+                    if process.exitcode is not None:
                         processes[i] = self._replace(process, sockets[i])
         finally:
             # New connections are refused from here on, not queued behind a stopping worker.
@@ -160,7 +162,6 @@ class Supervisor:
         return worker
 
     def _replace(self, process: Process, sock: socket.socket) -> Process:
-        process.kill()  # dead already, or not answering its health check: hung
         process.join()
         self._forget(process)
         if process.exitcode == STARTUP_FAILURE:

@@ -112,7 +112,12 @@ def _sigterm_mid_stream(router: RouterProcess, registry: MlflowRegistry) -> Traf
     traffic = asyncio.run(
         _drive(router.base_url, _bodies(registry), TOTAL_REQUESTS, CONCURRENCY, maybe_signal)
     )
-    assert signalled
+    assert signalled, (
+        len(traffic.served),
+        traffic.other[:5],
+        traffic.refused[:5],
+        router.output_text(),
+    )
     _assert_graceful_exit(router)
     # Mid-stream for real: the server stopped answering before the traffic ended.
     assert SIGTERM_AFTER <= len(traffic.served) < TOTAL_REQUESTS

@@ -5,6 +5,7 @@ the router's own stale files are removed."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -74,10 +75,6 @@ def test_a_port_in_use_is_refused_even_by_reuse_port_sockets() -> None:
     assert claim_port("127.0.0.1", port) == port  # free again once the listener is closed
 
 
-def _worker_pids(pgid: int, supervisor: int) -> list[int]:
-    return [pid for pid in group_members(pgid) if pid != supervisor]
-
-
 def test_workers_exit_when_the_supervisor_is_killed_and_a_restart_binds(
     fresh_registry: FreshRegistry, tmp_path: Path
 ) -> None:
@@ -87,7 +84,17 @@ def test_workers_exit_when_the_supervisor_is_killed_and_a_restart_binds(
     second_dir.mkdir()
     with router_process(registry, first_dir, workers=2) as first:
         supervisor = first.process.pid
-        assert len(_worker_pids(supervisor, supervisor)) >= 2  # the workers (and spawn's helper)
+        workers = [int(p) for p in re.findall(r"worker (\d+) started", first.output_text())]
+        assert len(workers) == 2 and set(workers) <= set(group_members(supervisor))
+        # A worker that dies is replaced (a worker of the router this test started).
+        os.kill(workers[0], signal.SIGKILL)
+        wait_until(
+            lambda: (
+                f"worker {workers[0]} died" in first.output_text()
+                and len(re.findall(r"worker \d+ started", first.output_text())) == 3
+            ),
+            "a replacement worker",
+        )
         with http_client(first.base_url) as client:
             assert client.get("/healthz").status_code == 200
             first.process.send_signal(signal.SIGKILL)  # a crash: no chance to stop the workers
