@@ -37,8 +37,10 @@ class RouterProcess:
     port: int
     output: Path
 
-    def output_text(self) -> str:
-        return self.output.read_text(encoding="utf-8", errors="replace")[-4000:]
+    def output_text(self, tail: int | None = 4000) -> str:
+        """The process's output so far: its last ``tail`` characters (None: all of it)."""
+        text = self.output.read_text(encoding="utf-8", errors="replace")
+        return text if tail is None else text[-tail:]
 
 
 def clean_env(extra: Mapping[str, str]) -> dict[str, str]:

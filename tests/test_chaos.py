@@ -167,7 +167,7 @@ def test_chaos(fresh_registry: FreshRegistry, tmp_path: Path) -> None:
                 figures = asyncio.run(_traffic(router.base_url, bodies, faults))
                 router.process.send_signal(signal.SIGTERM)
                 router.process.wait(timeout=EXIT_DEADLINE_S)
-                output = router.output.read_text(encoding="utf-8", errors="replace")
+                output = router.output_text(None)
         logged = query_log(direct, "SELECT DISTINCT request_id, row_index FROM predictions")
 
     closed = re.search(r"prediction log closed: (\d+) dropped in total", output)

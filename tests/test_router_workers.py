@@ -84,14 +84,14 @@ def test_workers_exit_when_the_supervisor_is_killed_and_a_restart_binds(
     second_dir.mkdir()
     with router_process(registry, first_dir, workers=2) as first:
         supervisor = first.process.pid
-        workers = [int(p) for p in re.findall(r"worker (\d+) started", first.output_text())]
+        workers = [int(p) for p in re.findall(r"worker (\d+) started", first.output_text(None))]
         assert len(workers) == 2 and set(workers) <= set(group_members(supervisor))
         # A worker that dies is replaced (a worker of the router this test started).
         os.kill(workers[0], signal.SIGKILL)
         wait_until(
             lambda: (
-                f"worker {workers[0]} died" in first.output_text()
-                and len(re.findall(r"worker \d+ started", first.output_text())) == 3
+                f"worker {workers[0]} died" in first.output_text(None)
+                and len(re.findall(r"worker \d+ started", first.output_text(None))) == 3
             ),
             "a replacement worker",
         )
@@ -105,7 +105,7 @@ def test_workers_exit_when_the_supervisor_is_killed_and_a_restart_binds(
                 "the orphaned workers to exit",
                 timeout_s=EXIT_DEADLINE_S,
             )
-        output = first.output_text()
+        output = first.output_text(None)
         assert output.count("Application shutdown complete.") == 2, output
         port = first.port
 
