@@ -216,6 +216,7 @@ async def experiment(request: Request) -> Response:
     else:
         why = arms.challenger_error or f"no @{s.model.challenger_alias} version"
         body["challenger_missing"] = f"{why}: the champion serves all traffic"
+    body.update(service.describe())
     return JSONResponse(body)
 
 
@@ -231,6 +232,7 @@ def _require_admin(request: Request) -> None:
 async def admin_reload(request: Request) -> Response:
     _require_admin(request)
     service = _service(request)
+    service.reset_circuit()  # an operator's reload gives a tripped challenger another chance
     try:
         changed = await service.manager.refresh()
     except (RegistryUnavailable, ModelNotFound) as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -18,6 +18,7 @@ from router.errors import RegistryUnavailable
 from router.logschema import experiment_id
 from router.metrics import RouterMetrics
 from router.models import LoadedModel, ModelNotFound, ModelRef, Registry
+from router.signatures import SignatureDiff, signature_diff
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ class ArmSet:
     challenger: LoadedModel | None
     experiment_id: str
     challenger_error: str | None = None  # why a challenger alias is set but not served
+    # How the challenger's input signature differs from the champion's (each arm takes its own).
+    signatures: SignatureDiff = field(default_factory=SignatureDiff)
 
 
 class ModelManager:
@@ -80,7 +83,12 @@ class ModelManager:
             champion.version,
             challenger.version if challenger else None,
         )
-        return ArmSet(champion, challenger, exp, challenger_error)
+        diff = (
+            signature_diff(champion.input_schema, challenger.input_schema)
+            if challenger is not None
+            else SignatureDiff()
+        )
+        return ArmSet(champion, challenger, exp, challenger_error, diff)
 
     async def refresh(self) -> bool:
         """Resolve aliases and swap in what changed; True when the served set changed."""
@@ -128,6 +136,8 @@ class ModelManager:
             f"{arm} v{m.version} ({m.ref.resolved_via})" for arm, m in _served(arms, self._settings)
         )
         log.info("serving %s: %s [experiment %s]", name, described, arms.experiment_id)
+        if arms.challenger is not None and not arms.signatures.same:
+            log.warning("input signatures differ: %s", arms.signatures.describe())
 
     async def load_until_ready(self) -> None:
         """Start-up: retry until the champion loads, saying why on each failure (no crash loop).

@@ -3,14 +3,21 @@
 ``predict`` costs about the same for 1 row as for 32 (pyfunc's schema work and sklearn's input
 validation dominate, not arithmetic), so under concurrency the model's time is shared out.
 
-One :class:`MicroBatcher` per loaded model, living on the event loop. Requests ``submit`` a
-DataFrame; a collector takes what is queued (up to ``max_rows`` rows, frames of the same columns
-and dtypes only), concatenates it, runs ``predict`` once through ``run`` (a worker thread) and
-splits the output back by row counts. It waits up to ``wait_s`` for more only while requests
-announced with :meth:`expect` have not yet submitted (they are being parsed): a lone request
-never waits. A failing batch, or an output whose length is not the batch's row count, is
-re-scored one request at a time, so a bad row fails its own request only; after a length
-mismatch the model is marked unbatchable (:attr:`batchable`), and callers score it alone.
+One :class:`MicroBatcher` per loaded model, living on the event loop, behind one call:
+``await batcher.predict(data, params)``. Whether a request is batched is the batcher's rule
+alone: a typed DataFrame without ``params``, smaller than ``max_rows``, for a model whose rows are
+scored independently (``enabled``, see ``router/modelkind.py``); everything else is one model call
+of its own. Batched requests queue; one collector per model takes what is queued (up to
+``max_rows`` rows, frames of one ``key`` only), concatenates it, runs ``predict`` once through
+``run`` (the arm's threads) and splits the output back by row counts. A request arriving while
+the model is idle is scored at once; while a call runs, the next batch forms behind it. The
+collector waits up to ``wait_s`` for more only while ``pending()`` says requests for this model
+are still being parsed: a lone request never waits.
+
+A failing batch is re-scored one request at a time (each request at most once more), so a bad row
+fails its own request only; an output whose length is not the batch's row count turns batching
+off for the model (rows are evidently not independent) and its requests are scored alone.
+The index a client sent (``dataframe_split``'s ``index``) is what the model sees for its rows.
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Predict = Callable[[pd.DataFrame], Any]
+Predict = Callable[[Any, "dict[str, Any] | None"], Any]
 Runner = Callable[[Callable[[], Any]], Awaitable[Any]]
 BatchObserver = Callable[[int], None]
+KeyOf = Callable[[pd.DataFrame], Hashable]
 
 
 @dataclass(frozen=True)
@@ -58,31 +66,44 @@ async def _in_thread(fn: Callable[[], T]) -> T:
     return await asyncio.to_thread(fn)
 
 
-def frame_key(frame: pd.DataFrame) -> Hashable:
+def columns_key(frame: pd.DataFrame) -> Hashable:
+    """Enough when the signature fixes every column's dtype (see ``ModelKind.fixed_dtypes``)."""
+    return tuple(frame.columns)
+
+
+def dtypes_key(frame: pd.DataFrame) -> Hashable:
     """Frames concatenate without changing any column's dtype only when these are equal."""
     return tuple(frame.columns), tuple(str(dtype) for dtype in frame.dtypes)
 
 
+def _no_pending() -> int:
+    return 0
+
+
 def split_output(output: Any, counts: list[int]) -> list[Any] | None:
-    """``output`` cut into consecutive pieces of ``counts`` rows, or None if not one per row."""
+    """``output`` cut into consecutive pieces of ``counts`` rows, or None if not one per row.
+
+    A frame or series output keeps the index the model gave each row, except a fresh
+    ``RangeIndex`` over the whole batch, which restarts at 0 per piece as it would alone.
+    """
     total = sum(counts)
+    bounds = np.cumsum([0, *counts]).tolist()
     if isinstance(output, pd.DataFrame | pd.Series):
         if len(output) != total:
             return None
-        output = output.reset_index(drop=True)
-        bounds = np.cumsum([0, *counts]).tolist()
-        return [output.iloc[a:b].reset_index(drop=True) for a, b in itertools.pairwise(bounds)]
+        fresh = isinstance(output.index, pd.RangeIndex) and output.index.start == 0
+        pieces = [output.iloc[a:b] for a, b in itertools.pairwise(bounds)]
+        return [p.reset_index(drop=True) for p in pieces] if fresh else pieces
     if isinstance(output, np.ndarray):
         if output.ndim == 0 or output.shape[0] != total:
             return None
     elif not isinstance(output, list) or len(output) != total:
         return None
-    bounds = np.cumsum([0, *counts]).tolist()
     return [output[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 class MicroBatcher:
-    """Combines concurrent ``submit`` calls for one model into shared ``predict`` calls."""
+    """Scores one model's requests, combining concurrent small ones into shared calls."""
 
     def __init__(
         self,
@@ -91,6 +112,9 @@ class MicroBatcher:
         max_rows: int,
         wait_s: float,
         run: Runner = _in_thread,
+        enabled: bool = True,
+        key: KeyOf = dtypes_key,
+        pending: Callable[[], int] = _no_pending,
         on_batch: BatchObserver | None = None,
         name: str = "model",
     ) -> None:
@@ -100,39 +124,39 @@ class MicroBatcher:
         self._max_rows = max_rows
         self._wait_s = max(0.0, wait_s)
         self._run = run
+        self._key = key
+        self._pending = pending
         self._on_batch = on_batch
         self._name = name
         self._queue: list[_Item] = []
         self._collector: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
-        self.batchable = True
-        self.expected = 0  # announced requests that have not submitted (or withdrawn) yet
-        self.active = 0  # requests for this model anywhere in the router (callers count them)
+        self.enabled = enabled and max_rows > 1
 
-    # -- the requests' side ---------------------------------------------------------------------
-    def expect(self) -> None:
-        """A request will probably submit soon: a batch may wait (briefly) to include it."""
-        self.expected += 1
-
-    def withdraw(self) -> None:
-        """An announced request will not submit after all (bad input, scored alone)."""
-        self.expected = max(0, self.expected - 1)
-        self._poke()
-
-    async def submit(self, frame: pd.DataFrame, *, expected: bool = False) -> BatchScore:
-        """Score ``frame`` (possibly with others); raises what ``predict`` raised for it alone.
-
-        ``expected=True`` when this request announced itself with :meth:`expect`.
-        """
+    # -- the one call ---------------------------------------------------------------------------
+    async def predict(self, data: Any, params: dict[str, Any] | None = None) -> BatchScore:
+        """Score ``data``, with concurrent requests where that is safe; raises what ``predict``
+        raised for this request's rows (alone)."""
+        if (
+            not self.enabled
+            or params
+            or not isinstance(data, pd.DataFrame)
+            or len(data) >= self._max_rows
+        ):
+            output, latency_s = await self._run(lambda: self._timed(data, params))
+            self._observe(_rows(data))
+            return BatchScore(output, latency_s, _rows(data))
         loop = asyncio.get_running_loop()
-        if expected:
-            self.expected = max(0, self.expected - 1)
-        item = _Item(frame, frame_key(frame), loop.create_future())
+        item = _Item(data, self._key(data), loop.create_future())
         self._queue.append(item)
         self._poke()
         if self._collector is None:
             self._collector = loop.create_task(self._collect(), name=f"batcher-{self._name}")
         return await item.future
+
+    def poke(self) -> None:
+        """A request for this model stopped being pending without submitting (bad input)."""
+        self._poke()
 
     @property
     def idle(self) -> bool:
@@ -147,10 +171,10 @@ class MicroBatcher:
         return sum(item.rows for item in self._queue)
 
     async def _gather(self) -> None:
-        """Wait for announced requests, at most ``wait_s``, never for a lone one."""
+        """Wait for requests still being parsed, at most ``wait_s``, never for a lone one."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait_s
-        while self.expected > 0 and self._queued_rows() < self._max_rows:
+        while self._pending() > 0 and self._queued_rows() < self._max_rows:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
@@ -205,9 +229,12 @@ class MicroBatcher:
         if len(batch) == 1:
             await self._score_alone(batch[0])
             return
-        frame = pd.concat([item.frame for item in batch], ignore_index=True)
+        frames = [item.frame for item in batch]
+        # Clients' own index labels reach the model; all-default ones make one fresh index.
+        fresh = all(_default_index(f) for f in frames)
+        frame = pd.concat(frames, ignore_index=fresh)
         try:
-            output, latency_s = await self._run(lambda: self._timed(frame))
+            output, latency_s = await self._run(lambda: self._timed(frame, None))
         except Exception as exc:  # noqa: BLE001 - a model may raise anything: isolated per request
             log.info("batch of %d requests failed (%r): scoring them one by one", len(batch), exc)
             await self._score_each(batch)
@@ -220,7 +247,7 @@ class MicroBatcher:
                 _length(output),
                 len(frame),
             )
-            self.batchable = False
+            self.enabled = False
             await self._score_each(batch)
             return
         self._observe(len(frame))
@@ -232,10 +259,10 @@ class MicroBatcher:
             await self._score_alone(item)
 
     async def _score_alone(self, item: _Item) -> None:
-        if item.future.done():  # its request went away
+        if item.future.done():  # its request went away (timed out or disconnected)
             return
         try:
-            output, latency_s = await self._run(lambda: self._timed(item.frame))
+            output, latency_s = await self._run(lambda: self._timed(item.frame, None))
         except Exception as exc:  # noqa: BLE001 - the request's own failure, handed to it
             if not item.future.done():
                 item.future.set_exception(exc)
@@ -243,14 +270,26 @@ class MicroBatcher:
         self._observe(item.rows)
         _settle(item.future, BatchScore(output, latency_s, item.rows))
 
-    def _timed(self, frame: pd.DataFrame) -> tuple[Any, float]:
+    def _timed(self, data: Any, params: dict[str, Any] | None) -> tuple[Any, float]:
         start = time.perf_counter()
-        output = self._predict(frame)
+        output = self._predict(data, params)
         return output, time.perf_counter() - start
 
     def _observe(self, rows: int) -> None:
         if self._on_batch is not None:
             self._on_batch(rows)
+
+
+def _default_index(frame: pd.DataFrame) -> bool:
+    index = frame.index
+    return isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1
+
+
+def _rows(data: Any) -> int:
+    try:
+        return len(data)
+    except TypeError:
+        return 1
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

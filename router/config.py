@@ -46,6 +46,10 @@ class RoutingSettings:
     challenger_weight: float = 0.1
     routing_key_header: str = "X-Routing-Key"
     salt: str = "churn-experiment"
+    # Circuit breaker: this many challenger faults in a row (errors, timeouts, invalid outputs)
+    # stop routing to it; after breaker_cooldown_s one request probes it again.
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -116,14 +120,22 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
-    # Threads scoring at once per worker. Scoring is CPU-bound and holds the GIL: more threads
-    # than cores only stretch each prediction; requests beyond this wait in line instead.
+    # Threads scoring at once per worker and per arm (each arm has its own: a hung challenger
+    # cannot take the champion's). Scoring is CPU-bound and holds the GIL: more threads than
+    # cores only stretch each prediction; requests beyond this wait in line instead. Also the
+    # most hung predict calls that can pile up per arm (a thread cannot be killed).
     predict_threads: int = 4
+    # Per-arm predict timeouts (waiting for a thread included); null: none. A challenger that
+    # times out is answered for by the champion (reason timeout); a champion timeout is a 500.
+    champion_timeout_s: float | None = None
+    challenger_timeout_s: float | None = 2.0
     # Micro-batching: concurrent requests for one model share a predict call of up to this many
     # rows (1 disables it). A batch waits at most batch_wait_ms for requests still being parsed;
     # a lone request never waits.
     batch_max_rows: int = 32
     batch_wait_ms: float = 2.0
+    # Batch custom python_function models too (only when their rows are scored independently).
+    batch_custom_models: bool = False
 
 
 @dataclass(frozen=True)
@@ -249,6 +261,11 @@ def _validate(s: Settings) -> None:
     _require(s.server.predict_threads >= 1, "server.predict_threads", "must be >= 1")
     _require(s.server.batch_max_rows >= 1, "server.batch_max_rows", "must be >= 1")
     _require(s.server.batch_wait_ms >= 0, "server.batch_wait_ms", "must be >= 0")
+    for key in ("champion_timeout_s", "challenger_timeout_s"):
+        timeout = getattr(s.server, key)
+        _require(timeout is None or timeout > 0, f"server.{key}", "must be > 0 or null")
+    _require(s.routing.breaker_failures >= 1, "routing.breaker_failures", "must be >= 1")
+    _require(s.routing.breaker_cooldown_s > 0, "routing.breaker_cooldown_s", "must be > 0")
 
 
 def settings_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Settings:

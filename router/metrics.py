@@ -7,6 +7,7 @@ files and :func:`render` aggregates them with a fresh ``MultiProcessCollector`` 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections import Counter as TallyCounter
@@ -22,6 +23,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as prom_multiprocess
+
+from router.logschema import Reason
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -47,7 +50,14 @@ VALUE_BUCKETS = (*(round(i * 0.05, 2) for i in range(1, 21)), 2.0, 5.0, 10.0, 10
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 ARM_VERSION = ("arm", "model_version")
-FALLBACK_REASONS = ("challenger_error", "shadow_error")
+# Why the champion answered a request assigned to the challenger (logschema.Reason values).
+FALLBACK_REASONS = (
+    Reason.ERROR,
+    Reason.TIMEOUT,
+    Reason.INVALID_OUTPUT,
+    Reason.CIRCUIT_OPEN,
+    Reason.SCHEMA,
+)
 
 
 # prometheus_client's per-process files: <kind>_<pid>.db (values.MultiProcessValue).
@@ -95,7 +105,8 @@ class RouterMetrics:
         r = registry
         self.requests = Counter(
             "router_requests",
-            "Scored requests per arm, model version and outcome status (ok, error, fallback).",
+            "Requests per assigned arm (intent-to-treat) and that arm's model version, by status "
+            "(ok, fallback, error, client_error; skipped for shadow).",
             ["arm", "model_version", "status"],
             registry=r,
         )
@@ -148,7 +159,7 @@ class RouterMetrics:
         )
         self.fallback = Counter(
             "router_fallback",
-            "Requests the champion answered because the challenger failed, by reason.",
+            "Requests assigned to the challenger that the champion answered, by reason.",
             ["reason"],
             registry=r,
         )
@@ -195,10 +206,16 @@ class RouterMetrics:
         )
         self.batch_rows = Histogram(
             "router_batch_rows",
-            "Rows per model call of the micro-batcher (concurrent requests scored together).",
+            "Rows per model call (several when concurrent requests shared a micro-batched call).",
             ["model_version"],
             buckets=BATCH_BUCKETS,
             registry=r,
+        )
+        self.circuit_open = Gauge(
+            "router_challenger_circuit_open",
+            "1 while the challenger's circuit breaker keeps traffic away from it (open, probing).",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_reloads = Counter(
             "router_model_reloads",
@@ -210,7 +227,8 @@ class RouterMetrics:
         # Series that exist from the start, at zero: increase() then sees the first event, and
         # dashboards show an explicit 0 instead of "no data".
         for reason in FALLBACK_REASONS:
-            self.fallback.labels(reason)
+            self.fallback.labels(reason.value)
+        self.circuit_open.set(0)
         for arm in ("champion", "challenger", "shadow"):
             for result in ("ok", "error"):
                 self.model_reloads.labels(arm, result)
@@ -218,7 +236,8 @@ class RouterMetrics:
     def observe_scores(self, arm: str, version: str, scores: Iterable[float]) -> None:
         histogram = self.prediction_value.labels(arm, version)
         for score in scores:
-            histogram.observe(score)
+            if math.isfinite(score):  # one NaN would make the histogram's _sum NaN for good
+                histogram.observe(score)
 
     def count_classes(self, arm: str, version: str, classes: Sequence[str | None]) -> None:
         for name, count in TallyCounter(c for c in classes if c is not None).items():

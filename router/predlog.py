@@ -68,6 +68,7 @@ class PredictionRecord:
     latency_s: float
     status: str
     routing_key_hash: str | None = None
+    reason: str | None = None  # a logschema.Reason for fallback / error / client_error rows
     score: float | None = None
     predicted_class: str | None = None
     output: str | None = None

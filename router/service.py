@@ -1,36 +1,51 @@
-"""The transport-free core: pick the arm, predict, fall back, meter and record.
+"""The transport-free core: assign the arm, take the input for that arm's model, answer, record.
 
 The HTTP layer (``router/app.py``) only parses headers and shapes responses around this.
+
+One request, in order: the arm is assigned first; the body is then checked and cast against *that
+arm's* signature (each model receives its own columns; clients send the union during a schema
+change); the arm's :class:`~router.scoring.ModelScorer` answers. A challenger that cannot answer
+hands the request to the champion, which answers in the challenger's arm (intent-to-treat, status
+``fallback`` with a reason): ``schema`` (the input fits the champion only), ``circuit_open``, or
+one of the challenger's faults (``error``, ``timeout``, ``invalid_output``).
+
+Whose fault is a failure (the rule, precisely):
+
+- The input fits no arm that could answer it: the client's (4xx, ``client_error`` rows, reason
+  ``bad_input``, in the assigned arm).
+- A model refuses the input (:class:`~router.scoring.InputFault`: MLflow's own input errors, or
+  any exception on missing / non-finite values): for the champion, the client's (400, as MLflow
+  answers); for the challenger, the challenger's (reason ``error``) when the champion then answers
+  the same input, the client's when the champion refuses it too.
+- Anything else a model does wrong (:class:`~router.scoring.ModelFault`) is that model's: the
+  champion's is a 500 (``error`` rows with the reason), the challenger's a fallback.
+
+Client errors never count against a model: not in ``status="error"``, not in the breaker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
-import time
 import uuid
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
-import numpy as np
-import pandas as pd
 
 from router.arms import ArmSet, ModelManager
 from router.assignment import assign
-from router.batcher import BatchScore, MicroBatcher
+from router.breaker import BreakerState, CircuitBreaker
 from router.config import Settings
-from router.errors import BadRequest, InvalidInput, NotReady, PredictionFailed
+from router.errors import BadRequest, InvalidInput, NotReady, PredictionFailed, RouterError
 from router.feedback import FeedbackItem, FeedbackResult
-from router.logschema import hash_routing_key
+from router.logschema import Arm, Reason, RowStatus, hash_routing_key
 from router.metrics import RouterMetrics
-from router.models import LoadedModel
-from router.outputs import RowFacts, row_facts, to_jsonable
-from router.payload import ParsedInput, parse_invocation
-from router.predlog import PredictionLog, PredictionRecord
+from router.payload import CONTENT_TYPE_JSON, ParsedInput, parse_invocation
+from router.predlog import PredictionLog
+from router.recording import Recorder, RequestFacts
+from router.scoring import InputFault, ModelFault, ModelScorer, Scored, ScorerOptions
 
 log = logging.getLogger(__name__)
 
@@ -38,40 +53,36 @@ MAX_REQUEST_ID_LENGTH = 128
 # Shadow scoring runs after the response; beyond this many in flight it is skipped (and counted)
 # so a slow challenger can never build an unbounded backlog behind live traffic.
 MAX_SHADOW_IN_FLIGHT = 64
+# JSON bodies up to this size are parsed on the event loop: a thread hop would cost more.
+INLINE_PARSE_MAX_BYTES = 16_384
 
 
 @dataclass(frozen=True)
 class Invocation:
     predictions: Any
-    arm: str
+    arm: str  # the arm whose model answered (the champion on a fallback)
     model_version: str
     request_id: str
 
 
 @dataclass(frozen=True)
-class _Call:
-    """One request as it moves through the core: who asked, which models, what input."""
-
-    arms: ArmSet
-    request_id: str
-    key_hash: str | None
-    body: bytes
+class _Body:
+    data: bytes
     content_type: str | None
-    parsed: ParsedInput | None = None
-
-    def parsed_with(self, parsed: ParsedInput) -> _Call:
-        return dataclasses.replace(self, parsed=parsed, body=b"")
-
-    @property
-    def input(self) -> ParsedInput:
-        assert self.parsed is not None, "parsed before scoring"
-        return self.parsed
 
 
 @dataclass(frozen=True)
-class _Scored:
-    prediction: Any
-    latency_s: float
+class _Scorers:
+    """The scorers of one :class:`ArmSet` (a reload brings new ones)."""
+
+    arms: ArmSet
+    champion: ModelScorer
+    challenger: ModelScorer | None
+
+    @property
+    def shared_input(self) -> bool:
+        """Both arms take the same input: a request parsed for one fits the other."""
+        return self.arms.signatures.same and self.arms.signatures.comparable
 
 
 class RouterService:
@@ -91,11 +102,9 @@ class RouterService:
         self.metrics = metrics
         self.challenger_weight = settings.routing.challenger_weight
         self._rng = rng or random.Random()
+        self._recorder = Recorder(settings.model.name, metrics, prediction_log)
+        self._scorers: _Scorers | None = None
         self._shadow_tasks: set[asyncio.Task[None]] = set()
-        self._shadow_limiter = anyio.CapacityLimiter(1)
-        self._score_limiter = anyio.CapacityLimiter(settings.server.predict_threads)
-        # One micro-batcher per loaded model, keyed by id (the model is kept alive beside it).
-        self._batchers: dict[int, tuple[LoadedModel, MicroBatcher]] = {}
         self.publish_weights()
 
     # -- weights --------------------------------------------------------------------------------
@@ -107,8 +116,79 @@ class RouterService:
 
     def publish_weights(self) -> None:
         weight = 0.0 if self.settings.routing.mode == "shadow" else self.challenger_weight
-        self.metrics.arm_weight.labels("champion").set(1.0 - weight)
-        self.metrics.arm_weight.labels("challenger").set(weight)
+        self.metrics.arm_weight.labels(Arm.CHAMPION.value).set(1.0 - weight)
+        self.metrics.arm_weight.labels(Arm.CHALLENGER.value).set(weight)
+
+    # -- the models' scorers ----------------------------------------------------------------------
+    def _scorers_for(self, arms: ArmSet) -> _Scorers:
+        current = self._scorers
+        if current is not None and current.arms is arms:
+            return current
+        old = (
+            {id(s.model): s for s in (current.champion, current.challenger) if s} if current else {}
+        )
+        champion = old.pop(id(arms.champion), None) or self._new_scorer(arms.champion, Arm.CHAMPION)
+        challenger = None
+        if arms.challenger is not None:
+            challenger = old.pop(id(arms.challenger), None) or self._new_scorer(
+                arms.challenger,
+                Arm.SHADOW if self.settings.routing.mode == "shadow" else Arm.CHALLENGER,
+            )
+        # Retired scorers need no closing: their idle threads retire by themselves, and a call
+        # still in flight on the old models finishes there.
+        self._scorers = _Scorers(arms, champion, challenger)
+        breaker = challenger.breaker if challenger is not None else None
+        self.metrics.circuit_open.set(
+            0 if breaker is None or breaker.state is BreakerState.CLOSED else 1
+        )
+        return self._scorers
+
+    def _new_scorer(self, model: Any, role: Arm) -> ModelScorer:
+        server, routing = self.settings.server, self.settings.routing
+        options = ScorerOptions(
+            threads=server.predict_threads,
+            timeout_s=server.champion_timeout_s
+            if role is Arm.CHAMPION
+            else server.challenger_timeout_s,
+            batch_max_rows=server.batch_max_rows,
+            batch_wait_s=server.batch_wait_ms / 1000.0,
+            batch_custom_models=server.batch_custom_models,
+        )
+        breaker = None
+        if role is not Arm.CHAMPION:
+            breaker = CircuitBreaker(
+                routing.breaker_failures,
+                routing.breaker_cooldown_s,
+                on_change=self._circuit_changed,
+            )
+        return ModelScorer(
+            model,
+            role.value,
+            options,
+            breaker=breaker,
+            on_batch=self.metrics.batch_rows.labels(model.version).observe,
+        )
+
+    def _circuit_changed(self, state: BreakerState) -> None:
+        self.metrics.circuit_open.set(0 if state is BreakerState.CLOSED else 1)
+        log.warning("challenger circuit breaker: %s", state.value)
+
+    def reset_circuit(self) -> None:
+        """An operator's reload: give the challenger another chance now."""
+        scorers = self._scorers
+        if scorers is not None and scorers.challenger and scorers.challenger.breaker:
+            scorers.challenger.breaker.reset()
+
+    def describe(self) -> dict[str, Any]:
+        """Scoring state for ``/experiment``: signature differences and the challenger's breaker."""
+        arms = self.manager.current
+        if arms is None or arms.challenger is None:
+            return {}
+        body: dict[str, Any] = {"signatures": arms.signatures.to_json()}
+        scorers = self._scorers_for(arms)
+        if scorers.challenger is not None and scorers.challenger.breaker is not None:
+            body["challenger_circuit"] = scorers.challenger.breaker.describe()
+        return body
 
     # -- predictions ----------------------------------------------------------------------------
     def _arms(self) -> ArmSet:
@@ -126,238 +206,251 @@ class RouterService:
     ) -> Invocation:
         arms = self._arms()
         request_id = _check_request_id(request_id)
+        salt = self.settings.routing.salt
         shadow = self.settings.routing.mode == "shadow"
         assignment = assign(
             routing_key,
-            self.settings.routing.salt,
+            salt,
             self.challenger_weight,
             arms.challenger is not None and not shadow,
             self._rng,
         )
-        key_hash = (
-            hash_routing_key(self.settings.routing.salt, routing_key) if routing_key else None
+        request = RequestFacts(
+            request_id,
+            hash_routing_key(salt, routing_key) if routing_key else None,
+            arms.experiment_id,
         )
-        call = _Call(arms, request_id, key_hash, body, content_type)
-        arm = assignment.arm
-        batcher = self._batcher(_model_of(arms, arm))
-        if batcher is None:
-            call, invocation = await self._score_in_thread(call, arm)
-        else:
-            # A lone request is scored as without batching (one worker-thread hop, no wait);
-            # under concurrency the parse stays in the worker thread and the model is shared.
-            lone = batcher.active == 0
-            batcher.active += 1
-            try:
-                if lone:
-                    call, invocation = await self._score_in_thread(call, arm)
-                else:
-                    call, invocation = await self._score_batched(call, arm, batcher)
-            finally:
-                batcher.active -= 1
-        if shadow and arms.challenger is not None:
-            self._start_shadow(call, arms.challenger)
+        scorers = self._scorers_for(arms)
+        raw = _Body(body, content_type)
+        if assignment.arm == Arm.CHALLENGER.value and scorers.challenger is not None:
+            return await self._challenger_answers(request, scorers, scorers.challenger, raw)
+        invocation, parsed = await self._champion_answers(request, scorers, raw)
+        if shadow and scorers.challenger is not None:
+            self._start_shadow(request, scorers, scorers.challenger, raw, parsed)
         return invocation
 
-    async def _score_in_thread(self, call: _Call, arm: str) -> tuple[_Call, Invocation]:
-        result: tuple[_Call, Invocation] = await anyio.to_thread.run_sync(
-            self._score_and_record, call, arm, limiter=self._score_limiter
+    async def _champion_answers(
+        self, request: RequestFacts, scorers: _Scorers, raw: _Body
+    ) -> tuple[Invocation, ParsedInput]:
+        champion = scorers.champion
+        parsed = await self._champion_input(request, Arm.CHAMPION, champion, scorers, raw)
+        scored = await self._champion_scores(request, Arm.CHAMPION, champion, champion, parsed)
+        jsonable = self._recorder.answered(
+            request, Arm.CHAMPION, champion.version, champion, scored, parsed.n_rows
         )
-        return result
+        return Invocation(
+            jsonable, Arm.CHAMPION.value, champion.version, request.request_id
+        ), parsed
 
-    def _parse(self, call: _Call) -> _Call:
-        rules = self.settings.validation
-        return call.parsed_with(
-            parse_invocation(
-                call.body,
-                call.content_type,
-                call.arms.champion.input_schema,
-                self.settings.limits.max_rows,
-                extra_columns=rules.extra_columns,
-                casting=rules.casting,
-                non_finite=rules.non_finite,
-                params_schema=call.arms.champion.params_schema,
-            )
-        )
-
-    def _score_and_record(self, call: _Call, arm: str) -> tuple[_Call, Invocation]:
-        """Runs in a worker thread: parsing, predicting and recording never block the loop."""
-        return self._score_parsed(self._parse(call), arm)
-
-    def _score_parsed(self, call: _Call, arm: str) -> tuple[_Call, Invocation]:
-        """One request scored alone (worker thread): predict, fall back, record."""
-        arms = call.arms
-        model = _model_of(arms, arm)
-        try:
-            scored = _predict(model, call.input)
-        except Exception as exc:  # a model may raise anything: judged and re-raised below
-            self._record_failure(call, arm, model)
-            if arm == "champion":
-                raise _champion_error(call.input, model, exc) from exc
-            log.warning("challenger v%s failed, champion answers: %s", model.version, exc)
-            self.metrics.fallback.labels("challenger_error").inc()
-            arm, model = "champion", arms.champion
-            try:
-                scored = _predict(model, call.input)
-            except Exception as champion_exc:  # see above
-                self._record_failure(call, arm, model)
-                raise _champion_error(call.input, model, champion_exc) from champion_exc
-            status = "fallback"
+    async def _challenger_answers(
+        self, request: RequestFacts, scorers: _Scorers, challenger: ModelScorer, raw: _Body
+    ) -> Invocation:
+        """The challenger's answer; else the champion's, in the challenger's arm (fallback)."""
+        breaker = challenger.breaker
+        assert breaker is not None
+        parsed: ParsedInput | None = None
+        refused: InputFault | None = None  # judged once the champion has seen the same input
+        if not breaker.allow():
+            reason = Reason.CIRCUIT_OPEN
         else:
-            status = "ok"
-        jsonable = self._record(call, arm, model, scored, status)
-        return call, Invocation(jsonable, arm, model.version, call.request_id)
-
-    # -- micro-batching -------------------------------------------------------------------------
-    def _batcher(self, model: LoadedModel) -> MicroBatcher | None:
-        """The model's batcher, or None when batching is off or the model is unbatchable."""
-        server = self.settings.server
-        if server.batch_max_rows <= 1:
-            return None
-        entry = self._batchers.get(id(model))
-        if entry is None:
-            batcher = MicroBatcher(
-                lambda frame: _model_output(model, frame),
-                max_rows=server.batch_max_rows,
-                wait_s=server.batch_wait_ms / 1000.0,
-                run=self._run_scoring,
-                on_batch=self.metrics.batch_rows.labels(model.version).observe,
-                name=f"v{model.version}",
-            )
-            batcher.batchable = _is_batchable_model(model)
-            self._prune_batchers()
-            entry = self._batchers[id(model)] = (model, batcher)
-        batcher = entry[1]
-        return batcher if batcher.batchable else None
-
-    def _prune_batchers(self) -> None:
-        """Forget the batchers of models no longer in service (a reload swapped them out)."""
-        arms = self.manager.current
-        live = {id(arms.champion), id(arms.challenger)} if arms else set()
-        for key in [key for key in self._batchers if key not in live]:
-            del self._batchers[key]
-
-    async def _run_scoring(self, fn: Any) -> Any:
-        return await anyio.to_thread.run_sync(fn, limiter=self._score_limiter)
-
-    def _parse_for_batch(self, call: _Call, arm: str) -> tuple[_Call, Invocation | None]:
-        """Worker thread: parse; a request the batcher cannot take is scored alone right here."""
-        call = self._parse(call)
-        parsed = call.input
-        if (
-            isinstance(parsed.data, pd.DataFrame)
-            and not parsed.params
-            and parsed.n_rows < self.settings.server.batch_max_rows
-        ):
-            return call, None
-        return self._score_parsed(call, arm)
-
-    async def _score_batched(
-        self, call: _Call, arm: str, batcher: MicroBatcher
-    ) -> tuple[_Call, Invocation]:
-        """Parse in a worker thread, then share a model call with concurrent requests.
-
-        Fallback, metrics and log rows are exactly those of :meth:`_score_parsed`; the predict
-        latency each request records is the duration of the model call it shared.
-        """
-        batcher.expect()
-        submitted = False
-        try:
-            call, done = await anyio.to_thread.run_sync(
-                self._parse_for_batch, call, arm, limiter=self._score_limiter
-            )
-            if done is not None:
-                return call, done
-            frame = call.input.data
-            assert isinstance(frame, pd.DataFrame)
-            submitted = True
-            model = _model_of(call.arms, arm)
             try:
-                share: BatchScore = await batcher.submit(frame, expected=True)
-            except Exception:  # noqa: BLE001 - the request's own fault (the batcher isolated it)
-                # Score it alone on the ordinary path: the same fallback, metrics and log rows,
-                # for the price of one more failing predict on a path that is already failing.
-                return await anyio.to_thread.run_sync(
-                    self._score_parsed, call, arm, limiter=self._score_limiter
-                )
-            scored = _Scored(share.prediction, share.latency_s)
-            jsonable = self._record(call, arm, model, scored, "ok")
-            return call, Invocation(jsonable, arm, model.version, call.request_id)
-        finally:
-            if not submitted:
-                batcher.withdraw()
-
-    def _record(
-        self, call: _Call, arm: str, model: LoadedModel, scored: _Scored, status: str
-    ) -> Any:
-        """Meter and log one arm's answer; returns the JSON-able predictions."""
-        jsonable = to_jsonable(scored.prediction)
-        facts = row_facts(scored.prediction, jsonable, call.input.n_rows)
-        version = model.version
-        m = self.metrics
-        m.requests.labels(arm, version, status).inc()
-        m.predict_latency.labels(arm, version).observe(scored.latency_s)
-        m.observe_scores(arm, version, (s for s in facts.scores if s is not None))
-        m.count_classes(arm, version, facts.classes)
-        self._enqueue(call, arm, version, status, scored.latency_s, facts)
-        return jsonable
-
-    def _record_failure(self, call: _Call, arm: str, model: LoadedModel) -> None:
-        """A failed arm's rows stay in the log: the error-rate guardrail counts them."""
-        self.metrics.requests.labels(arm, model.version, "error").inc()
-        self._enqueue(call, arm, model.version, "error", 0.0, None)
-
-    def _enqueue(
-        self,
-        call: _Call,
-        arm: str,
-        version: str,
-        status: str,
-        latency_s: float,
-        facts: RowFacts | None,
-    ) -> None:
-        now = time.time()
-        self.prediction_log.enqueue(
-            [
-                PredictionRecord(
-                    request_id=call.request_id,
-                    row_index=i,
-                    arm=arm,
-                    experiment_id=call.arms.experiment_id,
-                    model_name=self.settings.model.name,
-                    model_version=version,
-                    ts=now,
-                    latency_s=latency_s,
-                    status=status,
-                    routing_key_hash=call.key_hash,
-                    score=facts.scores[i] if facts else None,
-                    predicted_class=facts.classes[i] if facts else None,
-                    output=facts.outputs[i] if facts else None,
-                )
-                for i in range(call.input.n_rows)
-            ]
+                parsed = await self._parse(challenger, scorers, raw)
+            except RouterError:
+                breaker.release()
+                reason = Reason.SCHEMA
+            else:
+                try:
+                    scored = await challenger.score(parsed)
+                except InputFault as fault:
+                    refused, reason = fault, Reason.ERROR
+                except ModelFault as fault:
+                    breaker.failure()
+                    reason = fault.reason
+                    log.warning("challenger v%s: %s; champion answers", challenger.version, fault)
+                else:
+                    breaker.success()
+                    jsonable = self._recorder.answered(
+                        request,
+                        Arm.CHALLENGER,
+                        challenger.version,
+                        challenger,
+                        scored,
+                        parsed.n_rows,
+                    )
+                    return Invocation(
+                        jsonable, Arm.CHALLENGER.value, challenger.version, request.request_id
+                    )
+        champion = scorers.champion
+        if parsed is None or not scorers.shared_input:
+            parsed = await self._champion_input(request, Arm.CHALLENGER, challenger, scorers, raw)
+        try:
+            scored = await self._champion_scores(
+                request, Arm.CHALLENGER, challenger, champion, parsed
+            )
+        except BadRequest:
+            if refused is not None:
+                breaker.release()  # both models refuse this input: the client's fault alone
+            raise
+        except PredictionFailed:
+            if refused is not None:
+                breaker.failure()
+            raise
+        if refused is not None:
+            breaker.failure()
+            log.warning(
+                "challenger v%s refused input the champion took: %s", challenger.version, refused
+            )
+        jsonable = self._recorder.answered(
+            request,
+            Arm.CHALLENGER,
+            challenger.version,
+            champion,
+            scored,
+            parsed.n_rows,
+            RowStatus.FALLBACK,
+            reason,
         )
+        return Invocation(jsonable, Arm.CHAMPION.value, champion.version, request.request_id)
+
+    async def _champion_scores(
+        self,
+        request: RequestFacts,
+        arm: Arm,
+        assigned: ModelScorer,
+        champion: ModelScorer,
+        parsed: ParsedInput,
+    ) -> Scored:
+        """The champion's answer, or the request's error (recorded in ``arm``): the champion
+        refusing the input is a 400, any other champion fault a 500."""
+        try:
+            return await champion.score(parsed)
+        except (InputFault, ModelFault) as fault:
+            client = isinstance(fault, InputFault)
+            self._recorder.failed(
+                request,
+                arm,
+                assigned.version,
+                champion.version,
+                parsed.n_rows,
+                RowStatus.CLIENT_ERROR if client else RowStatus.ERROR,
+                fault.reason if isinstance(fault, ModelFault) else Reason.BAD_INPUT,
+            )
+            if client:
+                message = f"model version {champion.version} cannot score this input: {fault}"
+                raise BadRequest(message) from None
+            log.error("champion v%s failed: %s", champion.version, fault)
+            timeout = isinstance(fault, ModelFault) and fault.reason is Reason.TIMEOUT
+            what = "did not answer in time" if timeout else "failed"
+            raise PredictionFailed(f"model version {champion.version} {what}") from None
+
+    async def _champion_input(
+        self,
+        request: RequestFacts,
+        arm: Arm,
+        assigned: ModelScorer,
+        scorers: _Scorers,
+        raw: _Body,
+    ) -> ParsedInput:
+        """The input for the champion; a client error (recorded in ``arm``) when it does not fit."""
+        try:
+            return await self._parse(scorers.champion, scorers, raw)
+        except RouterError as exc:
+            if exc.status_code < 500:
+                self._recorder.failed(
+                    request,
+                    arm,
+                    assigned.version,
+                    assigned.version,
+                    None,
+                    RowStatus.CLIENT_ERROR,
+                    Reason.BAD_INPUT,
+                )
+            raise
+
+    async def _parse(self, scorer: ModelScorer, scorers: _Scorers, raw: _Body) -> ParsedInput:
+        """Check and cast the body for ``scorer``'s model (its own signature)."""
+        schema, max_rows = scorer.model.input_schema, self.settings.limits.max_rows
+        checks = self.settings.validation
+        rules: dict[str, Any] = {
+            "extra_columns": checks.extra_columns,
+            "casting": checks.casting,
+            "non_finite": checks.non_finite,
+            "params_schema": scorer.model.params_schema,
+        }
+        inline = len(raw.data) <= INLINE_PARSE_MAX_BYTES and (
+            raw.content_type or ""
+        ).lower().startswith(CONTENT_TYPE_JSON)
+        if inline:
+            return parse_invocation(raw.data, raw.content_type, schema, max_rows, **rules)
+        with scorer.arrival():
+            parsed: ParsedInput = await anyio.to_thread.run_sync(
+                lambda: parse_invocation(raw.data, raw.content_type, schema, max_rows, **rules)
+            )
+        return parsed
 
     # -- shadow ---------------------------------------------------------------------------------
-    def _start_shadow(self, call: _Call, model: LoadedModel) -> None:
-        if len(self._shadow_tasks) >= MAX_SHADOW_IN_FLIGHT:
-            self.metrics.requests.labels("shadow", model.version, "skipped").inc()
+    def _start_shadow(
+        self,
+        request: RequestFacts,
+        scorers: _Scorers,
+        shadow: ModelScorer,
+        raw: _Body,
+        champion_input: ParsedInput,
+    ) -> None:
+        breaker = shadow.breaker
+        if len(self._shadow_tasks) >= MAX_SHADOW_IN_FLIGHT or (breaker and not breaker.allow()):
+            self._recorder.skipped(Arm.SHADOW, shadow.version)
             return
-        scoring = anyio.to_thread.run_sync(
-            self._shadow_score, call, model, limiter=self._shadow_limiter
-        )
+        parsed = champion_input if scorers.shared_input else None
+        scoring = self._shadow_score(request, scorers, shadow, raw, parsed, champion_input.n_rows)
         task = asyncio.get_running_loop().create_task(scoring)
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
-    def _shadow_score(self, call: _Call, model: LoadedModel) -> None:
+    async def _shadow_score(
+        self,
+        request: RequestFacts,
+        scorers: _Scorers,
+        shadow: ModelScorer,
+        raw: _Body,
+        parsed: ParsedInput | None,
+        n_rows: int,
+    ) -> None:
+        """The challenger's own view of the input the champion answered; never reaches clients."""
+        breaker = shadow.breaker
+        assert breaker is not None
         try:
-            scored = _predict(model, call.input)
-        except Exception as exc:  # noqa: BLE001 - a shadow fault never reaches clients: counted, logged, recorded
-            log.warning("shadow v%s failed: %s", model.version, exc)
-            self.metrics.fallback.labels("shadow_error").inc()
-            self._record_failure(call, "shadow", model)
+            parsed = parsed or await self._parse(shadow, scorers, raw)
+        except RouterError:
+            breaker.release()
+            self._recorder.failed(
+                request,
+                Arm.SHADOW,
+                shadow.version,
+                shadow.version,
+                n_rows,
+                RowStatus.ERROR,
+                Reason.SCHEMA,
+            )
             return
-        self._record(call, "shadow", model, scored, "ok")
+        try:
+            scored = await shadow.score(parsed)
+        except (InputFault, ModelFault) as fault:  # the champion took this input: the model's
+            breaker.failure()
+            reason = fault.reason if isinstance(fault, ModelFault) else Reason.ERROR
+            log.warning("shadow v%s failed: %s", shadow.version, fault)
+            self._recorder.failed(
+                request,
+                Arm.SHADOW,
+                shadow.version,
+                shadow.version,
+                parsed.n_rows,
+                RowStatus.ERROR,
+                reason,
+            )
+            return
+        breaker.success()
+        self._recorder.answered(request, Arm.SHADOW, shadow.version, shadow, scored, parsed.n_rows)
 
     async def drain(self) -> None:
         """Wait for shadow scoring still in flight (shutdown: everything served gets logged)."""
@@ -386,56 +479,6 @@ class RouterService:
                 error = row.score - numeric
                 m.feedback_abs_error.labels(*labels).inc(abs(error))
                 m.feedback_squared_error.labels(*labels).inc(error * error)
-
-
-def _model_of(arms: ArmSet, arm: str) -> LoadedModel:
-    return arms.challenger if arm == "challenger" and arms.challenger else arms.champion
-
-
-def _predict(model: LoadedModel, parsed: ParsedInput) -> _Scored:
-    start = time.perf_counter()
-    prediction = _model_output(model, parsed.data, parsed.params)
-    return _Scored(prediction, time.perf_counter() - start)
-
-
-def _model_output(model: LoadedModel, data: Any, params: dict[str, Any] | None = None) -> Any:
-    with warnings.catch_warnings():
-        # A model fitted on a DataFrame warns on every numpy call; that is the caller's choice.
-        warnings.filterwarnings("ignore", message="X does not have valid feature names")
-        if params:
-            return model.model.predict(data, params=params)
-        return model.model.predict(data)
-
-
-def _is_batchable_model(model: LoadedModel) -> bool:
-    """Column signatures only (typed DataFrames); ``router_batchable: false`` in the MLmodel's
-    ``metadata`` opts a model out (one whose rows are not scored independently)."""
-    schema = model.input_schema
-    if schema is None or schema.is_tensor_spec() or not schema.has_input_names():
-        return False
-    metadata = getattr(getattr(model.model, "metadata", None), "metadata", None)
-    return not (isinstance(metadata, dict) and metadata.get("router_batchable") is False)
-
-
-def _missing_columns(parsed: ParsedInput) -> list[str]:
-    data = parsed.data
-    if isinstance(data, pd.DataFrame):
-        return [str(c) for c in data.columns[data.isna().any(axis=0).to_numpy()]]
-    if isinstance(data, np.ndarray) and np.issubdtype(data.dtype, np.floating):
-        return ["(tensor)"] if bool(np.isnan(data).any()) else []
-    return []
-
-
-def _champion_error(parsed: ParsedInput, model: LoadedModel, exc: BaseException) -> Exception:
-    """A failure on input with missing values is the input's fault (4xx); otherwise ours (5xx)."""
-    missing = _missing_columns(parsed)
-    if missing:
-        return InvalidInput(
-            f"model version {model.version} cannot score missing values (NaN/null) "
-            f"in column(s): {', '.join(missing)}"
-        )
-    log.error("champion v%s failed: %r", model.version, exc)
-    return PredictionFailed(f"model version {model.version} failed to predict")
 
 
 def _check_request_id(request_id: str | None) -> str:

@@ -73,6 +73,80 @@ class FailingModel(PythonModel):
         raise RuntimeError(self.message)
 
 
+class ColumnsModel(PythonModel):
+    """Answers ``ConstantModel(p)`` only when given exactly ``columns`` (in any order); raises
+    otherwise, so a test sees which view of a request each model received."""
+
+    def __init__(self, columns: list[str], p: float = 0.5) -> None:
+        self.columns = sorted(columns)
+        self.p = p
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
+        got = sorted(map(str, model_input.columns))
+        if got != self.columns:
+            raise AssertionError(f"ColumnsModel got columns {got}, expected {self.columns}")
+        return _constant_proba(len(model_input), self.p)
+
+
+class RequestNormalisedModel(PythonModel):
+    """Scores each row against the mean of its request: rows are NOT scored independently.
+
+    ``p = sigmoid(x - mean(x))`` over ``column`` of the frame it is given, so a one-row request
+    always gets ``[0.5, 0.5]``, and the same row in a shared call with others usually does not.
+    """
+
+    def __init__(self, column: str) -> None:
+        self.column = column
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
+        x = model_input[self.column].to_numpy(dtype=np.float64)
+        p = 1.0 / (1.0 + np.exp(-(x - x.mean())))
+        return np.column_stack([1.0 - p, p])
+
+
+class NaNModel(PythonModel):
+    """Answers ``[nan, nan]`` per row: an output no classifier can give."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
+        return np.full((len(model_input), 2), np.nan)
+
+
+class ExtraRowModel(PythonModel):
+    """Answers one row more than it was given."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
+        return _constant_proba(len(model_input) + 1, 0.5)
+
+
+class BlockingModel(PythonModel):
+    """Blocks every predict until ``<gate_dir>/release`` exists (bounded), creating
+    ``<gate_dir>/started`` first: a hung model whose hang a test controls."""
+
+    def __init__(self, gate_dir: str, p: float = 0.5) -> None:
+        self.gate_dir = gate_dir
+        self.p = p
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
+        gate = Path(self.gate_dir)
+        (gate / "started").touch()
+        deadline = time.monotonic() + 60.0
+        while not (gate / "release").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("BlockingModel: never released")
+            time.sleep(0.01)
+        return _constant_proba(len(model_input), self.p)
+
+
 def register_pyfunc(
     tracking_uri: str,
     name: str,
@@ -84,13 +158,15 @@ def register_pyfunc(
     include_code: bool = False,
     experiment_name: str | None = None,
     artifact_location: str | None = None,
+    metadata: Mapping[str, object] | None = None,
 ) -> str:
     """Log ``python_model`` with a signature built from ``input_example``; return the version.
 
     The signature's inputs are ``input_example``'s columns (pass the demo's ``FEATURES`` frame to
     share the sklearn versions' schema), outputs a ``(-1, 2)`` float64 tensor. ``alias`` is moved
     to the new version. ``include_code`` ships this module as ``code_paths`` so another process
-    can unpickle the model.
+    can unpickle the model. ``metadata`` lands in the MLmodel's ``metadata`` (e.g.
+    ``{"router_batchable": True}``).
     """
     example = input_example.head(5)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -110,6 +186,7 @@ def register_pyfunc(
             registered_model_name=name,
             pip_requirements=PIP_REQUIREMENTS,
             code_paths=[__file__] if include_code else None,
+            metadata=dict(metadata) if metadata else None,
         )
     version = str(info.registered_model_version)
     label_version(client, name, version, tags=tags, alias=alias)

@@ -21,11 +21,11 @@ import pytest
 from experiments.demo_data import FEATURES
 from experiments.train import using_tracking_uri
 from router.app import create_app
-from router.batcher import BatchScore, MicroBatcher, split_output
+from router.batcher import BatchScore, MicroBatcher, dtypes_key, split_output
 from tests.conftest import MlflowRegistry
 from tests.live_router import http_client, query_log, router_settings, wait_ready, wait_until
 from tests.metrics_text import scrape
-from tests.pyfunc_models import FailingModel, register_pyfunc
+from tests.pyfunc_models import FailingModel, RequestNormalisedModel, register_pyfunc
 
 T = TypeVar("T")
 RunningServer = Callable[..., AbstractContextManager[str]]
@@ -40,13 +40,13 @@ class FakeModel:
         self.calls: list[int] = []
         self.shape = shape
 
-    def __call__(self, frame: pd.DataFrame) -> Any:
+    def __call__(self, frame: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
         self.calls.append(len(frame))
         if (frame["x"] < 0).any():
             raise ValueError("negative x")
         values = frame["x"].to_numpy() * 10.0
         if self.shape == "series":
-            return pd.Series(values, name="y")
+            return pd.Series(values, name="y", index=frame.index)
         if self.shape == "frame":
             return pd.DataFrame({"y": values, "z": -values})
         if self.shape == "list":
@@ -60,11 +60,11 @@ async def _inline(fn: Callable[[], Any]) -> Any:
     return fn()
 
 
-def _frame(*xs: float) -> pd.DataFrame:
-    return pd.DataFrame({"x": np.array(xs, dtype=np.float64)})
+def _frame(*xs: float, index: list[Any] | None = None) -> pd.DataFrame:
+    return pd.DataFrame({"x": np.array(xs, dtype=np.float64)}, index=index)
 
 
-def _batcher(model: Callable[[pd.DataFrame], Any], **kw: Any) -> MicroBatcher:
+def _batcher(model: Callable[..., Any], **kw: Any) -> MicroBatcher:
     options: dict[str, Any] = {"max_rows": 32, "wait_s": NEVER_S, "run": _inline}
     options.update(kw)
     return MicroBatcher(model, **options)
@@ -87,28 +87,41 @@ def _as_list(prediction: Any) -> Any:
     return prediction
 
 
+async def _queued(batcher: MicroBatcher, frames: list[pd.DataFrame]) -> list[BatchScore]:
+    """Submit every frame within one loop turn (as concurrent requests arrive)."""
+    return list(await asyncio.gather(*(batcher.predict(f) for f in frames)))
+
+
 @pytest.mark.parametrize("shape", ["array", "proba", "series", "frame", "list"])
-def test_concurrent_requests_share_one_call_and_get_their_own_rows(shape: str) -> None:
+def test_concurrent_requests_share_one_call_and_get_what_they_would_get_alone(shape: str) -> None:
     model = FakeModel(shape)
     frames = [_frame(1.0), _frame(2.0, 3.0), _frame(4.0)]
 
-    async def main() -> list[BatchScore]:
-        batcher = _batcher(model)
-        return list(await asyncio.gather(*(batcher.submit(f) for f in frames)))
-
-    scores = _run(main)
-    assert model.calls == [4]
+    scores = _run(lambda: _queued(_batcher(model), frames))
+    assert model.calls == [4]  # requests queued within one loop turn share one call
     for frame, score in zip(frames, scores, strict=True):
-        assert _as_list(score.prediction) == _as_list(FakeModel(shape)(frame))
-        assert score.batch_rows == 4
+        alone = FakeModel(shape)(frame)
+        assert _as_list(score.prediction) == _as_list(alone)
+        if isinstance(alone, pd.Series | pd.DataFrame):
+            assert score.prediction.index.equals(alone.index)
+
+
+def test_a_client_index_reaches_the_model_and_comes_back_per_request() -> None:
+    model = FakeModel("series")
+    frames = [_frame(1.0), _frame(2.0, index=["a"]), _frame(3.0, 4.0, index=[7, 9])]
+
+    scores = _run(lambda: _queued(_batcher(model), frames))
+    assert model.calls == [4]
+    assert [list(s.prediction.index) for s in scores] == [[0], ["a"], [7, 9]]
+    assert [s.prediction.tolist() for s in scores] == [[10.0], [20.0], [30.0, 40.0]]
 
 
 def test_a_lone_request_is_scored_at_once_even_with_a_long_wait() -> None:
     model = FakeModel()
 
     async def main() -> BatchScore:
-        batcher = _batcher(model)
-        task = asyncio.ensure_future(batcher.submit(_frame(5.0)))
+        batcher = _batcher(model, pending=lambda: 0)
+        task = asyncio.ensure_future(batcher.predict(_frame(5.0)))
         await _spin()
         assert model.calls == [1]  # called within a few loop turns: nothing was waited for
         return await task
@@ -116,20 +129,21 @@ def test_a_lone_request_is_scored_at_once_even_with_a_long_wait() -> None:
     assert _run(main).prediction.tolist() == [50.0]
 
 
-def test_a_batch_waits_for_announced_requests_and_not_after_they_withdraw() -> None:
+def test_a_batch_waits_for_requests_still_being_parsed_and_not_after_they_are_done() -> None:
     model = FakeModel()
+    parsing = [2]
 
     async def main() -> None:
-        batcher = _batcher(model)
-        batcher.expect()
-        batcher.expect()
-        first = asyncio.ensure_future(batcher.submit(_frame(1.0)))
+        batcher = _batcher(model, pending=lambda: parsing[0])
+        first = asyncio.ensure_future(batcher.predict(_frame(1.0)))
         await _spin()
-        assert model.calls == []  # two requests are still being parsed
-        second = asyncio.ensure_future(batcher.submit(_frame(2.0), expected=True))
+        assert model.calls == []  # two requests for this model are still being parsed
+        parsing[0] = 1
+        second = asyncio.ensure_future(batcher.predict(_frame(2.0)))
         await _spin()
-        assert model.calls == []  # one is still announced
-        batcher.withdraw()  # ...and turned out not to come
+        assert model.calls == []  # one still is
+        parsing[0] = 0  # ...and it turned out to be bad input
+        batcher.poke()
         await _spin()
         assert model.calls == [2]
         assert (await first).prediction.tolist() == [10.0]
@@ -142,18 +156,15 @@ def test_a_batch_waits_for_announced_requests_and_not_after_they_withdraw() -> N
 def test_a_full_batch_does_not_wait_and_max_rows_bounds_each_call() -> None:
     model = FakeModel()
     observed: list[int] = []
+    parsing = [10]
 
     async def main() -> None:
-        batcher = _batcher(model, max_rows=2, on_batch=observed.append)
-        for _ in range(10):
-            batcher.expect()  # many more announced: only full batches may go without waiting
-        tasks = [
-            asyncio.ensure_future(batcher.submit(_frame(float(i)), expected=True)) for i in range(5)
-        ]
+        batcher = _batcher(model, max_rows=2, on_batch=observed.append, pending=lambda: parsing[0])
+        tasks = [asyncio.ensure_future(batcher.predict(_frame(float(i)))) for i in range(5)]
         await _spin()
         assert model.calls == [2, 2]  # the fifth waits for company
-        for _ in range(5):
-            batcher.withdraw()
+        parsing[0] = 0
+        batcher.poke()
         results = await asyncio.gather(*tasks)
         assert [r.prediction.tolist() for r in results] == [[float(i * 10)] for i in range(5)]
 
@@ -162,51 +173,81 @@ def test_a_full_batch_does_not_wait_and_max_rows_bounds_each_call() -> None:
     assert observed == [2, 2, 1]
 
 
-def test_a_failing_row_fails_only_its_own_request() -> None:
+def test_what_the_batcher_does_not_take_is_one_call_of_its_own() -> None:
+    model = FakeModel()
+
+    async def main() -> list[BatchScore]:
+        batcher = _batcher(model, max_rows=3)
+        off = _batcher(model, enabled=False)
+        return [
+            *await _queued(batcher, [_frame(1.0), _frame(1.0, 2.0, 3.0), _frame(2.0)]),
+            *await _queued(off, [_frame(1.0), _frame(2.0)]),
+        ]
+
+    _run(main)
+    # a request of max_rows rows goes alone at once; with batching off, every request does
+    assert model.calls == [3, 2, 1, 1]
+
+
+def test_params_are_never_shared_between_requests() -> None:
+    seen: list[Any] = []
+
+    def model(frame: pd.DataFrame, params: dict[str, Any] | None) -> np.ndarray:
+        seen.append((len(frame), params))
+        return frame["x"].to_numpy()
+
+    async def main() -> None:
+        batcher = _batcher(model)
+        await asyncio.gather(
+            batcher.predict(_frame(1.0), {"k": 1}), batcher.predict(_frame(2.0), {"k": 2})
+        )
+
+    _run(main)
+    assert sorted(seen, key=str) == [(1, {"k": 1}), (1, {"k": 2})]
+
+
+def test_a_failing_row_fails_only_its_own_request_and_is_retried_once() -> None:
     model = FakeModel()
 
     async def main() -> list[Any]:
         batcher = _batcher(model)
         frames = [_frame(1.0), _frame(-1.0), _frame(2.0, 3.0)]
         return list(
-            await asyncio.gather(*(batcher.submit(f) for f in frames), return_exceptions=True)
+            await asyncio.gather(*(batcher.predict(f) for f in frames), return_exceptions=True)
         )
 
     good, bad, also_good = _run(main)
-    assert model.calls == [4, 1, 1, 2]  # the batch, then each request alone
+    assert model.calls == [4, 1, 1, 2]  # the batch, then each of its requests once more
     assert isinstance(bad, ValueError)
     assert good.prediction.tolist() == [10.0]
     assert also_good.prediction.tolist() == [20.0, 30.0]
 
 
-def test_an_output_not_one_per_row_falls_back_to_one_call_per_request() -> None:
+def test_an_output_not_one_per_row_turns_batching_off() -> None:
     calls: list[int] = []
 
-    def total(frame: pd.DataFrame) -> np.ndarray:
+    def total(frame: pd.DataFrame, params: Any) -> np.ndarray:
         calls.append(len(frame))
         return np.array([frame["x"].sum()])  # one value per call, whatever the rows
 
     async def main() -> tuple[list[BatchScore], bool]:
         batcher = _batcher(total)
-        scores = await asyncio.gather(batcher.submit(_frame(1.0, 2.0)), batcher.submit(_frame(5)))
-        return list(scores), batcher.batchable
+        scores = await _queued(batcher, [_frame(1.0, 2.0), _frame(5)])
+        return scores, batcher.enabled
 
-    scores, batchable = _run(main)
+    scores, enabled = _run(main)
     assert calls == [3, 2, 1]
     assert [s.prediction.tolist() for s in scores] == [[3.0], [5.0]]
-    assert not batchable  # the service scores this model alone from now on
+    assert not enabled  # this model is scored alone from now on
 
 
-def test_frames_of_different_dtypes_are_not_concatenated() -> None:
+def test_frames_of_different_keys_are_not_concatenated() -> None:
     model = FakeModel()
     as_int = pd.DataFrame({"x": np.array([7], dtype=np.int64)})
 
-    async def main() -> list[BatchScore]:
-        batcher = _batcher(model)
-        submits = [batcher.submit(_frame(1.0)), batcher.submit(as_int), batcher.submit(_frame(2))]
-        return list(await asyncio.gather(*submits))
-
-    scores = _run(main)
+    scores = _run(
+        lambda: _queued(_batcher(model, key=dtypes_key), [_frame(1.0), as_int, _frame(2)])
+    )
     assert model.calls == [2, 1]
     assert [s.prediction.tolist() for s in scores] == [[10.0], [70], [20.0]]
 
@@ -215,13 +256,14 @@ def test_a_request_that_went_away_is_not_scored() -> None:
     model = FakeModel()
 
     async def main() -> None:
-        batcher = _batcher(model)
-        batcher.expect()
-        gone = asyncio.ensure_future(batcher.submit(_frame(1.0)))
-        kept = asyncio.ensure_future(batcher.submit(_frame(2.0)))
+        parsing = [1]
+        batcher = _batcher(model, pending=lambda: parsing[0])
+        gone = asyncio.ensure_future(batcher.predict(_frame(1.0)))
+        kept = asyncio.ensure_future(batcher.predict(_frame(2.0)))
         await _spin()
-        gone.cancel()
-        batcher.withdraw()
+        gone.cancel()  # e.g. its timeout expired
+        parsing[0] = 0
+        batcher.poke()
         assert (await kept).prediction.tolist() == [20.0]
 
     _run(main)
@@ -235,6 +277,7 @@ def test_split_output_refuses_what_is_not_one_row_per_input_row() -> None:
     pieces = split_output(pd.Series([1, 2, 3], index=[7, 8, 9]), [2, 1])
     assert pieces is not None
     assert [p.tolist() for p in pieces] == [[1, 2], [3]]
+    assert [list(p.index) for p in pieces] == [[7, 8], [9]]
 
 
 # --- end to end ------------------------------------------------------------------------------
@@ -303,7 +346,7 @@ def test_concurrent_single_row_requests_are_batched_and_each_gets_its_own_answer
     assert logged == [(a["request_id"], a["arm"], a["model_version"], "ok") for a in answers]
 
 
-def test_a_failing_challenger_in_a_batch_still_falls_back_per_request(
+def test_a_failing_batched_challenger_falls_back_per_request(
     fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
 ) -> None:
     registry = fresh_registry()
@@ -313,11 +356,12 @@ def test_a_failing_challenger_in_a_batch_still_falls_back_per_request(
         FailingModel("challenger exploded"),
         registry.holdout[FEATURES],
         alias="challenger",
+        metadata={"router_batchable": True},  # a custom model opting in
     )
     settings = router_settings(
         registry,
         tmp_path / "predictions.db",
-        routing={"challenger_weight": 1.0},
+        routing={"challenger_weight": 1.0, "breaker_failures": 1000},
         server={"batch_max_rows": 32, "batch_wait_ms": 200},
     )
     champion = registry.versions["champion"]
@@ -335,11 +379,44 @@ def test_a_failing_challenger_in_a_batch_still_falls_back_per_request(
     assert {(r.json()["arm"], r.json()["model_version"]) for r in responses} == {
         ("champion", champion)
     }
-    assert metrics.total("router_requests_total", arm="challenger", status="error") == n
-    assert metrics.total("router_requests_total", arm="champion", status="fallback") == n
+    assert metrics.total("router_fallback_total", reason="error") == n
+    assert metrics.total("router_requests_total", arm="challenger", status="fallback") == n
+    assert metrics.total("router_requests_total", arm="champion") == 0
     rows = query_log(
         f"sqlite:///{tmp_path / 'predictions.db'}",
-        "SELECT arm, model_version, status, count(DISTINCT request_id) FROM predictions "
-        "GROUP BY arm, model_version, status ORDER BY arm",
+        "SELECT arm, model_version, status, reason, count(DISTINCT request_id) FROM predictions "
+        "GROUP BY arm, model_version, status, reason",
     )
-    assert rows == [("challenger", failing, "error", n), ("champion", champion, "fallback", n)]
+    assert rows == [("challenger", champion, "fallback", "error", n)]
+    assert failing != champion
+
+
+def test_a_custom_model_whose_rows_depend_on_each_other_is_not_batched(
+    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+) -> None:
+    registry = fresh_registry()
+    version = register_pyfunc(
+        registry.tracking_uri,
+        registry.model_name,
+        RequestNormalisedModel("monthly_charges"),
+        registry.holdout[FEATURES],
+        alias="champion",
+    )
+    settings = router_settings(
+        registry,
+        tmp_path / "predictions.db",
+        routing={"challenger_weight": 0.0},
+        server={"batch_max_rows": 32, "batch_wait_ms": 200},
+    )
+    features = registry.holdout[FEATURES].head(32).reset_index(drop=True)
+    n = len(features)
+    with running_server(create_app(settings)) as url, http_client(url) as client:
+        wait_ready(client)
+        responses = asyncio.run(_fire(url, [_row_body(features, i) for i in range(n)]))
+        metrics = scrape(client)
+
+    assert [r.status_code for r in responses] == [200] * n
+    assert {r.json()["model_version"] for r in responses} == {version}
+    # Alone, every one-row request is exactly at its own mean: any shared call would differ.
+    assert [r.json()["predictions"] for r in responses] == [[[0.5, 0.5]]] * n
+    assert metrics.total("router_batch_rows_sum") == metrics.total("router_batch_rows_count") == n

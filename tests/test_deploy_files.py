@@ -83,6 +83,7 @@ GAUGES = {
     "router_ready": set(),
     "router_prediction_log_pending": set(),
     "router_prediction_log_healthy": set(),
+    "router_challenger_circuit_open": set(),
 }
 TARGET_LABELS = {"job", "instance"}
 
@@ -253,6 +254,7 @@ def test_alerts_cover_the_issue_and_runbooks_exist() -> None:
         "NoChampionReady",
         "ChallengerErrorRateAboveChampion",
         "FallbackSpike",
+        "ChallengerCircuitOpen",
         "PredictLatencySLOBreach",
         "TrafficShareDrift",
         "PredictionLogBacklog",

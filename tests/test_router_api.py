@@ -185,7 +185,7 @@ def _bad_bodies(frame: pd.DataFrame) -> list[tuple[str, bytes, str, int, str]]:
             "monthly_charges",
         ),
         (
-            "NaN the model cannot take",
+            "NaN the model cannot take",  # the model raised on it: 400, as MLflow answers
             js({"dataframe_split": {"columns": columns, "data": nan_row}}),
             "application/json",
             400,

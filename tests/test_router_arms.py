@@ -224,7 +224,7 @@ def test_shadow_mode_answers_from_the_champion_and_logs_the_challenger_as_shadow
     assert shadow["weight"] == 0.0
 
 
-def test_failing_challenger_falls_back_to_the_champion(
+def test_failing_challenger_falls_back_to_the_champion_and_its_circuit_opens(
     fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
 ) -> None:
     registry = fresh_registry()
@@ -235,8 +235,15 @@ def test_failing_challenger_falls_back_to_the_champion(
         registry.holdout[FEATURES],
         alias="challenger",
     )
+    failures = 4
     settings = router_settings(
-        registry, tmp_path / "predictions.db", routing={"challenger_weight": 1.0}
+        registry,
+        tmp_path / "predictions.db",
+        routing={
+            "challenger_weight": 1.0,
+            "breaker_failures": failures,
+            "breaker_cooldown_s": 3600,
+        },
     )
     champion = registry.versions["champion"]
     body = split_body(registry.holdout.head(2))
@@ -250,27 +257,35 @@ def test_failing_challenger_falls_back_to_the_champion(
             assert response.json()["model_version"] == champion
             assert len(response.json()["predictions"]) == 2
         metrics = scrape(client)
+        experiment = client.get("/experiment").json()
 
-    assert metrics.total("router_fallback_total", reason="challenger_error") == n
-    assert metrics.total("router_requests_total", arm="champion", status="fallback") == n
+    # The first `failures` requests tried the challenger; then its circuit opened.
+    assert metrics.total("router_fallback_total", reason="error") == failures
+    assert metrics.total("router_fallback_total", reason="circuit_open") == n - failures
+    assert metrics.total("router_challenger_circuit_open") == 1
+    assert experiment["challenger_circuit"]["state"] == "open"
+    # Intent-to-treat: every request counts once, in its assigned arm, never as the champion's.
     assert (
         metrics.total(
-            "router_requests_total", arm="challenger", model_version=failing, status="error"
+            "router_requests_total", arm="challenger", model_version=failing, status="fallback"
         )
         == n
     )
-    assert metrics.total("router_requests_total", status="ok") == 0
+    assert metrics.total("router_requests_total", arm="champion") == 0
+    assert metrics.total("router_requests_total", status="error") == 0
 
     rows = _rows(
         tmp_path,
-        "SELECT arm, model_version, status, count(*), count(DISTINCT request_id) "
-        "FROM predictions GROUP BY arm, model_version, status ORDER BY arm",
+        "SELECT arm, model_version, status, reason, count(*), count(DISTINCT request_id) "
+        "FROM predictions GROUP BY arm, model_version, status, reason ORDER BY reason",
     )
-    # Two rows per request and arm: the champion's answer, and the challenger's failure.
+    # One row per input row, in the challenger's arm, carrying the champion's served answer.
     assert rows == [
-        ("challenger", failing, "error", 2 * n, n),
-        ("champion", champion, "fallback", 2 * n, n),
+        ("challenger", champion, "fallback", "circuit_open", 2 * (n - failures), n - failures),
+        ("challenger", champion, "fallback", "error", 2 * failures, failures),
     ]
+    scored = _rows(tmp_path, "SELECT count(*) FROM predictions WHERE score IS NULL")
+    assert scored == [(0,)]
 
 
 def test_champion_fault_is_a_500_json_error_and_counted(

@@ -34,37 +34,13 @@ from tests.live_router import (
     wait_until,
 )
 from tests.metrics_text import scrape
-from tests.pyfunc_models import ConstantModel, register_pyfunc
+from tests.pyfunc_models import BlockingModel, ConstantModel, register_pyfunc
 
 RunningServer = Callable[..., AbstractContextManager[str]]
 FreshRegistry = Callable[[], MlflowRegistry]
 
 POLL_S = 0.2
 TOKEN = "t0ken"
-
-
-class GateModel(PythonModel):
-    """Answers ``[0.5, 0.5]`` per row, but only once the test lets it.
-
-    Each ``predict`` creates ``<gate_dir>/started``, then waits (bounded) for
-    ``<gate_dir>/release``: the test knows for certain that a request is in flight, without
-    guessing with sleeps. (``SlowModel`` cannot say when it has started.)
-    """
-
-    def __init__(self, gate_dir: str) -> None:
-        self.gate_dir = gate_dir
-
-    def predict(
-        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
-    ) -> np.ndarray:
-        gate = Path(self.gate_dir)
-        (gate / "started").touch()
-        deadline = time.monotonic() + 60.0
-        while not (gate / "release").exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError("GateModel: never released")
-            time.sleep(0.01)
-        return np.tile(np.array([0.5, 0.5]), (len(model_input), 1))
 
 
 class SlowLoadingModel(PythonModel):
@@ -152,7 +128,7 @@ def test_in_flight_request_finishes_on_the_model_it_started_with(
     gated = register_pyfunc(
         registry.tracking_uri,
         registry.model_name,
-        GateModel(str(gate)),
+        BlockingModel(str(gate)),
         registry.holdout[FEATURES],
         alias="champion",
     )

@@ -1,0 +1,107 @@
+"""What the router may assume about a model from its MLmodel: may its requests share a predict
+call, and may its output hold non-finite numbers. Decided once per loaded model.
+
+Batching is safe only when each row's answer depends on that row alone. That holds for the
+flavors named in :data:`ROW_INDEPENDENT_FLAVORS` (their pyfunc calls the estimator's
+``predict``/``predict_proba`` row-wise); anything else, custom ``python_function`` models in
+particular, is scored one request per call unless it opts in: ``router_batchable: true`` in the
+MLmodel's ``metadata`` (per version, travels with the model) or ``server.batch_custom_models``
+(every version of the served model). ``router_batchable: false`` opts any model out.
+
+Outputs: a non-finite number (NaN, ±inf) in a numeric output is an invalid output, as no
+classifier probability or label can be one, unless the MLmodel's ``metadata`` says
+``router_nonfinite_output: true`` (a regressor that may answer NaN on purpose).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.types import DataType
+
+#: pyfunc loader modules whose rows are scored independently (batched by default).
+ROW_INDEPENDENT_FLAVORS: frozenset[str] = frozenset(
+    {"mlflow.sklearn", "mlflow.xgboost", "mlflow.lightgbm", "mlflow.catboost"}
+)
+#: Signature column types a conformed frame always holds in the same dtype: frames of these
+#: concatenate without changing any value, so batches are keyed by column names alone.
+_FIXED_DTYPE_TYPES = frozenset({"double", "float", "long", "integer", "boolean"})
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    loader_module: str | None
+    batchable: bool
+    nonfinite_output: bool
+    fixed_dtypes: bool  # every signature column has one dtype after conforming
+
+
+def model_kind(pyfunc_model: Any, input_schema: Any, *, batch_custom_models: bool) -> ModelKind:
+    """The facts above for one loaded pyfunc model (``input_schema``: its signature's inputs)."""
+    meta = getattr(pyfunc_model, "metadata", None)
+    flavors = getattr(meta, "flavors", None) or {}
+    loader = (flavors.get("python_function") or {}).get("loader_module")
+    extra = getattr(meta, "metadata", None)
+    extra = extra if isinstance(extra, dict) else {}
+    named = (
+        input_schema is not None
+        and not input_schema.is_tensor_spec()
+        and input_schema.has_input_names()
+    )
+    opted = extra.get("router_batchable")
+    if not named or opted is False:
+        batchable = False  # only typed column frames are batched (tensors: shapes may differ)
+    elif opted is True or loader in ROW_INDEPENDENT_FLAVORS:
+        batchable = True
+    else:
+        batchable = batch_custom_models
+    fixed = named and all(
+        type_name(spec.type) in _FIXED_DTYPE_TYPES for spec in input_schema.inputs
+    )
+    return ModelKind(loader, batchable, extra.get("router_nonfinite_output") is True, fixed)
+
+
+def type_name(t: Any) -> str:
+    """A signature column type as MLflow spells it (``long``, ``double``, ``Array(string)``)."""
+    return t.name if isinstance(t, DataType) else str(t)
+
+
+def output_problem(output: Any, n_rows: int, *, nonfinite_ok: bool) -> str | None:
+    """Why ``output`` is not a valid answer for ``n_rows`` input rows, or None when it is.
+
+    Row-shaped outputs (arrays, frames, series, lists) must hold exactly one row per input row.
+    Dicts of named outputs and scalars are passed through as MLflow serves them.
+    """
+    rows = isinstance(output, pd.DataFrame | pd.Series | list) or (
+        isinstance(output, np.ndarray) and output.ndim > 0
+    )
+    if rows and len(output) != n_rows:
+        return f"{len(output)} output rows for {n_rows} input rows"
+    if nonfinite_ok:
+        return None
+    if _has_nonfinite(output):
+        return "non-finite value (NaN or infinity) in the output"
+    return None
+
+
+def _has_nonfinite(output: Any) -> bool:
+    if isinstance(output, pd.DataFrame):
+        numeric = output.select_dtypes(include=[np.number])
+        return bool(numeric.size) and not bool(
+            np.isfinite(numeric.to_numpy(dtype=np.float64, na_value=np.nan)).all()
+        )
+    if isinstance(output, pd.Series):
+        output = output.to_numpy()
+    if isinstance(output, list):
+        try:
+            output = np.asarray(output)
+        except ValueError:  # ragged
+            return False
+    if isinstance(output, np.ndarray) and output.dtype.kind in "fc":
+        return not bool(np.isfinite(output).all())
+    if isinstance(output, float | np.floating):
+        return not np.isfinite(output)
+    return False

@@ -1,0 +1,118 @@
+"""What one request leaves behind: its Prometheus counts and its prediction-log rows.
+
+Intent-to-treat (``router/logschema.py``): a request counts once in the arm it was *assigned* to,
+whatever happened to it. ``router_requests_total{arm, model_version, status}`` carries the
+assigned arm and that arm's model version; the log rows carry the assigned arm and the answer
+actually served (the champion's version, score and class on a fallback row). The histograms of
+model behaviour (predict latency, values, classes) are labelled by the model that answered.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from router.logschema import Arm, Reason, RowStatus
+from router.metrics import RouterMetrics
+from router.outputs import RowFacts, row_facts, to_jsonable
+from router.predlog import PredictionLog, PredictionRecord
+from router.scoring import ModelScorer, Scored
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """Who asked, once per request: the same for every row and arm it leaves."""
+
+    request_id: str
+    key_hash: str | None
+    experiment_id: str
+
+
+class Recorder:
+    """Meters and logs each request's outcome (one call per request and arm)."""
+
+    def __init__(self, model_name: str, metrics: RouterMetrics, prediction_log: PredictionLog):
+        self._model_name = model_name
+        self._metrics = metrics
+        self._log = prediction_log
+
+    def answered(
+        self,
+        request: RequestFacts,
+        arm: Arm,
+        arm_version: str,
+        served_by: ModelScorer,
+        scored: Scored,
+        n_rows: int,
+        status: RowStatus = RowStatus.OK,
+        reason: Reason | None = None,
+    ) -> Any:
+        """A served answer (``ok``, or ``fallback`` with its reason); returns the JSON-able body."""
+        jsonable = to_jsonable(scored.prediction)
+        facts = row_facts(scored.prediction, jsonable, n_rows)
+        m = self._metrics
+        m.requests.labels(arm.value, arm_version, status.value).inc()
+        if reason is not None:
+            m.fallback.labels(reason.value).inc()
+        role, version = served_by.role, served_by.version
+        m.predict_latency.labels(role, version).observe(scored.latency_s)
+        m.observe_scores(role, version, (s for s in facts.scores if s is not None))
+        m.count_classes(role, version, facts.classes)
+        self._rows(request, arm, version, status, reason, scored.latency_s, n_rows, facts)
+        return jsonable
+
+    def failed(
+        self,
+        request: RequestFacts,
+        arm: Arm,
+        arm_version: str,
+        row_version: str,
+        n_rows: int | None,
+        status: RowStatus,
+        reason: Reason,
+    ) -> None:
+        """Nothing served: ``error`` (a model fault) or ``client_error`` (the input's fault).
+
+        ``n_rows`` None: the input never parsed, one row (row_index 0) stands for the request.
+        """
+        self._metrics.requests.labels(arm.value, arm_version, status.value).inc()
+        self._rows(request, arm, row_version, status, reason, 0.0, n_rows or 1, None)
+
+    def skipped(self, arm: Arm, arm_version: str) -> None:
+        """Shadow scoring not attempted (overload, or the challenger's circuit is open)."""
+        self._metrics.requests.labels(arm.value, arm_version, "skipped").inc()
+
+    def _rows(
+        self,
+        request: RequestFacts,
+        arm: Arm,
+        version: str,
+        status: RowStatus,
+        reason: Reason | None,
+        latency_s: float,
+        n_rows: int,
+        facts: RowFacts | None,
+    ) -> None:
+        now = time.time()
+        self._log.enqueue(
+            [
+                PredictionRecord(
+                    request_id=request.request_id,
+                    row_index=i,
+                    arm=arm.value,  # plain str: a database driver may adapt enums by name
+                    experiment_id=request.experiment_id,
+                    model_name=self._model_name,
+                    model_version=version,
+                    ts=now,
+                    latency_s=latency_s,
+                    status=status.value,
+                    routing_key_hash=request.key_hash,
+                    reason=reason.value if reason is not None else None,
+                    score=facts.scores[i] if facts else None,
+                    predicted_class=facts.classes[i] if facts else None,
+                    output=facts.outputs[i] if facts else None,
+                )
+                for i in range(n_rows)
+            ]
+        )

@@ -1,0 +1,134 @@
+"""Scoring parts without a server: each arm's threads, the output check, model kinds, signatures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.models import Model
+from mlflow.types import ColSpec, Schema
+
+from router.bulkhead import Bulkhead
+from router.modelkind import model_kind, output_problem
+from router.signatures import signature_diff
+
+
+def test_hung_calls_hold_at_most_the_bulkheads_threads_and_never_another_arms() -> None:
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def hang() -> str:
+        started.release()
+        release.wait(30)
+        return "late"
+
+    async def main() -> tuple[list[Any], str, int]:
+        challenger, champion = Bulkhead("challenger", 2), Bulkhead("champion", 2)
+        calls = [asyncio.ensure_future(challenger.run(hang)) for _ in range(5)]
+        for _ in range(2):
+            await asyncio.to_thread(started.acquire, timeout=30)
+        # Two threads hang; the other three calls wait for one of them, starting no thread.
+        timed_out = []
+        for call in calls[2:]:
+            try:
+                await asyncio.wait_for(asyncio.shield(call), 0.05)
+            except TimeoutError:
+                timed_out.append(call)
+        threads = challenger.busy
+        answer = await champion.run(lambda: "champion")  # the other arm: untouched
+        release.set()
+        results = await asyncio.gather(*calls)
+        return results, answer, threads + 10 * len(timed_out)
+
+    results, answer, counted = asyncio.run(main())
+    assert answer == "champion"
+    assert results == ["late"] * 5
+    assert counted == 2 + 10 * 3
+
+
+def test_an_abandoned_call_gives_its_thread_back_when_it_returns() -> None:
+    release = threading.Event()
+
+    async def main() -> str:
+        bulkhead = Bulkhead("one", 1)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(bulkhead.run(lambda: release.wait(30)), 0.05)
+        release.set()
+        answer = await bulkhead.run(lambda: "next")  # waits for the slot, then gets it
+        return answer
+
+    assert asyncio.run(main()) == "next"
+
+
+OUTPUT_CASES: list[tuple[str, Any, int, bool, str | None]] = [
+    ("probabilities", np.array([[0.2, 0.8], [0.5, 0.5]]), 2, False, None),
+    ("labels", np.array([1, 0, 1]), 3, False, None),
+    ("a frame", pd.DataFrame({"y": [1.0, 2.0]}), 2, False, None),
+    ("a series with text", pd.Series(["a", "b"]), 2, False, None),
+    ("one row too many", np.zeros((3, 2)), 2, False, "3 output rows for 2 input rows"),
+    ("a list too short", [1.0], 2, False, "1 output rows for 2 input rows"),
+    ("NaN probability", np.array([[np.nan, np.nan]]), 1, False, "non-finite"),
+    ("infinite value", pd.DataFrame({"y": [np.inf], "s": ["x"]}), 1, False, "non-finite"),
+    ("NaN allowed by the model", np.array([np.nan]), 1, True, None),
+    ("named outputs pass", {"a": np.zeros(5)}, 2, False, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "output", "n_rows", "nonfinite_ok", "problem"),
+    OUTPUT_CASES,
+    ids=[c[0] for c in OUTPUT_CASES],
+)
+def test_output_problem(
+    what: str, output: Any, n_rows: int, nonfinite_ok: bool, problem: str | None
+) -> None:
+    found = output_problem(output, n_rows, nonfinite_ok=nonfinite_ok)
+    if problem is None:
+        assert found is None, what
+    else:
+        assert found is not None and problem in found, what
+
+
+class _Pyfunc:
+    def __init__(self, loader: str, metadata: dict[str, Any] | None = None) -> None:
+        self.metadata = Model(metadata=metadata)
+        self.metadata.flavors = {"python_function": {"loader_module": loader}}
+
+
+COLUMNS = Schema([ColSpec("double", "x"), ColSpec("long", "n")])
+TEXT = Schema([ColSpec("double", "x"), ColSpec("string", "s")])
+
+
+@pytest.mark.parametrize(
+    ("loader", "metadata", "schema", "custom", "batchable"),
+    [
+        ("mlflow.sklearn", None, COLUMNS, False, True),
+        ("mlflow.lightgbm", None, TEXT, False, True),
+        ("mlflow.sklearn", {"router_batchable": False}, COLUMNS, False, False),
+        ("mlflow.pyfunc.model", None, COLUMNS, False, False),
+        ("mlflow.pyfunc.model", None, COLUMNS, True, True),
+        ("mlflow.pyfunc.model", {"router_batchable": True}, COLUMNS, False, True),
+        ("mlflow.sklearn", None, None, False, False),  # no signature: never batched
+    ],
+)
+def test_which_models_are_batched(
+    loader: str, metadata: dict[str, Any] | None, schema: Any, custom: bool, batchable: bool
+) -> None:
+    kind = model_kind(_Pyfunc(loader, metadata), schema, batch_custom_models=custom)
+    assert kind.batchable is batchable
+    assert kind.fixed_dtypes is (schema is COLUMNS)
+
+
+def test_signature_diff_names_added_dropped_and_retyped_columns() -> None:
+    champion = Schema([ColSpec("double", "a"), ColSpec("long", "b"), ColSpec("string", "c")])
+    challenger = Schema([ColSpec("double", "a"), ColSpec("double", "b"), ColSpec("long", "d")])
+    diff = signature_diff(champion, challenger)
+    assert (diff.added, diff.dropped, diff.retyped) == (("d",), ("c",), (("b", "long", "double"),))
+    assert not diff.same
+    assert diff.describe() == "challenger adds d; drops c; retypes b (long -> double)"
+    assert signature_diff(champion, champion).same
+    assert not signature_diff(champion, None).comparable
