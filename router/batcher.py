@@ -40,6 +40,7 @@ Predict = Callable[[Any, "dict[str, Any] | None"], Any]
 Runner = Callable[[Callable[[], Any]], Awaitable[Any]]
 BatchObserver = Callable[[int], None]
 KeyOf = Callable[[pd.DataFrame], Hashable]
+Stack = Callable[[list[pd.DataFrame]], Any]
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,18 @@ def _no_pending() -> int:
     return 0
 
 
+def concat_frames(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """One frame of the requests' rows; clients' own index labels reach the model."""
+    fresh = all(_default_index(f) for f in frames)
+    return pd.concat(frames, ignore_index=fresh)
+
+
+def stack_arrays(frames: list[pd.DataFrame]) -> np.ndarray:
+    """The rows as one array, for a model proven to answer an array as it answers the frame
+    (``router.flavors``): what ``concat_frames(frames).to_numpy()`` gives, without the frame."""
+    return np.concatenate([frame.to_numpy() for frame in frames])
+
+
 def split_output(output: Any, counts: list[int]) -> list[Any] | None:
     """``output`` cut into consecutive pieces of ``counts`` rows, or None if not one per row.
 
@@ -114,6 +127,7 @@ class MicroBatcher:
         run: Runner = _in_thread,
         enabled: bool = True,
         key: KeyOf = dtypes_key,
+        stack: Stack = concat_frames,
         pending: Callable[[], int] = _no_pending,
         on_batch: BatchObserver | None = None,
         name: str = "model",
@@ -125,6 +139,7 @@ class MicroBatcher:
         self._wait_s = max(0.0, wait_s)
         self._run = run
         self._key = key
+        self._stack = stack
         self._pending = pending
         self._on_batch = on_batch
         self._name = name
@@ -229,12 +244,10 @@ class MicroBatcher:
         if len(batch) == 1:
             await self._score_alone(batch[0])
             return
-        frames = [item.frame for item in batch]
-        # Clients' own index labels reach the model; all-default ones make one fresh index.
-        fresh = all(_default_index(f) for f in frames)
-        frame = pd.concat(frames, ignore_index=fresh)
+        rows = sum(item.rows for item in batch)
+        data = self._stack([item.frame for item in batch])
         try:
-            output, latency_s = await self._run(lambda: self._timed(frame, None))
+            output, latency_s = await self._run(lambda: self._timed(data, None))
         except Exception as exc:  # noqa: BLE001 - a model may raise anything: isolated per request
             log.info("batch of %d requests failed (%r): scoring them one by one", len(batch), exc)
             await self._score_each(batch)
@@ -245,14 +258,14 @@ class MicroBatcher:
                 "%s: output of length %s for %d input rows: not batchable, scoring requests alone",
                 self._name,
                 _length(output),
-                len(frame),
+                rows,
             )
             self.enabled = False
             await self._score_each(batch)
             return
-        self._observe(len(frame))
+        self._observe(rows)
         for item, piece in zip(batch, pieces, strict=True):
-            _settle(item.future, BatchScore(piece, latency_s, len(frame)))
+            _settle(item.future, BatchScore(piece, latency_s, rows))
 
     async def _score_each(self, batch: list[_Item]) -> None:
         for item in batch:

@@ -1,12 +1,12 @@
 """What the router may assume about a model from its MLmodel: may its requests share a predict
 call, and may its output hold non-finite numbers. Decided once per loaded model.
 
-Batching is safe only when each row's answer depends on that row alone. That holds for the
-flavors named in :data:`ROW_INDEPENDENT_FLAVORS` (their pyfunc calls the estimator's
-``predict``/``predict_proba`` row-wise); anything else, custom ``python_function`` models in
-particular, is scored one request per call unless it opts in: ``router_batchable: true`` in the
-MLmodel's ``metadata`` (per version, travels with the model) or ``server.batch_custom_models``
-(every version of the served model). ``router_batchable: false`` opts any model out.
+Batching is safe only when each row's answer depends on that row alone: the flavors named in
+``router.flavors.INDEPENDENT_ROW_FLAVORS`` (their pyfunc calls the estimator row-wise), or a model
+whose MLmodel ``metadata`` says ``router_batchable: true``. Anything else, custom
+``python_function`` models in particular, is scored one request per call unless
+``server.batch_custom_models`` opts every version of the served model in;
+``router_batchable: false`` opts any model out.
 
 Outputs: a non-finite number (NaN, ±inf) in a numeric output is an invalid output, as no
 classifier probability or label can be one, unless the MLmodel's ``metadata`` says
@@ -22,10 +22,8 @@ import numpy as np
 import pandas as pd
 from mlflow.types import DataType
 
-#: pyfunc loader modules whose rows are scored independently (batched by default).
-ROW_INDEPENDENT_FLAVORS: frozenset[str] = frozenset(
-    {"mlflow.sklearn", "mlflow.xgboost", "mlflow.lightgbm", "mlflow.catboost"}
-)
+from router.flavors import BATCHABLE_KEY
+
 #: Signature column types a conformed frame always holds in the same dtype: frames of these
 #: concatenate without changing any value, so batches are keyed by column names alone.
 _FIXED_DTYPE_TYPES = frozenset({"double", "float", "long", "integer", "boolean"})
@@ -33,35 +31,28 @@ _FIXED_DTYPE_TYPES = frozenset({"double", "float", "long", "integer", "boolean"}
 
 @dataclass(frozen=True)
 class ModelKind:
-    loader_module: str | None
     batchable: bool
     nonfinite_output: bool
     fixed_dtypes: bool  # every signature column has one dtype after conforming
 
 
-def model_kind(pyfunc_model: Any, input_schema: Any, *, batch_custom_models: bool) -> ModelKind:
-    """The facts above for one loaded pyfunc model (``input_schema``: its signature's inputs)."""
-    meta = getattr(pyfunc_model, "metadata", None)
-    flavors = getattr(meta, "flavors", None) or {}
-    loader = (flavors.get("python_function") or {}).get("loader_module")
-    extra = getattr(meta, "metadata", None)
+def model_kind(
+    pyfunc_model: Any, input_schema: Any, *, rows_independent: bool, batch_custom_models: bool
+) -> ModelKind:
+    """The facts above for one loaded pyfunc model (``input_schema``: its signature's inputs;
+    ``rows_independent``: what ``router.flavors`` says of its flavor and metadata)."""
+    extra = getattr(getattr(pyfunc_model, "metadata", None), "metadata", None)
     extra = extra if isinstance(extra, dict) else {}
     named = (
         input_schema is not None
         and not input_schema.is_tensor_spec()
         and input_schema.has_input_names()
     )
-    opted = extra.get("router_batchable")
-    if not named or opted is False:
-        batchable = False  # only typed column frames are batched (tensors: shapes may differ)
-    elif opted is True or loader in ROW_INDEPENDENT_FLAVORS:
-        batchable = True
-    else:
-        batchable = batch_custom_models
-    fixed = named and all(
-        type_name(spec.type) in _FIXED_DTYPE_TYPES for spec in input_schema.inputs
-    )
-    return ModelKind(loader, batchable, extra.get("router_nonfinite_output") is True, fixed)
+    # Only typed column frames are batched (tensors: shapes may differ between requests).
+    opted_out = extra.get(BATCHABLE_KEY) is False
+    batchable = named and not opted_out and (rows_independent or batch_custom_models)
+    fixed = named and all(type_name(s.type) in _FIXED_DTYPE_TYPES for s in input_schema.inputs)
+    return ModelKind(batchable, extra.get("router_nonfinite_output") is True, fixed)
 
 
 def type_name(t: Any) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +26,10 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from router.batcher import MicroBatcher, columns_key, dtypes_key
+from router.batcher import MicroBatcher, columns_key, concat_frames, dtypes_key, stack_arrays
 from router.breaker import CircuitBreaker
 from router.bulkhead import Bulkhead
+from router.flavors import PredictFn, predictor_for
 from router.logschema import Reason
 from router.modelkind import ModelKind, model_kind, output_problem
 from router.models import LoadedModel
@@ -37,9 +37,6 @@ from router.payload import ParsedInput
 
 log = logging.getLogger(__name__)
 
-#: A model's predict as the router calls it: (data, params or None) -> output. The default calls
-#: the pyfunc; a flavor's raw model may be swapped in (``router/flavors.py``).
-PredictFn = Callable[[Any, "dict[str, Any] | None"], Any]
 _CLIENT_ERROR_CODES = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST"})
 
 
@@ -60,20 +57,6 @@ class ModelFault(Exception):
 class Scored:
     prediction: Any
     latency_s: float  # the model call's duration (a batched request: the shared call's)
-
-
-def pyfunc_predict(model: LoadedModel) -> PredictFn:
-    """``model``'s pyfunc ``predict``, quiet about a DataFrame-fitted model called with numpy."""
-    pyfunc = model.model
-
-    def predict(data: Any, params: dict[str, Any] | None) -> Any:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="X does not have valid feature names")
-            if params:
-                return pyfunc.predict(data, params=params)
-            return pyfunc.predict(data)
-
-    return predict
 
 
 @dataclass(frozen=True)
@@ -102,18 +85,24 @@ class ModelScorer:
         self.role = role
         self.timeout_s = options.timeout_s
         self.breaker = breaker
+        predictor = predictor_for(model.model)  # the flavor's own estimator where proven equal
         self.kind: ModelKind = model_kind(
-            model.model, model.input_schema, batch_custom_models=options.batch_custom_models
+            model.model,
+            model.input_schema,
+            rows_independent=predictor.rows_independent,
+            batch_custom_models=options.batch_custom_models,
         )
         self.bulkhead = Bulkhead(f"{role}-v{model.version}", options.threads)
         self.arriving = 0  # requests for this model being parsed: a batch may wait for them
         self.batcher = MicroBatcher(
-            predict or pyfunc_predict(model),
+            predict or predictor.predict,
             max_rows=options.batch_max_rows,
             wait_s=options.batch_wait_s,
             run=self.bulkhead.run,
             enabled=self.kind.batchable,
             key=columns_key if self.kind.fixed_dtypes else dtypes_key,
+            # An array per batch where the model is proven to answer it alike (no DataFrame).
+            stack=stack_arrays if predictor.takes_numpy and predict is None else concat_frames,
             pending=lambda: self.arriving,
             on_batch=on_batch,
             name=f"{role}-v{model.version}",

@@ -160,7 +160,7 @@ def test_a_challenger_that_times_out_trips_its_breaker_which_closes_again_by_its
         registry,
         tmp_path / "predictions.db",
         routing={"challenger_weight": 1.0, "breaker_failures": 2, "breaker_cooldown_s": 0.2},
-        server={"predict_threads": 1, "challenger_timeout_s": 0.2},
+        server={"predict_threads": 1, "challenger_timeout_s": 1.0},
     )
     body = split_body(registry.holdout.head(2))
     with running_server(create_app(settings)) as url, http_client(url) as client:
@@ -190,7 +190,8 @@ def test_a_challenger_that_times_out_trips_its_breaker_which_closes_again_by_its
     assert opened["state"] == "open" and gauge_open == 1
     assert closed["state"] == "closed"
     assert metrics.total("router_challenger_circuit_open") == 0
-    assert metrics.total("router_fallback_total", reason="timeout") == 2
+    # Two for certain (the gate held them); a busy machine may make a probe time out too.
+    assert metrics.total("router_fallback_total", reason="timeout") >= 2
     assert metrics.total("router_fallback_total", reason="circuit_open") >= 1
     rows = _log(
         tmp_path,

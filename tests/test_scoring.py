@@ -94,9 +94,8 @@ def test_output_problem(
 
 
 class _Pyfunc:
-    def __init__(self, loader: str, metadata: dict[str, Any] | None = None) -> None:
+    def __init__(self, metadata: dict[str, Any] | None = None) -> None:
         self.metadata = Model(metadata=metadata)
-        self.metadata.flavors = {"python_function": {"loader_module": loader}}
 
 
 COLUMNS = Schema([ColSpec("double", "x"), ColSpec("long", "n")])
@@ -104,21 +103,22 @@ TEXT = Schema([ColSpec("double", "x"), ColSpec("string", "s")])
 
 
 @pytest.mark.parametrize(
-    ("loader", "metadata", "schema", "custom", "batchable"),
+    ("independent", "metadata", "schema", "custom", "batchable"),
     [
-        ("mlflow.sklearn", None, COLUMNS, False, True),
-        ("mlflow.lightgbm", None, TEXT, False, True),
-        ("mlflow.sklearn", {"router_batchable": False}, COLUMNS, False, False),
-        ("mlflow.pyfunc.model", None, COLUMNS, False, False),
-        ("mlflow.pyfunc.model", None, COLUMNS, True, True),
-        ("mlflow.pyfunc.model", {"router_batchable": True}, COLUMNS, False, True),
-        ("mlflow.sklearn", None, None, False, False),  # no signature: never batched
+        (True, None, COLUMNS, False, True),  # sklearn, xgboost, lightgbm (router.flavors)
+        (True, None, TEXT, False, True),
+        (False, None, COLUMNS, False, False),  # a custom pyfunc
+        (False, None, COLUMNS, True, True),  # ...with server.batch_custom_models
+        (False, {"router_batchable": False}, COLUMNS, True, False),  # opted out all the same
+        (True, None, None, False, False),  # no signature: never batched
     ],
 )
 def test_which_models_are_batched(
-    loader: str, metadata: dict[str, Any] | None, schema: Any, custom: bool, batchable: bool
+    independent: bool, metadata: dict[str, Any] | None, schema: Any, custom: bool, batchable: bool
 ) -> None:
-    kind = model_kind(_Pyfunc(loader, metadata), schema, batch_custom_models=custom)
+    kind = model_kind(
+        _Pyfunc(metadata), schema, rows_independent=independent, batch_custom_models=custom
+    )
     assert kind.batchable is batchable
     assert kind.fixed_dtypes is (schema is COLUMNS)
 
