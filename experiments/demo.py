@@ -116,7 +116,8 @@ class RouterProcess:
         for family in text_string_to_metric_families(self.metrics_text()):
             for sample in family.samples:
                 labels = sample.labels
-                answered = labels.get("status") != "error" and labels.get("arm") != "shadow"
+                served = labels.get("status") in ("ok", "fallback")
+                answered = served and labels.get("arm") != "shadow"
                 if sample.name == "router_requests_total" and answered:
                     total += sample.value
         return int(total)
@@ -181,7 +182,9 @@ def _accumulate(
             if arm not in versions or sample.labels.get("model_version") != versions[arm]:
                 continue
             if sample.name in SUMMED:
-                if sample.labels.get("status") != "fallback":  # answered for a failed challenger
+                # Requests count in their assigned arm (a fallback too); client errors and
+                # skipped shadow scorings were answered by nobody.
+                if sample.labels.get("status") not in ("client_error", "skipped"):
                     summary[arm][SUMMED[sample.name]] += sign * sample.value
             elif sample.name == "router_predict_latency_seconds_bucket":
                 le = float(sample.labels["le"])

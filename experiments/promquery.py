@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from router.logschema import MODEL_FAULTS
+
 
 @dataclass(frozen=True)
 class PrometheusGuardrails:
@@ -28,20 +30,23 @@ class PrometheusGuardrails:
 def queries(arms: Sequence[str], window_s: int) -> dict[str, str]:
     """PromQL for each figure, over ``[window_s]`` ending now, one series per arm.
 
-    Mirrors the router's counting (``router/service.py``): a failed challenger counts
-    ``{arm="challenger",status="error"}`` and its stand-in answer ``{arm="champion",
-    status="fallback"}``; the latter is the challenger's request, so it is left out of the
-    champion's denominator (as are shadow requests ``skipped`` under load).
+    Mirrors the router's counting (``router/recording.py``): a request counts once, in its
+    assigned arm; client errors and skipped shadow scorings are nobody's and left out. An arm's
+    faults are its ``status="error"`` requests plus, for the challenger, its fallbacks whose
+    reason is a model fault (``router_fallback_total`` has no arm label: it is the challenger's).
     """
     selector = f'arm=~"{"|".join(arms)}"'
+    faults = "|".join(sorted(reason.value for reason in MODEL_FAULTS))
     window = f"[{window_s}s]"
     return {
         "requests": (
             "sum by (arm) (increase(router_requests_total"
-            f'{{{selector},status!~"fallback|skipped"}}{window}))'
+            f'{{{selector},status!~"client_error|skipped"}}{window}))'
         ),
         "errors": (
-            f'sum by (arm) (increase(router_requests_total{{{selector},status="error"}}{window}))'
+            f'sum by (arm) (increase(router_requests_total{{{selector},status="error"}}{window})'
+            f' or label_replace(increase(router_fallback_total{{reason=~"{faults}"}}{window}),'
+            ' "arm", "challenger", "", ""))'
         ),
         "latency_p95": (
             "histogram_quantile(0.95, sum by (arm, le) "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,7 @@ class ModelScorer:
         )
         self.bulkhead = Bulkhead(f"{role}-v{model.version}", options.threads)
         self.arriving = 0  # requests for this model being parsed: a batch may wait for them
+        self.fallbacks: Counter[str] = Counter()  # requests of this arm the champion answered
         self.batcher = MicroBatcher(
             predict or predictor.predict,
             max_rows=options.batch_max_rows,

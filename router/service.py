@@ -42,7 +42,7 @@ from router.errors import BadRequest, InvalidInput, NotReady, PredictionFailed, 
 from router.feedback import FeedbackItem, FeedbackResult
 from router.logschema import Arm, Reason, RowStatus, hash_routing_key
 from router.metrics import RouterMetrics
-from router.payload import CONTENT_TYPE_JSON, ParsedInput, parse_invocation
+from router.payload import CONTENT_TYPE_JSON, ParsedInput, RawInput, conform, decode_invocation
 from router.predlog import PredictionLog
 from router.recording import Recorder, RequestFacts
 from router.scoring import InputFault, ModelFault, ModelScorer, Scored, ScorerOptions
@@ -53,8 +53,10 @@ MAX_REQUEST_ID_LENGTH = 128
 # Shadow scoring runs after the response; beyond this many in flight it is skipped (and counted)
 # so a slow challenger can never build an unbounded backlog behind live traffic.
 MAX_SHADOW_IN_FLIGHT = 64
-# JSON bodies up to this size are parsed on the event loop: a thread hop would cost more.
-INLINE_PARSE_MAX_BYTES = 16_384
+# JSON bodies up to this size are decoded, and inputs up to this many rows conformed, on the event
+# loop: a thread hop would cost more than the work.
+INLINE_MAX_BYTES = 16_384
+INLINE_MAX_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -66,18 +68,15 @@ class Invocation:
 
 
 @dataclass(frozen=True)
-class _Body:
-    data: bytes
-    content_type: str | None
-
-
-@dataclass(frozen=True)
 class _Scorers:
     """The scorers of one :class:`ArmSet` (a reload brings new ones)."""
 
     arms: ArmSet
     champion: ModelScorer
     challenger: ModelScorer | None
+    # Both arms' column names when their signatures differ (else None): a column is unknown only
+    # when neither arm takes it.
+    known_columns: frozenset[str] | None = None
 
     @property
     def shared_input(self) -> bool:
@@ -136,7 +135,12 @@ class RouterService:
             )
         # Retired scorers need no closing: their idle threads retire by themselves, and a call
         # still in flight on the old models finishes there.
-        self._scorers = _Scorers(arms, champion, challenger)
+        known = None
+        if arms.challenger is not None and not arms.signatures.same:
+            known = _column_names(arms.champion.input_schema) | _column_names(
+                arms.challenger.input_schema
+            )
+        self._scorers = _Scorers(arms, champion, challenger, known)
         breaker = challenger.breaker if challenger is not None else None
         self.metrics.circuit_open.set(
             0 if breaker is None or breaker.state is BreakerState.CLOSED else 1
@@ -186,8 +190,11 @@ class RouterService:
             return {}
         body: dict[str, Any] = {"signatures": arms.signatures.to_json()}
         scorers = self._scorers_for(arms)
-        if scorers.challenger is not None and scorers.challenger.breaker is not None:
-            body["challenger_circuit"] = scorers.challenger.breaker.describe()
+        challenger = scorers.challenger
+        if challenger is not None and challenger.breaker is not None:
+            body["challenger_circuit"] = challenger.breaker.describe()
+            # This process's count for the version in service (router_fallback_total: all time).
+            body["challenger_fallbacks"] = dict(challenger.fallbacks)
         return body
 
     # -- predictions ----------------------------------------------------------------------------
@@ -221,16 +228,18 @@ class RouterService:
             arms.experiment_id,
         )
         scorers = self._scorers_for(arms)
-        raw = _Body(body, content_type)
-        if assignment.arm == Arm.CHALLENGER.value and scorers.challenger is not None:
-            return await self._challenger_answers(request, scorers, scorers.challenger, raw)
+        challenger = scorers.challenger
+        if assignment.arm == Arm.CHALLENGER.value and challenger is not None:
+            raw = await self._decode(request, Arm.CHALLENGER, challenger, body, content_type)
+            return await self._challenger_answers(request, scorers, challenger, raw)
+        raw = await self._decode(request, Arm.CHAMPION, scorers.champion, body, content_type)
         invocation, parsed = await self._champion_answers(request, scorers, raw)
         if shadow and scorers.challenger is not None:
             self._start_shadow(request, scorers, scorers.challenger, raw, parsed)
         return invocation
 
     async def _champion_answers(
-        self, request: RequestFacts, scorers: _Scorers, raw: _Body
+        self, request: RequestFacts, scorers: _Scorers, raw: RawInput
     ) -> tuple[Invocation, ParsedInput]:
         champion = scorers.champion
         parsed = await self._champion_input(request, Arm.CHAMPION, champion, scorers, raw)
@@ -243,7 +252,7 @@ class RouterService:
         ), parsed
 
     async def _challenger_answers(
-        self, request: RequestFacts, scorers: _Scorers, challenger: ModelScorer, raw: _Body
+        self, request: RequestFacts, scorers: _Scorers, challenger: ModelScorer, raw: RawInput
     ) -> Invocation:
         """The challenger's answer; else the champion's, in the challenger's arm (fallback)."""
         breaker = challenger.breaker
@@ -254,7 +263,7 @@ class RouterService:
             reason = Reason.CIRCUIT_OPEN
         else:
             try:
-                parsed = await self._parse(challenger, scorers, raw)
+                parsed = await self._conform(challenger, scorers, raw)
             except RouterError:
                 breaker.release()
                 reason = Reason.SCHEMA
@@ -310,6 +319,7 @@ class RouterService:
             RowStatus.FALLBACK,
             reason,
         )
+        challenger.fallbacks[reason.value] += 1
         return Invocation(jsonable, Arm.CHAMPION.value, champion.version, request.request_id)
 
     async def _champion_scores(
@@ -349,44 +359,80 @@ class RouterService:
         arm: Arm,
         assigned: ModelScorer,
         scorers: _Scorers,
-        raw: _Body,
+        raw: RawInput,
     ) -> ParsedInput:
         """The input for the champion; a client error (recorded in ``arm``) when it does not fit."""
         try:
-            return await self._parse(scorers.champion, scorers, raw)
+            return await self._conform(scorers.champion, scorers, raw)
         except RouterError as exc:
-            if exc.status_code < 500:
-                self._recorder.failed(
-                    request,
-                    arm,
-                    assigned.version,
-                    assigned.version,
-                    None,
-                    RowStatus.CLIENT_ERROR,
-                    Reason.BAD_INPUT,
-                )
+            self._client_error(request, arm, assigned, raw.n_rows, exc)
             raise
 
-    async def _parse(self, scorer: ModelScorer, scorers: _Scorers, raw: _Body) -> ParsedInput:
-        """Check and cast the body for ``scorer``'s model (its own signature)."""
-        schema, max_rows = scorer.model.input_schema, self.settings.limits.max_rows
+    async def _decode(
+        self,
+        request: RequestFacts,
+        arm: Arm,
+        assigned: ModelScorer,
+        body: bytes,
+        content_type: str | None,
+    ) -> RawInput:
+        """The body decoded once, for every arm; a client error (recorded in ``arm``) if not."""
+        max_rows = self.settings.limits.max_rows
+        try:
+            if len(body) <= INLINE_MAX_BYTES and (content_type or "").lower().startswith(
+                CONTENT_TYPE_JSON
+            ):
+                return decode_invocation(body, content_type, max_rows)
+            with assigned.arrival():
+                raw: RawInput = await anyio.to_thread.run_sync(
+                    decode_invocation, body, content_type, max_rows
+                )
+            return raw
+        except RouterError as exc:
+            self._client_error(request, arm, assigned, None, exc)
+            raise
+
+    async def _conform(self, scorer: ModelScorer, scorers: _Scorers, raw: RawInput) -> ParsedInput:
+        """The decoded input checked and cast for ``scorer``'s model (its own signature)."""
+        schema = scorer.model.input_schema
         checks = self.settings.validation
+        extra = checks.extra_columns
+        if extra == "reject" and scorers.known_columns is not None:
+            # A column only the other arm takes is not unknown during a schema change.
+            _refuse_unknown(raw, scorers.known_columns)
+            extra = "ignore"
         rules: dict[str, Any] = {
-            "extra_columns": checks.extra_columns,
+            "extra_columns": extra,
             "casting": checks.casting,
             "non_finite": checks.non_finite,
             "params_schema": scorer.model.params_schema,
         }
-        inline = len(raw.data) <= INLINE_PARSE_MAX_BYTES and (
-            raw.content_type or ""
-        ).lower().startswith(CONTENT_TYPE_JSON)
-        if inline:
-            return parse_invocation(raw.data, raw.content_type, schema, max_rows, **rules)
+        if raw.n_rows <= INLINE_MAX_ROWS:
+            return conform(raw, schema, **rules)
         with scorer.arrival():
             parsed: ParsedInput = await anyio.to_thread.run_sync(
-                lambda: parse_invocation(raw.data, raw.content_type, schema, max_rows, **rules)
+                lambda: conform(raw, schema, **rules)
             )
         return parsed
+
+    def _client_error(
+        self,
+        request: RequestFacts,
+        arm: Arm,
+        assigned: ModelScorer,
+        n_rows: int | None,
+        exc: RouterError,
+    ) -> None:
+        if exc.status_code < 500:
+            self._recorder.failed(
+                request,
+                arm,
+                assigned.version,
+                assigned.version,
+                n_rows,
+                RowStatus.CLIENT_ERROR,
+                Reason.BAD_INPUT,
+            )
 
     # -- shadow ---------------------------------------------------------------------------------
     def _start_shadow(
@@ -394,7 +440,7 @@ class RouterService:
         request: RequestFacts,
         scorers: _Scorers,
         shadow: ModelScorer,
-        raw: _Body,
+        raw: RawInput,
         champion_input: ParsedInput,
     ) -> None:
         breaker = shadow.breaker
@@ -412,7 +458,7 @@ class RouterService:
         request: RequestFacts,
         scorers: _Scorers,
         shadow: ModelScorer,
-        raw: _Body,
+        raw: RawInput,
         parsed: ParsedInput | None,
         n_rows: int,
     ) -> None:
@@ -420,7 +466,7 @@ class RouterService:
         breaker = shadow.breaker
         assert breaker is not None
         try:
-            parsed = parsed or await self._parse(shadow, scorers, raw)
+            parsed = parsed or await self._conform(shadow, scorers, raw)
         except RouterError:
             breaker.release()
             self._recorder.failed(
@@ -479,6 +525,19 @@ class RouterService:
                 error = row.score - numeric
                 m.feedback_abs_error.labels(*labels).inc(abs(error))
                 m.feedback_squared_error.labels(*labels).inc(error * error)
+
+
+def _column_names(schema: Any) -> frozenset[str]:
+    if schema is None or schema.is_tensor_spec() or not schema.has_input_names():
+        return frozenset()
+    return frozenset(str(name) for name in schema.input_names())
+
+
+def _refuse_unknown(raw: RawInput, known: frozenset[str]) -> None:
+    unknown = [name for name in raw.columns or () if name not in known]
+    if unknown:
+        names = ", ".join(f"'{name}'" for name in unknown)
+        raise InvalidInput(f"unknown column(s) in neither arm's model signature: {names}")
 
 
 def _check_request_id(request_id: str | None) -> str:

@@ -117,6 +117,7 @@ def test_a_challenger_that_adds_a_column_gets_it_and_old_clients_fall_back_on_sc
     assert metrics.total("router_requests_total", arm="challenger", status="fallback") == 4
     assert metrics.total("router_challenger_circuit_open") == 0  # not the challenger's fault
     assert after["challenger_circuit"]["state"] == "closed"
+    assert after["challenger_fallbacks"] == {"schema": 4}
     signatures = experiment["signatures"]
     assert (signatures["added"], signatures["dropped"], signatures["retyped"]) == ([NEW], [], [])
     assert NEW in signatures["summary"]
@@ -164,7 +165,7 @@ def test_a_challenger_that_drops_a_column_never_sees_it_and_takes_requests_witho
     for rid, response in answers.items():
         if rid.startswith("nrrw-cp"):
             # The champion needs the column: the client's fault, named, never a model error.
-            assert response.status_code == 422, response.text
+            assert response.status_code == 400, response.text
             assert DROPPED in response.json()["error"]["message"]
             continue
         assert response.status_code == 200, (rid, response.text)
