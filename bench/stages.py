@@ -33,7 +33,11 @@ STAGE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("router HTTP handler (app.py)", ("router/app.py",)),
     ("router core (service, batcher, assignment)", ("router/service.py", "router/batcher.py")),
     ("router core (service, batcher, assignment)", ("router/assignment.py", "router/arms.py")),
-    ("thread hop (anyio, futures)", ("/anyio/", "/concurrent/futures/")),
+    (
+        "router core (service, batcher, assignment)",
+        ("router/scoring.py", "router/recording.py", "router/breaker.py", "router/modelkind.py"),
+    ),
+    ("thread hop (anyio, futures)", ("/anyio/", "/concurrent/futures/", "router/bulkhead.py")),
     ("parse + input checks (payload.py)", ("router/payload.py",)),
     ("pyfunc wrapper (predict, inspect.signature)", ("mlflow/pyfunc/", "/inspect.py")),
     ("pyfunc schema enforcement", ("mlflow/models/utils.py", "mlflow/types/")),

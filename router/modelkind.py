@@ -8,9 +8,12 @@ whose MLmodel ``metadata`` says ``router_batchable: true``. Anything else, custo
 ``server.batch_custom_models`` opts every version of the served model in;
 ``router_batchable: false`` opts any model out.
 
-Outputs: a non-finite number (NaN, ±inf) in a numeric output is an invalid output, as no
-classifier probability or label can be one, unless the MLmodel's ``metadata`` says
-``router_nonfinite_output: true`` (a regressor that may answer NaN on purpose).
+Outputs: a model whose signature declares its outputs (probabilities, labels, scores: what every
+flavor's ``infer_signature`` records) promises values of a type, and a non-finite number (NaN,
+±inf) in its numeric output is an invalid output, unless the MLmodel's ``metadata`` says
+``router_nonfinite_output: true`` (a regressor that may answer NaN on purpose). A model without an
+output signature is of unknown kind: its output is served as ``mlflow models serve`` serves it
+(an echo of an optional column may well hold NaN); the metrics skip non-finite values either way.
 """
 
 from __future__ import annotations
@@ -52,7 +55,11 @@ def model_kind(
     opted_out = extra.get(BATCHABLE_KEY) is False
     batchable = named and not opted_out and (rows_independent or batch_custom_models)
     fixed = named and all(type_name(s.type) in _FIXED_DTYPE_TYPES for s in input_schema.inputs)
-    return ModelKind(batchable, extra.get("router_nonfinite_output") is True, fixed)
+    meta = getattr(pyfunc_model, "metadata", None)
+    get_outputs = getattr(meta, "get_output_schema", None)
+    declared = callable(get_outputs) and get_outputs() is not None
+    nonfinite = extra.get("router_nonfinite_output") is True or not declared
+    return ModelKind(batchable, nonfinite, fixed)
 
 
 def type_name(t: Any) -> str:
