@@ -28,11 +28,13 @@ from experiments.stats import UnitMoments
 from experiments.sufficient import (
     LATENCY_BASE_S,
     LATENCY_RATIO,
+    NONPOSITIVE_BUCKET,
     ArmData,
     LatencyHistogram,
     LogSummary,
     Mode,
     SeriesSlice,
+    cap_from_histogram,
 )
 from router import logschema
 from router.config import MetricName
@@ -285,23 +287,14 @@ def _metric_cells(conn: Connection, judged: str, keyed: bool, params: dict[str, 
 
 
 def _cap(conn: Connection, judged: str, q: float, params: dict[str, Any]) -> float | None:
-    """The metric's q-quantile over both arms (to 1%: the upper edge of its geometric bucket)."""
-    p = dict(params, lnr=math.log(LATENCY_RATIO), base=LATENCY_BASE_S)
+    """The metric's q-quantile over both arms, from a histogram (``cap_from_histogram``)."""
+    p = dict(params, lnr=math.log(LATENCY_RATIO), base=LATENCY_BASE_S, low=NONPOSITIVE_BUCKET)
     sql = (
-        "SELECT CASE WHEN v <= 0 THEN -1000000 ELSE "
+        "SELECT CASE WHEN v <= 0 THEN :low ELSE "
         "CAST(FLOOR(LN(v / :base) / :lnr) AS INTEGER) END AS b, COUNT(*) AS n "
         f"FROM ({judged}) j WHERE v IS NOT NULL AND arm <> 'diff' GROUP BY b"
     )
-    counts = {int(b): int(n) for b, n in conn.execute(sa.text(sql), p)}
-    total = sum(counts.values())
-    if total == 0:
-        return None
-    rank, seen = max(1, math.ceil(q * total)), 0
-    for b in sorted(counts):
-        seen += counts[b]
-        if seen >= rank:
-            return 0.0 if b == -1000000 else LatencyHistogram.edge(b + 1)
-    return None  # pragma: no cover
+    return cap_from_histogram({int(b): int(n) for b, n in conn.execute(sa.text(sql), p)}, q)
 
 
 def read_summary(

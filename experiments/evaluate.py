@@ -169,8 +169,10 @@ def evaluate(
     Raises :class:`EvaluationError` when the registry or the prediction log cannot be read.
     """
     now = time.time() if now is None else now
-    client = make_client(settings) if client is None else client
-    snapshot = read_aliases(client, settings) if aliases is None else aliases
+    if aliases is None:
+        snapshot = read_aliases(make_client(settings) if client is None else client, settings)
+    else:
+        snapshot = aliases
     name = settings.model.name
     if snapshot.champion is None:
         raise RegistryUnavailable(

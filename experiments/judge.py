@@ -16,6 +16,7 @@ The steps, in the order :func:`judge` takes them:
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 
@@ -354,9 +355,8 @@ def _latency_summary(hist: LatencyHistogram, edges: tuple[float, ...]) -> Latenc
         return LatencySummary(0, None, None)
     counts = [0] * max(len(edges) - 1, 0)
     for b, n in hist.counts.items():
-        mid = math.sqrt(LatencyHistogram.edge(b) * LatencyHistogram.edge(b + 1))
-        i = next((k for k in range(len(counts)) if mid < edges[k + 1]), len(counts) - 1)
-        counts[i] += n
+        mid = LatencyHistogram.edge(b + 0.5)
+        counts[min(bisect.bisect_right(edges, mid) - 1, len(counts) - 1)] += n
     return LatencySummary(
         n=hist.n,
         p50=hist.quantile(0.5),

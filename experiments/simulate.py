@@ -1,296 +1,325 @@
-"""Validate the decision rule by simulation (DESIGN.md, Statistics, point 5).
+"""The decision rule under traffic shaped like real traffic, by simulation (``make simulate``).
 
-An A/A experiment (both arms convert at p) checked at many interim looks must promote the
-challenger in at most α of runs with the confidence sequence; the naive fixed-horizon z-interval
-checked at the same looks promotes far more often. A real 0.10 → 0.11 change at a 90/10 split
-must be found with the stated power at the planned N*.
+Each scenario draws whole experiments row by row: sticky users or independent requests, per-user
+accuracy, failures and fallbacks, delayed outcomes, heavy-tailed losses. At each of ``looks``
+evenly spaced evaluations it builds the same :class:`~experiments.sufficient.LogSummary` the SQL
+aggregation returns (per-unit sums, coverage, faults, latency histograms, the cap) and calls the
+same :func:`experiments.judge.judge` the CLI calls. An experiment "promotes" or "rejects" if any
+look does; A/A scenarios must do either at most α of the time, overall.
 
-The per-look statistics are drawn directly, not per unit: between two looks the challenger gets
-Binomial(Δn, w) of the Δn new units (the router assigns each unit independently with weight w)
-and each arm converts Binomial(units, p) of its own. Cumulative sums over the looks then have
-exactly the distribution of the (n, conversions) sufficient statistics per arm at every look,
-for (experiments × looks) numbers instead of (experiments × units): 2,000 × 50 runs in
-milliseconds. Every seed is fixed, so a run reproduces to the digit.
+Power: champion 0.70, challenger +2/+4/+6 points, promoted by any look up to N*, beside the
+fixed-horizon z-test checked once at N* on the same data (the test a single look is allowed).
 
-    python -m experiments.simulate [--quick] [--seed S] [--experiments N] [--looks K]
+    python -m experiments.simulate [--experiments N] [--looks K] [--seed S]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TypedDict
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy import stats as _sps
 
-from experiments.stats import cs_halfwidth, cs_halfwidth_one_sided, cs_rho_squared
+from experiments import stats
+from experiments.decision import METRIC_SHARE, arm_estimate
+from experiments.judge import AliasSnapshot, judge
+from experiments.sufficient import (
+    NONPOSITIVE_BUCKET,
+    ArmData,
+    LatencyHistogram,
+    LogSummary,
+    cap_from_histogram,
+)
+from router.config import MetricName, Settings, settings_from_mapping
 
-IntArray = NDArray[np.int64]
 FloatArray = NDArray[np.float64]
-BoolArray = NDArray[np.bool_]
+IntArray = NDArray[np.int64]
 
-CONFIG_PLANNED_SAMPLES = 20_000  # experiment.planned_samples default in config.yaml
 DEFAULT_SEED = 20_240_601
-
-
-class TypeOneResult(TypedDict):
-    sequential_promote_rate: float  # share of A/A runs whose CS was wholly above 0 at any look
-    sequential_decision_rate: float  # ... wholly above OR wholly below 0 at any look
-    sequential_one_sided_rate: (
-        float  # non-inferiority bound (one-sided CS at α) above 0 at any look
-    )
-    naive_promote_rate: float
-    naive_decision_rate: float
-    standard_error: float  # √(α(1−α)/n): the binomial SE of a rate equal to α
-    planned_samples: int
-    n_experiments: int
-    looks: int
-    seed: int
-
-
-class PowerResult(TypedDict):
-    sequential_power_any_look: float  # promoted at some look up to N*
-    sequential_power_at_end: float  # promoted when checked once, at N*
-    naive_power_any_look: float
-    naive_power_at_end: float
-    planned_samples: int
-    n_experiments: int
-    looks: int
-    seed: int
+PLANNED = 20_000
+DAY = 86_400.0
+DURATION_S = 14 * DAY  # predictions are spread over two weeks
+WINDOW_S = 7 * DAY  # config.yaml's outcome window
 
 
 @dataclass(frozen=True)
-class _Looks:
-    """Cumulative per-arm counts at each look: arrays of shape (experiments, looks)."""
-
-    n_c: IntArray
-    x_c: IntArray
-    n_t: IntArray
-    x_t: IntArray
-
-
-def look_sizes(max_samples: int, looks: int) -> IntArray:
-    """Total units at each of `looks` evenly spaced interim analyses, the last at max_samples."""
-    if looks < 1 or max_samples < looks:
-        raise ValueError(f"need 1 <= looks <= max_samples, got looks={looks}, {max_samples=}")
-    sizes = np.round(np.arange(1, looks + 1) * (max_samples / looks)).astype(np.int64)
-    return sizes
+class Scenario:
+    name: str
+    champion_accuracy: float = 0.70
+    challenger_accuracy: float = 0.70
+    users: int = 0  # > 0: sticky users (routing keys); else every request its own unit
+    icc: float = 0.0  # intra-user correlation of correctness (per-user accuracy ~ Beta)
+    hardest_fallback: float = 0.0  # the challenger falls back on this share of hardest rows
+    champion_positive_delay_s: float = 0.0
+    metric: MetricName = "accuracy"
+    rows: int = PLANNED  # rows by the last look
+    split: float = 0.1
 
 
-def planned_samples_for_power(
-    p_control: float,
-    p_treatment: float,
-    split: tuple[float, float],
-    alpha: float,
-    power: float = 0.8,
-) -> int:
-    """N* at which a single check at N* promotes with probability `power` (normal approx.).
-
-    At n = N* the CS half-width is m·√(V₁/N*) with m = √((c+1)/c · (2 ln(1/α) + ln(c+1))),
-    c = N*ρ² (a constant of α alone), and V₁ = Σ p(1−p)/w over the arms. Promotion needs the
-    lower bound above 0, so effect = (m + z_power)·√(V₁/N*). Rounded up to a thousand.
-    """
-    effect = p_treatment - p_control
-    if effect <= 0:
-        raise ValueError("planned_samples_for_power needs p_treatment > p_control")
-    c = cs_rho_squared(1, alpha)  # ρ²·N* does not depend on N*
-    m = math.sqrt((c + 1) / c * (2 * math.log(1 / alpha) + math.log(c + 1)))
-    z_power = float(_sps.norm.ppf(power))
-    v1 = p_control * (1 - p_control) / split[0] + p_treatment * (1 - p_treatment) / split[1]
-    n = v1 * ((m + z_power) / effect) ** 2
-    return int(math.ceil(n / 1000.0) * 1000)
+AA_SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("ideal (independent rows, accuracy 0.70)"),
+    Scenario("sticky users, per-user accuracy (ICC 0.09)", users=2_000, icc=0.09),
+    Scenario("accuracy 0.99", champion_accuracy=0.99, challenger_accuracy=0.99),
+    Scenario("accuracy 0.995", champion_accuracy=0.995, challenger_accuracy=0.995),
+    Scenario("challenger falls back on its hardest 0.9%", hardest_fallback=0.009),
+    Scenario(
+        "challenger falls back on its hardest 0.9%, 100k rows",
+        hardest_fallback=0.009,
+        rows=100_000,
+    ),
+    Scenario("champion positives arrive 2 days late", champion_positive_delay_s=2 * DAY),
+    Scenario("heavy-tailed losses (squared t3 residuals)", metric="squared_error"),
+)
+POWER_EFFECTS = (0.02, 0.04, 0.06)
 
 
-def simulate_type_one(
-    n_experiments: int = 2000,
-    looks: int = 50,
-    planned_samples: int = CONFIG_PLANNED_SAMPLES,
-    split: tuple[float, float] = (0.9, 0.1),
-    p: float = 0.10,
-    alpha: float = 0.05,
-    seed: int = DEFAULT_SEED,
-) -> TypeOneResult:
-    """Share of A/A experiments that would ever be promoted when checked at every look.
+@dataclass(frozen=True)
+class Rates:
+    scenario: str
+    experiments: int
+    promote: float
+    reject: float
+    invalid: float
+    fixed_horizon: float | None = None  # power scenarios: the z-test once at N*
 
-    Looks are evenly spaced up to N* total units. "Promote" is the evaluator's rule: the
-    two-sided interval of treatment − control wholly above 0. The sequential rate must stay
-    ≤ α (within simulation error); the naive one grows with the number of looks.
-    """
-    data = _simulate(n_experiments, looks, planned_samples, split, p, p, seed)
-    seq_lo, seq_hi, naive_lo, naive_hi, one_sided_lo = _bounds(data, planned_samples, alpha)
-    return TypeOneResult(
-        sequential_promote_rate=_share_ever(seq_lo > 0),
-        sequential_decision_rate=_share_ever((seq_lo > 0) | (seq_hi < 0)),
-        sequential_one_sided_rate=_share_ever(one_sided_lo > 0),
-        naive_promote_rate=_share_ever(naive_lo > 0),
-        naive_decision_rate=_share_ever((naive_lo > 0) | (naive_hi < 0)),
-        standard_error=math.sqrt(alpha * (1 - alpha) / n_experiments),
-        planned_samples=planned_samples,
-        n_experiments=n_experiments,
-        looks=looks,
-        seed=seed,
+    def se(self, rate: float) -> float:
+        return math.sqrt(max(rate * (1 - rate), 1e-12) / self.experiments)
+
+
+def settings_for(scenario: Scenario, alpha: float = 0.05) -> Settings:
+    return settings_from_mapping(
+        {
+            "model": {"name": "sim"},
+            "routing": {"challenger_weight": scenario.split},
+            "experiment": {
+                "metric": scenario.metric,
+                "alpha": alpha,
+                "planned_samples": PLANNED,
+                "outcome_window_s": WINDOW_S,
+            },
+        },
+        env={},
     )
 
 
-def simulate_power(
-    n_experiments: int = 2000,
-    looks: int = 50,
-    planned_samples: int | None = None,
-    split: tuple[float, float] = (0.9, 0.1),
-    p_control: float = 0.10,
-    p_treatment: float = 0.11,
-    alpha: float = 0.05,
-    seed: int = DEFAULT_SEED + 1,
-) -> PowerResult:
-    """Share of experiments with a real 0.10 → 0.11 change promoted, at any look or at N* only.
+@dataclass(frozen=True)
+class _Experiment:
+    """One simulated log, rows in time order."""
 
-    N* defaults to `planned_samples_for_power(..., power=0.8)` for a single check at N*; the
-    any-look power is higher because an early crossing also counts.
-    """
-    if planned_samples is None:
-        planned_samples = planned_samples_for_power(p_control, p_treatment, split, alpha)
-    data = _simulate(n_experiments, looks, planned_samples, split, p_control, p_treatment, seed)
-    seq_lo, _, naive_lo, _, _ = _bounds(data, planned_samples, alpha)
-    return PowerResult(
-        sequential_power_any_look=_share_ever(seq_lo > 0),
-        sequential_power_at_end=float(np.mean(seq_lo[:, -1] > 0)),
-        naive_power_any_look=_share_ever(naive_lo > 0),
-        naive_power_at_end=float(np.mean(naive_lo[:, -1] > 0)),
-        planned_samples=planned_samples,
-        n_experiments=n_experiments,
-        looks=looks,
-        seed=seed,
+    ts: FloatArray
+    unit: IntArray  # unit index per row
+    n_units: int
+    challenger: NDArray[np.bool_]  # the row's assigned arm
+    value: FloatArray  # the row metric on the answer served
+    arrived: FloatArray  # when its outcome arrived
+    fault: FloatArray  # 1.0: the model failed (a challenger fallback)
+    latency_bucket: IntArray
+
+
+def _draw(s: Scenario, rng: np.random.Generator) -> _Experiment:
+    n = s.rows
+    ts = np.sort(rng.uniform(0.0, DURATION_S, n))
+    if s.users:
+        # Heavy-tailed volumes (a few users send most requests); sticky assignment per user.
+        weights = 1.0 / np.arange(1, s.users + 1) ** 0.7
+        unit = rng.choice(s.users, size=n, p=weights / weights.sum())
+        n_units = s.users
+        to_challenger = rng.random(s.users) < s.split
+        challenger = to_challenger[unit]
+    else:
+        unit = np.arange(n)
+        n_units = n
+        challenger = rng.random(n) < s.split
+    acc = np.where(challenger, s.challenger_accuracy, s.champion_accuracy)
+    if s.icc > 0:
+        # Per-user accuracy ~ Beta with the arm's mean and ICC = 1 / (a + b + 1).
+        k = 1.0 / s.icc - 1.0
+        user_champ = rng.beta(s.champion_accuracy * k, (1 - s.champion_accuracy) * k, n_units)
+        user_chall = rng.beta(s.challenger_accuracy * k, (1 - s.challenger_accuracy) * k, n_units)
+        acc = np.where(challenger, user_chall[unit], user_champ[unit])
+    fault = np.zeros(n)
+    difficulty = rng.random(n)
+    if s.hardest_fallback:
+        # The hardest rows are the ones most often got wrong; the challenger fails on them and
+        # the champion's (equally good, A/A) answer is served: intent-to-treat keeps them.
+        hard = difficulty > 1.0 - s.hardest_fallback
+        acc = np.where(hard, 0.2, (acc - s.hardest_fallback * 0.2) / (1 - s.hardest_fallback))
+        fault = np.where(hard & challenger, 1.0, 0.0)
+    correct = rng.random(n) < acc
+    # Heavy tails: squared t3 residuals have no finite variance until capped.
+    value: FloatArray = np.asarray(
+        rng.standard_t(3, n) ** 2 if s.metric == "squared_error" else correct * 1.0,
+        dtype=np.float64,
     )
+    truth_positive = rng.random(n) < 0.5
+    delay = rng.exponential(600.0, n)
+    if s.champion_positive_delay_s:
+        delay = np.where(~challenger & truth_positive, s.champion_positive_delay_s, delay)
+    latency = rng.lognormal(math.log(0.01), 0.3, n)
+    buckets = np.floor(np.log(latency / 1e-6) / math.log(1.01)).astype(np.int64)
+    return _Experiment(ts, unit, n_units, challenger, value, ts + delay, fault, buckets)
 
 
-def _simulate(
-    n_experiments: int,
-    looks: int,
-    max_samples: int,
-    split: tuple[float, float],
-    p_control: float,
-    p_treatment: float,
-    seed: int,
-) -> _Looks:
-    if not math.isclose(sum(split), 1.0) or min(split) <= 0:
-        raise ValueError(f"split must be two positive weights summing to 1, got {split}")
+def _moments(x: NDArray[Any], y: NDArray[Any], present: NDArray[np.bool_]) -> stats.UnitMoments:
+    return stats.UnitMoments.from_units(x[present], y[present])
+
+
+def summary_at(e: _Experiment, t: float, s: Scenario, cap_quantile: float | None) -> LogSummary:
+    """What the SQL aggregation would return at time ``t``: the same sums, built in numpy."""
+    logged = int(np.searchsorted(e.ts, t, side="right"))
+    matured = int(np.searchsorted(e.ts, t - WINDOW_S, side="right"))
+    counted = e.arrived[:matured] <= e.ts[:matured] + WINDOW_S
+    value = e.value[:matured]
+    cap = None
+    if cap_quantile is not None and counted.any():
+        v = value[counted]
+        b = np.where(v > 0, np.floor(np.log(np.maximum(v, 1e-300) / 1e-6) / math.log(1.01)), 0)
+        b = np.where(v > 0, b, NONPOSITIVE_BUCKET).astype(np.int64)
+        keys, counts = np.unique(b, return_counts=True)
+        cap = cap_from_histogram(
+            dict(zip(keys.tolist(), counts.tolist(), strict=True)), cap_quantile
+        )
+        if cap is not None:
+            value = np.minimum(value, cap)
+    arms = []
+    for is_challenger in (False, True):
+        req = e.challenger[:logged] == is_challenger
+        mat = e.challenger[:matured] == is_challenger
+        units_r = e.unit[:logged][req]
+        units_m = e.unit[:matured][mat]
+        m = e.n_units
+        r_y = np.bincount(units_r, minlength=m).astype(np.float64)
+        r_x = np.bincount(units_r, weights=e.fault[:logged][req], minlength=m)
+        c_y = np.bincount(units_m, minlength=m).astype(np.float64)
+        c_x = np.bincount(units_m, weights=counted[mat].astype(np.float64), minlength=m)
+        m_x = np.bincount(units_m, weights=np.where(counted[mat], value[mat], 0.0), minlength=m)
+        present_r, present_m = r_y > 0, c_y > 0
+        low = int(e.latency_bucket.min())
+        counts = np.bincount(e.latency_bucket[:logged][req] - low)
+        buckets = np.flatnonzero(counts)
+        arms.append(
+            ArmData(
+                requests=int(req.sum()),
+                fallbacks=int(e.fault[:logged][req].sum()),
+                units=int(present_r.sum()),
+                faults=_moments(r_x, r_y, present_r),
+                coverage=_moments(c_x, c_y, present_m),
+                metric=_moments(m_x, c_x, present_m),
+                latency=LatencyHistogram(
+                    dict(zip((buckets + low).tolist(), counts[buckets].tolist(), strict=True))
+                ),
+            )
+        )
+    first = float(e.ts[0]) if logged else None
+    return LogSummary("split", bool(s.users), arms[0], arms[1], first_ts=first, cap=cap)
+
+
+def run(s: Scenario, n_experiments: int, looks: int, seed: int, alpha: float = 0.05) -> Rates:
+    """Share of experiments promoted / rejected / invalid at any look, through ``judge``."""
+    settings = settings_for(s, alpha)
+    exp = settings.experiment
+    cap_q = exp.cap_quantile if s.metric in ("abs_error", "squared_error") else None
+    aliases = AliasSnapshot("1", "2", None)
     rng = np.random.default_rng(seed)
-    increments = np.diff(look_sizes(max_samples, looks), prepend=0)
-    shape = (n_experiments, looks)
-    new_t = rng.binomial(np.broadcast_to(increments, shape), split[1])
-    new_c = increments - new_t
-    conv_c = rng.binomial(new_c, p_control)
-    conv_t = rng.binomial(new_t, p_treatment)
-    return _Looks(
-        n_c=np.cumsum(new_c, axis=1, dtype=np.int64),
-        x_c=np.cumsum(conv_c, axis=1, dtype=np.int64),
-        n_t=np.cumsum(new_t, axis=1, dtype=np.int64),
-        x_t=np.cumsum(conv_t, axis=1, dtype=np.int64),
+    times = WINDOW_S + DURATION_S * np.arange(1, looks + 1) / looks
+    counts = {"promote": 0, "reject": 0, "invalid": 0}
+    fixed = 0
+    z = float(_sps.norm.ppf(1 - alpha / 2))
+    for _ in range(n_experiments):
+        e = _draw(s, rng)
+        seen: set[str] = set()
+        for t in times:
+            ev = judge(settings, aliases, "sim", summary_at(e, float(t), s, cap_q), now=float(t))
+            if ev.decision == "invalid":
+                seen.add("invalid")  # an alarm; the experiment keeps running
+            elif ev.decision != "inconclusive":
+                seen.add(ev.decision)
+                break  # the first promotion or rejection acts
+        for d in seen:
+            counts[d] += 1
+        if s.metric == "accuracy":  # the fixed-horizon z-test, once, on all the data
+            final = summary_at(e, float(times[-1]), s, cap_q)
+            c, t_ = final.champion.metric, final.challenger.metric
+            if min(c.n, t_.n) >= 2:
+                a, b = arm_estimate(c, False), arm_estimate(t_, False)
+                lower = (b.mean - a.mean) - z * math.sqrt(a.mean_variance + b.mean_variance)
+                fixed += lower > 0
+    n = n_experiments
+    return Rates(
+        s.name, n, counts["promote"] / n, counts["reject"] / n, counts["invalid"] / n, fixed / n
     )
 
 
-def _bounds(
-    data: _Looks, planned_samples: int, alpha: float
-) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, FloatArray]:
-    """Sequential, naive and one-sided bounds at every look, the way `stats` computes them.
-
-    Mirrors ArmStats.variance (ddof=1) and `welch_variance`; `cs_halfwidth` itself is the
-    production function. A look where an arm has < 2 units has no variance estimate: its
-    bounds are ±inf, i.e. no decision, as the evaluator (which raises there) would make none.
-    """
-    var_c, ok_c = _sample_variance(data.n_c, data.x_c)
-    var_t, ok_t = _sample_variance(data.n_t, data.x_t)
-    ok = ok_c & ok_t
-    n_c = np.maximum(data.n_c, 1).astype(np.float64)
-    n_t = np.maximum(data.n_t, 1).astype(np.float64)
-    estimate = data.x_t / n_t - data.x_c / n_c
-    variance = var_c / n_c + var_t / n_t
-    n_total = data.n_c + data.n_t
-    seq_hw = cs_halfwidth(variance, n_total, planned_samples, alpha)
-    one_hw = cs_halfwidth_one_sided(variance, n_total, planned_samples, alpha)
-    naive_hw = float(_sps.norm.ppf(1 - alpha / 2)) * np.sqrt(variance)
-
-    def lo(hw: FloatArray) -> FloatArray:
-        return np.where(ok, estimate - hw, -np.inf)
-
-    def hi(hw: FloatArray) -> FloatArray:
-        return np.where(ok, estimate + hw, np.inf)
-
-    return lo(seq_hw), hi(seq_hw), lo(naive_hw), hi(naive_hw), lo(one_hw)
+def power_scenarios() -> tuple[Scenario, ...]:
+    return tuple(
+        Scenario(f"power: 0.70 -> {0.70 + d:.2f}", challenger_accuracy=0.70 + d)
+        for d in POWER_EFFECTS
+    )
 
 
-def _sample_variance(n: IntArray, x: IntArray) -> tuple[FloatArray, BoolArray]:
-    # 0/1 outcomes: sum of squares == sum, so s² = (x − x²/n)/(n − 1).
-    ok = n >= 2
-    nf = np.maximum(n, 2).astype(np.float64)
-    var = np.maximum((x - x.astype(np.float64) ** 2 / nf) / (nf - 1), 0.0)
-    return np.where(ok, var, 0.0), ok
-
-
-def _share_ever(hit: BoolArray) -> float:
-    return float(np.mean(np.any(hit, axis=1)))
-
-
-def markdown_table(rows: Sequence[tuple[TypeOneResult, PowerResult]], alpha: float) -> str:
-    """Rows = sequential / naive for each N*; type-I as rate ± SE, power as any-look / at-N*.
-
-    "Promote" is the evaluator's rule (two-sided interval wholly above 0), whose nominal error at
-    a single look is α/2; "any decision" (wholly above or wholly below 0) is the two-sided error
-    the sequence bounds by α. The one-sided column is `noninferiority_lower_bound` > 0 (error α).
-    """
+def table(aa: Sequence[Rates], power: Sequence[Rates], alpha: float, looks: int) -> str:
     lines = [
-        f"| method | N* | type-I: A/A promote rate ± SE (α = {alpha}) | A/A any decision "
-        "(promote or reject) | A/A one-sided bound > 0 | power 0.10→0.11: any look / at N* | "
-        "experiments | looks | seed (A/A, power) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| A/A scenario (90/10, N* {PLANNED:,}, α {alpha}, {looks} looks, window 7 d) | "
+        "promote ± MC SE | reject ± MC SE | promote or reject | invalid |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for t1, pw in rows:
-        common = f"{t1['n_experiments']:,} | {t1['looks']} | {t1['seed']}, {pw['seed']} |"
-        se = t1["standard_error"]
+    for r in aa:
+        either = r.promote + r.reject
         lines.append(
-            f"| sequential CS | {t1['planned_samples']:,} | "
-            f"{t1['sequential_promote_rate']:.4f} ± {se:.4f} | "
-            f"{t1['sequential_decision_rate']:.4f} | "
-            f"{t1['sequential_one_sided_rate']:.4f} | "
-            f"{pw['sequential_power_any_look']:.3f} / {pw['sequential_power_at_end']:.3f} | "
-            + common
+            f"| {r.scenario} | {r.promote:.4f} ± {r.se(r.promote):.4f} | "
+            f"{r.reject:.4f} ± {r.se(r.reject):.4f} | {either:.4f} ± {r.se(either):.4f} | "
+            f"{r.invalid:.4f} |"
         )
+    lines += [
+        "",
+        f"| power at N* {PLANNED:,} (90/10) | sequential, any look | fixed-horizon z-test once "
+        f"at N* (α {alpha}) |",
+        "|---|---:|---:|",
+    ]
+    for r in power:
         lines.append(
-            f"| naive z every look | {t1['planned_samples']:,} | "
-            f"{t1['naive_promote_rate']:.4f} ± {se:.4f} | "
-            f"{t1['naive_decision_rate']:.4f} | — | "
-            f"{pw['naive_power_any_look']:.3f} / {pw['naive_power_at_end']:.3f} | " + common
+            f"| {r.scenario} | {r.promote:.3f} ± {r.se(r.promote):.3f} | {r.fixed_horizon:.3f} |"
         )
+    lines.append("")
+    lines.append(
+        f"The primary metric spends {METRIC_SHARE:.0%} of α (two-sided), each guardrail 10% "
+        "(one-sided); 'invalid' (validity checks at 0.001) is neither a promotion nor a rejection."
+    )
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.simulate", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="2,000 experiments instead of 20,000")
-    parser.add_argument("--experiments", type=int, default=None)
+    parser.add_argument("--experiments", type=int, default=1000)
     parser.add_argument("--looks", type=int, default=50)
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     args = parser.parse_args(argv)
-    n_exp = args.experiments or (2_000 if args.quick else 20_000)
-    designed = planned_samples_for_power(0.10, 0.11, (0.9, 0.1), args.alpha)
-
-    rows = []
-    for planned in (CONFIG_PLANNED_SAMPLES, designed):
-        t1 = simulate_type_one(n_exp, args.looks, planned, alpha=args.alpha, seed=args.seed)
-        pw = simulate_power(n_exp, args.looks, planned, alpha=args.alpha, seed=args.seed + 1)
-        rows.append((t1, pw))
-    print(markdown_table(rows, args.alpha))
-    print()
+    start = time.monotonic()
+    aa = [
+        run(s, args.experiments, args.looks, args.seed + i, args.alpha)
+        for i, s in enumerate(AA_SCENARIOS)
+    ]
+    power = [
+        run(s, args.experiments, args.looks, args.seed + 100 + i, args.alpha)
+        for i, s in enumerate(power_scenarios())
+    ]
+    print(table(aa, power, args.alpha, args.looks))
     print(
-        f"A/A at p = 0.10, split 90/10, {args.looks} evenly spaced looks up to N*. "
-        f"N* = {designed:,} is planned_samples_for_power(0.10, 0.11, 90/10, α, power 0.8); "
-        f"{CONFIG_PLANNED_SAMPLES:,} is config.yaml's default."
+        f"\n{args.experiments} experiments per scenario, seed {args.seed}, "
+        f"{time.monotonic() - start:.0f} s."
     )
+
+
+def with_rows(s: Scenario, rows: int) -> Scenario:
+    """The scenario at another size (the tests' smaller runs)."""
+    return replace(s, rows=rows)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ whole experiment and the report's confidence sequence is a running sum.
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,22 +32,32 @@ class LatencyHistogram:
 
     counts: Mapping[int, int] = field(default_factory=dict)
 
+    @functools.cached_property
+    def _cumulative(self) -> tuple[list[int], list[int]]:
+        keys = sorted(self.counts)
+        return keys, list(itertools.accumulate(self.counts[k] for k in keys))
+
     @property
     def n(self) -> int:
-        return sum(self.counts.values())
+        cumulative = self._cumulative[1]
+        return cumulative[-1] if cumulative else 0
 
     @staticmethod
-    def edge(bucket: int) -> float:
-        return LATENCY_BASE_S * LATENCY_RATIO**bucket
+    def edge(bucket: float) -> float:
+        return float(LATENCY_BASE_S * LATENCY_RATIO**bucket)
 
     @classmethod
     def from_values(cls, latencies_s: list[float]) -> LatencyHistogram:
         counts: dict[int, int] = {}
         for v in latencies_s:
             if v > 0:
-                b = math.floor(math.log(v / LATENCY_BASE_S) / math.log(LATENCY_RATIO))
+                b = cls.bucket(v)
                 counts[b] = counts.get(b, 0) + 1
         return cls(counts)
+
+    @staticmethod
+    def bucket(value: float) -> int:
+        return math.floor(math.log(value / LATENCY_BASE_S) / math.log(LATENCY_RATIO))
 
     def order_statistic_bounds(self, rank: int) -> tuple[float, float]:
         """The bucket edges around the rank-th smallest latency (1-based): it lies between them."""
@@ -52,12 +65,9 @@ class LatencyHistogram:
             return 0.0, 0.0
         if rank > self.n:
             return math.inf, math.inf
-        seen = 0
-        for b in sorted(self.counts):
-            seen += self.counts[b]
-            if seen >= rank:
-                return self.edge(b), self.edge(b + 1)
-        return math.inf, math.inf  # pragma: no cover - rank <= n always lands in a bucket
+        keys, cumulative = self._cumulative
+        b = keys[bisect.bisect_left(cumulative, rank)]
+        return self.edge(b), self.edge(b + 1)
 
     def quantile(self, q: float) -> float | None:
         """The q-quantile, to bucket resolution (the bucket's geometric middle)."""
@@ -66,6 +76,25 @@ class LatencyHistogram:
             return None
         lo, hi = self.order_statistic_bounds(max(1, math.ceil(q * n)))
         return math.sqrt(lo * hi)
+
+
+#: Bucket of metric values <= 0 in ``cap_from_histogram`` (log buckets need positive values).
+NONPOSITIVE_BUCKET = -1_000_000
+
+
+def cap_from_histogram(counts: Mapping[int, int], q: float) -> float | None:
+    """The cap for winsorising: the upper edge of the geometric bucket holding the q-quantile of
+    both arms' row metric values (within 1% of the exact quantile; the same cap for both arms is
+    what keeps the comparison fair, its exact value is not)."""
+    total = sum(counts.values())
+    if total == 0:
+        return None
+    rank, seen = max(1, math.ceil(q * total)), 0
+    for b in sorted(counts):
+        seen += counts[b]
+        if seen >= rank:
+            return 0.0 if b == NONPOSITIVE_BUCKET else LatencyHistogram.edge(b + 1)
+    return None  # pragma: no cover - rank <= total always lands in a bucket
 
 
 @dataclass(frozen=True)
