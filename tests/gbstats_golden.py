@@ -29,8 +29,14 @@ def cases() -> list[dict[str, object]]:
     out: list[dict[str, object]] = []
     # Proportions: 50/50 and 90/10, small n, rates near 0 and 1.
     for n_c, n_t in ((20, 20), (50, 6), (1000, 1000), (18000, 2000), (90000, 10000)):
-        for p_c, p_t in ((0.5, 0.55), (0.3, 0.3), (0.01, 0.02), (0.001, 0.002), (0.99, 0.995),
-                         (0.999, 0.998)):
+        for p_c, p_t in (
+            (0.5, 0.55),
+            (0.3, 0.3),
+            (0.01, 0.02),
+            (0.001, 0.002),
+            (0.99, 0.995),
+            (0.999, 0.998),
+        ):
             x_c = int(rng.binomial(n_c, p_c))
             x_t = int(rng.binomial(n_t, p_t))
             if x_c in (0, n_c) or x_t in (0, n_t):
@@ -48,15 +54,26 @@ def cases() -> list[dict[str, object]]:
             }
         )
     # User-level ratio metrics: x = correct rows, y = rows per user (heavy-tailed volumes).
-    for users_c, users_t, acc_c, acc_t in ((30, 8, 0.7, 0.72), (1800, 200, 0.7, 0.74),
-                                           (9000, 1000, 0.99, 0.995)):
+    for users_c, users_t, acc_c, acc_t in (
+        (30, 8, 0.7, 0.72),
+        (1800, 200, 0.7, 0.74),
+        (9000, 1000, 0.99, 0.995),
+    ):
         arms = []
         for users, acc in ((users_c, acc_c), (users_t, acc_t)):
             y = rng.zipf(2.0, users).clip(1, 500).astype(float)
             p = rng.beta(acc * 10, (1 - acc) * 10, users)
             x = rng.binomial(y.astype(int), p).astype(float)
-            arms.append([users, float(x.sum()), float((x * x).sum()), float(y.sum()),
-                         float((y * y).sum()), float((x * y).sum())])
+            arms.append(
+                [
+                    users,
+                    float(x.sum()),
+                    float((x * x).sum()),
+                    float(y.sum()),
+                    float((y * y).sum()),
+                    float((x * y).sum()),
+                ]
+            )
         out.append({"kind": "ratio", "control": arms[0], "treatment": arms[1]})
     return out
 
@@ -84,15 +101,21 @@ def main() -> None:
                     statistic(case["kind"], case["control"]),  # type: ignore[arg-type]
                     statistic(case["kind"], case["treatment"]),  # type: ignore[arg-type]
                     SequentialConfig(
-                        alpha=ALPHA, difference_type=difference,
+                        alpha=ALPHA,
+                        difference_type=difference,
                         sequential_tuning_parameter=planned,
                     ),
                 )
                 lower, upper = test.confidence_interval
                 results.append(
-                    {**case, "planned": planned, "difference": difference,
-                     "estimate": float(test.point_estimate), "lower": float(lower),
-                     "upper": float(upper)}
+                    {
+                        **case,
+                        "planned": planned,
+                        "difference": difference,
+                        "estimate": float(test.point_estimate),
+                        "lower": float(lower),
+                        "upper": float(upper),
+                    }
                 )
     json.dump({"gbstats": "0.8.0", "alpha": ALPHA, "cases": results}, sys.stdout, indent=1)
     sys.stdout.write("\n")

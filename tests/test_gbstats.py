@@ -43,8 +43,9 @@ def _estimate(kind: str, v: list[float]) -> Estimate:
 @pytest.mark.parametrize(
     "case",
     CASES["cases"],
-    ids=lambda c: f"{c['kind']}-{c['control'][0]}v{c['treatment'][0]}-{c['difference']}-"
-    f"N{c['planned']}",
+    ids=lambda c: (
+        f"{c['kind']}-{c['control'][0]}v{c['treatment'][0]}-{c['difference']}-N{c['planned']}"
+    ),
 )
 def test_interval_matches_gbstats(case: dict[str, Any]) -> None:
     control = _estimate(case["kind"], case["control"])
