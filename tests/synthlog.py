@@ -185,6 +185,18 @@ def write_log(
     engine.dispose()
 
 
+def insert_rows(
+    engine: sa.Engine, predictions: list[dict[str, Any]], outcomes: list[dict[str, Any]]
+) -> None:
+    """Create the log's tables and append hand-made rows to them."""
+    logschema.metadata.create_all(engine)
+    with engine.begin() as conn:
+        if predictions:
+            conn.execute(sa.insert(logschema.predictions), predictions)
+        if outcomes:
+            conn.execute(sa.insert(logschema.outcomes), outcomes)
+
+
 T0 = 1_700_000_000.0
 OUTCOME_WINDOW_S = 600.0  # the tests' window: synthetic outcomes arrive within seconds
 

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from pg import isolated_schema_url
+from synthlog import insert_rows
 
 from experiments.aggregate import read_summary
 from experiments.decision import row_metric
 from experiments.stats import UnitMoments
-from router import logschema
 from router.config import MetricName
 from router.logschema import MODEL_FAULTS, Reason
 
@@ -162,10 +162,7 @@ def test_sql_equals_the_python_definition(
     engine: sa.Engine, metric: MetricName, keyed: bool
 ) -> None:
     preds, outs = _rows(seed=7, keyed=keyed)
-    logschema.metadata.create_all(engine)
-    with engine.begin() as conn:
-        conn.execute(sa.insert(logschema.predictions), preds)
-        conn.execute(sa.insert(logschema.outcomes), outs)
+    insert_rows(engine, preds, outs)
     with engine.connect() as conn:
         got = read_summary(
             conn, EID, metric=metric, cutoff=CUTOFF, window_s=WINDOW, cap_quantile=None

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from synthlog import insert_rows
 
 from experiments import simulate
 from experiments.aggregate import read_summary
 from experiments.stats import UnitMoments
-from router import logschema
 
 ALPHA = 0.05
 EXPERIMENTS = 100
@@ -83,10 +83,7 @@ def test_the_simulated_summary_is_what_sql_returns(tmp_path: Path) -> None:
             }
         )
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'log.db'}")
-    logschema.metadata.create_all(engine)
-    with engine.begin() as conn:
-        conn.execute(sa.insert(logschema.predictions), preds)
-        conn.execute(sa.insert(logschema.outcomes), outs)
+    insert_rows(engine, preds, outs)
     with engine.connect() as conn:
         got = read_summary(
             conn,
