@@ -34,7 +34,8 @@ INSERT INTO {table} SELECT {columns} FROM (
 _POSTGRES = """
 INSERT INTO {table} SELECT {columns} FROM (
   SELECT i, FLOOR(RANDOM() * 1000000)::bigint AS r1, FLOOR(RANDOM() * 1000000)::bigint AS r2,
-         FLOOR(RANDOM() * 1000000)::bigint AS r3 FROM generate_series(0, :n - 1) AS i) s
+         FLOOR(RANDOM() * 1000000)::bigint AS r3
+  FROM generate_series(CAST(0 AS BIGINT), :n - 1) AS i) s
 """
 
 
@@ -99,13 +100,16 @@ def measure(url: str) -> dict[str, float | str]:
         "print(json.dumps({'seconds': time.monotonic() - t, 'decision': ev.decision, "
         "'n': ev.champion.n + ev.challenger.n, 'units': ev.unit}))\n"
     )
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
     ).stdout
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     result: dict[str, float | str] = json.loads(out.strip().splitlines()[-1])
-    result["peak_rss_mib"] = max(peak_kib, before) / 1024
+    # ru_maxrss of children is the largest of any child: this one is the only one.
+    result["peak_rss_mib"] = after.ru_maxrss / 1024
+    # CPU of the evaluator process (SQLite works inside it; PostgreSQL's work is the server's).
+    result["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return result
 
 
@@ -122,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     safe = sa.make_url(args.url).render_as_string(hide_password=True)
     print(
         f"{safe}: {args.rows:,} rows -> {r['decision']} ({r['n']:,} judged rows, units "
-        f"{r['units']}) in {float(r['seconds']):.1f} s, peak RSS {float(r['peak_rss_mib']):.0f} MiB"
+        f"{r['units']}) in {float(r['seconds']):.1f} s wall ({float(r['cpu_s']):.1f} s CPU in the "
+        f"evaluator process, whole process), peak RSS {float(r['peak_rss_mib']):.0f} MiB"
     )
 
 

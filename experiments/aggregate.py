@@ -297,6 +297,75 @@ def _cap(conn: Connection, judged: str, q: float, params: dict[str, Any]) -> flo
     return cap_from_histogram({int(b): int(n) for b, n in conn.execute(sa.text(sql), p)}, q)
 
 
+def _unit_pass(
+    conn: Connection,
+    eid: str,
+    arms: Sequence[str],
+    metric: MetricName,
+    pairs: Sequence[tuple[str, str]],
+    unit: str,
+    cap: float | None,
+    params: dict[str, Any],
+) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Split mode with units: requests, faults, coverage and the metric in ONE GROUP BY unit.
+
+    Sorting rows by unit is what costs (SQLite has no hash aggregation), so it is done once.
+    """
+    params = dict(params, client=RowStatus.CLIENT_ERROR.value, fallback=RowStatus.FALLBACK.value)
+    arm_in = _in_list("arm", arms, params)
+    faults_in = _in_list("fault", sorted(r.value for r in MODEL_FAULTS), params)
+    served = _in_list("served", sorted(s.value for s in SERVED_STATUSES), params)
+    v = _metric_sql(metric, "p", pairs, params)
+    if cap is not None:
+        params["cap"] = cap
+        v = f"(CASE WHEN ({v}) > :cap THEN :cap ELSE ({v}) END)"
+    matured = f"p.status IN {served} AND p.ts <= :cutoff"
+    counted = f"{matured} AND o.ts IS NOT NULL AND o.ts <= p.ts + :window"
+    request = "p.row_index = 0 AND p.status <> :client"
+    rows = (
+        f"SELECT p.arm AS arm, {unit.format(a='p')} AS unit, "
+        "CAST(FLOOR((p.ts - :t0) / :width) AS INTEGER) AS slice, "
+        f"CASE WHEN {request} THEN 1 ELSE 0 END AS r, "
+        f"CASE WHEN {request} AND p.reason IN {faults_in} THEN 1 ELSE 0 END AS f, "
+        "CASE WHEN p.row_index = 0 AND p.status = :client THEN 1 ELSE 0 END AS ce, "
+        "CASE WHEN p.row_index = 0 AND p.status = :fallback THEN 1 ELSE 0 END AS fb, "
+        f"CASE WHEN {matured} THEN 1 ELSE 0 END AS m, "
+        f"CASE WHEN {counted} THEN 1 ELSE 0 END AS c, "
+        f"CASE WHEN {counted} THEN {v} END AS v "
+        "FROM predictions p LEFT JOIN outcomes o ON o.request_id = p.request_id "
+        f"AND o.row_index = p.row_index WHERE p.experiment_id = :eid AND p.arm IN {arm_in}"
+    )
+    # One sort by unit; the running interval follows cohorts of units by the slice of their first
+    # judged prediction (GrowthBook plots its cumulative results by first exposure the same way):
+    # a second GROUP BY over units, not rows.
+    sql = (
+        "SELECT arm, first, COUNT(*) AS units, SUM(CASE WHEN r > 0 THEN 1 ELSE 0 END) AS runits, "
+        "SUM(f) AS fx, SUM(r) AS fy, SUM(f * f) AS fxx, SUM(r * r) AS fyy, SUM(f * r) AS fxy, "
+        "SUM(ce) AS ce, SUM(fb) AS fb, "
+        "SUM(cx) AS cx, SUM(cy) AS cy, SUM(cx * cx) AS cxx, SUM(cy * cy) AS cyy, "
+        "SUM(cx * cy) AS cxy, SUM(mx) AS mx, SUM(my) AS my, SUM(mx * mx) AS mxx, "
+        "SUM(my * my) AS myy, SUM(mx * my) AS mxy, SUM(skipped) AS skipped FROM ("
+        "SELECT arm, unit, MIN(CASE WHEN m = 1 THEN slice END) AS first, SUM(r) AS r, "
+        "SUM(f) AS f, SUM(ce) AS ce, SUM(fb) AS fb, SUM(m) AS cy, SUM(c) AS cx, "
+        "COALESCE(SUM(v), 0) AS mx, COUNT(v) AS my, "
+        "SUM(CASE WHEN c = 1 AND v IS NULL THEN 1 ELSE 0 END) AS skipped "
+        f"FROM ({rows}) t GROUP BY arm, unit) u GROUP BY arm, first"
+    )
+    requests: dict[str, dict[str, Any]] = {}
+    cells: list[dict[str, Any]] = []
+    fault_keys = ("fx", "fy", "fxx", "fyy", "fxy", "ce", "fb")
+    for r in conn.execute(sa.text(sql), params).mappings():
+        arm = r["arm"]
+        total = requests.setdefault(arm, dict.fromkeys(("units", "requests", *fault_keys), 0))
+        total["units"] += r["runits"] or 0
+        total["requests"] += r["fy"] or 0
+        for key in fault_keys:
+            total[key] += r[key] or 0
+        if r["first"] is not None:  # units with judged predictions: metric and coverage
+            cells.append({**dict(r), "slice": r["first"]})
+    return requests, cells
+
+
 def read_summary(
     conn: Connection,
     eid: str,
@@ -322,11 +391,13 @@ def read_summary(
         else ("{a}.request_id" if shape["multi_row"] else "NULL")
     )
     req_unit = None if unit_sql == "NULL" else unit_sql.format(a="predictions")
-    requests = _requests(conn, eid, arms, req_unit)
     latency = _latencies(conn, eid, arms)
     cells: list[Any] = []
     cap: float | None = None
     first, last = shape["first_ts"], shape["last_ts"]
+    by_unit = mode == "split" and req_unit is not None
+    if not (by_unit and first is not None and first <= cutoff):
+        requests = _requests(conn, eid, arms, req_unit)
     if mode is not None and first is not None and first <= cutoff:
         pairs = label_pairs(conn, eid) if metric == "accuracy" else []
         width = max((min(last, cutoff) - first) / SLICES, 1e-9) * (1 + 1e-9)
@@ -341,8 +412,11 @@ def read_summary(
         if cap_quantile is not None:
             judged = _judged_rows(mode, metric, pairs, unit_rows, None, params)
             cap = _cap(conn, judged, cap_quantile, params)
-        judged = _judged_rows(mode, metric, pairs, unit_rows, cap, params)
-        cells = _metric_cells(conn, judged, keyed or shape["multi_row"], params)
+        if by_unit:
+            requests, cells = _unit_pass(conn, eid, arms, metric, pairs, unit_rows, cap, params)
+        else:
+            judged = _judged_rows(mode, metric, pairs, unit_rows, cap, params)
+            cells = _metric_cells(conn, judged, keyed or shape["multi_row"], params)
         return _summarise(mode, keyed, arms, requests, latency, cells, first, width, cap)
     return _summarise(mode, keyed, arms, requests, latency, cells, first, 0.0, cap)
 

@@ -90,7 +90,11 @@ class ArmSummary:
 
 @dataclass(frozen=True)
 class SeriesPoint:
-    """The confidence sequence of the difference as of predictions made up to ``ts``."""
+    """The confidence sequence of the difference over the units that had entered by ``ts``.
+
+    With requests as units that is the interval as of predictions made up to ``ts``; with users,
+    the cumulative interval by cohort of first judged prediction (as GrowthBook plots it).
+    """
 
     ts: float
     n_champion: int
