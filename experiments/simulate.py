@@ -263,35 +263,32 @@ def power_scenarios() -> tuple[Scenario, ...]:
     )
 
 
-def table(aa: Sequence[Rates], power: Sequence[Rates], alpha: float, looks: int) -> str:
-    lines = [
+def aa_header(alpha: float, looks: int) -> str:
+    return (
         f"| A/A scenario (90/10, N* {PLANNED:,}, α {alpha}, {looks} looks, window 7 d) | "
-        "promote ± MC SE | reject ± MC SE | promote or reject | invalid |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in aa:
-        either = r.promote + r.reject
-        lines.append(
-            f"| {r.scenario} | {r.promote:.4f} ± {r.se(r.promote):.4f} | "
-            f"{r.reject:.4f} ± {r.se(r.reject):.4f} | {either:.4f} ± {r.se(either):.4f} | "
-            f"{r.invalid:.4f} |"
-        )
-    lines += [
-        "",
-        f"| power at N* {PLANNED:,} (90/10) | sequential, any look | fixed-horizon z-test once "
-        f"at N* (α {alpha}) |",
-        "|---|---:|---:|",
-    ]
-    for r in power:
-        lines.append(
-            f"| {r.scenario} | {r.promote:.3f} ± {r.se(r.promote):.3f} | {r.fixed_horizon:.3f} |"
-        )
-    lines.append("")
-    lines.append(
-        f"The primary metric spends {METRIC_SHARE:.0%} of α (two-sided), each guardrail 10% "
-        "(one-sided); 'invalid' (validity checks at 0.001) is neither a promotion nor a rejection."
+        "promote ± MC SE | reject ± MC SE | promote or reject | invalid |\n"
+        "|---|---:|---:|---:|---:|"
     )
-    return "\n".join(lines)
+
+
+def aa_row(r: Rates) -> str:
+    either = r.promote + r.reject
+    return (
+        f"| {r.scenario} | {r.promote:.4f} ± {r.se(r.promote):.4f} | "
+        f"{r.reject:.4f} ± {r.se(r.reject):.4f} | {either:.4f} ± {r.se(either):.4f} | "
+        f"{r.invalid:.4f} |"
+    )
+
+
+def power_header(alpha: float) -> str:
+    return (
+        f"| power at N* {PLANNED:,} (90/10) | sequential, any look | fixed-horizon z-test once "
+        f"at N* (α {alpha}) |\n|---|---:|---:|"
+    )
+
+
+def power_row(r: Rates) -> str:
+    return f"| {r.scenario} | {r.promote:.3f} ± {r.se(r.promote):.3f} | {r.fixed_horizon:.3f} |"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -300,19 +297,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--looks", type=int, default=50)
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument(
+        "--only", default=None, help="comma-separated scenario numbers (A/A first, then power)"
+    )
     args = parser.parse_args(argv)
     start = time.monotonic()
-    aa = [
-        run(s, args.experiments, args.looks, args.seed + i, args.alpha)
-        for i, s in enumerate(AA_SCENARIOS)
-    ]
-    power = [
-        run(s, args.experiments, args.looks, args.seed + 100 + i, args.alpha)
-        for i, s in enumerate(power_scenarios())
-    ]
-    print(table(aa, power, args.alpha, args.looks))
+    everything = [*AA_SCENARIOS, *power_scenarios()]
+    wanted = range(len(everything)) if args.only is None else [int(i) for i in args.only.split(",")]
+    # Rows print as they finish: a long run shows its progress.
+    print(aa_header(args.alpha, args.looks), flush=True)
+    for i in wanted:
+        if i < len(AA_SCENARIOS):
+            r = run(everything[i], args.experiments, args.looks, args.seed + i, args.alpha)
+            print(aa_row(r), flush=True)
+    print("\n" + power_header(args.alpha), flush=True)
+    for i in wanted:
+        if i >= len(AA_SCENARIOS):
+            r = run(everything[i], args.experiments, args.looks, args.seed + 100 + i, args.alpha)
+            print(power_row(r), flush=True)
     print(
-        f"\n{args.experiments} experiments per scenario, seed {args.seed}, "
+        f"\nThe primary metric spends {METRIC_SHARE:.0%} of α (two-sided), each guardrail 10% "
+        "(one-sided); 'invalid' (validity checks at 0.001) is neither a promotion nor a "
+        f"rejection. {args.experiments} experiments per scenario, seed {args.seed}, "
         f"{time.monotonic() - start:.0f} s."
     )
 
