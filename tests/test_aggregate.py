@@ -8,6 +8,7 @@ non-JSON text) and the outcome window's cut-offs.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from collections.abc import Iterator
@@ -91,7 +92,10 @@ def _rows(seed: int, keyed: bool) -> tuple[list[dict[str, Any]], list[dict[str, 
 
 
 def _python_summary(
-    preds: list[dict[str, Any]], outs: list[dict[str, Any]], metric: MetricName
+    preds: list[dict[str, Any]],
+    outs: list[dict[str, Any]],
+    metric: MetricName,
+    cap: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per arm, row by row: the metric and coverage moments over units, and the fault counts."""
     by_id = {(o["request_id"], o["row_index"]): o for o in outs}
@@ -117,7 +121,7 @@ def _python_summary(
         cov_x[arm][unit] += 1
         v = row_metric(metric, p["score"], p["predicted_class"], o["outcome"], o["outcome_value"])
         if v is not None:
-            metric_x[arm][unit] += v
+            metric_x[arm][unit] += v if cap is None else min(v, cap)
             metric_y[arm][unit] += 1
     out: dict[str, dict[str, Any]] = {}
     for arm in ("champion", "challenger"):
@@ -178,3 +182,29 @@ def test_sql_equals_the_python_definition(
     for piece in got.series:
         total += piece.champion
     assert _tuple(total) == _approx(got.champion.metric)
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["request-units", "user-units"])
+def test_capping_is_the_same_cap_for_both_arms(engine: sa.Engine, keyed: bool) -> None:
+    preds, outs = _rows(seed=9, keyed=keyed)
+    insert_rows(engine, preds, outs)
+    with engine.connect() as conn:
+        got = read_summary(
+            conn, EID, metric="abs_error", cutoff=CUTOFF, window_s=WINDOW, cap_quantile=0.9
+        )
+    # The cap: the 0.9 quantile of both arms' judged values, to a 1% bucket.
+    values = [
+        row_metric("abs_error", p["score"], p["predicted_class"], o["outcome"], o["outcome_value"])
+        for p in preds
+        for o in outs
+        if o["request_id"] == p["request_id"]
+        and p["status"] in ("ok", "fallback")
+        and p["ts"] <= CUTOFF
+        and o["ts"] <= p["ts"] + WINDOW
+    ]
+    judged = sorted(v for v in values if v is not None)
+    exact = judged[math.ceil(0.9 * len(judged)) - 1]
+    assert got.cap is not None and exact <= got.cap <= exact * 1.0101
+    want = _python_summary(preds, outs, "abs_error", cap=got.cap)
+    for arm, data in (("champion", got.champion), ("challenger", got.challenger)):
+        assert _tuple(data.metric) == _approx(want[arm]["metric"])
