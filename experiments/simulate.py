@@ -318,7 +318,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"\nThe primary metric spends {METRIC_SHARE:.0%} of α (two-sided), each guardrail 10% "
         "(one-sided); 'invalid' (validity checks at 0.001) is neither a promotion nor a "
-        f"rejection. {args.experiments} experiments per scenario, seed {args.seed}, "
+        f"rejection. MC SE = √(r(1 − r)/n); a rate of 0 bounds the true rate below "
+        f"{3 / args.experiments:.3f} (95%, 3/n). {args.experiments} experiments per scenario, "
+        f"seed {args.seed}, "
         f"{time.monotonic() - start:.0f} s."
     )
 
