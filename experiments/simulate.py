@@ -293,7 +293,7 @@ def power_row(r: Rates) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.simulate", description=__doc__)
-    parser.add_argument("--experiments", type=int, default=1000)
+    parser.add_argument("--experiments", type=int, default=400)
     parser.add_argument("--looks", type=int, default=50)
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
