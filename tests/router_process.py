@@ -85,13 +85,15 @@ def router_process(
     wait_for: str | None = "/readyz",
     port: int | None = None,
     name: str = "router",
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Iterator[RouterProcess]:
     """Start ``python -m router`` (on ``port``, else a free one) and wait for ``wait_for`` to
     answer 200 (None: do not wait); kill its whole process group at the end.
 
     ``log_url`` None: the config's SQLite log in ``workdir``; else ``ROUTER_PREDICTION_LOG_URL``.
-    ``model`` entries override the config's ``model`` section; ``name`` names the config and output
-    files, so that several routers may share ``workdir``.
+    ``model`` entries override the config's ``model`` section, ``sections`` add to any other
+    (``{"server": {...}}``); ``name`` names the config and output files, so that several routers
+    may share ``workdir``.
     """
     from tests.conftest import free_port
 
@@ -106,6 +108,8 @@ def router_process(
         "routing": {"challenger_weight": 0.5},
         "prediction_log": {"url": f"sqlite:///{workdir / 'predictions.db'}"},
     }
+    for section, values in (sections or {}).items():
+        config[section] = {**config.get(section, {}), **values}
     config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
     extra = dict(env or {})
