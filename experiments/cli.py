@@ -31,6 +31,7 @@ from experiments.evaluate import (
 from experiments.promote import ActionResult, apply, rollback, sticky_rejection
 from experiments.report import text_table, to_dict, write_html, write_json
 from router.config import ConfigError, Settings, load_settings
+from router.redact import redact
 
 #: The exit code of each decision. 2 is argparse's (bad arguments).
 EXIT_CODES: Mapping[Decision, int] = {"promote": 0, "reject": 3, "inconclusive": 4, "invalid": 5}
@@ -49,7 +50,7 @@ def exit_code(decision: Decision) -> int:
 
 
 def _fail(prog: str, message: str) -> int:
-    one_line = " ".join(message.split())  # drivers put hints on further lines
+    one_line = redact(" ".join(message.split()))  # drivers put hints on further lines
     print(f"{prog}: error: {one_line}", file=sys.stderr)
     return EXIT_ERROR
 

@@ -21,6 +21,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 from router.config import ConfigError, load_settings
+from router.redact import RedactingFilter
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -68,6 +69,10 @@ def _log_config(level: str) -> dict[str, Any]:
         "class": "logging.StreamHandler",
         "stream": "ext://sys.stderr",
     }
+    # Every handler masks URI passwords, whatever logger (MLflow, SQLAlchemy, uvicorn) logged.
+    config.setdefault("filters", {})["redact"] = {"()": "router.redact.RedactingFilter"}
+    for handler in config["handlers"].values():
+        handler.setdefault("filters", []).append("redact")
     for name in ("router", "experiments"):
         config["loggers"][name] = {"handlers": ["project"], "level": level, "propagate": False}
     return config
@@ -84,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:

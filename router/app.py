@@ -22,16 +22,20 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from router.arms import ModelManager
+from router.bodies import load_json, media_type
 from router.config import Settings, load_settings
 from router.errors import (
     BadRequest,
     PayloadTooLarge,
     RegistryUnavailable,
+    RequestTimeout,
     RouterError,
     Unauthorized,
     http_error_body,
 )
 from router.feedback import FeedbackItem
+from router.headers import SecurityHeaders, content_security_policy
+from router.keyhash import RoutingKeyHasher
 from router.metrics import RouterMetrics, render
 from router.models import ModelNotFound, Registry
 from router.predlog import PredictionLog
@@ -41,7 +45,11 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 LOG_SYNC_INTERVAL_S = 1.0
-FEEDBACK_MAX_BYTES = 4 * 1_048_576
+# A feedback batch costs a few hundred bytes of memory per outcome value while it is joined to
+# the log: both bounds keep one request to a few MB (bench/body_rss.py measures it).
+FEEDBACK_MAX_BYTES = 1_048_576
+MAX_FEEDBACK_VALUES = 10_000
+SECRET_HEAD_START_S = 0.5
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -63,7 +71,8 @@ def _service(request: Request) -> RouterService:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """Refuse an oversized body before reading it whole (and before parsing any of it)."""
+    """Refuse an oversized body before reading it whole (and before parsing any of it), and a
+    body not received within ``limits.body_read_timeout_s``."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -74,11 +83,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"request body of {size} bytes exceeds the limit of {limit}")
     chunks: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    timeout = _service(request).settings.limits.body_read_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise RequestTimeout(
+            f"request body not received within {timeout:g} s (limits.body_read_timeout_s)"
+        ) from exc
     return b"".join(chunks)
 
 
@@ -116,6 +132,17 @@ def _feedback_items(payload: Any) -> list[FeedbackItem]:
             raise BadRequest('"outcomes" must be a non-empty list')
     else:
         entries = [payload]
+    # A list outcome holds one value per scored row; each value costs a few hundred bytes while it
+    # is joined to the log, so a batch holds at most MAX_FEEDBACK_VALUES of them.
+    values = sum(
+        len(e["outcome"]) if isinstance(e, dict) and isinstance(e.get("outcome"), list) else 1
+        for e in entries
+    )
+    if values > MAX_FEEDBACK_VALUES:
+        raise PayloadTooLarge(
+            f"feedback holds {values} outcome values; the limit is {MAX_FEEDBACK_VALUES} per "
+            "request (send several batches)"
+        )
     items = []
     for i, entry in enumerate(entries):
         where = f"outcomes[{i}]" if "outcomes" in payload else "feedback"
@@ -131,11 +158,12 @@ def _feedback_items(payload: Any) -> list[FeedbackItem]:
 
 
 async def feedback(request: Request) -> Response:
-    body = await _read_body(request, FEEDBACK_MAX_BYTES)
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from exc
+    token = _service(request).settings.feedback_token
+    if token:  # optional: off unless ROUTER_FEEDBACK_TOKEN is set
+        _check_bearer(request, token, "feedback")
+    # JSON only: a browser can post text/plain cross-site without a CORS preflight.
+    media_type(request.headers.get("content-type"), ("application/json",))
+    payload = load_json(await _read_body(request, FEEDBACK_MAX_BYTES))
     results = await _service(request).feedback(_feedback_items(payload))
     accepted = [
         {"request_id": r.request_id, "rows": len(r.rows), "created": r.created} for r in results
@@ -158,7 +186,12 @@ async def readyz(request: Request) -> Response:
     service = _service(request)
     arms = service.manager.current
     plog = service.prediction_log
-    log_state = {"healthy": plog.error is None, "error": plog.error, "dropped": plog.dropped}
+    log_state = {
+        "healthy": plog.error is None,
+        "error": plog.error,
+        "dropped": plog.dropped,
+        "routing_key_secret": service.key_hasher.state(),
+    }
     if arms is None:
         reason = service.manager.last_error or "champion not loaded yet"
         body = {"status": "not ready", "reason": reason, "prediction_log": log_state}
@@ -224,9 +257,13 @@ def _require_admin(request: Request) -> None:
     token = _service(request).settings.admin_token
     if not token:
         raise Unauthorized("admin endpoints are disabled (ROUTER_ADMIN_TOKEN is not set)")
+    _check_bearer(request, token, "admin")
+
+
+def _check_bearer(request: Request, token: str, what: str) -> None:
     given = request.headers.get("authorization", "")
     if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        raise Unauthorized("missing or wrong admin bearer token")
+        raise Unauthorized(f"missing or wrong {what} bearer token")
 
 
 async def admin_reload(request: Request) -> Response:
@@ -243,10 +280,7 @@ async def admin_reload(request: Request) -> Response:
 
 async def admin_weights(request: Request) -> Response:
     _require_admin(request)
-    try:
-        payload = orjson.loads(await _read_body(request, 4096))
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from exc
+    payload = load_json(await _read_body(request, 4096))
     weight = payload.get("challenger_weight") if isinstance(payload, dict) else None
     if isinstance(weight, bool) or not isinstance(weight, int | float):
         raise BadRequest('body must be {"challenger_weight": <number in [0, 1]>}')
@@ -351,15 +385,20 @@ def create_app(
         manager = ModelManager(
             settings, Registry(settings.model.tracking_uri, settings.model.name), router_metrics
         )
-        service = RouterService(settings, manager, plog, router_metrics)
+        hasher = RoutingKeyHasher(settings.routing_key_secret, settings.prediction_log.url)
+        service = RouterService(settings, manager, plog, router_metrics, key_hasher=hasher)
         poller = asyncio.create_task(_load_then_poll(manager), name="alias-poller")
+        secret_loader = asyncio.create_task(hasher.load_forever(), name="routing-key-secret")
+        # A head start (a local or healthy database answers at once), never a wait on it.
+        await asyncio.wait({secret_loader}, timeout=SECRET_HEAD_START_S)
         syncer = asyncio.create_task(_sync_log_metrics(service), name="log-metrics")
         try:
             yield {"service": service}
         finally:
             poller.cancel()
             syncer.cancel()
-            await asyncio.gather(poller, syncer, return_exceptions=True)
+            secret_loader.cancel()
+            await asyncio.gather(poller, syncer, secret_loader, return_exceptions=True)
             await service.drain()
             await asyncio.to_thread(plog.close)
             log.info("prediction log closed: %d dropped in total", plog.dropped)
@@ -374,6 +413,7 @@ def create_app(
         },
     )
     app.add_middleware(RouteTimer, routes={r.path for r in routes})
+    app.add_middleware(SecurityHeaders, csp=content_security_policy(STATIC_DIR / "status.html"))
     return app
 
 

@@ -18,6 +18,7 @@ from router.errors import RegistryUnavailable
 from router.logschema import experiment_id
 from router.metrics import RouterMetrics
 from router.models import LoadedModel, ModelNotFound, ModelRef, Registry
+from router.redact import redact
 from router.signatures import SignatureDiff, signature_diff
 
 log = logging.getLogger(__name__)
@@ -98,10 +99,10 @@ class ModelManager:
                 built = await anyio.to_thread.run_sync(self._build, previous)
             except Exception as exc:  # re-raised: only recorded and counted here
                 known = isinstance(exc, RegistryUnavailable | ModelNotFound)
-                self.last_error = str(exc) if known else f"{type(exc).__name__}: {exc}"
+                self.last_error = redact(str(exc) if known else f"{type(exc).__name__}: {exc}")
                 if previous is not None:
                     self._metrics.model_reloads.labels("champion", "error").inc()
-                    log.error("reload failed, keeping the models in service: %s", exc)
+                    log.error("reload failed, keeping the models in service: %s", self.last_error)
                 raise
             self.last_error = None
             if built is None:

@@ -2,7 +2,8 @@
 
 A bad key or value raises :class:`ConfigError` naming the dotted key; nothing is repaired.
 Environment overrides (deployment): ``MLFLOW_TRACKING_URI``, ``ROUTER_CONFIG``,
-``ROUTER_PREDICTION_LOG_URL``, ``ROUTER_ADMIN_TOKEN``.
+``ROUTER_PREDICTION_LOG_URL``; secrets come from the environment only, never from the file:
+``ROUTER_ADMIN_TOKEN``, ``ROUTER_FEEDBACK_TOKEN``, ``ROUTER_ROUTING_KEY_SECRET``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class RoutingSettings:
 class LimitSettings:
     max_rows: int = 1000
     max_body_bytes: int = 1_048_576
+    # A client must send its whole body within this: slow senders cannot hold a connection open.
+    body_read_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,13 @@ class PredictionLogSettings:
     flush_interval_s: float = 0.2
     # Records waiting beyond this are dropped (and counted) rather than growing memory unbounded.
     max_pending: int = 100_000
+
+
+@dataclass(frozen=True)
+class FeedbackSettings:
+    # Feedback may reach a replica before the prediction's row is in the shared log (another
+    # replica's writer has not flushed yet): look again for this long before answering 404.
+    wait_for_prediction_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -145,14 +155,26 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     prediction_log: PredictionLogSettings = field(default_factory=PredictionLogSettings)
+    feedback: FeedbackSettings = field(default_factory=FeedbackSettings)
     experiment: ExperimentSettings = field(default_factory=ExperimentSettings)
     prometheus: PrometheusSettings = field(default_factory=PrometheusSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     # Not from YAML: ROUTER_ADMIN_TOKEN only, so the secret never sits in a config file.
     admin_token: str | None = field(default=None, repr=False)
+    # ROUTER_FEEDBACK_TOKEN: when set, POST /feedback needs "Authorization: Bearer <token>".
+    feedback_token: str | None = field(default=None, repr=False)
+    # ROUTER_ROUTING_KEY_SECRET: the HMAC key for routing-key hashes in the log (else a random
+    # secret kept in the log database; see router/keyhash.py).
+    routing_key_secret: str | None = field(default=None, repr=False)
 
 
 T = TypeVar("T")
+_SECRETS = frozenset({"admin_token", "feedback_token", "routing_key_secret"})
+_SECRET_ENV = {
+    "admin_token": "ROUTER_ADMIN_TOKEN",
+    "feedback_token": "ROUTER_FEEDBACK_TOKEN",
+    "routing_key_secret": "ROUTER_ROUTING_KEY_SECRET",
+}
 
 
 def _build(cls: type[T], raw: Any, prefix: str) -> T:
@@ -162,7 +184,7 @@ def _build(cls: type[T], raw: Any, prefix: str) -> T:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    allowed = set(fields) - {"admin_token"}  # the admin token comes from the environment only
+    allowed = set(fields) - _SECRETS  # secrets come from the environment only
     unknown = sorted(set(raw) - allowed)
     if unknown:
         key = f"{prefix}{unknown[0]}"
@@ -227,6 +249,10 @@ def _validate(s: Settings) -> None:
     )
     _require(s.limits.max_rows >= 1, "limits.max_rows", "must be >= 1")
     _require(s.limits.max_body_bytes >= 1, "limits.max_body_bytes", "must be >= 1")
+    _require(s.limits.body_read_timeout_s > 0, "limits.body_read_timeout_s", "must be > 0")
+    _require(
+        s.feedback.wait_for_prediction_s >= 0, "feedback.wait_for_prediction_s", "must be >= 0"
+    )
     _require(s.prediction_log.batch_size >= 1, "prediction_log.batch_size", "must be >= 1")
     _require(
         s.prediction_log.flush_interval_s > 0, "prediction_log.flush_interval_s", "must be > 0"
@@ -284,8 +310,9 @@ def settings_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Set
                 settings.prediction_log, url=env["ROUTER_PREDICTION_LOG_URL"]
             ),
         )
-    if env.get("ROUTER_ADMIN_TOKEN"):
-        settings = dataclasses.replace(settings, admin_token=env["ROUTER_ADMIN_TOKEN"])
+    for name, variable in _SECRET_ENV.items():
+        if env.get(variable):
+            settings = dataclasses.replace(settings, **{name: env[variable]})  # type: ignore[arg-type]
     _validate(settings)
     return settings
 

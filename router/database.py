@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from router.logschema import metadata
+from router.redact import redact
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def brief(exc: BaseException) -> str:
     """The driver's message, first line, without SQLAlchemy's SQL and parameter dump."""
     orig = getattr(exc, "orig", None)
     text = str(orig if orig is not None else exc).strip().splitlines()
-    return f"{type(orig or exc).__name__}: {short(text[0] if text else '', 300)}"
+    return redact(f"{type(orig or exc).__name__}: {short(text[0] if text else '', 300)}")
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

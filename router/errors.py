@@ -9,11 +9,16 @@ The body is MLflow's scoring-server error (``error_code``, ``message``), so clie
 ``error_code`` is one of MLflow's codes (``mlflow.protos.databricks_pb2.ErrorCode``), chosen as
 MLflow's server chooses it for the same fault: ``BAD_REQUEST`` for a body it cannot parse,
 ``INVALID_PARAMETER_VALUE`` for input that does not fit the model's signature or params.
+
+Every message passes through :func:`router.redact.redact`: errors carry registry and driver texts
+that embed URIs, and a message reaches responses, logs and CLI output alike.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from router.redact import redact
 
 
 class RouterError(Exception):
@@ -24,6 +29,7 @@ class RouterError(Exception):
     error_code = "INTERNAL_ERROR"  # MLflow's code for the same fault
 
     def __init__(self, message: str, *, error_code: str | None = None) -> None:
+        message = redact(message)
         super().__init__(message)
         self.message = message
         if error_code is not None:
@@ -64,6 +70,14 @@ class PayloadTooLarge(RouterError):
 class UnsupportedMediaType(RouterError):
     status_code = 415
     code = "unsupported_media_type"
+    error_code = "BAD_REQUEST"
+
+
+class RequestTimeout(RouterError):
+    """The client did not send its whole body in time (``limits.body_read_timeout_s``)."""
+
+    status_code = 408
+    code = "request_timeout"
     error_code = "BAD_REQUEST"
 
 

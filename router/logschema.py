@@ -14,6 +14,7 @@ that request.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from enum import StrEnum
 
@@ -91,9 +92,13 @@ def experiment_id(model_name: str, champion_version: str, challenger_version: st
     return f"{model_name}:v{champion_version}-vs-v{challenger_version or 'none'}"
 
 
-def hash_routing_key(salt: str, key: str) -> str:
-    """Stored in place of the raw routing key so no user id lands in the log."""
-    return hashlib.sha256(f"log:{salt}:{key}".encode()).hexdigest()[:32]
+def hash_routing_key(secret: bytes, key: str) -> str:
+    """Stored in place of the raw routing key so no user id lands in the log.
+
+    HMAC-SHA256 under a secret no endpoint shows (``router/keyhash.py``): deterministic per
+    (secret, key), so a user's rows stay one unit, yet not reversible by hashing guesses.
+    """
+    return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def outcome_matches(predicted_class: str, outcome_json: str) -> bool:

@@ -22,14 +22,11 @@ in its order, typed). :func:`parse_invocation` does both.
 from __future__ import annotations
 
 import io
-import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import numpy as np
-import orjson
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import utils as model_utils
@@ -38,6 +35,8 @@ from mlflow.types import DataType, ParamSchema, Schema
 from mlflow.utils import proto_json_utils
 
 from router import casting as casting_rules
+from router.bodies import load_json, read_csv, read_parquet
+from router.bodies import media_type as media_type_of
 from router.casting import names_text as _names
 from router.columns import Columns, columns_of, split_index
 from router.config import Casting, ExtraColumns, NonFinite
@@ -46,7 +45,6 @@ from router.errors import (
     InvalidInput,
     PayloadTooLarge,
     RouterError,
-    UnsupportedMediaType,
 )
 
 FORMAT_KEYS: tuple[str, ...] = ("dataframe_split", "dataframe_records", "instances", "inputs")
@@ -64,7 +62,6 @@ _mlflow_tf_serving: Callable[..., Any] = proto_json_utils.parse_tf_serving_input
 _mlflow_csv: Callable[..., pd.DataFrame] = scoring_server.parse_csv_input
 _mlflow_params: Callable[..., Any] = model_utils._enforce_params_schema
 
-_LONG_DIGITS = re.compile(rb"\d{19,}")
 _KEYS_HINT = (
     f"the body must be a JSON object with exactly one of the keys {', '.join(FORMAT_KEYS)} "
     f"(and optionally '{PARAMS_KEY}')"
@@ -105,7 +102,7 @@ def decode_invocation(body: bytes, content_type: str | None, max_rows: int) -> R
     Raises :class:`UnsupportedMediaType` (415), :class:`BadRequest` (400: not JSON, not the
     protocol's shape) or :class:`InvalidInput` (no rows, too many rows), each naming the problem.
     """
-    media_type = _media_type(content_type)
+    media_type = media_type_of(content_type, CONTENT_TYPES)
     if media_type == CONTENT_TYPE_JSON:
         return _decode_json(body, max_rows)
     frame = _read_table(body, media_type, max_rows)
@@ -183,52 +180,8 @@ def parse_invocation(
 # --- content type and JSON ------------------------------------------------------------------
 
 
-def _media_type(content_type: str | None) -> str:
-    """The media type, after MLflow's rules: only a UTF-8 ``charset`` parameter is allowed."""
-    accepted = ", ".join(CONTENT_TYPES)
-    if not content_type:
-        raise UnsupportedMediaType(f"missing Content-Type: send one of {accepted}")
-    media_type, *parameters = (part.strip() for part in content_type.split(";"))
-    media_type = media_type.lower()
-    if media_type not in CONTENT_TYPES:
-        raise UnsupportedMediaType(f"unsupported Content-Type '{content_type}': send {accepted}")
-    for parameter in filter(None, parameters):
-        key, _, value = parameter.partition("=")
-        key = key.strip().lower()
-        if key != "charset":
-            raise UnsupportedMediaType(
-                f"unsupported Content-Type parameter '{key}' (only charset=utf-8 is accepted)"
-            )
-        if value.strip().strip('"').lower() != "utf-8":
-            raise UnsupportedMediaType(f"unsupported charset '{value.strip()}': only utf-8")
-    return media_type
-
-
-def _loads(body: bytes) -> Any:
-    if _LONG_DIGITS.search(body):
-        # orjson reads an integer past 64 bits as a float, which a long column then takes
-        # (wrapped); MLflow's json.loads keeps it an integer, which the column refuses.
-        return _json_loads(body)
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        # MLflow parses with json.loads, which also takes the NaN/Infinity literals that Python
-        # clients (json.dumps, requests) send for missing values; fall back to it for those.
-        try:
-            return json.loads(body)
-        except (ValueError, RecursionError):
-            raise BadRequest(f"malformed JSON: {exc}") from exc
-
-
-def _json_loads(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from exc
-
-
 def _decode_json(body: bytes, max_rows: int) -> RawInput:
-    document = _loads(body)
+    document = load_json(body, as_mlflow=True)
     if not isinstance(document, dict):
         raise BadRequest(f"{_KEYS_HINT}; got a JSON {_json_type(document)}")
     unknown = [key for key in document if key not in FORMAT_KEYS and key != PARAMS_KEY]
@@ -312,19 +265,9 @@ def _check_params(params: dict[str, Any] | None, schema: ParamSchema) -> None:
 
 def _read_table(body: bytes, media_type: str, max_rows: int) -> pd.DataFrame:
     if media_type == CONTENT_TYPE_PARQUET:
-        try:
-            return pd.read_parquet(io.BytesIO(body))
-        except (ValueError, OSError) as exc:
-            raise BadRequest(f"malformed Parquet: {exc}") from exc
-    try:
-        # One row past the limit is enough to know the limit is exceeded.
-        return _read_csv(body, nrows=max_rows + 1)
-    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise BadRequest(f"malformed CSV: {exc}") from exc
-
-
-def _read_csv(body: bytes, **options: Any) -> pd.DataFrame:
-    return pd.read_csv(io.BytesIO(body), **options)
+        return read_parquet(body, max_rows)
+    # One row past the limit is enough to know the limit is exceeded.
+    return read_csv(body, nrows=max_rows + 1)
 
 
 def _csv_columns(raw: RawInput, schema: Schema) -> Columns:
@@ -338,7 +281,7 @@ def _csv_columns(raw: RawInput, schema: Schema) -> Columns:
     if not text:
         return raw.columns
     # The body already parsed once, with these very rows: reading it again cannot fail.
-    strings = _read_csv(raw.body, usecols=text, dtype=object, nrows=raw.n_rows)
+    strings = read_csv(raw.body, usecols=text, dtype=object, nrows=raw.n_rows)
     return {**raw.columns, **{name: strings[name] for name in text}}
 
 

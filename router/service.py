@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +39,17 @@ from router.arms import ArmSet, ModelManager
 from router.assignment import assign
 from router.breaker import BreakerState, CircuitBreaker
 from router.config import Settings
-from router.errors import BadRequest, InvalidInput, NotReady, PredictionFailed, RouterError
+from router.errors import (
+    BadRequest,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    PredictionFailed,
+    RouterError,
+)
 from router.feedback import FeedbackItem, FeedbackResult
-from router.logschema import Arm, Reason, RowStatus, hash_routing_key
+from router.keyhash import RoutingKeyHasher
+from router.logschema import Arm, Reason, RowStatus
 from router.metrics import RouterMetrics
 from router.payload import CONTENT_TYPE_JSON, ParsedInput, RawInput, conform, decode_invocation
 from router.predlog import PredictionLog
@@ -53,6 +62,7 @@ MAX_REQUEST_ID_LENGTH = 128
 # Shadow scoring runs after the response; beyond this many in flight it is skipped (and counted)
 # so a slow challenger can never build an unbounded backlog behind live traffic.
 MAX_SHADOW_IN_FLIGHT = 64
+FEEDBACK_POLL_S = 0.2  # how often feedback for a not-yet-logged prediction looks again
 # JSON bodies up to this size are decoded, and inputs up to this many rows conformed, on the event
 # loop: a thread hop would cost more than the work.
 INLINE_MAX_BYTES = 16_384
@@ -94,8 +104,11 @@ class RouterService:
         prediction_log: PredictionLog,
         metrics: RouterMetrics,
         rng: random.Random | None = None,
+        *,
+        key_hasher: RoutingKeyHasher,
     ) -> None:
         self.settings = settings
+        self.key_hasher = key_hasher  # its secret is never exposed: see router/keyhash.py
         self.manager = manager
         self.prediction_log = prediction_log
         self.metrics = metrics
@@ -224,7 +237,7 @@ class RouterService:
         )
         request = RequestFacts(
             request_id,
-            hash_routing_key(salt, routing_key) if routing_key else None,
+            self.key_hasher.hash(routing_key) if routing_key else None,
             arms.experiment_id,
         )
         scorers = self._scorers_for(arms)
@@ -505,7 +518,21 @@ class RouterService:
 
     # -- feedback -------------------------------------------------------------------------------
     async def feedback(self, items: list[FeedbackItem]) -> list[FeedbackResult]:
-        results = await anyio.to_thread.run_sync(self.prediction_log.record_feedback, items)
+        """Store outcomes; an id not logged yet is looked up again for a few seconds before 404.
+
+        Another replica may have served the prediction and not flushed its writer yet: waiting
+        here (on the loop, not in a thread) loses no early feedback, and an id that never
+        appears still gets its 404 after ``feedback.wait_for_prediction_s``.
+        """
+        deadline = time.monotonic() + self.settings.feedback.wait_for_prediction_s
+        while True:
+            try:
+                results = await anyio.to_thread.run_sync(self.prediction_log.record_feedback, items)
+                break
+            except NotFound:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(FEEDBACK_POLL_S)
         for result in results:
             self._meter_feedback(result)
         return results

@@ -137,6 +137,16 @@ def wait_ready(client: httpx.Client) -> dict[str, Any]:
     return body
 
 
+def wait_key_secret(client: httpx.Client) -> None:
+    """Poll ``/readyz`` until the routing-key secret is read (rows logged before carry no hash)."""
+
+    def loaded() -> bool:
+        state = client.get("/readyz").json()["prediction_log"]["routing_key_secret"]
+        return bool(state["loaded"])
+
+    wait_until(loaded, "the routing-key secret to be read")
+
+
 def arm_of(experiment: Mapping[str, Any], arm: str) -> dict[str, Any] | None:
     """The entry for ``arm`` in a ``/experiment`` body, or None."""
     for entry in experiment["arms"]:

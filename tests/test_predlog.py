@@ -294,7 +294,7 @@ def test_routing_key_is_never_stored_raw(backend: Backend, make_log: MakeLog) ->
     with pytest.raises(ValueError, match="hash_routing_key"):
         rec("r", routing_key_hash=raw)
     log = make_log()
-    hashed = hash_routing_key("salt", raw)
+    hashed = hash_routing_key(b"secret", raw)
     log.enqueue([rec("r", 0, routing_key_hash=hashed), rec("r", 1, routing_key_hash=hashed)])
     log.close()
     rows = backend.query("SELECT * FROM predictions")

@@ -308,7 +308,8 @@ def test_feedback_accepted_idempotent_conflict_unknown(server: Server) -> None:
         _feedback(base_url, {"request_id": "no-such-request", "outcome": 1}), 404
     )
     _error(_feedback(base_url, {"outcome": 1}), 400)
-    _error(httpx.post(f"{base_url}/feedback", content=b"{oops"), 400)
+    json_type = {"Content-Type": "application/json"}
+    _error(httpx.post(f"{base_url}/feedback", content=b"{oops", headers=json_type), 400)
 
 
 def test_feedback_batch(server: Server) -> None:

@@ -35,6 +35,7 @@ from tests.live_router import (
     query_log,
     router_settings,
     split_body,
+    wait_key_secret,
     wait_ready,
     wait_until,
 )
@@ -75,6 +76,7 @@ def test_split_ratio_without_routing_key_follows_the_weight(
     served: Counter[str] = Counter()
     with running_server(create_app(settings)) as url, http_client(url) as client:
         wait_ready(client)
+        wait_key_secret(client)  # the hashes below are checked
         for _ in range(n):
             response = _invoke(client, body)
             assert response.status_code == 200, response.text
@@ -107,6 +109,7 @@ def _sticky_arms(
     arms: dict[str, str] = {}
     with running_server(create_app(settings)) as url, http_client(url) as client:
         wait_ready(client)
+        wait_key_secret(client)  # the hashes below are checked
         for _ in range(2):
             for key in keys:
                 response = _invoke(client, body, **{"X-Routing-Key": key})
@@ -142,11 +145,11 @@ def test_routing_key_is_sticky_across_restarts_and_a_new_salt_reshuffles(
     assert resalted == expected("salt-b")
     assert sum(first[k] != resalted[k] for k in keys) > 0, "a new salt moved no key"
 
-    # The log keeps a salted hash of each key, never the key itself.
-    stored = query_log(
-        f"sqlite:///{tmp_path / 'first.db'}", "SELECT DISTINCT routing_key_hash FROM predictions"
-    )
-    assert {h for (h,) in stored} == {hash_routing_key("salt-a", k) for k in keys}
+    # The log keeps a keyed hash of each key (under the secret kept in that log), never the key.
+    first_log = f"sqlite:///{tmp_path / 'first.db'}"
+    stored = query_log(first_log, "SELECT DISTINCT routing_key_hash FROM predictions")
+    [(secret,)] = query_log(first_log, "SELECT value FROM router_secrets")
+    assert {h for (h,) in stored} == {hash_routing_key(secret.encode(), k) for k in keys}
     raw = query_log(
         f"sqlite:///{tmp_path / 'first.db'}",
         "SELECT count(*) FROM predictions WHERE routing_key_hash LIKE 'customer-%'",
@@ -166,6 +169,7 @@ def test_shadow_mode_answers_from_the_champion_and_logs_the_challenger_as_shadow
     sent: dict[str, int] = {}  # request id -> rows
     with running_server(create_app(settings)) as url, http_client(url) as client:
         wait_ready(client)
+        wait_key_secret(client)  # the hashes below are checked
         for i in range(30):
             n_rows = 1 + i % 3
             request_id = f"shadow-{i:03d}"
@@ -250,6 +254,7 @@ def test_failing_challenger_falls_back_to_the_champion_and_its_circuit_opens(
     n = 20
     with running_server(create_app(settings)) as url, http_client(url) as client:
         wait_ready(client)
+        wait_key_secret(client)  # the hashes below are checked
         for i in range(n):
             response = _invoke(client, body, **{"X-Request-Id": f"fb-{i:02d}"})
             assert response.status_code == 200, response.text
@@ -305,6 +310,7 @@ def test_champion_fault_is_a_500_json_error_and_counted(
     n = 5
     with running_server(create_app(settings)) as url, http_client(url) as client:
         wait_ready(client)
+        wait_key_secret(client)  # the hashes below are checked
         for i in range(n):
             response = _invoke(
                 client, split_body(registry.holdout.head(1)), **{"X-Request-Id": f"cf-{i}"}
@@ -343,6 +349,7 @@ def test_missing_challenger_alias_serves_all_traffic_from_the_champion(
     body = split_body(registry.holdout.head(1))
     with running_server(create_app(settings)) as url, http_client(url) as client:
         wait_ready(client)
+        wait_key_secret(client)  # the hashes below are checked
         experiment = client.get("/experiment").json()
         arms: Counter[tuple[str, str]] = Counter()
         for i in range(40):
