@@ -9,11 +9,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow.models import Model
-from mlflow.types import ColSpec, Schema
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, Schema, TensorSpec
 
 from router.bulkhead import Bulkhead
 from router.modelkind import model_kind, output_problem
+from router.models import LoadedModel, ModelRef
+from router.payload import ParsedInput
+from router.scoring import InputFault, ModelFault, ModelScorer, Scored, ScorerOptions
 from router.signatures import signature_diff
 
 
@@ -132,3 +137,74 @@ def test_signature_diff_names_added_dropped_and_retyped_columns() -> None:
     assert diff.describe() == "challenger adds d; drops c; retypes b (long -> double)"
     assert signature_diff(champion, champion).same
     assert not signature_diff(champion, None).comparable
+
+
+# --- a scorer's verdicts, with a model whose behaviour the test chooses -------------------------
+class _Fake:
+    """A pyfunc stand-in: ``behaviour(frame)`` answers; the signature declares its outputs."""
+
+    def __init__(self, behaviour: Any) -> None:
+        self.behaviour = behaviour
+        self.metadata = Model(
+            signature=ModelSignature(COLUMNS, Schema([TensorSpec(np.dtype("float64"), (-1, 2))]))
+        )
+
+    def predict(self, data: Any, params: Any = None) -> Any:
+        return self.behaviour(data)
+
+
+def _verdict(behaviour: Any, frame: pd.DataFrame, timeout_s: float | None = None) -> Any:
+    loaded = LoadedModel(ModelRef("c", "7", None, "alias"), _Fake(behaviour), COLUMNS, 0.0)
+    options = ScorerOptions(
+        threads=1, timeout_s=timeout_s, batch_max_rows=1, batch_wait_s=0, batch_custom_models=False
+    )
+    parsed = ParsedInput(data=frame, n_rows=len(frame), params=None, format="dataframe_split")
+
+    async def main() -> Any:
+        try:
+            return await ModelScorer(loaded, "challenger", options).score(parsed)
+        except (InputFault, ModelFault) as fault:
+            return fault
+
+    return asyncio.run(main())
+
+
+def _raise(exc: BaseException) -> Any:
+    def behaviour(frame: pd.DataFrame) -> Any:
+        raise exc
+
+    return behaviour
+
+
+CLEAN = pd.DataFrame({"x": [1.0, 2.0], "n": [1, 2]})
+HOLEY = pd.DataFrame({"x": [1.0, np.nan], "n": [1, 2]})
+GATE = threading.Event()
+VERDICTS: list[tuple[str, Any, pd.DataFrame, str]] = [
+    ("an answer", lambda f: np.full((len(f), 2), 0.5), CLEAN, "ok"),
+    ("a bug in the model", _raise(RuntimeError("boom")), CLEAN, "error"),
+    (
+        "MLflow refuses the input",
+        _raise(MlflowException("bad", INVALID_PARAMETER_VALUE)),
+        CLEAN,
+        "input",
+    ),
+    ("a model failing on NaN input", _raise(ValueError("Input contains NaN")), HOLEY, "input"),
+    ("one row too many", lambda f: np.full((len(f) + 1, 2), 0.5), CLEAN, "invalid_output"),
+    ("NaN probabilities", lambda f: np.full((len(f), 2), np.nan), CLEAN, "invalid_output"),
+    ("no answer in time", lambda f: GATE.wait(30), CLEAN, "timeout"),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "behaviour", "frame", "verdict"), VERDICTS, ids=[v[0] for v in VERDICTS]
+)
+def test_whose_fault(what: str, behaviour: Any, frame: pd.DataFrame, verdict: str) -> None:
+    result = _verdict(behaviour, frame, timeout_s=0.2 if verdict == "timeout" else None)
+    if verdict == "timeout":
+        GATE.set()  # the hung call returns now (its thread was abandoned, not killed)
+    if verdict == "ok":
+        assert isinstance(result, Scored), what
+    elif verdict == "input":
+        assert isinstance(result, InputFault), what
+    else:
+        assert isinstance(result, ModelFault) and result.reason.value == verdict, (what, result)
