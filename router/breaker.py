@@ -3,9 +3,9 @@
 Closed: every request may try the challenger; ``failures`` model faults in a row (errors,
 timeouts, invalid outputs) open it. Open: no request tries it (the champion answers, reason
 ``circuit_open``) until ``cooldown_s`` has passed; then it is half-open: exactly one request
-probes the challenger. A probe that succeeds closes the breaker; one that fails opens it for
-another cool-down. A reload that brings a new challenger version starts with a new breaker, and
-``reset`` closes it on an operator's reload.
+probes the challenger (another one a cool-down later if the first is never judged). A probe that
+succeeds closes the breaker; one that fails opens it for another cool-down. A reload that brings a
+new challenger version starts with a new breaker, and ``reset`` closes it on an operator's reload.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class CircuitBreaker:
         self.consecutive_failures = 0
         self.opened_at: float | None = None
         self._probing = False
+        self._probe_started = 0.0
 
     def allow(self) -> bool:
         """May this request try the challenger? (An allowed half-open request is the probe.)"""
@@ -53,9 +54,12 @@ class CircuitBreaker:
             if self._clock() - self.opened_at < self.cooldown_s:
                 return False
             self._set(BreakerState.HALF_OPEN)
-        if self._probing:
+        now = self._clock()
+        if self._probing and now - self._probe_started < self.cooldown_s:
             return False
+        # No probe in flight, or one that was never judged (its request went away): probe now.
         self._probing = True
+        self._probe_started = now
         return True
 
     def success(self) -> None:

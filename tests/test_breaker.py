@@ -54,6 +54,20 @@ def test_breaker_states(why: str, events: str, state: str) -> None:
     assert all(a is not b for a, b in itertools.pairwise(changes))
 
 
+def test_a_probe_never_judged_does_not_block_probing_for_good() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker(1, 10.0, clock=clock)
+    assert breaker.allow()
+    breaker.failure()
+    clock.now = 10.0
+    assert breaker.allow()  # the probe... whose request then went away unjudged
+    assert not breaker.allow()
+    clock.now = 20.0
+    assert breaker.allow()  # a new probe after another cool-down
+    breaker.success()
+    assert breaker.state is BreakerState.CLOSED
+
+
 def test_an_open_breaker_says_when_it_probes_again_and_reset_closes_it() -> None:
     clock = Clock()
     breaker = CircuitBreaker(1, 30.0, clock=clock)
