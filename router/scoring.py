@@ -5,10 +5,13 @@ answer or raises exactly one of two things:
 
 - :class:`InputFault`: the model refused *this input* (the client's fault, HTTP 400 as MLflow
   answers): an MLflow ``INVALID_PARAMETER_VALUE`` / ``BAD_REQUEST`` error (pyfunc's schema or
-  ``params`` checks), or any exception on an input holding missing or non-finite numbers.
+  ``params`` checks), any exception on an input holding missing or non-finite numbers, or any
+  exception of a model without an input signature (nothing checked its input before predicting,
+  so, as MLflow answers, the input is presumed at fault).
 - :class:`ModelFault` with a :class:`~router.logschema.Reason`: any other exception (``error``),
   no answer within the arm's timeout (``timeout``), or an answer that is not one row per input
-  row or holds a non-finite number where the model's kind cannot (``invalid_output``).
+  row or holds a non-finite number where the model's kind cannot (``invalid_output``). An
+  exception on input the model's signature fully accepts is a model bug, not the client's.
 
 What a fault means for the request (fallback, 4xx, 5xx) is the service's business, not this one's.
 """
@@ -132,9 +135,9 @@ class ModelScorer:
         except TimeoutError as exc:
             if deadline.expired():
                 raise ModelFault(Reason.TIMEOUT, f"no answer within {self.timeout_s:g} s") from exc
-            raise _judged(exc, parsed) from exc
+            raise _judged(exc, parsed, signed=self.model.input_schema is not None) from exc
         except Exception as exc:  # a model may raise anything: judged here
-            raise _judged(exc, parsed) from exc
+            raise _judged(exc, parsed, signed=self.model.input_schema is not None) from exc
         problem = output_problem(
             share.prediction, parsed.n_rows, nonfinite_ok=self.kind.nonfinite_output
         )
@@ -143,9 +146,11 @@ class ModelScorer:
         return Scored(share.prediction, share.latency_s)
 
 
-def _judged(exc: Exception, parsed: ParsedInput) -> InputFault | ModelFault:
+def _judged(exc: Exception, parsed: ParsedInput, *, signed: bool) -> InputFault | ModelFault:
     if isinstance(exc, MlflowException) and exc.error_code in _CLIENT_ERROR_CODES:
         return InputFault(exc.message)
+    if not signed:  # no signature: only the model could check its input (MLflow: 400)
+        return InputFault(f"{type(exc).__name__}: {exc}")
     unusable = unusable_columns(parsed.data)
     if unusable:
         return InputFault(

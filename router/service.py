@@ -13,10 +13,11 @@ Whose fault is a failure (the rule, precisely):
 
 - The input fits no arm that could answer it: the client's (4xx, ``client_error`` rows, reason
   ``bad_input``, in the assigned arm).
-- A model refuses the input (:class:`~router.scoring.InputFault`: MLflow's own input errors, or
-  any exception on missing / non-finite values): for the champion, the client's (400, as MLflow
-  answers); for the challenger, the challenger's (reason ``error``) when the champion then answers
-  the same input, the client's when the champion refuses it too.
+- A model refuses the input (:class:`~router.scoring.InputFault`: MLflow's own input errors, any
+  exception on missing / non-finite values, any exception of a model without a signature): for
+  the champion, the client's (400, as MLflow answers); for the challenger, the challenger's
+  (reason ``error``) when the champion then answers the same input, the client's when the
+  champion refuses it too.
 - Anything else a model does wrong (:class:`~router.scoring.ModelFault`) is that model's: the
   champion's is a 500 (``error`` rows with the reason), the challenger's a fallback.
 

@@ -142,6 +142,16 @@ def _isolate_mlflow_globals() -> Iterator[None]:
         yield
 
 
+@pytest.fixture
+def cli_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests running the CLI in process: none of the test's own environment picks its config
+    or log, and MLflow writes new experiments' artifacts under ``tmp_path/mlruns``."""
+    for key in ("MLFLOW_TRACKING_URI", "ROUTER_PREDICTION_LOG_URL", "ROUTER_CONFIG"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
 def _build_registry(root: Path) -> MlflowRegistry:
     root.mkdir(parents=True, exist_ok=True)
     tracking_uri = sqlite_uri(root / "mlflow.db")

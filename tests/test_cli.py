@@ -8,7 +8,7 @@ import re
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
 
@@ -34,12 +34,7 @@ EID = logschema.experiment_id("churn-predictor", "1", "2")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key in ("MLFLOW_TRACKING_URI", "ROUTER_PREDICTION_LOG_URL", "ROUTER_CONFIG"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.chdir(tmp_path)  # MLflow writes new experiments' artifacts under ./mlruns
-    yield
+pytestmark = pytest.mark.usefixtures("cli_workdir")  # tests/conftest.py
 
 
 def _config(registry: MlflowRegistry, tmp_path: Path, log_url: str, **extra: Any) -> Path:

@@ -8,7 +8,7 @@ champion, without a restart, and its log rows belong to the champion-only experi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -33,12 +33,7 @@ RunningServer = Callable[..., AbstractContextManager[str]]
 FreshRegistry = Callable[[], MlflowRegistry]
 
 
-@pytest.fixture(autouse=True)
-def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key in ("MLFLOW_TRACKING_URI", "ROUTER_PREDICTION_LOG_URL", "ROUTER_CONFIG"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.chdir(tmp_path)  # MLflow writes new experiments' artifacts under ./mlruns
-    yield
+pytestmark = pytest.mark.usefixtures("cli_workdir")  # tests/conftest.py
 
 
 def test_reject_sends_all_traffic_to_the_champion_within_a_poll(

@@ -455,8 +455,6 @@ def _cast_body(column: str, value: Any, fmt: str) -> bytes:
 # The cases where the router deliberately answers otherwise, each explained in docs/migration.md.
 KNOWN_DIFFERENCES: dict[str, str] = {
     "tensor Infinity": "Infinity refused before predicting (validation.non_finite)",
-    "no signature: one column for two features": "a model raising is the router's 500",
-    "no signature: inputs as a column object": "a model raising is the router's 500",
     "instances: opt = 1.0": "instances rows with different keys: a missing key is null",
     "instances: zzz = 'extra'": "instances rows with different keys: a missing key is null",
     f"instances: c = {MISSING!r}": "instances rows with different keys: a missing key is null",
