@@ -181,9 +181,10 @@ def read_parquet(body: bytes, max_rows: int) -> pd.DataFrame:
         strings = [f.name for f in footer.schema_arrow if _is_variable_width(f.type)]
         parquet = pq.ParquetFile(pa.BufferReader(body), read_dictionary=strings or None)
         table = parquet.read()
+        # Indices a corrupt page points past its dictionary with fail here, as malformed.
+        decoded = sum(_dense_bytes(column) for column in table.columns)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise BadRequest(f"malformed Parquet: {exc}") from exc
-    decoded = sum(_dense_bytes(column) for column in table.columns)
     if decoded > MAX_DECODED_BYTES:
         raise PayloadTooLarge(
             f"Parquet body decodes to {decoded} bytes; the limit is {MAX_DECODED_BYTES}"

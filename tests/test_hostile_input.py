@@ -19,6 +19,7 @@ from tests.conftest import MlflowRegistry, serve_in_thread
 from tests.live_router import http_client, router_settings, split_body, wait_ready
 
 MAX_ROWS = 100
+CASES = Path(__file__).parent / "cases"
 JSON = {"Content-Type": "application/json"}
 PARQUET = {"Content-Type": "application/vnd.apache.parquet"}
 CSV = {"Content-Type": "text/csv"}
@@ -114,6 +115,13 @@ def _good(client: httpx.Client, registry: MlflowRegistry) -> None:
             "pandas metadata",
         ),
         ("not Parquet", b"PAR1 garbage PAR1", PARQUET, 400, "malformed Parquet"),
+        (
+            "Parquet whose dictionary indices point past the dictionary (found by the fuzzer)",
+            (CASES / "parquet_dictionary_index_out_of_range.parquet").read_bytes(),
+            PARQUET,
+            400,
+            "malformed Parquet",
+        ),
         (
             "CSV header of 100,000 columns",
             (",".join(f"c{i}" for i in range(100_000)) + "\n").encode(),
