@@ -153,8 +153,10 @@ class _Fake:
         return self.behaviour(data)
 
 
-def _verdict(behaviour: Any, frame: pd.DataFrame, timeout_s: float | None = None) -> Any:
-    loaded = LoadedModel(ModelRef("c", "7", None, "alias"), _Fake(behaviour), COLUMNS, 0.0)
+def _verdict(
+    behaviour: Any, frame: pd.DataFrame, timeout_s: float | None = None, inputs: Any = COLUMNS
+) -> Any:
+    loaded = LoadedModel(ModelRef("c", "7", None, "alias"), _Fake(behaviour), inputs, 0.0)
     options = ScorerOptions(
         threads=1, timeout_s=timeout_s, batch_max_rows=1, batch_wait_s=0, batch_custom_models=False
     )
@@ -208,3 +210,10 @@ def test_whose_fault(what: str, behaviour: Any, frame: pd.DataFrame, verdict: st
         assert isinstance(result, InputFault), what
     else:
         assert isinstance(result, ModelFault) and result.reason.value == verdict, (what, result)
+
+
+def test_a_model_without_input_signature_raising_is_the_inputs_fault() -> None:
+    # Nothing checked the input before predicting: as MLflow answers (400), not a model bug.
+    failing = _raise(ValueError("X has 1 features, but the model expects 2"))
+    assert isinstance(_verdict(failing, CLEAN, inputs=None), InputFault)
+    assert isinstance(_verdict(failing, CLEAN), ModelFault)  # the same with a signature: a bug
