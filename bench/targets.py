@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ ROUTER_UNBATCHED = "router, no batching"
 ROUTER_TWO_WORKERS = "router, 2 workers"
 ROUTER_CHAMPION_ONLY = "router, champion only"
 ROUTERS = (ROUTER, ROUTER_UNBATCHED, ROUTER_TWO_WORKERS, ROUTER_CHAMPION_ONLY)
+CHECKS_IN_A_ROW = 8
 _STRIPPED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "ROUTER_CONFIG")
 _STRIPPED_PREFIXES = ("ROUTER_", "PROMETHEUS_MULTIPROC_DIR")
 
@@ -152,16 +154,29 @@ def mlflow_serve_target(name: str, registry: BenchRegistry, port: int) -> Target
     )
 
 
-def check_answer(base_url: str, body: str) -> str:
-    """One request before the load: the target must answer 200 with ``predictions``."""
-    response = httpx.post(
-        f"{base_url}/invocations",
-        content=body,
-        headers={"Content-Type": "application/json", "X-Routing-Key": "user-0"},
-        timeout=30.0,
-    )
-    if response.status_code != 200 or "predictions" not in orjson.loads(response.content):
-        raise RuntimeError(f"bad answer {response.status_code}: {response.text[:300]}")
+def check_answer(base_url: str, body: str, ready_timeout_s: float = 120.0) -> str:
+    """Requests before the load: the target must answer 200 with ``predictions``.
+
+    503 is retried until ``ready_timeout_s``, and ``CHECKS_IN_A_ROW`` answers on new connections
+    must succeed: with several workers, the one that answered the readiness probe may not be the
+    one whose models are loaded yet.
+    """
+    deadline = time.monotonic() + ready_timeout_s
+    in_a_row = 0
+    while in_a_row < CHECKS_IN_A_ROW:
+        response = httpx.post(
+            f"{base_url}/invocations",
+            content=body,
+            headers={"Content-Type": "application/json", "X-Routing-Key": "user-0"},
+            timeout=30.0,
+        )
+        if response.status_code == 503 and time.monotonic() < deadline:
+            in_a_row = 0
+            time.sleep(0.5)
+            continue
+        if response.status_code != 200 or "predictions" not in orjson.loads(response.content):
+            raise RuntimeError(f"bad answer {response.status_code}: {response.text[:300]}")
+        in_a_row += 1
     return str(response.json()["predictions"])
 
 
