@@ -1,7 +1,6 @@
 """A bounded chaos run against ``python -m router``: traffic with feedback while the prediction
 log's PostgreSQL goes away and comes back, the registry goes away and comes back, and the
-challenger hangs and then raises (the hang only where the router has per-arm timeouts and a
-circuit breaker: see ``BULKHEADS``).
+challenger hangs and then raises.
 
 It asserts zero champion 5xx, zero champion requests over ``CHAMPION_BOUND_S``, and served =
 logged + counted drops, and prints the figures. ``make chaos`` runs it for ``CHAOS_DURATION_S``
@@ -11,7 +10,6 @@ logged + counted drops, and prints the figures. ``make chaos`` runs it for ``CHA
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import random
 import re
@@ -27,7 +25,6 @@ import pytest
 import sqlalchemy as sa
 
 from experiments.demo_data import FEATURES
-from router.config import ServerSettings
 from tests.conftest import MlflowRegistry
 from tests.live_router import query_log, split_body
 from tests.pg import isolated_schema_url
@@ -44,9 +41,6 @@ CONCURRENCY = 8
 # shared 2-core machine.
 CHAMPION_BOUND_S = 2.0
 CHALLENGER_TIMEOUT_S = 0.5
-# The per-arm scoring capacity, timeouts and breaker (issue 9.2) land separately from this test;
-# without them a hung challenger holds the shared scoring threads, so the hang phase waits for them.
-BULKHEADS = {"challenger_timeout_s"} <= {f.name for f in dataclasses.fields(ServerSettings)}
 
 
 @dataclass
@@ -79,14 +73,11 @@ class Faults:
             (0.30, "log database up", self.proxy.up),
             (0.40, "registry away", lambda: os.replace(self.registry_db, away)),
             (0.55, "registry back", lambda: os.replace(away, self.registry_db)),
+            (0.60, "challenger hangs", lambda: (self.control / "hang").touch()),
             (0.72, "challenger raises", lambda: (self.control / "raise").touch()),
+            (0.74, "challenger stops hanging", lambda: (self.control / "hang").unlink()),
             (0.88, "challenger recovers", lambda: (self.control / "raise").unlink()),
         ]
-        if BULKHEADS:
-            steps += [
-                (0.60, "challenger hangs", lambda: (self.control / "hang").touch()),
-                (0.74, "challenger stops hanging", lambda: (self.control / "hang").unlink()),
-            ]
         return sorted(steps, key=lambda step: step[0])
 
 
@@ -174,9 +165,7 @@ def test_chaos(fresh_registry: FreshRegistry, tmp_path: Path) -> None:
                     # The breaker opens on the hung and raising challenger; it probes again soon,
                     # so that the challenger is back before the run ends.
                     "routing": {"breaker_cooldown_s": 1.0},
-                }
-                if BULKHEADS
-                else None,
+                },
             ) as router:
                 faults = Faults(proxy, registry_db, control)
                 figures = asyncio.run(_traffic(router.base_url, bodies, faults))
