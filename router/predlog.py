@@ -33,6 +33,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import sqlalchemy as sa
+import sqlalchemy.orm  # imported here on purpose: see below
 from sqlalchemy.engine import Connection, Engine
 
 from router.database import (
@@ -48,6 +49,9 @@ from router.feedback import FeedbackItem, FeedbackResult, FeedbackStore
 from router.logschema import metadata, predictions
 
 logger = logging.getLogger(__name__)
+# ``sqlalchemy.orm`` is imported above, on the importing thread, on purpose: the writer creates the
+# tables while other threads import MLflow, and SQLAlchemy's DDL inspection touches
+# ``sqlalchemy.orm``; seen half-imported by another thread it raised AttributeError in the writer.
 
 _MAX_BACKOFF_S = 5.0
 _WARN_EVERY_S = 10.0  # drop warnings: at most one line per interval, with the count since the last
@@ -330,6 +334,10 @@ class PredictionLog:
             except sa.exc.SQLAlchemyError as exc:
                 attempt += 1
                 delay = self._failed(exc, attempt, "cannot create its tables")
+            except Exception as exc:  # the writer thread's outermost layer: it must never die
+                attempt += 1
+                logger.exception("prediction log: unexpected error creating its tables")
+                delay = self._failed(exc, attempt, "cannot create its tables")
             with self._wake:
                 if self._stopping or self._abandon.is_set():
                     return  # close(): the records still queued are written (or dropped) by _run
@@ -363,7 +371,7 @@ class PredictionLog:
             self._file.remember()
         self._prepared.set()
 
-    def _failed(self, exc: sa.exc.SQLAlchemyError, attempt: int, doing: str) -> float:
+    def _failed(self, exc: Exception, attempt: int, doing: str) -> float:
         """Record and log one failed attempt; return the wait before the next one."""
         self._error = f"{doing}: {brief(exc)}"
         self._tables_ready = False  # a dropped table or a new file: create them again
