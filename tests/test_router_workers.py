@@ -95,6 +95,12 @@ def test_workers_exit_when_the_supervisor_is_killed_and_a_restart_binds(
             ),
             "a replacement worker",
         )
+        # The replacement must be serving before the crash, or on a slow machine it is still
+        # starting when orphaned and exits without a shutdown line of its own.
+        wait_until(
+            lambda: first.output_text(None).count("Application startup complete.") >= 3,
+            "the replacement worker's start-up",
+        )
         with http_client(first.base_url) as client:
             assert client.get("/healthz").status_code == 200
             first.process.send_signal(signal.SIGKILL)  # a crash: no chance to stop the workers
@@ -105,8 +111,11 @@ def test_workers_exit_when_the_supervisor_is_killed_and_a_restart_binds(
                 "the orphaned workers to exit",
                 timeout_s=EXIT_DEADLINE_S,
             )
-        output = first.output_text(None)
-        assert output.count("Application shutdown complete.") == 2, output
+        wait_until(
+            lambda: first.output_text(None).count("Application shutdown complete.") == 2,
+            "both orphaned workers' graceful shutdown lines",
+            timeout_s=EXIT_DEADLINE_S,
+        )
         port = first.port
 
     # router_process waits for /readyz 200 from the new router on the same port.
