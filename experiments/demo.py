@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from experiments.demo_data import LABEL
 from experiments.traffic import TrafficResult, send_traffic
-from router.logschema import outcomes, predictions
+from router.logschema import SERVED_STATUSES, Arm, RowStatus, outcomes, predictions
 
 # /metrics counters the summary adds up, and the summary field each goes to.
 SUMMED = {
@@ -116,8 +116,8 @@ class RouterProcess:
         for family in text_string_to_metric_families(self.metrics_text()):
             for sample in family.samples:
                 labels = sample.labels
-                served = labels.get("status") in ("ok", "fallback")
-                answered = served and labels.get("arm") != "shadow"
+                served = labels.get("status") in SERVED_STATUSES
+                answered = served and labels.get("arm") != Arm.SHADOW
                 if sample.name == "router_requests_total" and answered:
                     total += sample.value
         return int(total)
@@ -184,7 +184,7 @@ def _accumulate(
             if sample.name in SUMMED:
                 # Requests count in their assigned arm (a fallback too); client errors and
                 # skipped shadow scorings were answered by nobody.
-                if sample.labels.get("status") not in ("client_error", "skipped"):
+                if sample.labels.get("status") not in (RowStatus.CLIENT_ERROR, "skipped"):
                     summary[arm][SUMMED[sample.name]] += sign * sample.value
             elif sample.name == "router_predict_latency_seconds_bucket":
                 le = float(sample.labels["le"])
