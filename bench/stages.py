@@ -38,7 +38,11 @@ STAGE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("router/scoring.py", "router/recording.py", "router/breaker.py", "router/modelkind.py"),
     ),
     ("thread hop (anyio, futures)", ("/anyio/", "/concurrent/futures/", "router/bulkhead.py")),
-    ("parse + input checks (payload.py)", ("router/payload.py",)),
+    (
+        "parse + input checks (payload, casting, columns)",
+        ("router/payload.py", "router/casting.py", "router/columns.py", "router/bodies.py"),
+    ),
+    ("model input, built once per call (rows.py)", ("router/rows.py",)),
     ("pyfunc wrapper (predict, inspect.signature)", ("mlflow/pyfunc/", "/inspect.py")),
     ("pyfunc schema enforcement", ("mlflow/models/utils.py", "mlflow/types/")),
     ("flavor call (flavors.py)", ("router/flavors.py",)),

@@ -5,11 +5,13 @@ validation dominate, not arithmetic), so under concurrency the model's time is s
 
 One :class:`MicroBatcher` per loaded model, living on the event loop, behind one call:
 ``await batcher.predict(data, params)``. Whether a request is batched is the batcher's rule
-alone: a typed DataFrame without ``params``, smaller than ``max_rows``, for a model whose rows are
-scored independently (``enabled``, see ``router/modelkind.py``); everything else is one model call
-of its own. Batched requests queue; one collector per model takes what is queued (up to
-``max_rows`` rows, frames of one ``key`` only), concatenates it, runs ``predict`` once through
-``run`` (the arm's threads) and splits the output back by row counts. A request arriving while
+alone: checked :class:`~router.rows.Rows` without ``params``, fewer than ``max_rows``, for a model
+whose rows are scored independently (``enabled``, see ``router/modelkind.py``); everything else is
+one model call of its own. Batched requests queue; one collector per model takes what is queued
+(up to ``max_rows`` rows, rows of one ``key`` only), joins it, builds the model's input ONCE for
+the call (``prepare``: a DataFrame, or a 2-D array where proven equal), runs ``predict`` through
+``run`` (the arm's threads) and splits the output back by row counts. No request builds a pandas
+object of its own. A request arriving while
 the model is idle is scored at once; while a call runs, the next batch forms behind it. The
 collector waits up to ``wait_s`` for more only while ``pending()`` says requests for this model
 are still being parsed: a lone request never waits.
@@ -26,12 +28,14 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
+
+from router.rows import Rows
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +43,7 @@ T = TypeVar("T")
 Predict = Callable[[Any, "dict[str, Any] | None"], Any]
 Runner = Callable[[Callable[[], Any]], Awaitable[Any]]
 BatchObserver = Callable[[int], None]
-KeyOf = Callable[[pd.DataFrame], Hashable]
-Stack = Callable[[list[pd.DataFrame]], Any]
+Prepare = Callable[[Rows], Any]
 
 
 @dataclass(frozen=True)
@@ -54,43 +57,20 @@ class BatchScore:
 
 @dataclass
 class _Item:
-    frame: pd.DataFrame
-    key: Hashable
+    rows: Rows
     future: asyncio.Future[BatchScore] = field(repr=False)
 
     @property
-    def rows(self) -> int:
-        return len(self.frame)
+    def n_rows(self) -> int:
+        return self.rows.n_rows
 
 
 async def _in_thread(fn: Callable[[], T]) -> T:
     return await asyncio.to_thread(fn)
 
 
-def columns_key(frame: pd.DataFrame) -> Hashable:
-    """Enough when the signature fixes every column's dtype (see ``ModelKind.fixed_dtypes``)."""
-    return tuple(frame.columns)
-
-
-def dtypes_key(frame: pd.DataFrame) -> Hashable:
-    """Frames concatenate without changing any column's dtype only when these are equal."""
-    return tuple(frame.columns), tuple(str(dtype) for dtype in frame.dtypes)
-
-
 def _no_pending() -> int:
     return 0
-
-
-def concat_frames(frames: list[pd.DataFrame]) -> pd.DataFrame:
-    """One frame of the requests' rows; clients' own index labels reach the model."""
-    fresh = all(_default_index(f) for f in frames)
-    return pd.concat(frames, ignore_index=fresh)
-
-
-def stack_arrays(frames: list[pd.DataFrame]) -> np.ndarray:
-    """The rows as one array, for a model proven to answer an array as it answers the frame
-    (``router.flavors``): what ``concat_frames(frames).to_numpy()`` gives, without the frame."""
-    return np.concatenate([frame.to_numpy() for frame in frames])
 
 
 def split_output(output: Any, counts: list[int]) -> list[Any] | None:
@@ -126,8 +106,7 @@ class MicroBatcher:
         wait_s: float,
         run: Runner = _in_thread,
         enabled: bool = True,
-        key: KeyOf = dtypes_key,
-        stack: Stack = concat_frames,
+        prepare: Prepare = Rows.frame,
         pending: Callable[[], int] = _no_pending,
         on_batch: BatchObserver | None = None,
         name: str = "model",
@@ -138,8 +117,7 @@ class MicroBatcher:
         self._max_rows = max_rows
         self._wait_s = max(0.0, wait_s)
         self._run = run
-        self._key = key
-        self._stack = stack
+        self._prepare = prepare
         self._pending = pending
         self._on_batch = on_batch
         self._name = name
@@ -150,19 +128,20 @@ class MicroBatcher:
 
     # -- the one call ---------------------------------------------------------------------------
     async def predict(self, data: Any, params: dict[str, Any] | None = None) -> BatchScore:
-        """Score ``data``, with concurrent requests where that is safe; raises what ``predict``
-        raised for this request's rows (alone)."""
+        """Score ``data`` (checked :class:`Rows`, or what ``predict`` takes as it is), with
+        concurrent requests where that is safe; raises what ``predict`` raised for this request's
+        rows (alone)."""
         if (
             not self.enabled
             or params
-            or not isinstance(data, pd.DataFrame)
-            or len(data) >= self._max_rows
+            or not isinstance(data, Rows)
+            or data.n_rows >= self._max_rows
         ):
             output, latency_s = await self._run(lambda: self._timed(data, params))
             self._observe(_rows(data))
             return BatchScore(output, latency_s, _rows(data))
         loop = asyncio.get_running_loop()
-        item = _Item(data, self._key(data), loop.create_future())
+        item = _Item(data, loop.create_future())
         self._queue.append(item)
         self._poke()
         if self._collector is None:
@@ -183,7 +162,7 @@ class MicroBatcher:
             self._wake.set_result(None)
 
     def _queued_rows(self) -> int:
-        return sum(item.rows for item in self._queue)
+        return sum(item.n_rows for item in self._queue)
 
     async def _gather(self) -> None:
         """Wait for requests still being parsed, at most ``wait_s``, never for a lone one."""
@@ -208,11 +187,11 @@ class MicroBatcher:
         if not self._queue:
             return []
         head = self._queue[0]
-        batch, rest, rows = [head], [], head.rows
+        batch, rest, rows = [head], [], head.n_rows
         for item in self._queue[1:]:
-            if item.key == head.key and rows + item.rows <= self._max_rows:
+            if item.rows.key == head.rows.key and rows + item.n_rows <= self._max_rows:
                 batch.append(item)
-                rows += item.rows
+                rows += item.n_rows
             else:
                 rest.append(item)
         self._queue = rest
@@ -244,15 +223,15 @@ class MicroBatcher:
         if len(batch) == 1:
             await self._score_alone(batch[0])
             return
-        rows = sum(item.rows for item in batch)
-        data = self._stack([item.frame for item in batch])
+        data = Rows.join([item.rows for item in batch])
+        rows = data.n_rows
         try:
             output, latency_s = await self._run(lambda: self._timed(data, None))
         except Exception as exc:  # noqa: BLE001 - a model may raise anything: isolated per request
             log.info("batch of %d requests failed (%r): scoring them one by one", len(batch), exc)
             await self._score_each(batch)
             return
-        pieces = split_output(output, [item.rows for item in batch])
+        pieces = split_output(output, [item.n_rows for item in batch])
         if pieces is None:
             log.warning(
                 "%s: output of length %s for %d input rows: not batchable, scoring requests alone",
@@ -275,17 +254,19 @@ class MicroBatcher:
         if item.future.done():  # its request went away (timed out or disconnected)
             return
         try:
-            output, latency_s = await self._run(lambda: self._timed(item.frame, None))
+            output, latency_s = await self._run(lambda: self._timed(item.rows, None))
         except Exception as exc:  # noqa: BLE001 - the request's own failure, handed to it
             if not item.future.done():
                 item.future.set_exception(exc)
             return
-        self._observe(item.rows)
-        _settle(item.future, BatchScore(output, latency_s, item.rows))
+        self._observe(item.n_rows)
+        _settle(item.future, BatchScore(output, latency_s, item.n_rows))
 
     def _timed(self, data: Any, params: dict[str, Any] | None) -> tuple[Any, float]:
+        """The model's answer and the duration of its call (not of building its input)."""
+        model_input = self._prepare(data) if isinstance(data, Rows) else data
         start = time.perf_counter()
-        output = self._predict(data, params)
+        output = self._predict(model_input, params)
         return output, time.perf_counter() - start
 
     def _observe(self, rows: int) -> None:
@@ -293,12 +274,9 @@ class MicroBatcher:
             self._on_batch(rows)
 
 
-def _default_index(frame: pd.DataFrame) -> bool:
-    index = frame.index
-    return isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1
-
-
 def _rows(data: Any) -> int:
+    if isinstance(data, Rows):
+        return data.n_rows
     try:
         return len(data)
     except TypeError:

@@ -2,7 +2,7 @@
 
 Two ways to type a column, both giving what MLflow's scoring server hands the model:
 
-- :func:`typed_frame`, the fast path, takes values already of the column's type (and safe
+- :func:`typed_rows`, the fast path, takes values already of the column's type (and safe
   widening: 3 into a double column, 3.0 into a long column) and builds the typed array directly;
   anything else raises :class:`InvalidInput` naming the column and row.
 - :func:`enforce_like_mlflow` is MLflow's own code: the scoring server's parsing (its casts:
@@ -29,12 +29,20 @@ from pandas.api.types import infer_dtype
 
 from router.config import ExtraColumns
 from router.errors import InvalidInput
+from router.rows import Rows
 
 # MLflow's own casting and enforcement (untyped).
 _mlflow_cast: Callable[..., pd.DataFrame] = proto_json_utils.cast_df_types_according_to_schema
 _mlflow_enforce: Callable[..., Any] = model_utils._enforce_schema
 
 _NUMBER_KINDS = frozenset({"integer", "floating", "mixed-integer-float", "empty"})
+# The Python types JSON values decode to, for which the column's array is built without inference
+# (None, NaN and other types take pandas' ``infer_dtype`` route).
+_PLAIN_NUMBERS = frozenset({int, float})
+_INT = frozenset({int})
+_BOOL = frozenset({bool})
+_STR = frozenset({str})
+_UNKNOWN: frozenset[type] = frozenset()
 _INTEGER_TYPES = frozenset({DataType.integer, DataType.long})
 _FLOAT_TYPES = frozenset({DataType.float, DataType.double})
 _EXPECTED = {
@@ -65,15 +73,14 @@ def check_columns(columns: Mapping[str, Any], schema: Schema, extra_columns: Ext
             )
 
 
-def typed_frame(
+def typed_rows(
     columns: Mapping[str, Sequence[Any]], n_rows: int, index: list[Any] | None, schema: Schema
-) -> pd.DataFrame:
+) -> Rows:
     """The model's columns, in its order, typed; InvalidInput for a value not of its type."""
     specs: dict[str, Any] = schema.input_dict()
-    names = [str(name) for name in schema.input_names()]
-    arrays = {name: _convert(name, specs[name], columns[name]) for name in names if name in columns}
-    frame_index = pd.RangeIndex(n_rows) if index is None else pd.Index(index)
-    return pd.DataFrame(arrays, index=frame_index, copy=False)
+    names = tuple(str(name) for name in schema.input_names() if str(name) in columns)
+    arrays = tuple(_convert(name, specs[name], columns[name]) for name in names)
+    return Rows(names, arrays, n_rows, index)
 
 
 def enforce_like_mlflow(data: Any, schema: Schema) -> Any:
@@ -89,7 +96,12 @@ def enforce_like_mlflow(data: Any, schema: Schema) -> Any:
 
 def check_finite(data: Any) -> None:
     """Refuse Infinity / -Infinity (also 1e400, which JSON readers make infinite) by column."""
-    if isinstance(data, pd.DataFrame):
+    if isinstance(data, Rows):
+        floats = data.float_columns()
+        if floats and np.isinf(np.concatenate([array for _, array in floats])).any():
+            for name, array in floats:
+                _refuse_infinite(f"column '{name}'", array)
+    elif isinstance(data, pd.DataFrame):
         for name, column in data.items():
             if column.dtype.kind == "f":
                 _refuse_infinite(f"column '{name}'", column.to_numpy())
@@ -121,29 +133,32 @@ def _convert(name: str, spec: ColSpec, values: Sequence[Any]) -> Any:
     t = spec.type
     if not isinstance(t, DataType):
         return _convert_with_mlflow(name, spec, values)
+    # Decoded JSON values are plain Python ones: their types say enough without inference. A
+    # read CSV or Parquet column (a Series) is inferred by pandas, faster than a loop over it.
+    kinds = set(map(type, values)) if isinstance(values, list | tuple) else _UNKNOWN
     if t in _FLOAT_TYPES:
-        if infer_dtype(values, skipna=True) in _NUMBER_KINDS:
+        if (kinds and kinds <= _PLAIN_NUMBERS) or infer_dtype(values, skipna=True) in _NUMBER_KINDS:
             return np.array(values, dtype=t.to_numpy())  # None -> NaN, as in pandas
         raise _wrong_type(name, t, values)
     if t in _INTEGER_TYPES:
-        return _convert_integers(name, t, values)
+        return _convert_integers(name, t, values, plain=kinds == _INT)
     if t == DataType.boolean:
-        if infer_dtype(values, skipna=False) == "boolean":
+        if kinds == _BOOL or infer_dtype(values, skipna=False) == "boolean":
             return np.array(values, dtype=np.bool_)
         if infer_dtype(values, skipna=True) in ("boolean", "empty"):
             raise _null_value(name, t, values)
         raise _wrong_type(name, t, values)
     if t == DataType.string:
-        if infer_dtype(values, skipna=True) in ("string", "empty"):
+        if kinds == _STR or infer_dtype(values, skipna=True) in ("string", "empty"):
             return np.array(values, dtype=object)  # the frame infers pandas' string dtype
         raise _wrong_type(name, t, values)
     return _convert_with_mlflow(name, spec, values)
 
 
-def _convert_integers(name: str, t: DataType, values: Sequence[Any]) -> np.ndarray:
+def _convert_integers(name: str, t: DataType, values: Sequence[Any], *, plain: bool) -> np.ndarray:
     dtype = t.to_numpy()
     limits = np.iinfo(dtype)
-    kind = infer_dtype(values, skipna=False)
+    kind = "integer" if plain else infer_dtype(values, skipna=False)
     if kind == "integer":
         try:
             return np.array(values, dtype=dtype)

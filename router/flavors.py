@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 from mlflow.types import DataType, Schema
 
+from router.rows import Rows
+
 log = logging.getLogger(__name__)
 
 PYFUNC = "pyfunc"
@@ -68,7 +70,7 @@ class Predictor:
     ``predict(data, params)`` takes what ``PyFuncModel.predict`` takes, with one promise from the
     caller: a DataFrame has passed the router's checks (signature columns, in order, typed).
     With ``takes_numpy`` the caller may also pass a 2-D array of those columns in that order
-    (``frame.to_numpy()``), skipping the DataFrame entirely.
+    (:meth:`router.rows.Rows.matrix`), skipping the DataFrame entirely.
     """
 
     predict: PredictFn
@@ -170,10 +172,10 @@ def _numeric(schema: Schema) -> bool:
     return all(spec.type in _NUMERIC_TYPES for spec in schema.inputs)
 
 
-def probe_frame(schema: Schema, rows: int = _PROBE_ROWS) -> pd.DataFrame:
+def probe_rows(schema: Schema, rows: int = _PROBE_ROWS) -> Rows:
     """Deterministic numeric rows typed as the router's parser types them, in signature order."""
     rng = np.random.default_rng(0)
-    columns: dict[str, np.ndarray] = {}
+    arrays: list[np.ndarray] = []
     for spec in schema.inputs:
         values = rng.normal(0.0, 3.0, size=rows)
         kind = spec.type
@@ -181,16 +183,21 @@ def probe_frame(schema: Schema, rows: int = _PROBE_ROWS) -> pd.DataFrame:
             raise ValueError(f"column {spec.name!r}: the probe is numeric, not {kind}")
         dtype = kind.to_numpy()
         integral = np.issubdtype(dtype, np.integer)
-        columns[str(spec.name)] = (np.round(values) if integral else values).astype(dtype)
-    return pd.DataFrame(columns)
+        arrays.append((np.round(values) if integral else values).astype(dtype))
+    return Rows(tuple(str(name) for name in schema.input_names()), tuple(arrays), rows)
+
+
+def probe_frame(schema: Schema, rows: int = _PROBE_ROWS) -> pd.DataFrame:
+    return probe_rows(schema, rows).frame()
 
 
 def _numpy_is_equal(estimator_fn: Callable[[Any], Any], schema: Schema) -> bool:
-    """Does the estimator answer a probe's array exactly as it answers the probe's frame?"""
-    frame = probe_frame(schema)
+    """Does the estimator answer a probe's array (as the batcher builds it) exactly as it answers
+    the probe's frame?"""
+    probe = probe_rows(schema)
     try:
-        expected = estimator_fn(frame)
-        actual = _without_names(estimator_fn, frame.to_numpy())
+        expected = estimator_fn(probe.frame())
+        actual = _without_names(estimator_fn, probe.matrix())
     except Exception as exc:  # noqa: BLE001 - a model may raise anything: then it gets frames
         log.info("model takes DataFrames only (array probe failed: %s)", exc)
         return False

@@ -27,16 +27,11 @@ from mlflow.types import DataType
 
 from router.flavors import BATCHABLE_KEY
 
-#: Signature column types a conformed frame always holds in the same dtype: frames of these
-#: concatenate without changing any value, so batches are keyed by column names alone.
-_FIXED_DTYPE_TYPES = frozenset({"double", "float", "long", "integer", "boolean"})
-
 
 @dataclass(frozen=True)
 class ModelKind:
     batchable: bool
     nonfinite_output: bool
-    fixed_dtypes: bool  # every signature column has one dtype after conforming
 
 
 def model_kind(
@@ -54,12 +49,11 @@ def model_kind(
     # Only typed column frames are batched (tensors: shapes may differ between requests).
     opted_out = extra.get(BATCHABLE_KEY) is False
     batchable = named and not opted_out and (rows_independent or batch_custom_models)
-    fixed = named and all(type_name(s.type) in _FIXED_DTYPE_TYPES for s in input_schema.inputs)
     meta = getattr(pyfunc_model, "metadata", None)
     get_outputs = getattr(meta, "get_output_schema", None)
     declared = callable(get_outputs) and get_outputs() is not None
     nonfinite = extra.get("router_nonfinite_output") is True or not declared
-    return ModelKind(batchable, nonfinite, fixed)
+    return ModelKind(batchable, nonfinite)
 
 
 def type_name(t: Any) -> str:

@@ -5,8 +5,9 @@ Formats (``application/json``): exactly one of ``dataframe_split``, ``dataframe_
 ``text/csv`` (a header row, as ``DataFrame.to_csv`` writes) and ``application/vnd.apache.parquet``.
 
 With a column-based signature (named ``ColSpec`` inputs; what ``infer_signature`` gives for a
-DataFrame) every format becomes one ``pandas.DataFrame`` of the model's columns in signature order,
-typed and cast exactly as ``mlflow models serve`` would hand it to the model (``router.casting``):
+DataFrame) every format becomes the model's columns in signature order (:class:`router.rows.Rows`,
+one typed array per column; the batcher builds the frame per model call), typed and cast exactly as
+``mlflow models serve`` would hand them to the model (``router.casting``):
 extra columns are dropped, MLflow's casts applied, and what MLflow refuses is a 400 before
 predicting, with MLflow's ``error_code``. The ``validation`` settings make it stricter (unknown
 columns, lossy casts) and refuse Infinity. Tensor-based signatures, unnamed columns and models
@@ -24,6 +25,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -46,6 +48,7 @@ from router.errors import (
     PayloadTooLarge,
     RouterError,
 )
+from router.rows import Rows
 
 FORMAT_KEYS: tuple[str, ...] = ("dataframe_split", "dataframe_records", "instances", "inputs")
 PARAMS_KEY = "params"
@@ -70,12 +73,21 @@ _KEYS_HINT = (
 
 @dataclass(frozen=True)
 class ParsedInput:
-    """One request's model input, ready for ``PyFuncModel.predict(data, params=params)``."""
+    """One request's input for one model: its checked :class:`~router.rows.Rows` (a model with
+    named columns, on the fast path), or what ``PyFuncModel.predict`` takes."""
 
-    data: InputData
+    model_input: Rows | InputData
     n_rows: int
     params: dict[str, Any] | None
     format: str  # one of FORMAT_KEYS, or "csv" / "parquet"
+
+    @cached_property
+    def data(self) -> InputData:
+        """The input as ``PyFuncModel.predict(data, params=params)`` takes it (built on demand:
+        the scoring path joins requests' rows before building anything)."""
+        if isinstance(self.model_input, Rows):
+            return self.model_input.frame()
+        return self.model_input
 
 
 @dataclass(frozen=True)
@@ -140,13 +152,13 @@ def conform(
     schema = input_schema
     if params_schema is not None:
         _check_params(raw.params, params_schema)
-    data: InputData
+    data: Rows | InputData
     if _is_named_columns(schema):
         assert schema is not None
         columns = _columns_for(raw, schema)
         casting_rules.check_columns(columns, schema, extra_columns)
         try:
-            data = casting_rules.typed_frame(columns, raw.n_rows, raw.index, schema)
+            data = casting_rules.typed_rows(columns, raw.n_rows, raw.index, schema)
         except InvalidInput:
             if casting == "strict":
                 raise
@@ -161,7 +173,7 @@ def conform(
             casting_rules.check_unnamed(data, schema)
     if non_finite == "reject":
         casting_rules.check_finite(data)
-    return ParsedInput(data=data, n_rows=n_rows, params=raw.params, format=raw.format)
+    return ParsedInput(model_input=data, n_rows=n_rows, params=raw.params, format=raw.format)
 
 
 def parse_invocation(

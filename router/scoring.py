@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from router.batcher import MicroBatcher, columns_key, concat_frames, dtypes_key, stack_arrays
+from router.batcher import MicroBatcher
 from router.breaker import CircuitBreaker
 from router.bulkhead import Bulkhead
 from router.flavors import PredictFn, predictor_for
@@ -38,6 +38,7 @@ from router.logschema import Reason
 from router.modelkind import ModelKind, model_kind, output_problem
 from router.models import LoadedModel
 from router.payload import ParsedInput
+from router.rows import Rows
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,8 @@ class ModelScorer:
             wait_s=options.batch_wait_s,
             run=self.bulkhead.run,
             enabled=self.kind.batchable,
-            key=columns_key if self.kind.fixed_dtypes else dtypes_key,
-            # An array per batch where the model is proven to answer it alike (no DataFrame).
-            stack=stack_arrays if predictor.takes_numpy and predict is None else concat_frames,
+            # An array per call where the model is proven to answer it alike (no DataFrame).
+            prepare=Rows.matrix if predictor.takes_numpy and predict is None else Rows.frame,
             pending=lambda: self.arriving,
             on_batch=on_batch,
             name=f"{role}-v{model.version}",
@@ -131,7 +131,7 @@ class ModelScorer:
         """A valid answer for ``parsed``, or :class:`InputFault` / :class:`ModelFault`."""
         try:
             async with asyncio.timeout(self.timeout_s) as deadline:
-                share = await self.batcher.predict(parsed.data, parsed.params)
+                share = await self.batcher.predict(parsed.model_input, parsed.params)
         except TimeoutError as exc:
             if deadline.expired():
                 raise ModelFault(Reason.TIMEOUT, f"no answer within {self.timeout_s:g} s") from exc

@@ -21,7 +21,8 @@ import pytest
 from experiments.demo_data import FEATURES
 from experiments.train import using_tracking_uri
 from router.app import create_app
-from router.batcher import BatchScore, MicroBatcher, dtypes_key, split_output
+from router.batcher import BatchScore, MicroBatcher, split_output
+from router.rows import Rows
 from tests.conftest import MlflowRegistry
 from tests.live_router import http_client, query_log, router_settings, wait_ready, wait_until
 from tests.metrics_text import scrape
@@ -60,8 +61,9 @@ async def _inline(fn: Callable[[], Any]) -> Any:
     return fn()
 
 
-def _frame(*xs: float, index: list[Any] | None = None) -> pd.DataFrame:
-    return pd.DataFrame({"x": np.array(xs, dtype=np.float64)}, index=index)
+def _frame(*xs: float, index: list[Any] | None = None) -> Rows:
+    """One request's checked rows of a one-column signature (``x``: double)."""
+    return Rows(("x",), (np.array(xs, dtype=np.float64),), len(xs), index)
 
 
 def _batcher(model: Callable[..., Any], **kw: Any) -> MicroBatcher:
@@ -87,7 +89,7 @@ def _as_list(prediction: Any) -> Any:
     return prediction
 
 
-async def _queued(batcher: MicroBatcher, frames: list[pd.DataFrame]) -> list[BatchScore]:
+async def _queued(batcher: MicroBatcher, frames: list[Rows]) -> list[BatchScore]:
     """Submit every frame within one loop turn (as concurrent requests arrive)."""
     return list(await asyncio.gather(*(batcher.predict(f) for f in frames)))
 
@@ -100,7 +102,7 @@ def test_concurrent_requests_share_one_call_and_get_what_they_would_get_alone(sh
     scores = _run(lambda: _queued(_batcher(model), frames))
     assert model.calls == [4]  # requests queued within one loop turn share one call
     for frame, score in zip(frames, scores, strict=True):
-        alone = FakeModel(shape)(frame)
+        alone = FakeModel(shape)(frame.frame())
         assert _as_list(score.prediction) == _as_list(alone)
         if isinstance(alone, pd.Series | pd.DataFrame):
             assert score.prediction.index.equals(alone.index)
@@ -241,13 +243,11 @@ def test_an_output_not_one_per_row_turns_batching_off() -> None:
     assert not enabled  # this model is scored alone from now on
 
 
-def test_frames_of_different_keys_are_not_concatenated() -> None:
+def test_rows_of_different_dtypes_are_not_joined() -> None:
     model = FakeModel()
-    as_int = pd.DataFrame({"x": np.array([7], dtype=np.int64)})
+    as_int = Rows(("x",), (np.array([7], dtype=np.int64),), 1)
 
-    scores = _run(
-        lambda: _queued(_batcher(model, key=dtypes_key), [_frame(1.0), as_int, _frame(2)])
-    )
+    scores = _run(lambda: _queued(_batcher(model), [_frame(1.0), as_int, _frame(2)]))
     assert model.calls == [2, 1]
     assert [s.prediction.tolist() for s in scores] == [[10.0], [70], [20.0]]
 

@@ -125,7 +125,6 @@ def test_which_models_are_batched(
         _Pyfunc(metadata), schema, rows_independent=independent, batch_custom_models=custom
     )
     assert kind.batchable is batchable
-    assert kind.fixed_dtypes is (schema is COLUMNS)
 
 
 def test_signature_diff_names_added_dropped_and_retyped_columns() -> None:
@@ -160,7 +159,9 @@ def _verdict(
     options = ScorerOptions(
         threads=1, timeout_s=timeout_s, batch_max_rows=1, batch_wait_s=0, batch_custom_models=False
     )
-    parsed = ParsedInput(data=frame, n_rows=len(frame), params=None, format="dataframe_split")
+    parsed = ParsedInput(
+        model_input=frame, n_rows=len(frame), params=None, format="dataframe_split"
+    )
 
     async def main() -> Any:
         try:
