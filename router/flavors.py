@@ -6,8 +6,9 @@ context: on a one-row request that is about 40% of the CPU (profile in issue 12)
 model with a column signature, once the router has checked and cast the input as MLflow's schema
 enforcement would (a typed DataFrame in signature order, ``router.payload``), pyfunc ends by
 calling the estimator's ``predict`` (or the ``pyfunc_predict_fn`` it was logged with) on that very
-frame: calling it directly gives the same answer for less. ``tests/test_flavors.py`` proves the
-equality against ``pyfunc.predict`` on 1,000 rows per model kind.
+frame: calling it directly gives the same answer for less. LightGBM's pyfunc likewise ends in the
+booster's or estimator's ``predict``. ``tests/test_flavors.py`` proves the equality against
+``pyfunc.predict`` on 1,000 rows per model kind.
 
 Numpy: sklearn validates a DataFrame (feature names, per-column dtypes) on every call, a fixed
 cost a plain array skips. A model takes a float array instead of its frame only when all its
@@ -39,6 +40,8 @@ PYFUNC = "pyfunc"
 INDEPENDENT_ROW_FLAVORS = frozenset({"mlflow.sklearn", "mlflow.xgboost", "mlflow.lightgbm"})
 # MLmodel ``metadata`` key: false opts a model out of batching, true opts a custom pyfunc in.
 BATCHABLE_KEY = "router_batchable"
+# Flavors whose pyfunc ends in one call of the raw model (see ``_flavor_predict_fn``).
+_DIRECT_FLAVORS = frozenset({"mlflow.sklearn", "mlflow.lightgbm"})
 # The predict functions pyfunc may call on an sklearn estimator (``pyfunc_predict_fn``).
 _SKLEARN_PREDICT_FNS = frozenset(
     {"predict", "predict_proba", "predict_log_proba", "predict_joint_log_proba", "score"}
@@ -85,7 +88,7 @@ def predictor_for(model: Any) -> Predictor:
     flavor = _loader_module(model) or PYFUNC
     independent = _rows_independent(model, flavor)
     pyfunc_predict = _pyfunc_predict(model)
-    estimator_fn = _sklearn_predict_fn(model, flavor)
+    estimator_fn = _flavor_predict_fn(model, flavor)
     if estimator_fn is None:
         return Predictor(pyfunc_predict, flavor, False, False, independent)
     schema: Schema = model.metadata.get_input_schema()
@@ -123,9 +126,14 @@ def _pyfunc_predict(model: Any) -> PredictFn:
     return predict
 
 
-def _sklearn_predict_fn(model: Any, flavor: str) -> Callable[[Any], Any] | None:
-    """The estimator's bound predict function pyfunc would end in, when skipping pyfunc is safe."""
-    if flavor != "mlflow.sklearn":
+def _flavor_predict_fn(model: Any, flavor: str) -> Callable[[Any], Any] | None:
+    """The raw model's bound function pyfunc would end in, when skipping pyfunc is safe.
+
+    sklearn's pyfunc calls the estimator's ``pyfunc_predict_fn`` on the enforced frame, and
+    lightgbm's calls ``predict`` (``mlflow.lightgbm._LGBModelWrapper``), nothing else. xgboost's
+    wrapper converts frames itself (``DMatrix``, feature checks): it stays on pyfunc.
+    """
+    if flavor not in _DIRECT_FLAVORS:
         return None
     meta = model.metadata
     schema = meta.get_input_schema()
@@ -138,7 +146,9 @@ def _sklearn_predict_fn(model: Any, flavor: str) -> Callable[[Any], Any] | None:
         or meta._is_type_hint_from_example()
     ):
         return None
-    name = meta.flavors.get("python_function", {}).get("predict_fn", "predict")
+    name = "predict"
+    if flavor == "mlflow.sklearn":
+        name = meta.flavors.get("python_function", {}).get("predict_fn", "predict")
     if name not in _SKLEARN_PREDICT_FNS:
         return None
     fn = getattr(model.get_raw_model(), name, None)

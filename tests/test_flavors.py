@@ -133,6 +133,34 @@ def test_demo_pipelines_answer_as_pyfunc_and_keep_their_frames(
     assert same_output(predictor.predict(frame, None), expected)
 
 
+@pytest.mark.parametrize("api", ["sklearn", "booster"])
+def test_lightgbm_models_answer_as_pyfunc_on_frames_and_arrays(tmp_path: Path, api: str) -> None:
+    """mlflow.lightgbm's pyfunc ends in the raw model's ``predict``: called directly."""
+    import lightgbm
+    from mlflow import lightgbm as mlflow_lightgbm
+
+    x, y = breast_cancer_frame()
+    if api == "sklearn":
+        raw: Any = lightgbm.LGBMClassifier(n_estimators=20, verbose=-1).fit(x, y)
+    else:
+        params = {"objective": "binary", "verbose": -1}
+        raw = lightgbm.train(params, lightgbm.Dataset(x, y), num_boost_round=20)
+    path = tmp_path / f"lightgbm-{api}"
+    mlflow_lightgbm.save_model(raw, str(path), signature=signature_for(x.head(5), n_outputs=1))
+    model = mlflow.pyfunc.load_model(str(path))
+    predictor = predictor_for(model)
+    assert (predictor.flavor, predictor.fast, predictor.takes_numpy) == (
+        "mlflow.lightgbm",
+        True,
+        True,
+    )
+    frame = _parsed(model, _breast_cancer_rows())
+    expected = model.predict(frame)
+    assert len(expected) == N_ROWS
+    assert same_output(predictor.predict(frame, None), expected)
+    assert same_output(predictor.predict(frame.to_numpy(), None), expected)
+
+
 def test_params_go_through_pyfunc_and_its_params_schema(tmp_path: Path) -> None:
     x, y = breast_cancer_frame()
     base = signature_for(x.head(5))
