@@ -16,6 +16,7 @@ Two ways to type a column, both giving what MLflow's scoring server hands the mo
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -79,8 +80,36 @@ def typed_rows(
     """The model's columns, in its order, typed; InvalidInput for a value not of its type."""
     specs: dict[str, Any] = schema.input_dict()
     names = tuple(str(name) for name in schema.input_names() if str(name) in columns)
-    arrays = tuple(_convert(name, specs[name], columns[name]) for name in names)
+    converted = _plain_doubles(names, specs, columns)
+    arrays = tuple(
+        converted[name] if name in converted else _convert(name, specs[name], columns[name])
+        for name in names
+    )
     return Rows(names, arrays, n_rows, index)
+
+
+def _plain_doubles(
+    names: Sequence[str], specs: Mapping[str, Any], columns: Mapping[str, Sequence[Any]]
+) -> dict[str, np.ndarray]:
+    """The double columns at once when they hold plain JSON numbers only (numeric models' usual
+    input): one array call instead of one per column; anything else is left to ``_convert``."""
+    doubles = [
+        name for name in names if specs[name].type == DataType.double and _is_list(columns[name])
+    ]
+    if len(doubles) < 2:
+        return {}
+    values = [columns[name] for name in doubles]
+    if not set(map(type, itertools.chain.from_iterable(values))) <= _PLAIN_NUMBERS:
+        return {}
+    try:
+        block = np.array(values, dtype=np.float64)
+    except OverflowError:  # an integer past any double: the column is named one by one
+        return {}
+    return dict(zip(doubles, block, strict=True))
+
+
+def _is_list(values: Sequence[Any]) -> bool:
+    return isinstance(values, list | tuple)
 
 
 def enforce_like_mlflow(data: Any, schema: Schema) -> Any:
@@ -135,10 +164,13 @@ def _convert(name: str, spec: ColSpec, values: Sequence[Any]) -> Any:
         return _convert_with_mlflow(name, spec, values)
     # Decoded JSON values are plain Python ones: their types say enough without inference. A
     # read CSV or Parquet column (a Series) is inferred by pandas, faster than a loop over it.
-    kinds = set(map(type, values)) if isinstance(values, list | tuple) else _UNKNOWN
+    kinds = set(map(type, values)) if _is_list(values) else _UNKNOWN
     if t in _FLOAT_TYPES:
         if (kinds and kinds <= _PLAIN_NUMBERS) or infer_dtype(values, skipna=True) in _NUMBER_KINDS:
-            return np.array(values, dtype=t.to_numpy())  # None -> NaN, as in pandas
+            try:
+                return np.array(values, dtype=t.to_numpy())  # None -> NaN, as in pandas
+            except OverflowError:
+                raise _out_of_range(name, t, np.finfo(t.to_numpy())) from None
         raise _wrong_type(name, t, values)
     if t in _INTEGER_TYPES:
         return _convert_integers(name, t, values, plain=kinds == _INT)
@@ -215,7 +247,7 @@ def _null_value(name: str, t: DataType, values: Sequence[Any]) -> InvalidInput:
     )
 
 
-def _out_of_range(name: str, t: DataType, limits: np.iinfo) -> InvalidInput:
+def _out_of_range(name: str, t: DataType, limits: np.iinfo | np.finfo) -> InvalidInput:
     return InvalidInput(
         f"column '{name}' is {t.name}: a value is outside [{limits.min}, {limits.max}]"
     )

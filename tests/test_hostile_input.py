@@ -6,6 +6,7 @@ while) decoding: bounded decoding is in ``router/bodies.py``.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from router.app import create_app
+from router.bodies import MAX_JSON_DEPTH, load_json
+from router.errors import BadRequest
 from tests.conftest import MlflowRegistry, serve_in_thread
 from tests.live_router import http_client, router_settings, split_body, wait_ready
 
@@ -187,3 +190,28 @@ def test_huge_parquet_costs_no_memory_before_refusal(tmp_path: Path) -> None:
 
 def _footer_length(body: bytes) -> int:
     return int.from_bytes(body[-8:-4], "little")
+
+
+@pytest.mark.parametrize("levels", [MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH, MAX_JSON_DEPTH + 1])
+def test_json_depth_is_bounded_exactly_at_the_limit(levels: int) -> None:
+    """The walk that bounds the depth is skipped for bodies with too few containers to reach it:
+    the limit itself holds either way."""
+    body = b"[" * levels + b"]" * levels
+    if levels <= MAX_JSON_DEPTH:
+        assert load_json(body) is not None
+    else:
+        with pytest.raises(BadRequest, match="deeper than"):
+            load_json(body)
+
+
+def test_an_integer_past_any_double_is_a_400_naming_its_column(
+    client: httpx.Client, mlflow_registry: MlflowRegistry
+) -> None:
+    body = split_body(mlflow_registry.holdout.head(1))
+    columns = body["dataframe_split"]["columns"]
+    row = body["dataframe_split"]["data"][0]
+    row[columns.index("monthly_charges")] = "HUGE"
+    text = json.dumps(body).replace('"HUGE"', "1" + "0" * 400)
+    response = client.post("/invocations", content=text, headers=JSON)
+    assert "monthly_charges" in _error(response, 400)
+    assert client.get("/healthz").status_code == 200
