@@ -1,18 +1,22 @@
 """The evaluator on a big prediction log: wall time and peak RSS of one evaluation.
 
     python -m bench.evaluator --rows 1000000 [--url sqlite:////tmp/p.db | postgresql+psycopg://…]
+        [--schema bench_eval]   # PostgreSQL: a throwaway schema of its own, created if missing
 
 Fills the log in SQL (a recursive CTE on SQLite, ``generate_series`` on PostgreSQL: no Python per
 row), with sticky users (routing keys, so the per-user path is measured), 90/10, 3% outcomes
 missing, 0.5% challenger fallbacks, then runs the judging path the CLI runs
 (:func:`experiments.evaluate.evaluate`, aliases given so no registry is needed) in a fresh child
-process and reports its wall time and peak resident memory (``ru_maxrss``).
+process and reports its wall time, CPU time and peak resident memory (``ru_maxrss``), next to the
+peak after imports alone (MLflow, SQLAlchemy, numpy: what any evaluator process holds), and a
+markdown row for ``bench/evaluator.md`` with the machine's load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -95,10 +99,12 @@ def measure(url: str) -> dict[str, float | str]:
         "from router.config import settings_from_mapping\n"
         f"s = settings_from_mapping({{'model': {{'name': 'bench-model'}}, "
         f"'prediction_log': {{'url': {url!r}}}}}, env={{}})\n"
+        "import resource\n"
+        "imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
         "t = time.monotonic()\n"
         f"ev = evaluate(s, aliases=AliasSnapshot('1', '2', None), now={T0} + 1e8)\n"
         "print(json.dumps({'seconds': time.monotonic() - t, 'decision': ev.decision, "
-        "'n': ev.champion.n + ev.challenger.n, 'units': ev.unit}))\n"
+        "'n': ev.champion.n + ev.challenger.n, 'units': ev.unit, 'import_rss_mib': imported}))\n"
     )
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
@@ -119,15 +125,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--users", type=int, default=200_000)
     parser.add_argument("--url", default="sqlite:////tmp/bench-evaluator.db")
     parser.add_argument("--skip-fill", action="store_true", help="reuse the log at --url")
+    parser.add_argument(
+        "--schema", help="PostgreSQL: fill and read this schema (created if missing), not public"
+    )
     args = parser.parse_args(argv)
+    if args.schema:
+        args.url = in_schema(args.url, args.schema)
     if not args.skip_fill:
         print(f"filled {args.rows:,} rows in {fill(args.url, args.rows, args.users):.0f} s")
     r = measure(args.url)
     safe = sa.make_url(args.url).render_as_string(hide_password=True)
+    load = os.getloadavg()
     print(
         f"{safe}: {args.rows:,} rows -> {r['decision']} ({r['n']:,} judged rows, units "
         f"{r['units']}) in {float(r['seconds']):.1f} s wall ({float(r['cpu_s']):.1f} s CPU in the "
-        f"evaluator process, whole process), peak RSS {float(r['peak_rss_mib']):.0f} MiB"
+        f"evaluator process, whole process), peak RSS {float(r['peak_rss_mib']):.0f} MiB "
+        f"({float(r['import_rss_mib']):.0f} MiB after imports); load average "
+        f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
+    )
+    backend = sa.make_url(args.url).get_backend_name()
+    print(
+        f"| {backend} | {args.rows:,} | {float(r['seconds']):.1f} s | {float(r['cpu_s']):.1f} s | "
+        f"{float(r['peak_rss_mib']):.0f} MiB ({float(r['import_rss_mib']):.0f} after imports) | "
+        f"{load[0]:.1f} |"
+    )
+
+
+def in_schema(url: str, schema: str) -> str:
+    """``url`` with ``search_path`` set to ``schema``, created if missing (PostgreSQL only)."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        raise SystemExit("--schema is for PostgreSQL URLs")
+    engine = sa.create_engine(parsed)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+    engine.dispose()
+    return parsed.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+        hide_password=False
     )
 
 
