@@ -368,9 +368,9 @@ def _unit_pass(
         # they come from (-15% CPU on 10M rows). On PostgreSQL a LIMIT would stop parallelism.
         rows += " LIMIT -1"
     # One sort by unit (unit first: SQLite's sorter settles most comparisons on the leading key
-    # alone, where "arm" first ties on nine rows in ten); the running interval follows cohorts of units by the slice of their first
-    # judged prediction (GrowthBook plots its cumulative results by first exposure the same way):
-    # a second GROUP BY over units, not rows.
+    # alone, where "arm" first ties on nine rows in ten); the running interval follows cohorts of
+    # units by the slice of their first judged prediction (GrowthBook plots its cumulative results
+    # by first exposure the same way): a second GROUP BY over units, not rows.
     sql = (
         "SELECT arm, first, COUNT(*) AS units, SUM(CASE WHEN r > 0 THEN 1 ELSE 0 END) AS runits, "
         "SUM(f) AS fx, SUM(r) AS fy, SUM(f * f) AS fxx, SUM(r * r) AS fyy, SUM(f * r) AS fxy, "
