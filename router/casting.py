@@ -197,7 +197,10 @@ def _convert_integers(name: str, t: DataType, values: Sequence[Any], *, plain: b
         except OverflowError:
             raise _out_of_range(name, t, limits) from None
     if kind in ("floating", "mixed-integer-float"):
-        floats = np.array(values, dtype=np.float64)
+        try:
+            floats = np.array(values, dtype=np.float64)
+        except OverflowError:
+            raise _out_of_range(name, t, limits) from None
         if np.isnan(floats).any():
             raise _null_value(name, t, values)
         if not np.array_equal(floats, np.trunc(floats)):  # fractions and infinities
@@ -230,7 +233,9 @@ def _fits(t: DataType, value: Any) -> bool:
         return t == DataType.boolean
     if t == DataType.boolean or not isinstance(value, int | float | np.integer | np.floating):
         return False
-    return t not in _INTEGER_TYPES or float(value).is_integer() or value != value
+    if t not in _INTEGER_TYPES or isinstance(value, int | np.integer):
+        return True  # an integer past any double never goes through float()
+    return float(value).is_integer() or value != value
 
 
 def _wrong_type(name: str, t: DataType, values: Sequence[Any]) -> InvalidInput:

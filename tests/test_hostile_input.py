@@ -14,10 +14,12 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from mlflow.types import ColSpec, Schema
 
 from router.app import create_app
 from router.bodies import MAX_JSON_DEPTH, load_json
-from router.errors import BadRequest
+from router.errors import BadRequest, InvalidInput
+from router.payload import parse_invocation
 from tests.conftest import MlflowRegistry, serve_in_thread
 from tests.live_router import http_client, router_settings, split_body, wait_ready
 
@@ -215,3 +217,16 @@ def test_an_integer_past_any_double_is_a_400_naming_its_column(
     response = client.post("/invocations", content=text, headers=JSON)
     assert "monthly_charges" in _error(response, 400)
     assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("other", ["null", "1.5", '"x"', "2"])
+@pytest.mark.parametrize("column_type", ["long", "integer", "double", "float"])
+def test_an_integer_past_any_double_beside_any_value_is_a_client_error(
+    column_type: str, other: str
+) -> None:
+    """Found by the thorough fuzz profile: such an integer beside a null or a fraction reached
+    ``float()`` on the error path (a 500)."""
+    schema = Schema([ColSpec(column_type, "a")])
+    body = '{"dataframe_records": [{"a": 1' + "0" * 400 + '}, {"a": ' + other + "}]}"
+    with pytest.raises((BadRequest, InvalidInput)):
+        parse_invocation(body.encode(), "application/json", schema, MAX_ROWS)
