@@ -105,6 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     port = args.port if args.port is not None else settings.server.port
     workers = args.workers if args.workers is not None else settings.server.workers
     _prepare_multiprocess_metrics(workers)
+    from router.connlimits import http_protocol
+
+    # The connection cap and the request-head deadline, in whichever HTTP implementation.
+    http = http_protocol(settings.limits)
     if workers > 1:
         from router.supervisor import Supervisor
 
@@ -117,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=host,
             port=port,
             workers=workers,
+            http=http,
             log_level=args.log_level,
             log_config=log_config,
             timeout_graceful_shutdown=30,
@@ -128,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         create_app(settings),
         host=host,
         port=port,
+        http=http,
         log_level=args.log_level,
         log_config=log_config,
         timeout_graceful_shutdown=30,

@@ -59,6 +59,12 @@ class LimitSettings:
     max_body_bytes: int = 1_048_576
     # A client must send its whole body within this: slow senders cannot hold a connection open.
     body_read_timeout_s: float = 30.0
+    # Open connections per worker process; beyond it a new connection displaces one that has not
+    # sent a request yet, else it is answered 503 (router/connlimits.py).
+    max_connections: int = 1024
+    # A connection must deliver a complete request head within this after connecting (or after
+    # its last response): slowloris clients cannot hold connections open.
+    header_read_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -250,6 +256,8 @@ def _validate(s: Settings) -> None:
     _require(s.limits.max_rows >= 1, "limits.max_rows", "must be >= 1")
     _require(s.limits.max_body_bytes >= 1, "limits.max_body_bytes", "must be >= 1")
     _require(s.limits.body_read_timeout_s > 0, "limits.body_read_timeout_s", "must be > 0")
+    _require(s.limits.max_connections >= 1, "limits.max_connections", "must be >= 1")
+    _require(s.limits.header_read_timeout_s > 0, "limits.header_read_timeout_s", "must be > 0")
     _require(
         s.feedback.wait_for_prediction_s >= 0, "feedback.wait_for_prediction_s", "must be >= 0"
     )

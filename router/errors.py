@@ -105,6 +105,14 @@ class NotReady(RouterError):
     error_code = "TEMPORARILY_UNAVAILABLE"
 
 
+class TooManyConnections(RouterError):
+    """A connection opened beyond ``limits.max_connections`` (answered before the app runs)."""
+
+    status_code = 503
+    code = "too_many_connections"
+    error_code = "TEMPORARILY_UNAVAILABLE"
+
+
 class PredictionFailed(RouterError):
     """The champion raised while scoring: a server-side fault, not the client's."""
 

@@ -42,6 +42,11 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults() -> None:
         ({"model": {"name": "m"}, "validation": {"non_finite": False}}, "validation.non_finite"),
         ({"model": {"name": "m"}, "limits": {"max_rows": 0}}, "limits.max_rows"),
         ({"model": {"name": "m"}, "limits": {"max_rows": True}}, "limits.max_rows"),
+        ({"model": {"name": "m"}, "limits": {"max_connections": 0}}, "limits.max_connections"),
+        (
+            {"model": {"name": "m"}, "limits": {"header_read_timeout_s": 0}},
+            "limits.header_read_timeout_s",
+        ),
         ({"model": {"name": "m"}, "experiment": {"metric": "auc"}}, "experiment.metric"),
         ({"model": {"name": "m"}, "experiment": {"alpha": 1}}, "experiment.alpha"),
         (
