@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -71,6 +72,8 @@ PACKAGES: tuple[str, ...] = (
     "numpy",
     "starlette",
     "uvicorn",
+    "httptools",
+    "uvloop",
     "orjson",
 )
 
@@ -160,7 +163,12 @@ def machine_facts(generator: str) -> dict[str, str]:
         if generator == "wrk"
         else "Python asyncio raw sockets (bench/pyload.py), 1 process"
     )
-    facts["servers"] = "1 uvicorn worker each unless the target says 2, OMP_NUM_THREADS=1"
+    stack = [p for p in ("httptools", "uvloop") if importlib.util.find_spec(p) is not None]
+    facts["servers"] = (
+        "1 uvicorn worker each unless the target says 2, OMP_NUM_THREADS=1; every server (router,"
+        " bare app, mlflow serve) on the same uvicorn stack from this environment: "
+        + (" + ".join(stack) if stack else "h11 + asyncio")
+    )
     return facts
 
 

@@ -63,6 +63,9 @@ _IDLE_LEAVES: tuple[str, ...] = (
     "_threads.py:get",
     "thread.py:_worker",
     "socket.py:accept",
+    # uvloop's loop is C: no Python frame above asyncio.run means it waits in epoll (its own C
+    # work runs in the same thread, but its callbacks run as Python frames above this one).
+    "asyncio/runners.py:run",
 )
 
 

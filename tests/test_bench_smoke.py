@@ -136,6 +136,7 @@ def test_stage_of_takes_the_deepest_named_frame_and_skips_idle_threads() -> None
     assert stage_of([*parse, "/sklearn/pipeline.py:predict"]) == "model (sklearn, numpy)"
     assert stage_of(["threading.py:run", "/usr/lib/python3.11/threading.py:wait"]) is None
     assert stage_of(["asyncio/base_events.py:run_forever"]) == OTHER
+    assert stage_of(["uvicorn/main.py:run", "/usr/lib/python3.11/asyncio/runners.py:run"]) is None
 
 
 def test_group_cpu_counts_this_process() -> None:
