@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from bench.baseline_app import predict_body
+from bench.micro_path import measure_request_path
 from bench.registry import BenchRegistry, split_body
 
 Case = tuple[str, Callable[[], Any], int, str]  # name, call, rows per call, note
@@ -102,6 +103,10 @@ def measure_micro(
         for name, fn, rows, note in cases:
             median, best = time_call(fn, target_s=target_s, repeats=repeats)
             results.append(MicroCost(name, median * 1e6, best * 1e6, rows, note))
+        results += [
+            MicroCost(name, median, best, 1, note)
+            for name, median, best, note in measure_request_path(time_call, target_s, repeats)
+        ]
         champion = models["champion"][0]
         results += measure_gc(
             calls=max(100, round(target_s * 10_000)),

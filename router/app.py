@@ -337,7 +337,7 @@ class RouteTimer:
         finally:
             path = scope["path"]
             route = path if path in self.routes else "other"
-            service.metrics.request_latency.labels(route).observe(time.perf_counter() - start)
+            service.metrics.observe_request_latency(route, time.perf_counter() - start)
 
 
 async def _load_then_poll(manager: ModelManager) -> None:

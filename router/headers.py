@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +44,20 @@ class SecurityHeaders:
 
     def __init__(self, app: ASGIApp, csp: str) -> None:
         self.app = app
-        self._html = [
+        # Built once: every response gets one of these two lists (a header the app set itself of
+        # the same name is replaced, never doubled).
+        nosniff = [(b"x-content-type-options", b"nosniff")]
+        html = [
+            *nosniff,
             (b"content-security-policy", csp.encode()),
             (b"x-frame-options", b"DENY"),
             (b"cache-control", b"no-store"),
             (b"referrer-policy", b"no-referrer"),
         ]
+        self._added = {
+            False: (nosniff, {b"x-content-type-options"}),
+            True: (html, {n for n, _ in html}),
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,19 +66,15 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                added = [(b"x-content-type-options", b"nosniff")]
-                if _is_html(message):
-                    added += self._html
-                names = {name for name, _ in added}
-                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
-                message["headers"] = kept + added
+                headers = message.get("headers", [])
+                added, names = self._added[_is_html(headers)]
+                message["headers"] = [h for h in headers if h[0].lower() not in names] + added
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
 
 
-def _is_html(message: Message) -> bool:
+def _is_html(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return any(
-        k.lower() == b"content-type" and v.lower().startswith(b"text/html")
-        for k, v in message.get("headers", [])
+        k.lower() == b"content-type" and v.lower().startswith(b"text/html") for k, v in headers
     )

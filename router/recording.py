@@ -52,12 +52,12 @@ class Recorder:
         jsonable = to_jsonable(scored.prediction)
         facts = row_facts(scored.prediction, jsonable, n_rows)
         m = self._metrics
-        m.requests.labels(arm.value, arm_version, status.value).inc()
+        m.count_request(arm.value, arm_version, status.value)
         if reason is not None:
-            m.fallback.labels(reason.value).inc()
+            m.count_fallback(reason.value)
         role, version = served_by.role, served_by.version
-        m.predict_latency.labels(role, version).observe(scored.latency_s)
-        m.observe_scores(role, version, (s for s in facts.scores if s is not None))
+        m.observe_predict_latency(role, version, scored.latency_s)
+        m.observe_scores(role, version, facts.scores)
         m.count_classes(role, version, facts.classes)
         self._rows(request, arm, version, status, reason, scored.latency_s, n_rows, facts)
         return jsonable
@@ -76,12 +76,12 @@ class Recorder:
 
         ``n_rows`` None: the input never parsed, one row (row_index 0) stands for the request.
         """
-        self._metrics.requests.labels(arm.value, arm_version, status.value).inc()
+        self._metrics.count_request(arm.value, arm_version, status.value)
         self._rows(request, arm, row_version, status, reason, 0.0, n_rows or 1, None)
 
     def skipped(self, arm: Arm, arm_version: str) -> None:
         """Shadow scoring not attempted (overload, or the challenger's circuit is open)."""
-        self._metrics.requests.labels(arm.value, arm_version, "skipped").inc()
+        self._metrics.count_request(arm.value, arm_version, "skipped")
 
     def _rows(
         self,
