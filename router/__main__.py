@@ -124,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             http=http,
             log_level=args.log_level,
             log_config=log_config,
+            access_log=settings.server.access_log,
             timeout_graceful_shutdown=30,
         )
         return Supervisor(config, workers).run()
@@ -136,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         http=http,
         log_level=args.log_level,
         log_config=log_config,
+        access_log=settings.server.access_log,
         timeout_graceful_shutdown=30,
     )
     return 0

@@ -19,6 +19,8 @@ _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/\s:@
 
 def redact(text: str) -> str:
     """``text`` with the password of every ``scheme://user:password@host`` URI masked."""
+    if "://" not in text:  # the pattern needs it: most log lines (access lines) skip the regex
+        return text
     return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
 
 
