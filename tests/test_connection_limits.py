@@ -9,6 +9,7 @@ connections are never refused. ``python -m router`` applies the limits with one 
 from __future__ import annotations
 
 import http.client
+import re
 import select
 import socket
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench import slowloris
 from router.app import create_app
 from router.config import Settings
 from router.connlimits import http_protocol
@@ -166,3 +168,16 @@ def test_python_m_router_closes_a_slow_head(
         slow.sendall(SLOW_HEAD)
         answer = _read_until_closed(slow)
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+
+
+def test_the_slowloris_bench_reports_how_slow_connections_ended(
+    mlflow_registry: MlflowRegistry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = router_settings(
+        mlflow_registry, tmp_path / "log.db", limits={"header_read_timeout_s": 1}
+    )
+    with _serving(settings, "h11") as port:
+        slowloris.main([f"http://127.0.0.1:{port}", "--connections", "20", "--seconds", "4"])
+    out = capsys.readouterr().out
+    assert "{'HTTP/1.1 408': 20}" in out, out
+    assert re.search(r"probes .*: \{'HTTP/1.1 200': \d+\}$", out, re.MULTILINE), out
