@@ -79,7 +79,7 @@ def measure_micro(
             "router.payload.parse_invocation, 1 row",
             lambda: parse_invocation(body, "application/json", schema, 1000),
             1,
-            "JSON to typed DataFrame, signature checks",
+            "JSON to checked typed rows, signature checks (no DataFrame)",
         ),
     ]
     frames = {
