@@ -126,6 +126,16 @@ def label_pairs(conn: Connection, eid: str) -> list[tuple[str, str]]:
     return [(c, v) for c in classes for v in outcomes if logschema.outcome_matches(c, v)]
 
 
+def _unflattened(conn: Connection) -> str:
+    """What ends a subquery that feeds a GROUP BY so that SQLite does not flatten it.
+
+    LIMIT -1 (no limit) keeps the subquery whole: SQLite's sorter then carries the few small
+    values it computes per row, not the raw columns they come from (-15% CPU on 10M rows).
+    Nothing on PostgreSQL, where a LIMIT would stop its parallel workers.
+    """
+    return " LIMIT -1" if conn.dialect.name == "sqlite" else ""
+
+
 def _tune(conn: Connection) -> None:
     """Settings for this transaction only (never the router's sessions), measured on 10M rows.
 
@@ -214,14 +224,22 @@ def _latencies(conn: Connection, eid: str, arms: Sequence[str]) -> dict[str, Lat
         "lnr": math.log(LATENCY_RATIO),
     }
     arm_in = _in_list("arm", arms, params)
-    sql = (
-        "SELECT arm, CAST(FLOOR(LN(latency_s / :base) / :lnr) AS INTEGER) AS b, COUNT(*) AS n "
+    # One integer key (the bucket) and a count per arm as columns: SQLite sorts to group, and a
+    # lone integer key with half the groups sorts fastest (-25% CPU on 10M rows).
+    per_arm = ", ".join(
+        f"SUM(CASE WHEN arm = :arm{i} THEN 1 ELSE 0 END) AS n{i}" for i in range(len(arms))
+    )
+    rows = (
+        "SELECT CAST(FLOOR(LN(latency_s / :base) / :lnr) AS INTEGER) AS b, arm "
         f"FROM predictions WHERE experiment_id = :eid AND row_index = 0 AND arm IN {arm_in} "
-        "AND status = :ok AND latency_s > 0 GROUP BY b, arm"
-    )  # b first: SQLite's sorter compares a leading integer key fast (-15% CPU on 10M rows)
+        f"AND status = :ok AND latency_s > 0{_unflattened(conn)}"
+    )
+    sql = f"SELECT b, {per_arm} FROM ({rows}) t GROUP BY b"
     counts: dict[str, dict[int, int]] = {a: {} for a in arms}
-    for arm, b, n in conn.execute(sa.text(sql), params):
-        counts[arm][int(b)] = int(n)
+    for b, *ns in conn.execute(sa.text(sql), params):
+        for arm, n in zip(arms, ns, strict=True):
+            if n:
+                counts[arm][int(b)] = int(n)
     return {a: LatencyHistogram(c) for a, c in counts.items()}
 
 
@@ -362,11 +380,7 @@ def _unit_pass(
         "FROM predictions p LEFT JOIN outcomes o ON o.request_id = p.request_id "
         f"AND o.row_index = p.row_index WHERE p.experiment_id = :eid AND p.arm IN {arm_in}"
     )
-    if conn.dialect.name == "sqlite":
-        # LIMIT -1 (no limit) keeps SQLite from flattening this subquery into the GROUP BY: its
-        # sorter then carries the ten small values above per row, not the dozen raw columns
-        # they come from (-15% CPU on 10M rows). On PostgreSQL a LIMIT would stop parallelism.
-        rows += " LIMIT -1"
+    rows += _unflattened(conn)
     # One sort by unit (unit first: SQLite's sorter settles most comparisons on the leading key
     # alone, where "arm" first ties on nine rows in ten); the running interval follows cohorts of
     # units by the slice of their first judged prediction (GrowthBook plots its cumulative results
