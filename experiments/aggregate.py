@@ -365,18 +365,21 @@ def _unit_pass(
         params["cap"] = cap
         v = f"(CASE WHEN ({v}) > :cap THEN :cap ELSE ({v}) END)"
     matured = f"p.status IN {served} AND p.ts <= :cutoff"
-    counted = f"{matured} AND o.ts IS NOT NULL AND o.ts <= p.ts + :window"
-    request = "p.row_index = 0 AND p.status <> :client"
+    counted = "o.ts IS NOT NULL AND o.ts <= p.ts + :window"
+    # Per row: the unit, the slice if matured, one integer of flags and the metric. Six 0/1 facts
+    # packed into one column keep the rows the GROUP BY sorts narrow (SQLite sorts to group) and
+    # test each condition once: 1 request (row 0, not a client error), 2 model fault, 4 client
+    # error, 8 fallback, 16 matured, 32 outcome counted (within the window).
+    flags = (
+        "CASE WHEN p.row_index = 0 THEN CASE WHEN p.status = :client THEN 4 ELSE 1 "
+        f"+ CASE WHEN p.reason IN {faults_in} THEN 2 ELSE 0 END "
+        "+ CASE WHEN p.status = :fallback THEN 8 ELSE 0 END END ELSE 0 END "
+        f"+ CASE WHEN {matured} THEN 16 + CASE WHEN {counted} THEN 32 ELSE 0 END ELSE 0 END"
+    )
     rows = (
         f"SELECT p.arm AS arm, {unit.format(a='p')} AS unit, "
-        "CAST(FLOOR((p.ts - :t0) / :width) AS INTEGER) AS slice, "
-        f"CASE WHEN {request} THEN 1 ELSE 0 END AS r, "
-        f"CASE WHEN {request} AND p.reason IN {faults_in} THEN 1 ELSE 0 END AS f, "
-        "CASE WHEN p.row_index = 0 AND p.status = :client THEN 1 ELSE 0 END AS ce, "
-        "CASE WHEN p.row_index = 0 AND p.status = :fallback THEN 1 ELSE 0 END AS fb, "
-        f"CASE WHEN {matured} THEN 1 ELSE 0 END AS m, "
-        f"CASE WHEN {counted} THEN 1 ELSE 0 END AS c, "
-        f"CASE WHEN {counted} THEN {v} END AS v "
+        f"CASE WHEN {matured} THEN CAST(FLOOR((p.ts - :t0) / :width) AS INTEGER) END AS ms, "
+        f"{flags} AS k, CASE WHEN {matured} AND {counted} THEN {v} END AS v "
         "FROM predictions p LEFT JOIN outcomes o ON o.request_id = p.request_id "
         f"AND o.row_index = p.row_index WHERE p.experiment_id = :eid AND p.arm IN {arm_in}"
     )
@@ -392,10 +395,10 @@ def _unit_pass(
         "SUM(cx) AS cx, SUM(cy) AS cy, SUM(cx * cx) AS cxx, SUM(cy * cy) AS cyy, "
         "SUM(cx * cy) AS cxy, SUM(mx) AS mx, SUM(my) AS my, SUM(mx * mx) AS mxx, "
         "SUM(my * my) AS myy, SUM(mx * my) AS mxy, SUM(skipped) AS skipped FROM ("
-        "SELECT arm, unit, MIN(CASE WHEN m = 1 THEN slice END) AS first, SUM(r) AS r, "
-        "SUM(f) AS f, SUM(ce) AS ce, SUM(fb) AS fb, SUM(m) AS cy, SUM(c) AS cx, "
-        "COALESCE(SUM(v), 0) AS mx, COUNT(v) AS my, "
-        "SUM(CASE WHEN c = 1 AND v IS NULL THEN 1 ELSE 0 END) AS skipped "
+        "SELECT arm, unit, MIN(ms) AS first, SUM(k & 1) AS r, SUM(k & 2) / 2 AS f, "
+        "SUM(k & 4) / 4 AS ce, SUM(k & 8) / 8 AS fb, SUM(k & 16) / 16 AS cy, "
+        "SUM(k & 32) / 32 AS cx, COALESCE(SUM(v), 0) AS mx, COUNT(v) AS my, "
+        "SUM(CASE WHEN k >= 32 AND v IS NULL THEN 1 ELSE 0 END) AS skipped "
         f"FROM ({rows}) t GROUP BY unit, arm) u GROUP BY arm, first"
     )
     requests: dict[str, dict[str, Any]] = {}
