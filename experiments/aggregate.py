@@ -1,15 +1,16 @@
 """The prediction log to sufficient statistics, in SQL: a few rows per arm come back, never one per
-prediction, so 10M logged rows are judged in seconds with bounded memory (SQLite and PostgreSQL).
+prediction, so 10M logged rows are judged in tens of seconds with bounded memory (SQLite and
+PostgreSQL; figures in bench/evaluator.md).
 
-Four passes over the experiment's rows, each a GROUP BY the database does in one scan:
+A few passes over the experiment's rows, each a GROUP BY the database does in one scan:
 
 1. shape: are there routing keys (units are users) or multi-row requests (units are requests)?
-2. requests (row 0 of each request, per assigned arm): requests, model faults and client errors per
-   unit, and per-arm latency histograms;
+2. latency: per-arm histograms of row 0 of each served request;
 3. (capped metrics only) a histogram of the row metric, for the cap at its configured quantile;
-4. predictions whose outcome window has closed, LEFT JOIN their outcomes: per unit and time slice,
-   the metric and coverage sums; window functions turn per-slice sums into running per-unit sums,
-   so one query yields both the final moments and the running interval of the report.
+4. split mode with units (users, or multi-row requests): ONE pass, predictions LEFT JOIN their
+   outcomes grouped by unit, gives requests, faults, client errors, coverage and the metric per
+   unit, then per arm and cohort of first judged prediction (the running interval). Otherwise a
+   requests pass and a metric pass, per time slice, with window functions for the running sums.
 
 The accuracy event is :func:`router.logschema.outcome_matches` itself: the distinct (class,
 outcome) spellings in the log are few, so Python decides each pair once and SQL looks them up.
