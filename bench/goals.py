@@ -11,9 +11,7 @@ from dataclasses import dataclass
 
 from bench.load import LoadResult
 from bench.rows import BASELINE, MLFLOW_SERVE, TargetRow, find
-
-ROUTER = "router"
-ROUTER_TWO_WORKERS = "router, 2 workers"
+from bench.targets import ROUTER, ROUTER_CHAMPION_ONLY, ROUTER_TWO_WORKERS
 
 
 @dataclass(frozen=True)
@@ -54,6 +52,15 @@ def _p50_within_10pct(mine: LoadResult, ref: LoadResult) -> tuple[float, bool]:
 
 RULES: tuple[_Rule, ...] = (
     _Rule("1 connection: router ≥ 0.9× bare app", (ROUTER, 1), (BASELINE, 1), _throughput(0.9)),
+    # The bare app serves the champion only; the router sends 10% to the challenger, whose model
+    # may cost more (the demo's gradient boosting: 4x the champion). Same model, same work: this
+    # is the router's own overhead.
+    _Rule(
+        "1 connection: router with the champion only ≥ 0.9× bare app (the router's overhead)",
+        (ROUTER_CHAMPION_ONLY, 1),
+        (BASELINE, 1),
+        _throughput(0.9),
+    ),
     _Rule("32 connections: router ≥ 3× bare app", (ROUTER, 32), (BASELINE, 32), _throughput(3.0)),
     _Rule(
         "32 connections: router ≥ 10× mlflow models serve",

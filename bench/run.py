@@ -59,11 +59,22 @@ ALL_TARGETS: dict[str, str] = {
     "baseline": BASELINE,
     "mlflow-serve": MLFLOW_SERVE,
 }
-DEFAULT_TARGETS = ("router", "router-unbatched", "router-2-workers", "baseline", "mlflow-serve")
+DEFAULT_TARGETS = (
+    "router",
+    "router-unbatched",
+    "router-2-workers",
+    "router-champion-only",
+    "baseline",
+    "mlflow-serve",
+)
 MODEL_IDS = ("churn-predictor", "breast-cancer", "breast-cancer-gbm")
 CONNECTIONS: tuple[int, ...] = (1, 8, 32, 64)
 # The targets compared at fewer concurrencies (the issues' targets need 1 and 32): time.
-REDUCED: dict[str, tuple[int, ...]] = {ROUTER_TWO_WORKERS: (1, 32), MLFLOW_SERVE: (1, 32)}
+REDUCED: dict[str, tuple[int, ...]] = {
+    ROUTER_TWO_WORKERS: (1, 32),
+    ROUTER_CHAMPION_ONLY: (1, 32),
+    MLFLOW_SERVE: (1, 32),
+}
 PROFILED = (ROUTER, BASELINE)
 PACKAGES: tuple[str, ...] = (
     "mlflow",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,56 +57,80 @@ _EXPECTED = {
 }
 
 
-def check_columns(columns: Mapping[str, Any], schema: Schema, extra_columns: ExtraColumns) -> None:
+@dataclass(frozen=True)
+class ColumnPlan:
+    """What parsing asks of a column signature on every request, read from it once per model
+    (MLflow's ``Schema`` accessors rebuild their lists on each call)."""
+
+    names: tuple[str, ...]  # the signature's columns, in its order
+    specs: Mapping[str, ColSpec]
+    required: tuple[str, ...]
+    doubles: frozenset[str]  # the double columns: converted together when plain numbers
+
+
+def column_plan(schema: Schema) -> ColumnPlan:
+    specs = {
+        str(name): spec for name, spec in schema.input_dict().items() if isinstance(spec, ColSpec)
+    }
+    return ColumnPlan(
+        names=tuple(str(name) for name in schema.input_names()),
+        specs=specs,
+        required=tuple(str(name) for name in schema.required_input_names()),
+        doubles=frozenset(name for name, spec in specs.items() if spec.type == DataType.double),
+    )
+
+
+def check_columns(
+    columns: Mapping[str, Any], plan: ColumnPlan, extra_columns: ExtraColumns
+) -> None:
     """Every required column present; unknown ones refused when ``extra_columns="reject"``."""
-    missing = [name for name in schema.required_input_names() if name not in columns]
+    missing = [name for name in plan.required if name not in columns]
     if missing:
         raise InvalidInput(
             f"missing column(s) required by the model signature: {names_text(missing)}"
         )
     if extra_columns == "reject":
-        specs = schema.input_dict()
-        extra = [name for name in columns if name not in specs]
+        extra = [name for name in columns if name not in plan.specs]
         if extra:
             raise InvalidInput(
                 f"unknown column(s) not in the model signature: {names_text(extra)} "
-                f"(the model takes {names_text(schema.input_names())}; "
+                f"(the model takes {names_text(plan.names)}; "
                 "validation.extra_columns: ignore drops them)"
             )
 
 
 def typed_rows(
-    columns: Mapping[str, Sequence[Any]], n_rows: int, index: list[Any] | None, schema: Schema
+    columns: Mapping[str, Sequence[Any]], n_rows: int, index: list[Any] | None, plan: ColumnPlan
 ) -> Rows:
     """The model's columns, in its order, typed; InvalidInput for a value not of its type."""
-    specs: dict[str, Any] = schema.input_dict()
-    names = tuple(str(name) for name in schema.input_names() if str(name) in columns)
-    converted = _plain_doubles(names, specs, columns)
+    names = tuple(name for name in plan.names if name in columns)
+    doubles = [name for name in names if name in plan.doubles]
+    block = _plain_doubles(doubles, columns)
+    if block is not None and len(doubles) == len(names):
+        return Rows(names, tuple(block), n_rows, index, block=block)
+    converted = {} if block is None else dict(zip(doubles, block, strict=True))
     arrays = tuple(
-        converted[name] if name in converted else _convert(name, specs[name], columns[name])
+        converted[name] if name in converted else _convert(name, plan.specs[name], columns[name])
         for name in names
     )
     return Rows(names, arrays, n_rows, index)
 
 
-def _plain_doubles(
-    names: Sequence[str], specs: Mapping[str, Any], columns: Mapping[str, Sequence[Any]]
-) -> dict[str, np.ndarray]:
-    """The double columns at once when they hold plain JSON numbers only (numeric models' usual
-    input): one array call instead of one per column; anything else is left to ``_convert``."""
-    doubles = [
-        name for name in names if specs[name].type == DataType.double and _is_list(columns[name])
-    ]
+def _plain_doubles(doubles: Sequence[str], columns: Mapping[str, Sequence[Any]]) -> Any:
+    """The double columns as one (columns x rows) array when they hold plain JSON numbers only
+    (numeric models' usual input), else None: one array call instead of one per column; anything
+    else is left to ``_convert``."""
     if len(doubles) < 2:
-        return {}
+        return None
     values = [columns[name] for name in doubles]
+    if not all(map(_is_list, values)):
+        return None
     if not set(map(type, itertools.chain.from_iterable(values))) <= _PLAIN_NUMBERS:
-        return {}
+        return None
     try:
-        block = np.array(values, dtype=np.float64)
-    except OverflowError:  # an integer past any double: the column is named one by one
-        return {}
-    return dict(zip(doubles, block, strict=True))
+        return np.array(values, dtype=np.float64)
+    except OverflowError:  # an integer past any double: the columns are named one by one
+        return None
 
 
 def _is_list(values: Sequence[Any]) -> bool:

@@ -39,6 +39,7 @@ from mlflow.utils import proto_json_utils
 from router import casting as casting_rules
 from router.bodies import load_json, read_csv, read_parquet
 from router.bodies import media_type as media_type_of
+from router.casting import ColumnPlan
 from router.casting import names_text as _names
 from router.columns import Columns, columns_of, split_index
 from router.config import Casting, ExtraColumns, NonFinite
@@ -140,6 +141,7 @@ def conform(
     casting: Casting = "mlflow",
     non_finite: NonFinite = "reject",
     params_schema: ParamSchema | None = None,
+    plan: ColumnPlan | None = None,
 ) -> ParsedInput:
     """Check and type a decoded input for ONE model's signature (its own columns, in its order).
 
@@ -147,7 +149,8 @@ def conform(
     values (see :mod:`router.casting`); the switches are ``ValidationSettings``'. ``params`` are
     checked against ``params_schema`` when given. Raises :class:`BadRequest` or
     :class:`InvalidInput` (400) naming the problem. Cheap to call once per arm: the body is not
-    decoded again.
+    decoded again. ``plan``: :func:`router.casting.column_plan` of ``input_schema``, made once per
+    model (else here, per call).
     """
     schema = input_schema
     if params_schema is not None:
@@ -155,10 +158,11 @@ def conform(
     data: Rows | InputData
     if _is_named_columns(schema):
         assert schema is not None
+        plan = plan if plan is not None else casting_rules.column_plan(schema)
         columns = _columns_for(raw, schema)
-        casting_rules.check_columns(columns, schema, extra_columns)
+        casting_rules.check_columns(columns, plan, extra_columns)
         try:
-            data = casting_rules.typed_rows(columns, raw.n_rows, raw.index, schema)
+            data = casting_rules.typed_rows(columns, raw.n_rows, raw.index, plan)
         except InvalidInput:
             if casting == "strict":
                 raise

@@ -19,12 +19,15 @@ import numpy as np
 import pandas as pd
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Rows:
     names: tuple[str, ...]  # the signature's columns present in the input, in signature order
     arrays: tuple[Any, ...]  # one per name: a numpy array, or a pandas ExtensionArray
     n_rows: int
     index: list[Any] | None = None  # the labels a client sent (dataframe_split), else 0..n-1
+    # One (columns x rows) array whose rows are ``arrays``, when one was built for them all (an
+    # all-double input): requests then join in one call and the matrix is a view of it.
+    block: np.ndarray | None = None
 
     @cached_property
     def key(self) -> Hashable:
@@ -42,6 +45,8 @@ class Rows:
         """The rows as one 2-D array: what ``self.frame().to_numpy()`` gives for numeric columns,
         in its memory order too (column-major: BLAS sums in another order for a row-major array,
         which changes the last bit of a linear model's answer)."""
+        if self.block is not None:
+            return self.block.T
         return np.array(self.arrays).T
 
     def float_columns(self) -> list[tuple[str, np.ndarray]]:
@@ -57,13 +62,24 @@ class Rows:
         if len(parts) == 1:
             return parts[0]
         head = parts[0]
+        n_rows = sum(part.n_rows for part in parts)
+        index = _joined_index(parts)
+        blocks = [part.block for part in parts if part.block is not None]
+        if len(blocks) == len(parts):
+            block = np.concatenate(blocks, axis=1)  # one call, not one per column
+            return Rows(head.names, tuple(block), n_rows, index, block=block)
         arrays = tuple(_concat([part.arrays[i] for part in parts]) for i in range(len(head.names)))
-        index: list[Any] | None = None
-        if any(part.index is not None for part in parts):
-            index = []
-            for part in parts:
-                index.extend(range(part.n_rows) if part.index is None else part.index)
-        return Rows(head.names, arrays, sum(part.n_rows for part in parts), index)
+        return Rows(head.names, arrays, n_rows, index)
+
+
+def _joined_index(parts: Sequence[Rows]) -> list[Any] | None:
+    """The labels ``pd.concat`` would keep: a part without any counts 0..n-1 of its own."""
+    if all(part.index is None for part in parts):
+        return None
+    index: list[Any] = []
+    for part in parts:
+        index.extend(range(part.n_rows) if part.index is None else part.index)
+    return index
 
 
 def _concat(arrays: list[Any]) -> Any:

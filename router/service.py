@@ -420,6 +420,7 @@ class RouterService:
             "casting": checks.casting,
             "non_finite": checks.non_finite,
             "params_schema": scorer.model.params_schema,
+            "plan": scorer.column_plan,
         }
         if raw.n_rows <= INLINE_MAX_ROWS:
             return conform(raw, schema, **rules)

@@ -1,4 +1,4 @@
-"""``server.access_log``: uvicorn's line per request, on by default, off when configured, in one
+"""``server.access_log``: uvicorn's line per request, off by default, on when configured, in one
 process and in every ``--workers`` worker."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ ACCESS_LINE = '"GET /healthz HTTP/1.1" 200'
 
 
 @pytest.mark.parametrize(
-    ("workers", "access_log"), [(1, None), (1, False), (2, False)], ids=["default", "off", "off-2"]
+    ("workers", "access_log"), [(1, None), (1, True), (2, True)], ids=["default", "on", "on-2"]
 )
 def test_access_log_setting(
     fresh_registry: FreshRegistry, tmp_path: Path, workers: int, access_log: bool | None
@@ -41,4 +41,4 @@ def test_access_log_setting(
         output = router.output_text(tail=None)
 
     assert "Application startup complete." in output  # the rest of uvicorn's log stays
-    assert (ACCESS_LINE in output) is (access_log is None)
+    assert (ACCESS_LINE in output) is (access_log is True)

@@ -117,8 +117,11 @@ def test_goals_are_met_missed_or_not_measured_per_model() -> None:
         TargetRow(BASELINE, 32, _result(100, p99_ms=50.0), 0.0, model="m"),
         TargetRow("router", 32, _result(250, p99_ms=40.0), 0.0, model="m"),
         TargetRow("router, 2 workers", 32, _result(450), 0.0, model="m"),
+        TargetRow("router, champion only", 1, _result(85), 0.0, model="m"),
     ]
     verdicts = {g.text: (g.measured, g.verdict) for g in check_goals(rows)}
+    overhead = "1 connection: router with the champion only ≥ 0.9× bare app (the router's overhead)"
+    assert verdicts[overhead] == ("0.85×", "**missed**")
     assert verdicts["1 connection: router ≥ 0.9× bare app"] == ("0.95×", "met")
     assert verdicts["32 connections: router ≥ 3× bare app"] == ("2.50×", "**missed**")
     assert verdicts["32 connections: router ≥ 10× mlflow models serve"] == ("", "not measured")

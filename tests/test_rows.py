@@ -77,3 +77,24 @@ def test_extension_arrays_join_too() -> None:
     dates = pd.array(pd.to_datetime(["2024-01-01", "2024-01-02"]))
     parts = [Rows(("d",), (dates[:1],), 1), Rows(("d",), (dates[1:],), 1)]
     assert Rows.join(parts).frame()["d"].tolist() == list(pd.to_datetime(dates))
+
+
+def test_all_double_inputs_carry_one_block_and_join_and_stack_as_the_columns_do() -> None:
+    schema = Schema([ColSpec("double", "a"), ColSpec("double", "b")])
+    bodies = ['{"dataframe_split": {"columns": ["b", "a"], "data": [[1, 2.5], [3, 4]]}}'] * 2
+    bodies.append('{"dataframe_records": [{"a": null, "b": 7}]}')  # a null: no block
+    parts = [
+        parse_invocation(body.encode(), "application/json", schema, 10).model_input
+        for body in bodies
+    ]
+    assert all(isinstance(part, Rows) for part in parts)
+    assert [part.block is not None for part in parts] == [True, True, False]
+    by_block = Rows.join(parts[:2])
+    by_columns = Rows.join([Rows(p.names, p.arrays, p.n_rows) for p in parts[:2]])
+    assert by_block.block is not None and by_columns.block is None
+    for joined in (by_block, by_columns):
+        assert joined.matrix().tolist() == [[2.5, 1.0], [4.0, 3.0], [2.5, 1.0], [4.0, 3.0]]
+        assert joined.matrix().flags.f_contiguous
+    mixed = Rows.join(parts)
+    assert mixed.block is None
+    assert np.array_equal(mixed.matrix()[-1], [np.nan, 7.0], equal_nan=True)
