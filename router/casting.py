@@ -57,6 +57,12 @@ _EXPECTED = {
 }
 
 
+def is_named_columns(schema: Schema | None) -> bool:
+    """A signature of named columns (what ``infer_signature`` gives for a DataFrame): the only
+    kind the router checks and types itself, and the only kind it batches."""
+    return schema is not None and not schema.is_tensor_spec() and schema.has_input_names()
+
+
 @dataclass(frozen=True)
 class ColumnPlan:
     """What parsing asks of a column signature on every request, read from it once per model
@@ -116,7 +122,9 @@ def typed_rows(
     return Rows(names, arrays, n_rows, index)
 
 
-def _plain_doubles(doubles: Sequence[str], columns: Mapping[str, Sequence[Any]]) -> Any:
+def _plain_doubles(
+    doubles: Sequence[str], columns: Mapping[str, Sequence[Any]]
+) -> np.ndarray | None:
     """The double columns as one (columns x rows) array when they hold plain JSON numbers only
     (numeric models' usual input), else None: one array call instead of one per column; anything
     else is left to ``_convert``."""
@@ -152,7 +160,8 @@ def check_finite(data: Any) -> None:
     """Refuse Infinity / -Infinity (also 1e400, which JSON readers make infinite) by column."""
     if isinstance(data, Rows):
         floats = data.float_columns()
-        if floats and np.isinf(np.concatenate([array for _, array in floats])).any():
+        values = data.block if data.block is not None else [array for _, array in floats]
+        if floats and np.isinf(np.concatenate(values, axis=None)).any():
             for name, array in floats:
                 _refuse_infinite(f"column '{name}'", array)
     elif isinstance(data, pd.DataFrame):

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from mlflow.types import DataType, Schema
 
+from router.casting import is_named_columns
 from router.rows import Rows
 
 log = logging.getLogger(__name__)
@@ -138,9 +139,7 @@ def _flavor_predict_fn(model: Any, flavor: str) -> Callable[[Any], Any] | None:
     meta = model.metadata
     schema = meta.get_input_schema()
     if (
-        schema is None
-        or schema.is_tensor_spec()
-        or not schema.has_input_names()
+        not is_named_columns(schema)
         or any(spec.type not in _FAST_TYPES for spec in schema.inputs)
         or meta._is_signature_from_type_hint()
         or meta._is_type_hint_from_example()

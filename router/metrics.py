@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import Counter as TallyCounter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -288,11 +289,7 @@ class RouterMetrics:
 
     def count_classes(self, arm: str, version: str, classes: Sequence[str | None]) -> None:
         """``router_predicted_class_total`` += rows per class (None: a row without one)."""
-        tally: dict[str, int] = {}
-        for name in classes:
-            if name is not None:
-                tally[name] = tally.get(name, 0) + 1
-        for name, count in tally.items():
+        for name, count in TallyCounter(c for c in classes if c is not None).items():
             self._predicted_class(arm, version, name).inc(count)
 
     def sync_prediction_log(self, pending: int, dropped: int, healthy: bool) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from mlflow.types import DataType
 
+from router.casting import is_named_columns
 from router.flavors import BATCHABLE_KEY
 
 
@@ -41,11 +42,7 @@ def model_kind(
     ``rows_independent``: what ``router.flavors`` says of its flavor and metadata)."""
     extra = getattr(getattr(pyfunc_model, "metadata", None), "metadata", None)
     extra = extra if isinstance(extra, dict) else {}
-    named = (
-        input_schema is not None
-        and not input_schema.is_tensor_spec()
-        and input_schema.has_input_names()
-    )
+    named = is_named_columns(input_schema)
     # Only typed column frames are batched (tensors: shapes may differ between requests).
     opted_out = extra.get(BATCHABLE_KEY) is False
     batchable = named and not opted_out and (rows_independent or batch_custom_models)

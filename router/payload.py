@@ -156,7 +156,7 @@ def conform(
     if params_schema is not None:
         _check_params(raw.params, params_schema)
     data: Rows | InputData
-    if _is_named_columns(schema):
+    if casting_rules.is_named_columns(schema):
         assert schema is not None
         plan = plan if plan is not None else casting_rules.column_plan(schema)
         columns = _columns_for(raw, schema)
@@ -256,7 +256,7 @@ def _parse_with_mlflow(raw: RawInput, schema: Schema | None) -> InputData:
         if raw.format == "parquet":
             return raw.value  # typed by the file; MLflow does not cast it either
         if raw.format == "csv":
-            if not _is_named_columns(schema):
+            if not casting_rules.is_named_columns(schema):
                 return raw.value  # MLflow cannot read CSV for a tensor signature; we can
             return _mlflow_csv(io.StringIO(raw.body.decode()), schema)
         if raw.format in ("instances", "inputs"):
@@ -302,10 +302,6 @@ def _csv_columns(raw: RawInput, schema: Schema) -> Columns:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def _is_named_columns(schema: Schema | None) -> bool:
-    return schema is not None and not schema.is_tensor_spec() and schema.has_input_names()
 
 
 def _check_row_count(n_rows: int, max_rows: int, fmt: str, *, read_all: bool = True) -> None:

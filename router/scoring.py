@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from router.batcher import MicroBatcher
 from router.breaker import CircuitBreaker
 from router.bulkhead import Bulkhead
-from router.casting import ColumnPlan, column_plan
+from router.casting import ColumnPlan, column_plan, is_named_columns
 from router.flavors import PredictFn, predictor_for
 from router.logschema import Reason
 from router.modelkind import ModelKind, model_kind, output_problem
@@ -99,9 +99,10 @@ class ModelScorer:
             batch_custom_models=options.batch_custom_models,
         )
         schema = model.input_schema
-        named = schema is not None and not schema.is_tensor_spec() and schema.has_input_names()
         # What parsing asks of the signature per request, read from it once.
-        self.column_plan: ColumnPlan | None = column_plan(schema) if named else None
+        self.column_plan: ColumnPlan | None = (
+            column_plan(schema) if is_named_columns(schema) else None
+        )
         self.bulkhead = Bulkhead(f"{role}-v{model.version}", options.threads)
         self.arriving = 0  # requests for this model being parsed: a batch may wait for them
         self.fallbacks: Counter[str] = Counter()  # requests of this arm the champion answered

@@ -150,10 +150,8 @@ class RouterService:
         # Retired scorers need no closing: their idle threads retire by themselves, and a call
         # still in flight on the old models finishes there.
         known = None
-        if arms.challenger is not None and not arms.signatures.same:
-            known = _column_names(arms.champion.input_schema) | _column_names(
-                arms.challenger.input_schema
-            )
+        if challenger is not None and not arms.signatures.same:
+            known = _column_names(champion) | _column_names(challenger)
         self._scorers = _Scorers(arms, champion, challenger, known)
         breaker = challenger.breaker if challenger is not None else None
         self.metrics.circuit_open.set(
@@ -556,10 +554,9 @@ class RouterService:
                 m.feedback_squared_error.labels(*labels).inc(error * error)
 
 
-def _column_names(schema: Any) -> frozenset[str]:
-    if schema is None or schema.is_tensor_spec() or not schema.has_input_names():
-        return frozenset()
-    return frozenset(str(name) for name in schema.input_names())
+def _column_names(scorer: ModelScorer) -> frozenset[str]:
+    plan = scorer.column_plan
+    return frozenset(plan.names) if plan is not None else frozenset()
 
 
 def _refuse_unknown(raw: RawInput, known: frozenset[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from router.casting import is_named_columns
 from router.modelkind import type_name
 
 
@@ -56,7 +57,7 @@ class SignatureDiff:
 
 
 def _columns(schema: Any) -> dict[str, str] | None:
-    if schema is None or schema.is_tensor_spec() or not schema.has_input_names():
+    if not is_named_columns(schema):
         return None
     return {str(spec.name): type_name(spec.type) for spec in schema.inputs}
 
