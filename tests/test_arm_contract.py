@@ -58,10 +58,8 @@ def _with_new_column(registry: MlflowRegistry) -> pd.DataFrame:
     return frame.assign(**{NEW: np.linspace(0.0, 1.0, len(frame))})
 
 
-def test_a_challenger_that_adds_a_column_gets_it_and_old_clients_fall_back_on_schema(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
-) -> None:
-    registry = fresh_registry()
+def _challenger_with_new_column(registry: MlflowRegistry) -> tuple[pd.DataFrame, str, str]:
+    """Rows with the new column, the @challenger version that takes it, the champion version."""
     union = _with_new_column(registry)
     challenger = register_pyfunc(
         registry.tracking_uri,
@@ -70,7 +68,14 @@ def test_a_challenger_that_adds_a_column_gets_it_and_old_clients_fall_back_on_sc
         union,
         alias="challenger",
     )
-    champion = registry.versions["champion"]
+    return union, challenger, registry.versions["champion"]
+
+
+def test_a_challenger_that_adds_a_column_gets_it_and_old_clients_fall_back_on_schema(
+    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+) -> None:
+    registry = fresh_registry()
+    union, challenger, champion = _challenger_with_new_column(registry)
     settings = router_settings(
         registry,
         tmp_path / "predictions.db",
@@ -195,15 +200,7 @@ def test_in_shadow_mode_each_model_gets_its_own_view_of_the_same_input(
     fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
 ) -> None:
     registry = fresh_registry()
-    union = _with_new_column(registry)
-    challenger = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        ColumnsModel([*FEATURES, NEW], p=0.9),
-        union,
-        alias="challenger",
-    )
-    champion = registry.versions["champion"]
+    union, challenger, champion = _challenger_with_new_column(registry)
     settings = router_settings(registry, tmp_path / "predictions.db", routing={"mode": "shadow"})
     with running_server(create_app(settings)) as url, http_client(url) as client:
         wait_ready(client)

@@ -86,16 +86,7 @@ def test_a_hanging_challenger_does_not_delay_the_champion(
     fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
 ) -> None:
     registry = fresh_registry()
-    gate = tmp_path / "gate"
-    gate.mkdir()
-    challenger = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        BlockingModel(str(gate)),
-        registry.holdout[FEATURES],
-        alias="challenger",
-    )
-    champion = registry.versions["champion"]
+    gate, challenger, champion = _blocking_challenger(registry, tmp_path)
     threads = 2
     settings = router_settings(
         registry,
@@ -137,15 +128,8 @@ def _timed(client: httpx.Client, body: dict[str, Any], key: str) -> tuple[httpx.
     return response, time.perf_counter() - start
 
 
-def _median(timed: list[tuple[httpx.Response, float]]) -> float:
-    values = sorted(t for _, t in timed)
-    return values[len(values) // 2]
-
-
-def test_a_challenger_that_times_out_trips_its_breaker_which_closes_again_by_itself(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
-) -> None:
-    registry = fresh_registry()
+def _blocking_challenger(registry: MlflowRegistry, tmp_path: Path) -> tuple[Path, str, str]:
+    """A @challenger that blocks until ``gate/release`` exists; the champion version."""
     gate = tmp_path / "gate"
     gate.mkdir()
     challenger = register_pyfunc(
@@ -155,7 +139,19 @@ def test_a_challenger_that_times_out_trips_its_breaker_which_closes_again_by_its
         registry.holdout[FEATURES],
         alias="challenger",
     )
-    champion = registry.versions["champion"]
+    return gate, challenger, registry.versions["champion"]
+
+
+def _median(timed: list[tuple[httpx.Response, float]]) -> float:
+    values = sorted(t for _, t in timed)
+    return values[len(values) // 2]
+
+
+def test_a_challenger_that_times_out_trips_its_breaker_which_closes_again_by_itself(
+    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+) -> None:
+    registry = fresh_registry()
+    gate, challenger, champion = _blocking_challenger(registry, tmp_path)
     settings = router_settings(
         registry,
         tmp_path / "predictions.db",
