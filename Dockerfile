@@ -33,6 +33,7 @@ RUN python -c "import tomllib; deps = tomllib.load(open('/tmp/deps/pyproject.tom
 COPY pyproject.toml README.md /src/
 COPY router /src/router
 COPY experiments /src/experiments
+COPY demo /src/demo
 RUN pip install --no-deps /src && rm -rf /src
 
 WORKDIR /app

@@ -16,11 +16,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python -m experiments.demo
+	$(BIN)/python -m demo
 
 lint: install
-	$(BIN)/ruff check router experiments tests bench
-	$(BIN)/ruff format --check router experiments tests bench
+	$(BIN)/ruff check router experiments demo tests bench
+	$(BIN)/ruff format --check router experiments demo tests bench
 
 typecheck: install
 	$(BIN)/mypy

@@ -65,8 +65,8 @@ server:
 
 TRAIN = f"""\
 import json
-from experiments.demo_data import FEATURES, make_churn_data
-from experiments.train import main
+from demo.data import FEATURES, make_churn_data
+from demo.train import main
 main(["--tracking-uri", "sqlite:////data/mlflow.db", "--name", "{MODEL}", "--rows", "4000"])
 rows = make_churn_data({ROWS_PER_REQUEST}, 7)[FEATURES].to_dict(orient="records")
 open("/data/body.json", "w").write(json.dumps({{"dataframe_records": rows}}))

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from bench.registry import split_body, train_registry
 from bench.servers import free_port, running
 from bench.targets import clean_env
-from experiments.demo_data import FEATURES
+from demo.data import FEATURES
 
 CONCURRENCY = 8
 MIB = 1_048_576

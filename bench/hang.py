@@ -29,17 +29,17 @@ from mlflow import pyfunc
 from mlflow.pyfunc.model import PythonModel
 from mlflow.tracking import MlflowClient
 
-from experiments.demo_data import FEATURES
-from experiments.train import (
+from demo.data import FEATURES
+from demo.train import (
     PIP_REQUIREMENTS,
     label_version,
     signature_for,
     train_and_register,
     using_tracking_uri,
 )
-from router.app import create_app
 from router.assignment import bucket_of, threshold_of
 from router.config import settings_from_mapping
+from router.server.app import create_app
 
 MODEL = "hang-bench"
 SALT = "hang-bench"

@@ -64,7 +64,7 @@ def measure_micro(
     registry: BenchRegistry, *, target_s: float = 0.2, repeats: int = 5
 ) -> list[MicroCost]:
     """Time the pieces of one request's work against ``registry``'s champion and challenger."""
-    from router.payload import parse_invocation
+    from router.input.payload import parse_invocation
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MLflow's import-time and load-time notices
@@ -76,7 +76,7 @@ def measure_micro(
     cases: list[Case] = [
         ("orjson.loads of the 1-row body", lambda: orjson.loads(body), 1, ""),
         (
-            "router.payload.parse_invocation, 1 row",
+            "router.input.payload.parse_invocation, 1 row",
             lambda: parse_invocation(body, "application/json", schema, 1000),
             1,
             "JSON to checked typed rows, signature checks (no DataFrame)",
@@ -169,8 +169,8 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def _model_cases(label: str, pyfunc: Any, frame: Any, frames: dict[int, Any]) -> list[Case]:
     """One model's costs: pyfunc against the flavour, preprocessing, batches, output shaping."""
-    from router.flavors import predictor_for
-    from router.outputs import row_facts, to_jsonable
+    from router.scoring.flavors import predictor_for
+    from router.scoring.outputs import row_facts, to_jsonable
 
     sk = pyfunc.get_raw_model()
     tag = f"{label} ({type(sk[-1]).__name__})"
@@ -185,7 +185,7 @@ def _model_cases(label: str, pyfunc: Any, frame: Any, frames: dict[int, Any]) ->
             "schema enforcement + predict_proba",
         ),
         (
-            f"router.flavors predictor, 1 row, {tag}",
+            f"router.scoring.flavors predictor, 1 row, {tag}",
             lambda: predictor.predict(frame, None),
             1,
             f"the flavor's estimator (numpy: {predictor.takes_numpy})",

@@ -76,12 +76,12 @@ def _bare_app() -> Starlette:
 @contextlib.contextmanager
 def request_path_cases(work: Path) -> Iterator[list[Case]]:
     """The cases; ``work`` holds the (never started) prediction log's database."""
-    from router.app import JSONResponse, create_app
     from router.config import Settings
+    from router.log.predlog import PredictionLog
     from router.logschema import Arm
     from router.metrics import RouterMetrics
-    from router.predlog import PredictionLog
     from router.recording import Recorder, RequestFacts
+    from router.server.app import JSONResponse, create_app
 
     metrics = RouterMetrics(CollectorRegistry())
     # Not started: records only queue (what a request pays); close() drops them.
@@ -132,7 +132,7 @@ def request_path_cases(work: Path) -> Iterator[list[Case]]:
     try:
         yield cases
     finally:
-        quiet = logging.getLogger("router.predlog")
+        quiet = logging.getLogger("router.log.predlog")
         quiet.disabled = True  # "records dropped at close": expected here
         try:
             plog.close()

@@ -22,7 +22,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.tree import DecisionTreeClassifier
 
-from experiments.train import register_model
+from demo.train import register_model
 
 BREAST_CANCER = "breast-cancer"
 BREAST_CANCER_GBM = "breast-cancer-gbm"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.demo_data import FEATURES, make_churn_data
+from demo.data import FEATURES, make_churn_data
 
 MODEL_NAME = "churn-predictor"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +33,7 @@ class BenchRegistry:
 
 
 def train_registry(root: Path, n_rows: int = 20_000, seed: int = 0) -> BenchRegistry:
-    """Train and register the demo models into ``root`` with ``python -m experiments.train``.
+    """Train and register the demo models into ``root`` with ``python -m demo.train``.
 
     A subprocess whose working directory is ``root``: MLflow puts the "Default" experiment's
     artifacts under the working directory, and nothing of the benchmark may land in the repo.
@@ -46,7 +46,7 @@ def train_registry(root: Path, n_rows: int = 20_000, seed: int = 0) -> BenchRegi
     cmd = [
         sys.executable,
         "-m",
-        "experiments.train",
+        "demo.train",
         "--tracking-uri",
         registry.tracking_uri,
         "--name",

@@ -30,26 +30,42 @@ OTHER = "other Python (asyncio, logging, ...)"
 # (stage, substrings of a frame's "file:function"); the deepest matching frame of a stack wins.
 STAGE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("HTTP stack (uvicorn, h11/httptools, starlette)", ("/uvicorn/", "/h11/", "/starlette/")),
-    ("router HTTP handler (app.py)", ("router/app.py",)),
-    ("router core (service, batcher, assignment)", ("router/service.py", "router/batcher.py")),
+    ("router HTTP handler (app.py)", ("router/server/app.py",)),
+    (
+        "router core (service, batcher, assignment)",
+        ("router/service.py", "router/scoring/batcher.py"),
+    ),
     ("router core (service, batcher, assignment)", ("router/assignment.py", "router/arms.py")),
     (
         "router core (service, batcher, assignment)",
-        ("router/scoring.py", "router/recording.py", "router/breaker.py", "router/modelkind.py"),
+        (
+            "router/scoring/scorer.py",
+            "router/recording.py",
+            "router/scoring/breaker.py",
+            "router/scoring/modelkind.py",
+        ),
     ),
-    ("thread hop (anyio, futures)", ("/anyio/", "/concurrent/futures/", "router/bulkhead.py")),
+    (
+        "thread hop (anyio, futures)",
+        ("/anyio/", "/concurrent/futures/", "router/scoring/bulkhead.py"),
+    ),
     (
         "parse + input checks (payload, casting, columns)",
-        ("router/payload.py", "router/casting.py", "router/columns.py", "router/bodies.py"),
+        (
+            "router/input/payload.py",
+            "router/input/casting.py",
+            "router/input/columns.py",
+            "router/input/bodies.py",
+        ),
     ),
-    ("model input, built once per call (rows.py)", ("router/rows.py",)),
+    ("model input, built once per call (rows.py)", ("router/input/rows.py",)),
     ("pyfunc wrapper (predict, inspect.signature)", ("mlflow/pyfunc/", "/inspect.py")),
     ("pyfunc schema enforcement", ("mlflow/models/utils.py", "mlflow/types/")),
-    ("flavor call (flavors.py)", ("router/flavors.py",)),
+    ("flavor call (flavors.py)", ("router/scoring/flavors.py",)),
     ("model (sklearn, numpy)", ("/sklearn/", "/scipy/")),
-    ("outputs (outputs.py)", ("router/outputs.py",)),
+    ("outputs (outputs.py)", ("router/scoring/outputs.py",)),
     ("metrics (prometheus_client)", ("/prometheus_client/", "router/metrics.py")),
-    ("prediction log (predlog.py, sqlalchemy)", ("router/predlog.py", "/sqlalchemy/")),
+    ("prediction log (predlog.py, sqlalchemy)", ("router/log/predlog.py", "/sqlalchemy/")),
     ("bare app handler", ("bench/baseline_app.py",)),
 )
 # A thread whose innermost Python frame is one of these is waiting, not working.

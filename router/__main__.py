@@ -73,7 +73,7 @@ def _log_config(level: str) -> dict[str, Any]:
     config.setdefault("filters", {})["redact"] = {"()": "router.redact.RedactingFilter"}
     for handler in config["handlers"].values():
         handler.setdefault("filters", []).append("redact")
-    for name in ("router", "experiments"):
+    for name in ("router", "experiments", "demo"):
         config["loggers"][name] = {"handlers": ["project"], "level": level, "propagate": False}
     return config
 
@@ -105,18 +105,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     port = args.port if args.port is not None else settings.server.port
     workers = args.workers if args.workers is not None else settings.server.workers
     _prepare_multiprocess_metrics(workers)
-    from router.connlimits import http_protocol
+    from router.server.connlimits import http_protocol
 
     # The connection cap and the request-head deadline, in whichever HTTP implementation.
     http = http_protocol(settings.limits)
     if workers > 1:
-        from router.supervisor import Supervisor
+        from router.server.supervisor import Supervisor
 
         # Workers rebuild the app from the environment: pass the config path along.
         if args.config:
             os.environ["ROUTER_CONFIG"] = os.path.abspath(args.config)
         config = uvicorn.Config(
-            "router.app:app_from_env",
+            "router.server.app:app_from_env",
             factory=True,
             host=host,
             port=port,
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout_graceful_shutdown=30,
         )
         return Supervisor(config, workers).run()
-    from router.app import create_app
+    from router.server.app import create_app
 
     uvicorn.run(
         create_app(settings),

@@ -17,9 +17,9 @@ from router.config import Settings
 from router.errors import RegistryUnavailable
 from router.logschema import experiment_id
 from router.metrics import RouterMetrics
-from router.models import LoadedModel, ModelNotFound, ModelRef, Registry
 from router.redact import redact
-from router.signatures import SignatureDiff, signature_diff
+from router.registry import LoadedModel, ModelNotFound, ModelRef, Registry
+from router.scoring.signatures import SignatureDiff, signature_diff
 
 log = logging.getLogger(__name__)
 

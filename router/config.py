@@ -60,7 +60,7 @@ class LimitSettings:
     # A client must send its whole body within this: slow senders cannot hold a connection open.
     body_read_timeout_s: float = 30.0
     # Open connections per worker process; beyond it a new connection displaces one that has not
-    # sent a request yet, else it is answered 503 (router/connlimits.py).
+    # sent a request yet, else it is answered 503 (router/server/connlimits.py).
     max_connections: int = 1024
     # A connection must deliver a complete request head within this after connecting (or after
     # its last response): slowloris clients cannot hold connections open.
@@ -173,7 +173,7 @@ class Settings:
     # ROUTER_FEEDBACK_TOKEN: when set, POST /feedback needs "Authorization: Bearer <token>".
     feedback_token: str | None = field(default=None, repr=False)
     # ROUTER_ROUTING_KEY_SECRET: the HMAC key for routing-key hashes in the log (else a random
-    # secret kept in the log database; see router/keyhash.py).
+    # secret kept in the log database; see router/log/keyhash.py).
     routing_key_secret: str | None = field(default=None, repr=False)
 
 

@@ -95,7 +95,7 @@ def experiment_id(model_name: str, champion_version: str, challenger_version: st
 def hash_routing_key(secret: bytes, key: str) -> str:
     """Stored in place of the raw routing key so no user id lands in the log.
 
-    HMAC-SHA256 under a secret no endpoint shows (``router/keyhash.py``): deterministic per
+    HMAC-SHA256 under a secret no endpoint shows (``router/log/keyhash.py``): deterministic per
     (secret, key), so a user's rows stay one unit, yet not reversible by hashing guesses.
     """
     return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:32]

@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from router.log.predlog import PredictionLog, PredictionRecord
 from router.logschema import Arm, Reason, RowStatus
 from router.metrics import RouterMetrics
-from router.outputs import RowFacts, row_facts, to_jsonable
-from router.predlog import PredictionLog, PredictionRecord
-from router.scoring import ModelScorer, Scored
+from router.scoring.outputs import RowFacts, row_facts, to_jsonable
+from router.scoring.scorer import ModelScorer, Scored
 
 
 @dataclass(frozen=True)

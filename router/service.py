@@ -1,24 +1,24 @@
 """The transport-free core: assign the arm, take the input for that arm's model, answer, record.
 
-The HTTP layer (``router/app.py``) only parses headers and shapes responses around this.
+The HTTP layer (``router/server/app.py``) only parses headers and shapes responses around this.
 
 One request, in order: the arm is assigned first; the body is then checked and cast against *that
 arm's* signature (each model receives its own columns; clients send the union during a schema
-change); the arm's :class:`~router.scoring.ModelScorer` answers. A challenger that cannot answer
-hands the request to the champion, which answers in the challenger's arm (intent-to-treat, status
-``fallback`` with a reason): ``schema`` (the input fits the champion only), ``circuit_open``, or
-one of the challenger's faults (``error``, ``timeout``, ``invalid_output``).
+change); the arm's :class:`~router.scoring.scorer.ModelScorer` answers. A challenger that cannot
+answer hands the request to the champion, which answers in the challenger's arm (intent-to-treat,
+status ``fallback`` with a reason): ``schema`` (the input fits the champion only), ``circuit_open``,
+or one of the challenger's faults (``error``, ``timeout``, ``invalid_output``).
 
 Whose fault is a failure (the rule, precisely):
 
 - The input fits no arm that could answer it: the client's (4xx, ``client_error`` rows, reason
   ``bad_input``, in the assigned arm).
-- A model refuses the input (:class:`~router.scoring.InputFault`: MLflow's own input errors, any
-  exception on missing / non-finite values, any exception of a model without a signature): for
-  the champion, the client's (400, as MLflow answers); for the challenger, the challenger's
-  (reason ``error``) when the champion then answers the same input, the client's when the
-  champion refuses it too.
-- Anything else a model does wrong (:class:`~router.scoring.ModelFault`) is that model's: the
+- A model refuses the input (:class:`~router.scoring.scorer.InputFault`: MLflow's own input
+  errors, any exception on missing / non-finite values, any exception of a model without a
+  signature): for the champion, the client's (400, as MLflow answers); for the challenger, the
+  challenger's (reason ``error``) when the champion then answers the same input, the client's when
+  the champion refuses it too.
+- Anything else a model does wrong (:class:`~router.scoring.scorer.ModelFault`) is that model's: the
   champion's is a 500 (``error`` rows with the reason), the challenger's a fallback.
 
 Client errors never count against a model: not in ``status="error"``, not in the breaker.
@@ -38,7 +38,6 @@ import anyio
 
 from router.arms import ArmSet, ModelManager
 from router.assignment import assign
-from router.breaker import BreakerState, CircuitBreaker
 from router.config import Settings
 from router.errors import (
     BadRequest,
@@ -48,14 +47,21 @@ from router.errors import (
     PredictionFailed,
     RouterError,
 )
-from router.feedback import FeedbackItem, FeedbackResult
-from router.keyhash import RoutingKeyHasher
+from router.input.payload import (
+    CONTENT_TYPE_JSON,
+    ParsedInput,
+    RawInput,
+    conform,
+    decode_invocation,
+)
+from router.log.feedback import FeedbackItem, FeedbackResult
+from router.log.keyhash import RoutingKeyHasher
+from router.log.predlog import PredictionLog
 from router.logschema import Arm, Reason, RowStatus
 from router.metrics import RouterMetrics
-from router.payload import CONTENT_TYPE_JSON, ParsedInput, RawInput, conform, decode_invocation
-from router.predlog import PredictionLog
 from router.recording import Recorder, RequestFacts
-from router.scoring import InputFault, ModelFault, ModelScorer, Scored, ScorerOptions
+from router.scoring.breaker import BreakerState, CircuitBreaker
+from router.scoring.scorer import InputFault, ModelFault, ModelScorer, Scored, ScorerOptions
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +115,7 @@ class RouterService:
         key_hasher: RoutingKeyHasher,
     ) -> None:
         self.settings = settings
-        self.key_hasher = key_hasher  # its secret is never exposed: see router/keyhash.py
+        self.key_hasher = key_hasher  # its secret is never exposed: see router/log/keyhash.py
         self.manager = manager
         self.prediction_log = prediction_log
         self.metrics = metrics

@@ -48,7 +48,7 @@ with warnings.catch_warnings():
     import mlflow.store.model_registry.sqlalchemy_store
     import mlflow.store.tracking.sqlalchemy_store
 
-from experiments.train import RegisteredPair, restored_tracking_uris, train_and_register
+from demo.train import RegisteredPair, restored_tracking_uris, train_and_register
 
 MODEL_NAME = "churn-predictor"
 SESSION_ROWS = 3_000

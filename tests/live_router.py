@@ -16,7 +16,7 @@ import httpx
 import pandas as pd
 import sqlalchemy as sa
 
-from experiments.demo_data import FEATURES, LABEL
+from demo.data import FEATURES, LABEL
 from router.assignment import bucket_of, threshold_of
 from router.config import Settings, settings_from_mapping
 

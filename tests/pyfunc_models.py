@@ -20,7 +20,7 @@ import pandas as pd
 from mlflow.pyfunc.model import PythonModel
 from mlflow.tracking import MlflowClient
 
-from experiments.train import (
+from demo.train import (
     PIP_REQUIREMENTS,
     experiment_id,
     label_version,

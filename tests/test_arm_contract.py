@@ -16,8 +16,8 @@ import httpx
 import numpy as np
 import pandas as pd
 
-from experiments.demo_data import FEATURES
-from router.app import create_app
+from demo.data import FEATURES
+from router.server.app import create_app
 from tests.conftest import MlflowRegistry
 from tests.live_router import (
     http_client,

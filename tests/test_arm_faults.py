@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from experiments.demo_data import FEATURES
-from router.app import create_app
+from demo.data import FEATURES
+from router.server.app import create_app
 from tests.conftest import MlflowRegistry
 from tests.live_router import (
     http_client,

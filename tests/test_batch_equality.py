@@ -2,7 +2,7 @@
 
 In process, with real models saved by their MLflow flavor and loaded as the router loads them: 32
 one-row requests parsed as the router parses them and scored at once by one
-:class:`~router.scoring.ModelScorer` share model calls; each answer must equal what
+:class:`~router.scoring.scorer.ModelScorer` share model calls; each answer must equal what
 ``pyfunc.predict`` gives that row alone.
 """
 
@@ -24,11 +24,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from experiments.demo_data import FEATURES, LABEL
-from experiments.train import challenger_model, champion_model, signature_for
-from router.models import LoadedModel, ModelRef
-from router.payload import parse_invocation
-from router.scoring import ModelScorer, Scored, ScorerOptions
+from demo.data import FEATURES, LABEL
+from demo.train import challenger_model, champion_model, signature_for
+from router.input.payload import parse_invocation
+from router.registry import LoadedModel, ModelRef
+from router.scoring.scorer import ModelScorer, Scored, ScorerOptions
 from tests.conftest import MlflowRegistry
 
 N = 32

@@ -18,11 +18,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.demo_data import FEATURES
-from experiments.train import using_tracking_uri
-from router.app import create_app
-from router.batcher import BatchScore, MicroBatcher, split_output
-from router.rows import Rows
+from demo.data import FEATURES
+from demo.train import using_tracking_uri
+from router.input.rows import Rows
+from router.scoring.batcher import BatchScore, MicroBatcher, split_output
+from router.server.app import create_app
 from tests.conftest import MlflowRegistry
 from tests.live_router import http_client, query_log, router_settings, wait_ready, wait_until
 from tests.metrics_text import scrape

@@ -130,11 +130,15 @@ def test_goals_are_met_missed_or_not_measured_per_model() -> None:
 
 
 def test_stage_of_takes_the_deepest_named_frame_and_skips_idle_threads() -> None:
-    parse = ["x/uvicorn/main.py:run", "router/service.py:invoke", "router/payload.py:conform"]
+    parse = ["x/uvicorn/main.py:run", "router/service.py:invoke", "router/input/payload.py:conform"]
     assert stage_of([*parse, "pandas/core/frame.py:__init__"]) == (
         "parse + input checks (payload, casting, columns)"
     )
-    built = ["router/batcher.py:_timed", "router/rows.py:frame", "pandas/core/frame.py:__init__"]
+    built = [
+        "router/scoring/batcher.py:_timed",
+        "router/input/rows.py:frame",
+        "pandas/core/frame.py:__init__",
+    ]
     assert stage_of(built) == "model input, built once per call (rows.py)"
     assert stage_of([*parse, "/sklearn/pipeline.py:predict"]) == "model (sklearn, numpy)"
     assert stage_of(["threading.py:run", "/usr/lib/python3.11/threading.py:wait"]) is None

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from router.breaker import BreakerState, CircuitBreaker
+from router.scoring.breaker import BreakerState, CircuitBreaker
 
 
 class Clock:

@@ -24,7 +24,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from experiments.demo_data import FEATURES
+from demo.data import FEATURES
 from tests.conftest import MlflowRegistry
 from tests.live_router import query_log, split_body
 from tests.pg import isolated_schema_url

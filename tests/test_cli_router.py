@@ -16,7 +16,7 @@ import pytest
 
 from experiments.cli import EXIT_NO_EXPERIMENT, evaluate_and_promote_main
 from router import logschema
-from router.app import create_app
+from router.server.app import create_app
 from tests.conftest import MlflowRegistry
 from tests.live_router import (
     arm_of,

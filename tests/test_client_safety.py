@@ -12,9 +12,9 @@ from pathlib import Path
 
 import httpx
 
-from router.app import create_app
-from router.keyhash import RoutingKeyHasher
+from router.log.keyhash import RoutingKeyHasher
 from router.logschema import hash_routing_key
+from router.server.app import create_app
 from tests.conftest import MlflowRegistry, free_port, serve_in_thread
 from tests.live_router import (
     http_client,

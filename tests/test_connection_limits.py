@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 from bench import slowloris
-from router.app import create_app
 from router.config import Settings
-from router.connlimits import http_protocol
+from router.server.app import create_app
+from router.server.connlimits import http_protocol
 from tests.conftest import MlflowRegistry, serve_in_thread
 from tests.live_router import router_settings, wait_until
 from tests.metrics_text import Scrape

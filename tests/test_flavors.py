@@ -1,4 +1,4 @@
-"""``router.flavors``: the flavor's own estimator answers exactly as ``pyfunc.predict`` does.
+"""``router.scoring.flavors``: the flavor's own estimator answers as ``pyfunc.predict`` does.
 
 Each model kind the router calls directly is checked on 1,000 rows that went through the router's
 own parser (what the fast path is promised), against ``PyFuncModel.predict`` on the same frame:
@@ -24,10 +24,10 @@ from mlflow.models import ModelSignature
 from mlflow.types import ParamSchema, ParamSpec
 
 from bench.models import PAIRS, breast_cancer_frame, scaled_logistic
-from experiments.demo_data import FEATURES, make_churn_data
-from experiments.train import PIP_REQUIREMENTS, signature_for
-from router.flavors import predictor_for, probe_frame, same_output
-from router.payload import parse_invocation
+from demo.data import FEATURES, make_churn_data
+from demo.train import PIP_REQUIREMENTS, signature_for
+from router.input.payload import parse_invocation
+from router.scoring.flavors import predictor_for, probe_frame, same_output
 from tests.conftest import MlflowRegistry
 from tests.pyfunc_models import ConstantModel
 

@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from experiments.demo_data import FEATURES
-from router.app import create_app
+from demo.data import FEATURES
+from router.server.app import create_app
 from tests.conftest import MlflowRegistry, serve_in_thread
 from tests.live_router import http_client, router_settings, wait_ready
 

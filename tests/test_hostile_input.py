@@ -1,6 +1,6 @@
 """Hostile bodies against a real router: each is a named 4xx JSON error, never a 500, and the
 server keeps answering. Bodies that decode to far more than they weigh are refused before (or
-while) decoding: bounded decoding is in ``router/bodies.py``.
+while) decoding: bounded decoding is in ``router/input/bodies.py``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.types import ColSpec, Schema
 
-from router.app import create_app
-from router.bodies import MAX_JSON_DEPTH, load_json
 from router.errors import BadRequest, InvalidInput
-from router.payload import parse_invocation
+from router.input.bodies import MAX_JSON_DEPTH, load_json
+from router.input.payload import parse_invocation
+from router.server.app import create_app
 from tests.conftest import MlflowRegistry, serve_in_thread
 from tests.live_router import http_client, router_settings, split_body, wait_ready
 
@@ -177,8 +177,8 @@ def test_feedback_needs_json_content_type(client: httpx.Client) -> None:
 
 def test_huge_parquet_costs_no_memory_before_refusal(tmp_path: Path) -> None:
     """In process: the footer alone refuses it (no page is read: a truncated body still says so)."""
-    from router.bodies import read_parquet
     from router.errors import PayloadTooLarge
+    from router.input.bodies import read_parquet
 
     body = _parquet(pa.table({"x": pa.array([0.0] * 2_000_000)}), compression="zstd")
     footer_only = (

@@ -32,14 +32,14 @@ from mlflow.pyfunc import PythonModel, scoring_server
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema, TensorSpec
 from sklearn.linear_model import LinearRegression
 
-from experiments.train import (
+from demo.train import (
     PIP_REQUIREMENTS,
     experiment_id,
     label_version,
     using_tracking_uri,
 )
-from router.app import create_app
 from router.config import settings_from_mapping
+from router.server.app import create_app
 from tests.conftest import MlflowRegistry, serve_in_thread, sqlite_uri
 
 # Six models registered and served twice each: setup is slow on a loaded machine.

@@ -9,7 +9,7 @@ import orjson
 import pandas as pd
 import pytest
 
-from router.outputs import row_facts, to_jsonable
+from router.scoring.outputs import row_facts, to_jsonable
 
 CASES: list[tuple[str, Any, list[float | None], list[str | None]]] = [
     (

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from router.parquet_pages import MalformedPage, chunk_pages
+from router.input.parquet_pages import MalformedPage, chunk_pages
 
 TABLE = pa.table(
     {

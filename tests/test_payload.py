@@ -24,7 +24,7 @@ from router.errors import (
     RouterError,
     UnsupportedMediaType,
 )
-from router.payload import (
+from router.input.payload import (
     FORMAT_KEYS,
     ParsedInput,
     conform,

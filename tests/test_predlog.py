@@ -20,9 +20,9 @@ import pytest
 import sqlalchemy as sa
 
 from router.errors import Conflict, InvalidInput, NotFound
-from router.feedback import FeedbackItem
+from router.log.feedback import FeedbackItem
+from router.log.predlog import PredictionLog, PredictionRecord
 from router.logschema import hash_routing_key, outcomes, predictions
-from router.predlog import PredictionLog, PredictionRecord
 from tests.pg import isolated_schema_url
 
 NEVER = 3600.0  # a flush interval no test outlives: rows appear only through flush/close/batch
@@ -189,7 +189,7 @@ def test_drops_past_max_pending_when_writer_not_started(
 ) -> None:
     log = make_log(start=False, max_pending=5, flush_interval_s=NEVER)
     log.enqueue(request("a", 3))
-    with caplog.at_level(logging.WARNING, logger="router.predlog"):
+    with caplog.at_level(logging.WARNING, logger="router.log.predlog"):
         log.enqueue(request("b", 3))  # would make 6: the whole request is dropped, not a part
     log.enqueue(request("c", 2))  # exactly 5: accepted
     log.enqueue(request("d", 1))
@@ -230,7 +230,7 @@ def test_a_dropped_table_is_created_again_and_nothing_is_lost(
         predictions.drop(engine)
     finally:
         engine.dispose()
-    with caplog.at_level(logging.WARNING, logger="router.predlog"):
+    with caplog.at_level(logging.WARNING, logger="router.log.predlog"):
         log.enqueue(request("after", 5))
         log.flush()
     assert "write failed" in caplog.text and "attempt 1" in caplog.text

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from router.predlog import PredictionLog, PredictionRecord
+from router.log.predlog import PredictionLog, PredictionRecord
 from tests.live_router import wait_until
 from tests.pg import isolated_schema_url
 from tests.router_process import clean_env
@@ -65,7 +65,7 @@ def test_postgres_outage_is_retried_while_the_queue_has_room(
                 retry_backoff_s=0.001,
                 flush_interval_s=0.01,
             )
-            with caplog.at_level(logging.WARNING, logger="router.predlog"):
+            with caplog.at_level(logging.WARNING, logger="router.log.predlog"):
                 log.start()
                 log.enqueue(_records("waits", 8))
                 wait_until(lambda: "attempt 8," in caplog.text, "eight failed attempts")
@@ -109,7 +109,7 @@ def test_a_deleted_sqlite_directory_is_counted_and_the_log_reopened(tmp_path: Pa
 
 _SHM_SCENARIO = """
 import sys, time
-from router.predlog import PredictionLog, PredictionRecord
+from router.log.predlog import PredictionLog, PredictionRecord
 log = PredictionLog(sys.argv[1], retry_backoff_s=0.01, flush_interval_s=0.01)
 log.start()
 log.enqueue([PredictionRecord("r", 0, "champion", "e", "m", "1", 0.0, 0.0, "ok")])

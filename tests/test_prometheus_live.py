@@ -28,7 +28,7 @@ import httpx
 import pytest
 import yaml
 
-from router.app import create_app
+from router.server.app import create_app
 from tests.conftest import MlflowRegistry, free_port, serve_in_thread
 from tests.live_router import (
     http_client,

@@ -21,11 +21,11 @@ import pandas as pd
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from experiments.demo_data import LABEL
-from experiments.train import using_tracking_uri
-from router.app import create_app
+from demo.data import LABEL
+from demo.train import using_tracking_uri
 from router.assignment import bucket_of, threshold_of
 from router.config import settings_from_mapping
+from router.server.app import create_app
 from tests.conftest import MlflowRegistry, serve_in_thread
 
 MAX_ROWS = 50

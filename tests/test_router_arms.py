@@ -23,11 +23,11 @@ from typing import Any
 import httpx
 import pytest
 
-from experiments.demo_data import FEATURES
-from router.app import create_app
+from demo.data import FEATURES
 from router.assignment import assign
 from router.config import Settings
 from router.logschema import hash_routing_key
+from router.server.app import create_app
 from tests.conftest import MlflowRegistry
 from tests.live_router import (
     arm_of,
@@ -424,7 +424,7 @@ def test_missing_champion_alias_falls_back_to_the_production_stage(
         registry, tmp_path / "predictions.db", routing={"challenger_weight": 0.0}
     )
     with (
-        caplog.at_level(logging.WARNING, logger="router.models"),
+        caplog.at_level(logging.WARNING, logger="router.registry"),
         running_server(create_app(settings)) as url,
         http_client(url) as client,
     ):
@@ -460,7 +460,7 @@ def test_missing_champion_alias_without_production_falls_back_to_the_latest_vers
         registry, tmp_path / "predictions.db", routing={"challenger_weight": 0.0}
     )
     with (
-        caplog.at_level(logging.WARNING, logger="router.models"),
+        caplog.at_level(logging.WARNING, logger="router.registry"),
         running_server(create_app(settings)) as url,
         http_client(url) as client,
     ):

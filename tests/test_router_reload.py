@@ -20,9 +20,9 @@ import pandas as pd
 import pytest
 from mlflow.pyfunc.model import PythonModel
 
-from experiments.demo_data import FEATURES
-from router.app import create_app
+from demo.data import FEATURES
 from router.assignment import assign
+from router.server.app import create_app
 from tests.conftest import MlflowRegistry
 from tests.live_router import (
     arm_of,

@@ -21,7 +21,7 @@ import pytest
 import uvicorn
 
 from router.metrics import remove_stale_files
-from router.supervisor import claim_port, listening_socket
+from router.server.supervisor import claim_port, listening_socket
 from tests.conftest import MlflowRegistry
 from tests.live_router import http_client, split_body, wait_until
 from tests.metrics_text import Scrape

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from mlflow.types import ColSpec, Schema
 
-from router.payload import parse_invocation
-from router.rows import Rows
+from router.input.payload import parse_invocation
+from router.input.rows import Rows
 
 SCHEMA = Schema([ColSpec("double", "a"), ColSpec("long", "b"), ColSpec("string", "c")])
 

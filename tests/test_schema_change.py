@@ -35,11 +35,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from demo.data import FEATURES, NUMERIC_FEATURES, make_churn_data
+from demo.train import register_model, using_tracking_uri
 from experiments.cli import evaluate_and_promote_main
-from experiments.demo_data import FEATURES, NUMERIC_FEATURES, make_churn_data
-from experiments.train import register_model, using_tracking_uri
 from router import logschema
-from router.app import create_app
+from router.server.app import create_app
 from tests.conftest import MlflowRegistry
 from tests.live_router import (
     http_client,

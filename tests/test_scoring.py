@@ -14,12 +14,12 @@ from mlflow.models import Model, ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, Schema, TensorSpec
 
-from router.bulkhead import Bulkhead
-from router.modelkind import model_kind, output_problem
-from router.models import LoadedModel, ModelRef
-from router.payload import ParsedInput
-from router.scoring import InputFault, ModelFault, ModelScorer, Scored, ScorerOptions
-from router.signatures import signature_diff
+from router.input.payload import ParsedInput
+from router.registry import LoadedModel, ModelRef
+from router.scoring.bulkhead import Bulkhead
+from router.scoring.modelkind import model_kind, output_problem
+from router.scoring.scorer import InputFault, ModelFault, ModelScorer, Scored, ScorerOptions
+from router.scoring.signatures import signature_diff
 
 
 def test_hung_calls_hold_at_most_the_bulkheads_threads_and_never_another_arms() -> None:
@@ -110,7 +110,7 @@ TEXT = Schema([ColSpec("double", "x"), ColSpec("string", "s")])
 @pytest.mark.parametrize(
     ("independent", "metadata", "schema", "custom", "batchable"),
     [
-        (True, None, COLUMNS, False, True),  # sklearn, xgboost, lightgbm (router.flavors)
+        (True, None, COLUMNS, False, True),  # sklearn, xgboost, lightgbm (router.scoring.flavors)
         (True, None, TEXT, False, True),
         (False, None, COLUMNS, False, False),  # a custom pyfunc
         (False, None, COLUMNS, True, True),  # ...with server.batch_custom_models

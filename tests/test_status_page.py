@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from experiments.demo_data import LABEL
-from router.app import create_app
+from demo.data import LABEL
+from router.server.app import create_app
 from tests.conftest import MlflowRegistry, serve_in_thread
 from tests.live_router import http_client, keys_for, router_settings, send_with_feedback, wait_ready
 

@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from experiments.demo_data import FEATURES, LABEL, make_churn_data
-from experiments.train import (
+from demo.data import FEATURES, LABEL, make_churn_data
+from demo.train import (
     holdout_scores,
     main,
     register_model,

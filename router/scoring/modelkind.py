@@ -2,8 +2,8 @@
 call, and may its output hold non-finite numbers. Decided once per loaded model.
 
 Batching is safe only when each row's answer depends on that row alone: the flavors named in
-``router.flavors.INDEPENDENT_ROW_FLAVORS`` (their pyfunc calls the estimator row-wise), or a model
-whose MLmodel ``metadata`` says ``router_batchable: true``. Anything else, custom
+``router.scoring.flavors.INDEPENDENT_ROW_FLAVORS`` (their pyfunc calls the estimator row-wise),
+or a model whose MLmodel ``metadata`` says ``router_batchable: true``. Anything else, custom
 ``python_function`` models in particular, is scored one request per call unless
 ``server.batch_custom_models`` opts every version of the served model in;
 ``router_batchable: false`` opts any model out.
@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 from mlflow.types import DataType
 
-from router.casting import is_named_columns
-from router.flavors import BATCHABLE_KEY
+from router.input.casting import is_named_columns
+from router.scoring.flavors import BATCHABLE_KEY
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def model_kind(
     pyfunc_model: Any, input_schema: Any, *, rows_independent: bool, batch_custom_models: bool
 ) -> ModelKind:
     """The facts above for one loaded pyfunc model (``input_schema``: its signature's inputs;
-    ``rows_independent``: what ``router.flavors`` says of its flavor and metadata)."""
+    ``rows_independent``: what ``router.scoring.flavors`` says of its flavor and metadata)."""
     extra = getattr(getattr(pyfunc_model, "metadata", None), "metadata", None)
     extra = extra if isinstance(extra, dict) else {}
     named = is_named_columns(input_schema)

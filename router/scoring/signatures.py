@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from router.casting import is_named_columns
-from router.modelkind import type_name
+from router.input.casting import is_named_columns
+from router.scoring.modelkind import type_name
 
 
 @dataclass(frozen=True)

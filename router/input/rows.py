@@ -5,7 +5,7 @@ A request's rows are kept as one typed array per signature column (in signature 
 concurrency requests share one model call anyway. The batcher joins the requests' :class:`Rows`
 and builds ONE model input per call: :meth:`Rows.frame` (what MLflow's scoring server hands the
 model: a frame of these arrays) or :meth:`Rows.matrix` (a 2-D array, for a model proven at load to
-answer it exactly as it answers the frame: ``router.flavors``).
+answer it exactly as it answers the frame: ``router.scoring.flavors``).
 """
 
 from __future__ import annotations

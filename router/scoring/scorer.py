@@ -30,16 +30,16 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from router.batcher import MicroBatcher
-from router.breaker import CircuitBreaker
-from router.bulkhead import Bulkhead
-from router.casting import ColumnPlan, column_plan, is_named_columns
-from router.flavors import PredictFn, predictor_for
+from router.input.casting import ColumnPlan, column_plan, is_named_columns
+from router.input.payload import ParsedInput
+from router.input.rows import Rows
 from router.logschema import Reason
-from router.modelkind import ModelKind, model_kind, output_problem
-from router.models import LoadedModel
-from router.payload import ParsedInput
-from router.rows import Rows
+from router.registry import LoadedModel
+from router.scoring.batcher import MicroBatcher
+from router.scoring.breaker import CircuitBreaker
+from router.scoring.bulkhead import Bulkhead
+from router.scoring.flavors import PredictFn, predictor_for
+from router.scoring.modelkind import ModelKind, model_kind, output_problem
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Train and register the demo's champion and challenger (and, on request, a worse model).
 
-``train_and_register`` fits two models on :func:`experiments.demo_data.make_churn_data`:
+``train_and_register`` fits two models on :func:`demo.data.make_churn_data`:
 
 * version 1, the weaker champion: logistic regression on the numeric features only;
 * version 2, the better challenger: histogram gradient boosting on every feature, categoricals
@@ -12,7 +12,7 @@ with ``pyfunc_predict_fn="predict_proba"``: pyfunc ``predict`` returns ``[p_no_c
 per row. They are saved with skops (not pickle); the one sklearn type skops does not trust by
 default, HistGradientBoosting's ``TreePredictor``, is named explicitly.
 
-CLI: ``python -m experiments.train --tracking-uri sqlite:///mlflow.db --name churn-predictor``.
+CLI: ``python -m demo.train --tracking-uri sqlite:///mlflow.db --name churn-predictor``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from sklearn.metrics import accuracy_score, log_loss
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from experiments.demo_data import (
+from demo.data import (
     CATEGORICAL_FEATURES,
     FEATURES,
     LABEL,
@@ -424,7 +424,7 @@ def train_and_register(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.train",
+        prog="python -m demo.train",
         description="Train the demo champion (v1) and challenger (v2) and register them.",
     )
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")

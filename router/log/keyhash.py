@@ -21,8 +21,8 @@ import secrets
 
 import sqlalchemy as sa
 
-from router.database import brief, create_engine, insert_ignoring, safe_url
 from router.errors import PredictionLogUnavailable
+from router.log.database import brief, create_engine, insert_ignoring, safe_url
 from router.logschema import hash_routing_key
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,10 @@ Formats (``application/json``): exactly one of ``dataframe_split``, ``dataframe_
 ``text/csv`` (a header row, as ``DataFrame.to_csv`` writes) and ``application/vnd.apache.parquet``.
 
 With a column-based signature (named ``ColSpec`` inputs; what ``infer_signature`` gives for a
-DataFrame) every format becomes the model's columns in signature order (:class:`router.rows.Rows`,
-one typed array per column; the batcher builds the frame per model call), typed and cast exactly as
-``mlflow models serve`` would hand them to the model (``router.casting``):
+DataFrame) every format becomes the model's columns in signature order
+(:class:`router.input.rows.Rows`, one typed array per column; the batcher builds the frame per
+model call), typed and cast exactly as
+``mlflow models serve`` would hand them to the model (``router.input.casting``):
 extra columns are dropped, MLflow's casts applied, and what MLflow refuses is a 400 before
 predicting, with MLflow's ``error_code``. The ``validation`` settings make it stricter (unknown
 columns, lossy casts) and refuse Infinity. Tensor-based signatures, unnamed columns and models
@@ -36,12 +37,6 @@ from mlflow.pyfunc import scoring_server
 from mlflow.types import DataType, ParamSchema, Schema
 from mlflow.utils import proto_json_utils
 
-from router import casting as casting_rules
-from router.bodies import load_json, read_csv, read_parquet
-from router.bodies import media_type as media_type_of
-from router.casting import ColumnPlan
-from router.casting import names_text as _names
-from router.columns import Columns, columns_of, split_index
 from router.config import Casting, ExtraColumns, NonFinite
 from router.errors import (
     BadRequest,
@@ -49,7 +44,13 @@ from router.errors import (
     PayloadTooLarge,
     RouterError,
 )
-from router.rows import Rows
+from router.input import casting as casting_rules
+from router.input.bodies import load_json, read_csv, read_parquet
+from router.input.bodies import media_type as media_type_of
+from router.input.casting import ColumnPlan
+from router.input.casting import names_text as _names
+from router.input.columns import Columns, columns_of, split_index
+from router.input.rows import Rows
 
 FORMAT_KEYS: tuple[str, ...] = ("dataframe_split", "dataframe_records", "instances", "inputs")
 PARAMS_KEY = "params"
@@ -74,7 +75,7 @@ _KEYS_HINT = (
 
 @dataclass(frozen=True)
 class ParsedInput:
-    """One request's input for one model: its checked :class:`~router.rows.Rows` (a model with
+    """One request's input for one model: its checked :class:`~router.input.rows.Rows` (a model with
     named columns, on the fast path), or what ``PyFuncModel.predict`` takes."""
 
     model_input: Rows | InputData
@@ -146,11 +147,11 @@ def conform(
     """Check and type a decoded input for ONE model's signature (its own columns, in its order).
 
     Accepts and casts what ``mlflow models serve`` accepts for the same model, with the same
-    values (see :mod:`router.casting`); the switches are ``ValidationSettings``'. ``params`` are
-    checked against ``params_schema`` when given. Raises :class:`BadRequest` or
+    values (see :mod:`router.input.casting`); the switches are ``ValidationSettings``'.
+    ``params`` are checked against ``params_schema`` when given. Raises :class:`BadRequest` or
     :class:`InvalidInput` (400) naming the problem. Cheap to call once per arm: the body is not
-    decoded again. ``plan``: :func:`router.casting.column_plan` of ``input_schema``, made once per
-    model (else here, per call).
+    decoded again. ``plan``: :func:`router.input.casting.column_plan` of ``input_schema``, made
+    once per model (else here, per call).
     """
     schema = input_schema
     if params_schema is not None:

@@ -17,7 +17,7 @@ Start-up never waits for the database: ``start`` only starts the writer, which c
 (retrying like a write) while records queue. ``error`` says what is failing now, for ``/readyz``
 and the ``router_prediction_log_healthy`` gauge.
 
-``record_feedback`` delegates to ``router.feedback.FeedbackStore`` on the same engine, which
+``record_feedback`` delegates to ``router.log.feedback.FeedbackStore`` on the same engine, which
 flushes this writer when feedback names a request id still in the queue.
 """
 
@@ -36,7 +36,7 @@ import sqlalchemy as sa
 import sqlalchemy.orm  # imported here on purpose: see below
 from sqlalchemy.engine import Connection, Engine
 
-from router.database import (
+from router.log.database import (
     SqliteFile,
     add_missing_columns,
     brief,
@@ -45,7 +45,7 @@ from router.database import (
     safe_url,
     sqlite_file,
 )
-from router.feedback import FeedbackItem, FeedbackResult, FeedbackStore
+from router.log.feedback import FeedbackItem, FeedbackResult, FeedbackStore
 from router.logschema import metadata, predictions
 
 logger = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from pandas.api.types import infer_dtype
 
 from router.config import ExtraColumns
 from router.errors import InvalidInput
-from router.rows import Rows
+from router.input.rows import Rows
 
 # MLflow's own casting and enforcement (untyped).
 _mlflow_cast: Callable[..., pd.DataFrame] = proto_json_utils.cast_df_types_according_to_schema

@@ -4,7 +4,7 @@
 router's own checks), reads ``inspect.signature`` of the predict function and opens a prediction
 context: on a one-row request that is about 40% of the CPU (profile in issue 12). For an sklearn
 model with a column signature, once the router has checked and cast the input as MLflow's schema
-enforcement would (a typed DataFrame in signature order, ``router.payload``), pyfunc ends by
+enforcement would (a typed DataFrame in signature order, ``router.input.payload``), pyfunc ends by
 calling the estimator's ``predict`` (or the ``pyfunc_predict_fn`` it was logged with) on that very
 frame: calling it directly gives the same answer for less. LightGBM's pyfunc likewise ends in the
 booster's or estimator's ``predict``. ``tests/test_flavors.py`` proves the equality against
@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 from mlflow.types import DataType, Schema
 
-from router.casting import is_named_columns
-from router.rows import Rows
+from router.input.casting import is_named_columns
+from router.input.rows import Rows
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Predictor:
     ``predict(data, params)`` takes what ``PyFuncModel.predict`` takes, with one promise from the
     caller: a DataFrame has passed the router's checks (signature columns, in order, typed).
     With ``takes_numpy`` the caller may also pass a 2-D array of those columns in that order
-    (:meth:`router.rows.Rows.matrix`), skipping the DataFrame entirely.
+    (:meth:`router.input.rows.Rows.matrix`), skipping the DataFrame entirely.
     """
 
     predict: PredictFn

@@ -5,13 +5,13 @@ validation dominate, not arithmetic), so under concurrency the model's time is s
 
 One :class:`MicroBatcher` per loaded model, living on the event loop, behind one call:
 ``await batcher.predict(data, params)``. Whether a request is batched is the batcher's rule
-alone: checked :class:`~router.rows.Rows` without ``params``, fewer than ``max_rows``, for a model
-whose rows are scored independently (``enabled``, see ``router/modelkind.py``); everything else is
-one model call of its own. Batched requests queue; one collector per model takes what is queued
-(up to ``max_rows`` rows, rows of one ``key`` only), joins it, builds the model's input ONCE for
-the call (``prepare``: a DataFrame, or a 2-D array where proven equal), runs ``predict`` through
-``run`` (the arm's threads) and splits the output back by row counts. No request builds a pandas
-object of its own. A request arriving while
+alone: checked :class:`~router.input.rows.Rows` without ``params``, fewer than ``max_rows``, for a
+model whose rows are scored independently (``enabled``, see ``router/scoring/modelkind.py``);
+everything else is one model call of its own. Batched requests queue; one collector per model
+takes what is queued (up to ``max_rows`` rows, rows of one ``key`` only), joins it, builds the
+model's input ONCE for the call (``prepare``: a DataFrame, or a 2-D array where proven equal), runs
+``predict`` through ``run`` (the arm's threads) and splits the output back by row counts. No request
+builds a pandas object of its own. A request arriving while
 the model is idle is scored at once; while a call runs, the next batch forms behind it. The
 collector waits up to ``wait_s`` for more only while ``pending()`` says requests for this model
 are still being parsed: a lone request never waits.
@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
-from router.rows import Rows
+from router.input.rows import Rows
 
 log = logging.getLogger(__name__)
 

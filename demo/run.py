@@ -26,8 +26,8 @@ import sqlalchemy as sa
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from experiments.demo_data import LABEL
-from experiments.traffic import TrafficResult, send_traffic
+from demo.data import LABEL
+from demo.traffic import TrafficResult, send_traffic
 from router.logschema import SERVED_STATUSES, Arm, RowStatus, outcomes, predictions
 
 # /metrics counters the summary adds up, and the summary field each goes to.
@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--challenger-weight", type=float, default=0.3)
     args = parser.parse_args(argv)
 
-    from experiments.train import train_and_register, train_worse_model
+    from demo.train import train_and_register, train_worse_model
 
     workdir = Path(args.workdir).resolve()
     shutil.rmtree(workdir, ignore_errors=True)

@@ -5,7 +5,7 @@ Why each bound exists (a few hundred bytes can otherwise become gigabytes):
 
 * **Parquet** is refused before any page is decoded: at most ``max_rows`` rows and
   ``MAX_COLUMNS`` columns (footer), and at most ``MAX_DECODED_BYTES`` once decompressed and once
-  decoded to fixed-width values, as every page header says (``router/parquet_pages.py``: a
+  decoded to fixed-width values, as every page header says (``router/input/parquet_pages.py``: a
   footer's sizes are only the writer's word). Run-length and dictionary encoding let one small
   page stand for millions of values, so string and binary columns are read dictionary-encoded (a
   dictionary plus indices, never a string per row) and their dense size is computed before they
@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from router.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
-from router.parquet_pages import MalformedPage, chunk_pages
+from router.input.parquet_pages import MalformedPage, chunk_pages
 
 MAX_JSON_DEPTH = 64
 MAX_COLUMNS = 4096

@@ -18,8 +18,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from router.database import brief, insert_ignoring, safe_url, short
 from router.errors import Conflict, InvalidInput, NotFound, PredictionLogUnavailable
+from router.log.database import brief, insert_ignoring, safe_url, short
 from router.logschema import outcomes, predictions
 
 _FLUSH_TIMEOUT_S = 30.0

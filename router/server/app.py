@@ -22,7 +22,6 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from router.arms import ModelManager
-from router.bodies import load_json, media_type
 from router.config import Settings, load_settings
 from router.errors import (
     BadRequest,
@@ -33,12 +32,13 @@ from router.errors import (
     Unauthorized,
     http_error_body,
 )
-from router.feedback import FeedbackItem
-from router.headers import SecurityHeaders, content_security_policy
-from router.keyhash import RoutingKeyHasher
+from router.input.bodies import load_json, media_type
+from router.log.feedback import FeedbackItem
+from router.log.keyhash import RoutingKeyHasher
+from router.log.predlog import PredictionLog
 from router.metrics import RouterMetrics, render
-from router.models import ModelNotFound, Registry
-from router.predlog import PredictionLog
+from router.registry import ModelNotFound, Registry
+from router.server.headers import SecurityHeaders, content_security_policy
 from router.service import RouterService
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from itertools import repeat
 from typing import Any
 
-from router.casting import names_text as _names
 from router.errors import BadRequest, InvalidInput
+from router.input.casting import names_text as _names
 
 Columns = dict[str, Sequence[Any]]
 

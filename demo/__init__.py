@@ -1,0 +1,1 @@
+"""The demo: churn-like data, two trained models, synthetic sticky traffic, ``make demo``."""

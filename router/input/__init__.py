@@ -1,0 +1,1 @@
+"""A request body to one model's input: decoded once, then checked and cast per arm's signature."""

@@ -1,0 +1,1 @@
+"""Serving over HTTP: the app factory, security headers, connection limits, worker supervision."""
