@@ -33,13 +33,12 @@ from experiments.sufficient import (
     ArmData,
     LatencyHistogram,
     LogSummary,
-    Mode,
     SeriesSlice,
     cap_from_histogram,
 )
 from router import logschema
 from router.config import MetricName
-from router.logschema import MODEL_FAULTS, SERVED_STATUSES, Arm, RowStatus
+from router.logschema import MODEL_FAULTS, SERVED_STATUSES, Arm, RoutingMode, RowStatus
 
 SLICES = 60
 #: More distinct (class, outcome) pairs than this means the metric is not a classification one.
@@ -245,7 +244,7 @@ def _latencies(conn: Connection, eid: str, arms: Sequence[str]) -> dict[str, Lat
 
 
 def _judged_rows(
-    mode: Mode,
+    mode: RoutingMode,
     metric: MetricName,
     pairs: Sequence[tuple[str, str]],
     unit: str,
@@ -429,11 +428,11 @@ def read_summary(
     """Sufficient statistics of experiment ``eid``: predictions up to ``cutoff`` are matured."""
     _tune(conn)
     shape = _shape(conn, eid)
-    mode: Mode | None
+    mode: RoutingMode | None
     if shape["shadow"] and shape["challenger"]:
         mode = None
     else:
-        mode = "shadow" if shape["shadow"] else "split"
+        mode = RoutingMode.SHADOW if shape["shadow"] else RoutingMode.SPLIT
     other = Arm.SHADOW.value if mode == "shadow" else Arm.CHALLENGER.value
     arms = [Arm.CHAMPION.value, other]
     keyed = shape["keyed"]
@@ -481,7 +480,7 @@ def read_summary(
 
 
 def _summarise(
-    mode: Mode | None,
+    mode: RoutingMode | None,
     keyed: bool,
     arms: Sequence[str],
     requests: Mapping[str, Mapping[str, Any]],

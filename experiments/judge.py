@@ -44,8 +44,9 @@ from experiments.decision import (
     split_difference,
 )
 from experiments.promquery import PrometheusGuardrails
-from experiments.sufficient import ArmData, LatencyHistogram, LogSummary, Mode
+from experiments.sufficient import ArmData, LatencyHistogram, LogSummary
 from router.config import MetricName, Settings
+from router.logschema import RoutingMode
 
 _HIST_BINS = 30
 
@@ -113,7 +114,7 @@ class Evaluation:
     model_name: str
     experiment_id: str
     aliases: AliasSnapshot
-    mode: Mode
+    mode: RoutingMode
     metric: MetricName
     higher_is_better: bool
     alpha: float
@@ -150,7 +151,7 @@ def judge(
 ) -> Evaluation:
     """Pure: turn the log's sufficient statistics into per-arm figures and a decision."""
     exp = settings.experiment
-    mode: Mode = summary.mode or settings.routing.mode
+    mode: RoutingMode = summary.mode or settings.routing.mode
     higher = HIGHER_IS_BETTER[exp.metric]
     binary = exp.metric in BINARY_METRICS
     alpha_metric = exp.alpha * METRIC_SHARE

@@ -37,6 +37,7 @@ from experiments.sufficient import (
     cap_from_histogram,
 )
 from router.config import MetricName, Settings, settings_from_mapping
+from router.logschema import RoutingMode
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.int64]
@@ -217,7 +218,7 @@ def summary_at(e: _Experiment, t: float, s: Scenario, cap_quantile: float | None
             )
         )
     first = float(e.ts[0]) if logged else None
-    return LogSummary("split", bool(s.users), arms[0], arms[1], first_ts=first, cap=cap)
+    return LogSummary(RoutingMode.SPLIT, bool(s.users), arms[0], arms[1], first_ts=first, cap=cap)
 
 
 def run(s: Scenario, n_experiments: int, looks: int, seed: int, alpha: float = 0.05) -> Rates:

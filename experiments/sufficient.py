@@ -14,11 +14,9 @@ import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 from experiments.stats import UnitMoments
-
-Mode = Literal["split", "shadow"]
+from router.logschema import RoutingMode
 
 #: Latency buckets are geometric: bucket b holds [LATENCY_BASE_S·r^b, LATENCY_BASE_S·r^(b+1)).
 #: A 1% ratio bounds a quantile to within 1% while the log returns a few hundred buckets.
@@ -142,7 +140,7 @@ class SeriesSlice:
 class LogSummary:
     """Everything the judge needs from the log for one experiment."""
 
-    mode: Mode | None  # None: challenger and shadow rows both logged (modes mixed)
+    mode: RoutingMode | None  # None: challenger and shadow rows both logged (modes mixed)
     keyed: bool  # units are routing keys (sticky users); else each request is a unit
     champion: ArmData
     challenger: ArmData  # the shadow arm in shadow mode

@@ -15,7 +15,7 @@ import anyio
 
 from router.config import Settings
 from router.errors import RegistryUnavailable
-from router.logschema import experiment_id
+from router.logschema import Arm, experiment_id
 from router.metrics import RouterMetrics
 from router.redact import redact
 from router.registry import LoadedModel, ModelNotFound, ModelRef, Registry
@@ -78,7 +78,7 @@ class ModelManager:
                 # The champion alone is a working router; a broken challenger must not stop it.
                 challenger_error = f"challenger v{challenger_ref.version} failed to load: {exc}"
                 log.error("%s", challenger_error)
-                self._metrics.model_reloads.labels("challenger", "error").inc()
+                self._metrics.model_reloads.labels(Arm.CHALLENGER.value, "error").inc()
         exp = experiment_id(
             self._registry.model_name,
             champion.version,
@@ -101,7 +101,7 @@ class ModelManager:
                 known = isinstance(exc, RegistryUnavailable | ModelNotFound)
                 self.last_error = redact(str(exc) if known else f"{type(exc).__name__}: {exc}")
                 if previous is not None:
-                    self._metrics.model_reloads.labels("champion", "error").inc()
+                    self._metrics.model_reloads.labels(Arm.CHAMPION.value, "error").inc()
                     log.error("reload failed, keeping the models in service: %s", self.last_error)
                 raise
             self.last_error = None
@@ -186,11 +186,9 @@ class ModelManager:
 
 
 def _served(arms: ArmSet, settings: Settings) -> list[tuple[str, LoadedModel]]:
-    served = [("champion", arms.champion)]
+    served = [(Arm.CHAMPION.value, arms.champion)]
     if arms.challenger is not None:
-        served.append(
-            ("shadow" if settings.routing.mode == "shadow" else "challenger", arms.challenger)
-        )
+        served.append((settings.routing.challenger_arm.value, arms.challenger))
     return served
 
 

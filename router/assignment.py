@@ -24,8 +24,10 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
-Arm = Literal["champion", "challenger"]
-Reason = Literal["sticky", "random", "no_challenger", "weight_zero", "weight_one"]
+from router.logschema import Arm
+
+# Why a request went to its arm (not a logschema.Reason, which says why a row fell back or failed).
+AssignmentReason = Literal["sticky", "random", "no_challenger", "weight_zero", "weight_one"]
 
 BUCKETS = 10_000
 
@@ -34,8 +36,8 @@ BUCKETS = 10_000
 class Assignment:
     """Where one request goes and why; ``bucket`` is the sticky bucket when a key was given."""
 
-    arm: Arm
-    reason: Reason
+    arm: Arm  # CHAMPION or CHALLENGER (shadow scoring is not an assignment)
+    reason: AssignmentReason
     bucket: int | None
 
 
@@ -69,13 +71,13 @@ def assign(
         raise ValueError(f"challenger_weight must be within [0, 1], got {challenger_weight!r}")
     bucket = bucket_of(salt, routing_key) if routing_key else None
     if not challenger_available:
-        return Assignment("champion", "no_challenger", bucket)
+        return Assignment(Arm.CHAMPION, "no_challenger", bucket)
     if challenger_weight == 0.0:
-        return Assignment("champion", "weight_zero", bucket)
+        return Assignment(Arm.CHAMPION, "weight_zero", bucket)
     if challenger_weight == 1.0:
-        return Assignment("challenger", "weight_one", bucket)
+        return Assignment(Arm.CHALLENGER, "weight_one", bucket)
     if bucket is not None:
-        arm: Arm = "challenger" if bucket < threshold_of(challenger_weight) else "champion"
-        return Assignment(arm, "sticky", bucket)
-    arm = "challenger" if rng.random() < challenger_weight else "champion"
+        sticky = Arm.CHALLENGER if bucket < threshold_of(challenger_weight) else Arm.CHAMPION
+        return Assignment(sticky, "sticky", bucket)
+    arm = Arm.CHALLENGER if rng.random() < challenger_weight else Arm.CHAMPION
     return Assignment(arm, "random", None)

@@ -13,12 +13,14 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_type_hints
 
 import yaml
 
-RoutingMode = Literal["split", "shadow"]
+from router.logschema import Arm, RoutingMode
+
 ExtraColumns = Literal["ignore", "reject"]
 Casting = Literal["mlflow", "strict"]
 NonFinite = Literal["reject", "pass"]
@@ -43,7 +45,7 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class RoutingSettings:
-    mode: RoutingMode = "split"
+    mode: RoutingMode = RoutingMode.SPLIT
     challenger_weight: float = 0.1
     routing_key_header: str = "X-Routing-Key"
     salt: str = "churn-experiment"
@@ -51,6 +53,16 @@ class RoutingSettings:
     # stop routing to it; after breaker_cooldown_s one request probes it again.
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
+
+    @property
+    def shadow(self) -> bool:
+        """Shadow mode: the champion answers everything, the challenger scores it afterwards."""
+        return self.mode == RoutingMode.SHADOW
+
+    @property
+    def challenger_arm(self) -> Arm:
+        """The arm the challenger's rows and metrics count in: ``shadow`` in shadow mode."""
+        return Arm.SHADOW if self.shadow else Arm.CHALLENGER
 
 
 @dataclass(frozen=True)
@@ -228,6 +240,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         ):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
+    if isinstance(hint, type) and issubclass(hint, StrEnum):
+        choices = [member.value for member in hint]
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+        return hint(value)
     if args and type(None) in args:  # Optional[...]
         if value is None:
             return None

@@ -29,6 +29,13 @@ class Arm(StrEnum):
     SHADOW = "shadow"
 
 
+class RoutingMode(StrEnum):
+    """How the router uses the challenger (``routing.mode``)."""
+
+    SPLIT = "split"  # each request is assigned to one arm by weight
+    SHADOW = "shadow"  # the champion answers every request; the challenger scores it afterwards
+
+
 class RowStatus(StrEnum):
     """What happened to a logged row."""
 
@@ -102,15 +109,22 @@ def hash_routing_key(secret: bytes, key: str) -> str:
 
 
 def outcome_matches(predicted_class: str, outcome_json: str) -> bool:
-    """Is a predicted class "correct" for an outcome? The one definition of accuracy's event.
-
-    Outcomes arrive as JSON (``1``, ``"1"``, ``true``, ``"churn"``); predicted classes are strings
-    (``"1"``, ``"churn"``). Numbers compare numerically, booleans as 0/1, anything else as text.
-    """
+    """Is a predicted class "correct" for a stored outcome (JSON text)? :func:`class_matches`."""
     try:
         outcome: object = json.loads(outcome_json)
     except ValueError:
         outcome = outcome_json
+    return class_matches(predicted_class, outcome)
+
+
+def class_matches(predicted_class: str, outcome: object) -> bool:
+    """Is a predicted class "correct" for an outcome? The one definition of accuracy's event: the
+    live metric (``router_feedback_correct_total``) and the evaluator both ask this.
+
+    Outcomes arrive as JSON values (``1``, ``"1"``, ``true``, ``"churn"``); predicted classes are
+    strings (``"1"``, ``"01"``, ``"churn"``). Numbers compare numerically, booleans as 0/1,
+    anything else as text.
+    """
     if isinstance(outcome, bool):
         outcome = int(outcome)
     if isinstance(outcome, int | float):
@@ -119,3 +133,11 @@ def outcome_matches(predicted_class: str, outcome_json: str) -> bool:
         except ValueError:
             return False
     return predicted_class == str(outcome)
+
+
+def outcome_number(outcome: object) -> float | None:
+    """The numeric form of an outcome (``outcomes.outcome_value``): numbers and booleans (0/1);
+    None for anything else. Error metrics (absolute, squared) are computed from it."""
+    if isinstance(outcome, bool | int | float):
+        return float(outcome)
+    return None

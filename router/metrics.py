@@ -25,7 +25,7 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as prom_multiprocess
 
-from router.logschema import Reason
+from router.logschema import Arm, Reason
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -262,9 +262,9 @@ class RouterMetrics:
         for reason in FALLBACK_REASONS:
             self.fallback.labels(reason.value)
         self.circuit_open.set(0)
-        for arm in ("champion", "challenger", "shadow"):
+        for arm in Arm:
             for result in ("ok", "error"):
-                self.model_reloads.labels(arm, result)
+                self.model_reloads.labels(arm.value, result)
 
     def count_request(self, arm: str, version: str, status: str) -> None:
         """``router_requests_total{arm, model_version, status}`` += 1."""

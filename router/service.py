@@ -57,13 +57,15 @@ from router.input.payload import (
 from router.log.feedback import FeedbackItem, FeedbackResult
 from router.log.keyhash import RoutingKeyHasher
 from router.log.predlog import PredictionLog
-from router.logschema import Arm, Reason, RowStatus
+from router.logschema import Arm, Reason, RowStatus, class_matches
 from router.metrics import RouterMetrics
 from router.recording import Recorder, RequestFacts
 from router.scoring.breaker import BreakerState, CircuitBreaker
 from router.scoring.scorer import InputFault, ModelFault, ModelScorer, Scored, ScorerOptions
 
 log = logging.getLogger(__name__)
+
+ARMS = frozenset(Arm)
 
 MAX_REQUEST_ID_LENGTH = 128
 # Shadow scoring runs after the response; beyond this many in flight it is skipped (and counted)
@@ -134,7 +136,7 @@ class RouterService:
         self.publish_weights()
 
     def publish_weights(self) -> None:
-        weight = 0.0 if self.settings.routing.mode == "shadow" else self.challenger_weight
+        weight = 0.0 if self.settings.routing.shadow else self.challenger_weight
         self.metrics.arm_weight.labels(Arm.CHAMPION.value).set(1.0 - weight)
         self.metrics.arm_weight.labels(Arm.CHALLENGER.value).set(weight)
 
@@ -151,7 +153,7 @@ class RouterService:
         if arms.challenger is not None:
             challenger = old.pop(id(arms.challenger), None) or self._new_scorer(
                 arms.challenger,
-                Arm.SHADOW if self.settings.routing.mode == "shadow" else Arm.CHALLENGER,
+                self.settings.routing.challenger_arm,
             )
         # Retired scorers need no closing: their idle threads retire by themselves, and a call
         # still in flight on the old models finishes there.
@@ -232,7 +234,7 @@ class RouterService:
         arms = self._arms()
         request_id = _check_request_id(request_id)
         salt = self.settings.routing.salt
-        shadow = self.settings.routing.mode == "shadow"
+        shadow = self.settings.routing.shadow
         assignment = assign(
             routing_key,
             salt,
@@ -247,7 +249,7 @@ class RouterService:
         )
         scorers = self._scorers_for(arms)
         challenger = scorers.challenger
-        if assignment.arm == Arm.CHALLENGER.value and challenger is not None:
+        if assignment.arm is Arm.CHALLENGER and challenger is not None:
             raw = await self._decode(request, Arm.CHALLENGER, challenger, body, content_type)
             return await self._challenger_answers(request, scorers, challenger, raw)
         raw = await self._decode(request, Arm.CHAMPION, scorers.champion, body, content_type)
@@ -546,16 +548,14 @@ class RouterService:
     def _meter_feedback(self, result: FeedbackResult) -> None:
         m = self.metrics
         for row in result.rows:
-            if not row.created or row.arm not in ("champion", "challenger", "shadow"):
+            if not row.created or row.arm not in ARMS:
                 continue
             labels = (row.arm, row.model_version)
             m.feedback.labels(*labels).inc()
-            outcome = row.outcome
-            if row.predicted_class is not None and _class_of(outcome) == row.predicted_class:
+            if row.predicted_class is not None and class_matches(row.predicted_class, row.outcome):
                 m.feedback_correct.labels(*labels).inc()
-            numeric = _numeric(outcome)
-            if numeric is not None and row.score is not None:
-                error = row.score - numeric
+            if row.outcome_value is not None and row.score is not None:
+                error = row.score - row.outcome_value
                 m.feedback_abs_error.labels(*labels).inc(abs(error))
                 m.feedback_squared_error.labels(*labels).inc(error * error)
 
@@ -580,21 +580,3 @@ def _check_request_id(request_id: str | None) -> str:
             f"X-Request-Id must be printable and at most {MAX_REQUEST_ID_LENGTH} characters"
         )
     return request_id
-
-
-def _class_of(outcome: Any) -> str | None:
-    if isinstance(outcome, bool):
-        return str(int(outcome))
-    if isinstance(outcome, float) and outcome.is_integer():
-        return str(int(outcome))
-    if isinstance(outcome, int | str):
-        return str(outcome)
-    return None
-
-
-def _numeric(outcome: Any) -> float | None:
-    if isinstance(outcome, bool):
-        return float(outcome)
-    if isinstance(outcome, int | float):
-        return float(outcome)
-    return None

@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from router.errors import Conflict, InvalidInput, NotFound, PredictionLogUnavailable
 from router.log.database import brief, insert_ignoring, safe_url, short
-from router.logschema import outcomes, predictions
+from router.logschema import outcome_number, outcomes, predictions
 
 _FLUSH_TIMEOUT_S = 30.0
 _IN_CHUNK = 500  # ids per IN (...) list: well under SQLite's and PostgreSQL's parameter limits
@@ -248,10 +248,7 @@ def _encode(request_id: str, value: Any) -> _Encoded:
         text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"request_id {request_id!r}: outcome is not finite JSON: {exc}") from exc
-    number: float | None = None
-    if isinstance(value, bool | int | float):
-        number = float(value)  # bool -> 0.0/1.0
-    return json.loads(text), text, number
+    return json.loads(text), text, outcome_number(value)
 
 
 def _chunks(ids: list[str]) -> list[list[str]]:

@@ -36,6 +36,7 @@ from router.input.bodies import load_json, media_type
 from router.log.feedback import FeedbackItem
 from router.log.keyhash import RoutingKeyHasher
 from router.log.predlog import PredictionLog
+from router.logschema import Arm
 from router.metrics import RouterMetrics, render
 from router.registry import ModelNotFound, Registry
 from router.server.headers import SecurityHeaders, content_security_policy
@@ -212,9 +213,9 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=content_type)
 
 
-def _arm_json(arm: str, alias: str, weight: float, loaded: Any) -> dict[str, Any]:
+def _arm_json(arm: Arm, alias: str, weight: float, loaded: Any) -> dict[str, Any]:
     return {
-        "arm": arm,
+        "arm": arm.value,
         "alias": alias,
         "version": loaded.version,
         "run_id": loaded.ref.run_id,
@@ -240,12 +241,14 @@ async def experiment(request: Request) -> Response:
     if arms is None:
         body["error"] = service.manager.last_error
         return JSONResponse(body)
-    shadow = s.routing.mode == "shadow"
+    shadow = s.routing.shadow
     weight = 0.0 if shadow or arms.challenger is None else service.challenger_weight
-    body["arms"].append(_arm_json("champion", s.model.champion_alias, 1.0 - weight, arms.champion))
+    body["arms"].append(
+        _arm_json(Arm.CHAMPION, s.model.champion_alias, 1.0 - weight, arms.champion)
+    )
     if arms.challenger is not None:
-        name = "shadow" if shadow else "challenger"
-        body["arms"].append(_arm_json(name, s.model.challenger_alias, weight, arms.challenger))
+        arm = s.routing.challenger_arm
+        body["arms"].append(_arm_json(arm, s.model.challenger_alias, weight, arms.challenger))
     else:
         why = arms.challenger_error or f"no @{s.model.challenger_alias} version"
         body["challenger_missing"] = f"{why}: the champion serves all traffic"
