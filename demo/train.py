@@ -50,6 +50,7 @@ from demo.data import (
     NUMERIC_FEATURES,
     make_churn_data,
 )
+from router.mlflow_private import global_uris
 
 # skops refuses to load types it does not know; these are the ones our models add (the demo's
 # gradient boosting; the benchmark's decision tree and random forest, see bench/models.py).
@@ -109,12 +110,8 @@ def restored_tracking_uris() -> Iterator[None]:
     Both the module globals and ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI`` in ``os.environ``
     (``mlflow.set_tracking_uri`` writes the former, for subprocesses) are restored as they were.
     """
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
     saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved_tracking = tracking_utils._tracking_uri
-    saved_registry = registry_utils._registry_uri
+    saved_tracking, saved_registry = global_uris()
     try:
         yield
     finally:

@@ -1,8 +1,10 @@
-"""Resolving registry aliases to versions and loading them: the router's only MLflow seam.
+"""Resolving registry aliases to versions and loading them: the router's seam to the registry.
 
-Every MLflow exception is translated here into :class:`RegistryUnavailable` or
-:class:`ModelNotFound`; callers never see MLflow's types. All calls block: run them off the
-event loop.
+Every MLflow exception of the registry is translated here into :class:`RegistryUnavailable` or
+:class:`ModelNotFound`; callers never see MLflow's registry types. All calls block: run them off
+the event loop. Other MLflow use: the loaded ``PyFuncModel`` is called by ``router.scoring``,
+signatures are read with ``mlflow.types``, and MLflow's non-public functions (the scoring
+server's parsing and encoding) are reached through ``router/mlflow_private.py`` only.
 """
 
 from __future__ import annotations

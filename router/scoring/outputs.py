@@ -9,18 +9,15 @@ two-column probability output, or the top probability of a wider one) and a ``pr
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 import pandas as pd
-from mlflow.utils import proto_json_utils
-from mlflow.utils.proto_json_utils import NumpyEncoder
 
-# MLflow's own encoder of outputs (untyped).
-_mlflow_jsonable: Callable[..., Any] = proto_json_utils._get_jsonable_obj
+from router.mlflow_private import NumpyEncoder
+from router.mlflow_private import jsonable as _mlflow_jsonable
 
 
 @dataclass(frozen=True)
