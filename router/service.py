@@ -416,17 +416,13 @@ class RouterService:
         """The decoded input checked and cast for ``scorer``'s model (its own signature)."""
         schema = scorer.model.input_schema
         checks = self.settings.validation
-        extra = checks.extra_columns
-        if extra == "reject" and scorers.known_columns is not None:
-            # A column only the other arm takes is not unknown during a schema change.
-            _refuse_unknown(raw, scorers.known_columns)
-            extra = "ignore"
         rules: dict[str, Any] = {
-            "extra_columns": extra,
+            "extra_columns": checks.extra_columns,
             "casting": checks.casting,
             "non_finite": checks.non_finite,
             "params_schema": scorer.model.params_schema,
             "plan": scorer.column_plan,
+            "known_columns": scorers.known_columns,
         }
         if raw.n_rows <= INLINE_MAX_ROWS:
             return conform(raw, schema, **rules)
@@ -563,13 +559,6 @@ class RouterService:
 def _column_names(scorer: ModelScorer) -> frozenset[str]:
     plan = scorer.column_plan
     return frozenset(plan.names) if plan is not None else frozenset()
-
-
-def _refuse_unknown(raw: RawInput, known: frozenset[str]) -> None:
-    unknown = [name for name in raw.columns or () if name not in known]
-    if unknown:
-        names = ", ".join(f"'{name}'" for name in unknown)
-        raise InvalidInput(f"unknown column(s) in neither arm's model signature: {names}")
 
 
 def _check_request_id(request_id: str | None) -> str:

@@ -210,6 +210,27 @@ def test_extra_columns_are_ignored_like_mlflow_or_refused() -> None:
     assert (caught.value.status_code, caught.value.error_code) == (400, "INVALID_PARAMETER_VALUE")
 
 
+@pytest.mark.parametrize("content_type", [JSON, "text/csv"])
+def test_during_a_schema_change_a_column_is_unknown_only_to_both_arms(content_type: str) -> None:
+    # The other arm takes "customer_id": clients send the union, so this arm drops it.
+    frame = FRAME.assign(customer_id="c-1")
+    if content_type == JSON:
+        body = json.dumps({"dataframe_records": json.loads(frame.to_json(orient="records"))})
+    else:
+        body = frame.to_csv(index=False)
+    raw = decode_invocation(body.encode(), content_type, 10)
+    union = frozenset([*COLUMNS, "customer_id"])
+    parsed = conform(raw, SCHEMA, extra_columns="reject", known_columns=union)
+    assert list(_frame(parsed).columns) == COLUMNS
+    with pytest.raises(InvalidInput, match=r"not in the model signature: 'customer_id'"):
+        conform(raw, SCHEMA, extra_columns="reject")
+    with pytest.raises(InvalidInput, match=r"in neither arm's model signature: 'customer_id'"):
+        conform(raw, SCHEMA, extra_columns="reject", known_columns=frozenset(COLUMNS))
+    # extra_columns: ignore drops whatever neither arm takes.
+    ignored = conform(raw, SCHEMA, known_columns=frozenset(COLUMNS))
+    assert list(_frame(ignored).columns) == COLUMNS
+
+
 def test_optional_columns_may_be_missing() -> None:
     schema = Schema([ColSpec("double", "x"), ColSpec("string", "note", required=False)])
     parsed = _parse({"inputs": {"x": [1.0, 2.0]}}, schema)

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from router.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from router.input.parquet_pages import MalformedPage, chunk_pages
+from router.input.rowcount import check_row_limit
 
 MAX_JSON_DEPTH = 64
 MAX_COLUMNS = 4096
@@ -201,11 +202,7 @@ def read_parquet(body: bytes, max_rows: int) -> pd.DataFrame:
 def _check_footer(body: bytes, metadata: pq.FileMetaData, max_rows: int) -> None:
     """Rows and columns from the footer; sizes from every page header (the footer's own sizes are
     only the writer's word, while a page header's is what the reader allocates and decodes)."""
-    if metadata.num_rows > max_rows:
-        raise PayloadTooLarge(
-            f"too many rows: parquet has {metadata.num_rows} rows; the limit is {max_rows} per "
-            "request (limits.max_rows)"
-        )
+    check_row_limit(metadata.num_rows, max_rows, "parquet")
     if metadata.num_columns > MAX_COLUMNS:
         raise PayloadTooLarge(
             f"too many columns: parquet has {metadata.num_columns}; the limit is {MAX_COLUMNS}"

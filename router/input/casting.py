@@ -1,4 +1,5 @@
-"""One model's view of an input: its columns checked, cast and typed for its signature.
+"""One model's columns typed and cast for its signature: the values, once the column names were
+checked (``router.input.schema``).
 
 Two ways to type a column, both giving what MLflow's scoring server hands the model:
 
@@ -17,25 +18,20 @@ Two ways to type a column, both giving what MLflow's scoring server hands the mo
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from mlflow.models import utils as model_utils
 from mlflow.types import ColSpec, DataType, Schema
-from mlflow.utils import proto_json_utils
 from pandas.api.types import infer_dtype
 
-from router.config import ExtraColumns
 from router.errors import InvalidInput
 from router.input.rows import Rows
-
-# MLflow's own casting and enforcement (untyped).
-_mlflow_cast: Callable[..., pd.DataFrame] = proto_json_utils.cast_df_types_according_to_schema
-_mlflow_enforce: Callable[..., Any] = model_utils._enforce_schema
+from router.input.schema import ColumnPlan
+from router.mlflow_private import cast_columns as _mlflow_cast
+from router.mlflow_private import enforce_schema as _mlflow_enforce
 
 _NUMBER_KINDS = frozenset({"integer", "floating", "mixed-integer-float", "empty"})
 # The Python types JSON values decode to, for which the column's array is built without inference
@@ -55,54 +51,6 @@ _EXPECTED = {
     DataType.boolean: "boolean (true or false)",
     DataType.string: "string",
 }
-
-
-def is_named_columns(schema: Schema | None) -> bool:
-    """A signature of named columns (what ``infer_signature`` gives for a DataFrame): the only
-    kind the router checks and types itself, and the only kind it batches."""
-    return schema is not None and not schema.is_tensor_spec() and schema.has_input_names()
-
-
-@dataclass(frozen=True)
-class ColumnPlan:
-    """What parsing asks of a column signature on every request, read from it once per model
-    (MLflow's ``Schema`` accessors rebuild their lists on each call)."""
-
-    names: tuple[str, ...]  # the signature's columns, in its order
-    specs: Mapping[str, ColSpec]
-    required: tuple[str, ...]
-    doubles: frozenset[str]  # the double columns: converted together when plain numbers
-
-
-def column_plan(schema: Schema) -> ColumnPlan:
-    specs = {
-        str(name): spec for name, spec in schema.input_dict().items() if isinstance(spec, ColSpec)
-    }
-    return ColumnPlan(
-        names=tuple(str(name) for name in schema.input_names()),
-        specs=specs,
-        required=tuple(str(name) for name in schema.required_input_names()),
-        doubles=frozenset(name for name, spec in specs.items() if spec.type == DataType.double),
-    )
-
-
-def check_columns(
-    columns: Mapping[str, Any], plan: ColumnPlan, extra_columns: ExtraColumns
-) -> None:
-    """Every required column present; unknown ones refused when ``extra_columns="reject"``."""
-    missing = [name for name in plan.required if name not in columns]
-    if missing:
-        raise InvalidInput(
-            f"missing column(s) required by the model signature: {names_text(missing)}"
-        )
-    if extra_columns == "reject":
-        extra = [name for name in columns if name not in plan.specs]
-        if extra:
-            raise InvalidInput(
-                f"unknown column(s) not in the model signature: {names_text(extra)} "
-                f"(the model takes {names_text(plan.names)}; "
-                "validation.extra_columns: ignore drops them)"
-            )
 
 
 def typed_rows(
@@ -290,63 +238,6 @@ def _out_of_range(name: str, t: DataType, limits: np.iinfo | np.finfo) -> Invali
     return InvalidInput(
         f"column '{name}' is {t.name}: a value is outside [{limits.min}, {limits.max}]"
     )
-
-
-# --- tensor and unnamed signatures -------------------------------------------------------------
-
-
-def check_tensor(data: Any, schema: Schema) -> None:
-    specs: list[Any] = schema.inputs  # TensorSpec, as schema.is_tensor_spec()
-    if schema.has_input_names():
-        names = [str(spec.name) for spec in specs]
-        present = set(data) if isinstance(data, dict) else set(getattr(data, "columns", ()))
-        missing = [name for name in names if name not in present]
-        if missing:
-            raise InvalidInput(
-                f"missing input(s) required by the model signature: {names_text(missing)}"
-            )
-        if isinstance(data, dict):
-            for spec in specs:
-                _check_shape(f"input '{spec.name}'", np.asarray(data[str(spec.name)]), spec.shape)
-        return
-    shape = specs[0].shape
-    if isinstance(data, np.ndarray):
-        _check_shape("the input", data, shape)
-    elif (
-        isinstance(data, pd.DataFrame)
-        and len(shape) == 2
-        and shape[1] != -1
-        and data.shape[1] not in (1, shape[1])  # one column may hold each row as a list
-    ):
-        raise InvalidInput(
-            f"each row must have {shape[1]} features (model input shape {shape}), "
-            f"got {data.shape[1]}"
-        )
-
-
-def _check_shape(what: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
-    fits = array.ndim == len(shape) and all(
-        want == -1 or got == want for got, want in zip(array.shape, shape, strict=True)
-    )
-    if fits:
-        return
-    if array.ndim == len(shape) == 2:
-        raise InvalidInput(
-            f"each row of {what} must have {shape[1]} features (model input shape {shape}), "
-            f"got {array.shape[1]}"
-        )
-    raise InvalidInput(f"{what} has shape {array.shape}; the model expects {shape} (-1: any size)")
-
-
-def check_unnamed(data: Any, schema: Schema) -> None:
-    """Unnamed column signatures can only be checked for their column count (as in MLflow)."""
-    want = len(schema.inputs)
-    if isinstance(data, pd.DataFrame) and data.shape[1] < want:
-        raise InvalidInput(f"the model takes {want} columns, got {data.shape[1]}")
-
-
-def names_text(names: Sequence[Any]) -> str:
-    return ", ".join(f"'{name}'" for name in names)
 
 
 def _show(value: Any) -> str:

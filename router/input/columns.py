@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from itertools import repeat
 from typing import Any
 
-from router.errors import BadRequest, InvalidInput
-from router.input.casting import names_text as _names
+from router.errors import BadRequest
+from router.input.schema import names_text as _names
 
 Columns = dict[str, Sequence[Any]]
 
@@ -20,8 +20,10 @@ Columns = dict[str, Sequence[Any]]
 def columns_of(fmt: str, value: Any) -> Columns | None:
     """Column name -> raw values, or None when the input does not name its columns.
 
-    Raises for a shape that cannot be columns; the caller keeps the error for models with named
-    columns (other models are parsed by MLflow's own functions, which take other shapes).
+    ``value`` has at least one row (``router.input.rowcount`` counted them first). Raises
+    :class:`BadRequest` for a shape that cannot be columns; the caller keeps the error for models
+    with named columns (other models are parsed by MLflow's own functions, which take other
+    shapes).
     """
     if fmt == "dataframe_split":
         return _split_columns(value)
@@ -89,8 +91,6 @@ def _record_columns(records: list[Any], fmt: str) -> Columns:
 
 
 def _dict_columns(value: dict[str, Any], fmt: str) -> Columns:
-    if not value:
-        raise InvalidInput(f"no rows: {fmt} is empty")
     is_list = [isinstance(column, list) for column in value.values()]
     if not any(is_list):  # one row given as column -> value
         return {name: [column] for name, column in value.items()}

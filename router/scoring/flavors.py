@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 from mlflow.types import DataType, Schema
 
-from router.input.casting import is_named_columns
 from router.input.rows import Rows
+from router.input.schema import is_named_columns
 
 log = logging.getLogger(__name__)
 

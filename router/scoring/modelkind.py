@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from mlflow.types import DataType
 
-from router.input.casting import is_named_columns
+from router.input.schema import is_named_columns
 from router.scoring.flavors import BATCHABLE_KEY
 
 

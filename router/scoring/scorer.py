@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from router.input.casting import ColumnPlan, column_plan, is_named_columns
 from router.input.payload import ParsedInput
 from router.input.rows import Rows
+from router.input.schema import ColumnPlan, column_plan, is_named_columns
 from router.logschema import Reason
 from router.registry import LoadedModel
 from router.scoring.batcher import MicroBatcher

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from router.input.casting import is_named_columns
+from router.input.schema import is_named_columns
 from router.scoring.modelkind import type_name
 
 
