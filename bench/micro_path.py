@@ -101,7 +101,14 @@ def request_path_cases(work: Path) -> Iterator[list[Case]]:
     headers = {"X-Arm": "champion", "X-Model-Version": "1", "X-Request-Id": request.request_id}
 
     def answered() -> Any:
-        return recorder.answered(request, Arm.CHAMPION, "1", served_by, scored, 1)  # type: ignore[arg-type]
+        return recorder.answered(
+            request,
+            arm=Arm.CHAMPION,
+            arm_version="1",
+            served_by=served_by,  # type: ignore[arg-type]
+            scored=scored,  # type: ignore[arg-type]
+            n_rows=1,
+        )
 
     cases: list[Case] = [
         (

@@ -35,11 +35,15 @@ STAGE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
         "router core (service, batcher, assignment)",
         ("router/service.py", "router/scoring/batcher.py"),
     ),
-    ("router core (service, batcher, assignment)", ("router/assignment.py", "router/arms.py")),
+    (
+        "router core (service, batcher, assignment)",
+        ("router/assignment.py", "router/split.py", "router/arms.py"),
+    ),
     (
         "router core (service, batcher, assignment)",
         (
             "router/scoring/scorer.py",
+            "router/scoring/scorers.py",
             "router/recording.py",
             "router/scoring/breaker.py",
             "router/scoring/modelkind.py",

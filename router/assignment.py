@@ -5,7 +5,7 @@ Sticky mode (a routing key is given) hashes the key into one of ``BUCKETS`` fine
     digest = sha256(utf8(f"{salt}:{key}"))
     bucket = int.from_bytes(digest[:8], "big") % BUCKETS        # unsigned 64-bit, big-endian
     threshold = floor(challenger_weight * BUCKETS + 0.5)        # round half up
-    arm = "challenger" if bucket < threshold else "champion"
+    arm = CHALLENGER if bucket < threshold else CHAMPION        # Arm, router/logschema.py
 
 Any language reproduces it from that recipe (``tests/cases/assignment.json`` holds reference
 values). The bucket depends only on (salt, key), so every replica, and every restart, puts a user in

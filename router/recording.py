@@ -1,10 +1,13 @@
-"""What one request leaves behind: its Prometheus counts and its prediction-log rows.
+"""What one request leaves behind: its Prometheus counts and its prediction-log rows; and the
+feedback metrics an outcome adds to them.
 
 Intent-to-treat (``router/logschema.py``): a request counts once in the arm it was *assigned* to,
 whatever happened to it. ``router_requests_total{arm, model_version, status}`` carries the
 assigned arm and that arm's model version; the log rows carry the assigned arm and the answer
 actually served (the champion's version, score and class on a fallback row). The histograms of
 model behaviour (predict latency, values, classes) are labelled by the model that answered.
+Feedback counts in the logged row's arm and version, its accuracy by ``logschema.class_matches``
+and its errors from the stored numeric outcome, as the evaluator reads them.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from router.log.feedback import FeedbackResult
 from router.log.predlog import PredictionLog, PredictionRecord
-from router.logschema import Arm, Reason, RowStatus
+from router.logschema import Arm, Reason, RowStatus, class_matches
 from router.metrics import RouterMetrics
 from router.scoring.outputs import RowFacts, row_facts, to_jsonable
 from router.scoring.scorer import ModelScorer, Scored
+
+_ARMS = frozenset(Arm)
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,7 @@ class RequestFacts:
 
 
 class Recorder:
-    """Meters and logs each request's outcome (one call per request and arm)."""
+    """Meters and logs each request's outcome (one call per request and arm), and feedback."""
 
     def __init__(self, model_name: str, metrics: RouterMetrics, prediction_log: PredictionLog):
         self._model_name = model_name
@@ -40,48 +46,71 @@ class Recorder:
     def answered(
         self,
         request: RequestFacts,
+        *,
         arm: Arm,
         arm_version: str,
         served_by: ModelScorer,
         scored: Scored,
         n_rows: int,
-        status: RowStatus = RowStatus.OK,
-        reason: Reason | None = None,
+        fallback: Reason | None = None,
     ) -> Any:
-        """A served answer (``ok``, or ``fallback`` with its reason); returns the JSON-able body."""
+        """A served answer: ``ok``, or ``fallback`` with its reason (``served_by`` the champion,
+        ``arm_version`` the assigned arm's); returns the JSON-able body."""
+        status = RowStatus.OK if fallback is None else RowStatus.FALLBACK
         jsonable = to_jsonable(scored.prediction)
         facts = row_facts(scored.prediction, jsonable, n_rows)
         m = self._metrics
         m.count_request(arm.value, arm_version, status.value)
-        if reason is not None:
-            m.count_fallback(reason.value)
+        if fallback is not None:
+            m.count_fallback(fallback.value)
         role, version = served_by.role, served_by.version
         m.observe_predict_latency(role, version, scored.latency_s)
         m.observe_scores(role, version, facts.scores)
         m.count_classes(role, version, facts.classes)
-        self._rows(request, arm, version, status, reason, scored.latency_s, n_rows, facts)
+        self._rows(request, arm, version, status, fallback, scored.latency_s, n_rows, facts)
         return jsonable
 
     def failed(
         self,
         request: RequestFacts,
+        *,
         arm: Arm,
         arm_version: str,
-        row_version: str,
-        n_rows: int | None,
-        status: RowStatus,
         reason: Reason,
+        n_rows: int | None,
+        row_version: str | None = None,
     ) -> None:
-        """Nothing served: ``error`` (a model fault) or ``client_error`` (the input's fault).
+        """Nothing served: ``client_error`` rows for ``Reason.BAD_INPUT`` (the input's fault),
+        ``error`` rows for any other reason (a model fault, or the shadow's input unfit).
 
-        ``n_rows`` None: the input never parsed, one row (row_index 0) stands for the request.
+        The rows carry ``row_version`` (the model that refused or failed) when it is not the
+        assigned arm's. ``n_rows`` None: the input never parsed, one row (row_index 0) stands for
+        the request.
         """
+        status = RowStatus.CLIENT_ERROR if reason is Reason.BAD_INPUT else RowStatus.ERROR
         self._metrics.count_request(arm.value, arm_version, status.value)
-        self._rows(request, arm, row_version, status, reason, 0.0, n_rows or 1, None)
+        version = row_version or arm_version
+        self._rows(request, arm, version, status, reason, 0.0, n_rows or 1, None)
 
     def skipped(self, arm: Arm, arm_version: str) -> None:
         """Shadow scoring not attempted (overload, or the challenger's circuit is open)."""
         self._metrics.count_request(arm.value, arm_version, "skipped")
+
+    def feedback(self, result: FeedbackResult) -> None:
+        """Meter the outcomes one feedback call stored (a repeated outcome counts once)."""
+        m = self._metrics
+        for row in result.rows:
+            if not row.created or row.arm not in _ARMS:
+                continue
+            labels = (row.arm, row.model_version)
+            m.feedback.labels(*labels).inc()
+            if row.predicted_class is not None and class_matches(row.predicted_class, row.outcome):
+                m.feedback_correct.labels(*labels).inc()
+            # The stored numeric outcome (``outcomes.outcome_value``): what the evaluator reads.
+            if row.outcome_value is not None and row.score is not None:
+                error = row.score - row.outcome_value
+                m.feedback_abs_error.labels(*labels).inc(abs(error))
+                m.feedback_squared_error.labels(*labels).inc(error * error)
 
     def _rows(
         self,

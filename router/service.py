@@ -37,11 +37,9 @@ from typing import Any
 import anyio
 
 from router.arms import ArmSet, ModelManager
-from router.assignment import assign
 from router.config import Settings
 from router.errors import (
     BadRequest,
-    InvalidInput,
     NotFound,
     NotReady,
     PredictionFailed,
@@ -57,15 +55,14 @@ from router.input.payload import (
 from router.log.feedback import FeedbackItem, FeedbackResult
 from router.log.keyhash import RoutingKeyHasher
 from router.log.predlog import PredictionLog
-from router.logschema import Arm, Reason, RowStatus, class_matches
+from router.logschema import Arm, Reason
 from router.metrics import RouterMetrics
 from router.recording import Recorder, RequestFacts
-from router.scoring.breaker import BreakerState, CircuitBreaker
-from router.scoring.scorer import InputFault, ModelFault, ModelScorer, Scored, ScorerOptions
+from router.scoring.scorer import InputFault, ModelFault, ModelScorer, Scored
+from router.scoring.scorers import Scorers, ScorerSet
+from router.split import ChallengerSplit
 
 log = logging.getLogger(__name__)
-
-ARMS = frozenset(Arm)
 
 MAX_REQUEST_ID_LENGTH = 128
 # Shadow scoring runs after the response; beyond this many in flight it is skipped (and counted)
@@ -87,24 +84,30 @@ class Invocation:
 
 
 @dataclass(frozen=True)
-class _Scorers:
-    """The scorers of one :class:`ArmSet` (a reload brings new ones)."""
+class _Answer:
+    """The challenger's valid answer to the input it took."""
 
-    arms: ArmSet
-    champion: ModelScorer
-    challenger: ModelScorer | None
-    # Both arms' column names when their signatures differ (else None): a column is unknown only
-    # when neither arm takes it.
-    known_columns: frozenset[str] | None = None
+    scored: Scored
+    parsed: ParsedInput
 
-    @property
-    def shared_input(self) -> bool:
-        """Both arms take the same input: a request parsed for one fits the other."""
-        return self.arms.signatures.same and self.arms.signatures.comparable
+
+@dataclass(frozen=True)
+class _Fallback:
+    """Why the challenger did not answer, and what it leaves the champion."""
+
+    reason: Reason
+    parsed: ParsedInput | None = None  # the input as the challenger took it, if it did
+    # The challenger refused the input: its fault only if the champion then takes the input.
+    refused: InputFault | None = None
 
 
 class RouterService:
-    """Serves one registered model's champion and challenger; owned by the app's lifespan."""
+    """Serves one registered model's champion and challenger; owned by the app's lifespan.
+
+    Its parts, one job each: ``split`` (the challenger's weight and each request's arm),
+    ``scorers`` (one scorer per model in service), the recorder (metrics and log rows of requests
+    and feedback); this class orchestrates a request across them.
+    """
 
     def __init__(
         self,
@@ -121,101 +124,17 @@ class RouterService:
         self.manager = manager
         self.prediction_log = prediction_log
         self.metrics = metrics
-        self.challenger_weight = settings.routing.challenger_weight
-        self._rng = rng or random.Random()
+        self.split = ChallengerSplit(settings.routing, metrics, rng)
+        self.scorers = Scorers(settings, metrics)
         self._recorder = Recorder(settings.model.name, metrics, prediction_log)
-        self._scorers: _Scorers | None = None
         self._shadow_tasks: set[asyncio.Task[None]] = set()
-        self.publish_weights()
-
-    # -- weights --------------------------------------------------------------------------------
-    def set_challenger_weight(self, weight: float) -> None:
-        if not 0.0 <= weight <= 1.0:
-            raise InvalidInput(f"challenger_weight must be within [0, 1], got {weight}")
-        self.challenger_weight = weight
-        self.publish_weights()
-
-    def publish_weights(self) -> None:
-        weight = 0.0 if self.settings.routing.shadow else self.challenger_weight
-        self.metrics.arm_weight.labels(Arm.CHAMPION.value).set(1.0 - weight)
-        self.metrics.arm_weight.labels(Arm.CHALLENGER.value).set(weight)
-
-    # -- the models' scorers ----------------------------------------------------------------------
-    def _scorers_for(self, arms: ArmSet) -> _Scorers:
-        current = self._scorers
-        if current is not None and current.arms is arms:
-            return current
-        old = (
-            {id(s.model): s for s in (current.champion, current.challenger) if s} if current else {}
-        )
-        champion = old.pop(id(arms.champion), None) or self._new_scorer(arms.champion, Arm.CHAMPION)
-        challenger = None
-        if arms.challenger is not None:
-            challenger = old.pop(id(arms.challenger), None) or self._new_scorer(
-                arms.challenger,
-                self.settings.routing.challenger_arm,
-            )
-        # Retired scorers need no closing: their idle threads retire by themselves, and a call
-        # still in flight on the old models finishes there.
-        known = None
-        if challenger is not None and not arms.signatures.same:
-            known = _column_names(champion) | _column_names(challenger)
-        self._scorers = _Scorers(arms, champion, challenger, known)
-        breaker = challenger.breaker if challenger is not None else None
-        self.metrics.circuit_open.set(
-            0 if breaker is None or breaker.state is BreakerState.CLOSED else 1
-        )
-        return self._scorers
-
-    def _new_scorer(self, model: Any, role: Arm) -> ModelScorer:
-        server, routing = self.settings.server, self.settings.routing
-        options = ScorerOptions(
-            threads=server.predict_threads,
-            timeout_s=server.champion_timeout_s
-            if role is Arm.CHAMPION
-            else server.challenger_timeout_s,
-            batch_max_rows=server.batch_max_rows,
-            batch_wait_s=server.batch_wait_ms / 1000.0,
-            batch_custom_models=server.batch_custom_models,
-        )
-        breaker = None
-        if role is not Arm.CHAMPION:
-            breaker = CircuitBreaker(
-                routing.breaker_failures,
-                routing.breaker_cooldown_s,
-                on_change=self._circuit_changed,
-            )
-        return ModelScorer(
-            model,
-            role.value,
-            options,
-            breaker=breaker,
-            on_batch=self.metrics.batch_rows.labels(model.version).observe,
-        )
-
-    def _circuit_changed(self, state: BreakerState) -> None:
-        self.metrics.circuit_open.set(0 if state is BreakerState.CLOSED else 1)
-        log.warning("challenger circuit breaker: %s", state.value)
-
-    def reset_circuit(self) -> None:
-        """An operator's reload: give the challenger another chance now."""
-        scorers = self._scorers
-        if scorers is not None and scorers.challenger and scorers.challenger.breaker:
-            scorers.challenger.breaker.reset()
 
     def describe(self) -> dict[str, Any]:
         """Scoring state for ``/experiment``: signature differences and the challenger's breaker."""
         arms = self.manager.current
         if arms is None or arms.challenger is None:
             return {}
-        body: dict[str, Any] = {"signatures": arms.signatures.to_json()}
-        scorers = self._scorers_for(arms)
-        challenger = scorers.challenger
-        if challenger is not None and challenger.breaker is not None:
-            body["challenger_circuit"] = challenger.breaker.describe()
-            # This process's count for the version in service (router_fallback_total: all time).
-            body["challenger_fallbacks"] = dict(challenger.fallbacks)
-        return body
+        return {"signatures": arms.signatures.to_json(), **self.scorers.describe(arms)}
 
     # -- predictions ----------------------------------------------------------------------------
     def _arms(self) -> ArmSet:
@@ -233,113 +152,127 @@ class RouterService:
     ) -> Invocation:
         arms = self._arms()
         request_id = _check_request_id(request_id)
-        salt = self.settings.routing.salt
-        shadow = self.settings.routing.shadow
-        assignment = assign(
-            routing_key,
-            salt,
-            self.challenger_weight,
-            arms.challenger is not None and not shadow,
-            self._rng,
-        )
+        assignment = self.split.assign(routing_key, arms.challenger is not None)
         request = RequestFacts(
             request_id,
             self.key_hasher.hash(routing_key) if routing_key else None,
             arms.experiment_id,
         )
-        scorers = self._scorers_for(arms)
+        scorers = self.scorers.for_arms(arms)
         challenger = scorers.challenger
         if assignment.arm is Arm.CHALLENGER and challenger is not None:
             raw = await self._decode(request, Arm.CHALLENGER, challenger, body, content_type)
             return await self._challenger_answers(request, scorers, challenger, raw)
         raw = await self._decode(request, Arm.CHAMPION, scorers.champion, body, content_type)
         invocation, parsed = await self._champion_answers(request, scorers, raw)
-        if shadow and scorers.challenger is not None:
-            self._start_shadow(request, scorers, scorers.challenger, raw, parsed)
+        if challenger is not None and self.settings.routing.shadow:
+            self._start_shadow(request, scorers, challenger, raw, parsed)
         return invocation
 
     async def _champion_answers(
-        self, request: RequestFacts, scorers: _Scorers, raw: RawInput
+        self, request: RequestFacts, scorers: ScorerSet, raw: RawInput
     ) -> tuple[Invocation, ParsedInput]:
         champion = scorers.champion
         parsed = await self._champion_input(request, Arm.CHAMPION, champion, scorers, raw)
         scored = await self._champion_scores(request, Arm.CHAMPION, champion, champion, parsed)
         jsonable = self._recorder.answered(
-            request, Arm.CHAMPION, champion.version, champion, scored, parsed.n_rows
+            request,
+            arm=Arm.CHAMPION,
+            arm_version=champion.version,
+            served_by=champion,
+            scored=scored,
+            n_rows=parsed.n_rows,
         )
         return Invocation(
             jsonable, Arm.CHAMPION.value, champion.version, request.request_id
         ), parsed
 
     async def _challenger_answers(
-        self, request: RequestFacts, scorers: _Scorers, challenger: ModelScorer, raw: RawInput
+        self, request: RequestFacts, scorers: ScorerSet, challenger: ModelScorer, raw: RawInput
     ) -> Invocation:
         """The challenger's answer; else the champion's, in the challenger's arm (fallback)."""
+        tried = await self._try_challenger(scorers, challenger, raw)
+        if isinstance(tried, _Fallback):
+            return await self._fallback(request, scorers, challenger, raw, tried)
+        jsonable = self._recorder.answered(
+            request,
+            arm=Arm.CHALLENGER,
+            arm_version=challenger.version,
+            served_by=challenger,
+            scored=tried.scored,
+            n_rows=tried.parsed.n_rows,
+        )
+        return Invocation(jsonable, Arm.CHALLENGER.value, challenger.version, request.request_id)
+
+    async def _try_challenger(
+        self, scorers: ScorerSet, challenger: ModelScorer, raw: RawInput
+    ) -> _Answer | _Fallback:
+        """The challenger's valid answer, or why it has none; its breaker told what it can judge
+        now (a refused input is judged in :meth:`_fallback`, once the champion has seen it)."""
         breaker = challenger.breaker
         assert breaker is not None
-        parsed: ParsedInput | None = None
-        refused: InputFault | None = None  # judged once the champion has seen the same input
         if not breaker.allow():
-            reason = Reason.CIRCUIT_OPEN
-        else:
-            try:
-                parsed = await self._conform(challenger, scorers, raw)
-            except RouterError:
-                breaker.release()
-                reason = Reason.SCHEMA
-            else:
-                try:
-                    scored = await challenger.score(parsed)
-                except InputFault as fault:
-                    refused, reason = fault, Reason.ERROR
-                except ModelFault as fault:
-                    breaker.failure()
-                    reason = fault.reason
-                    log.warning("challenger v%s: %s; champion answers", challenger.version, fault)
-                else:
-                    breaker.success()
-                    jsonable = self._recorder.answered(
-                        request,
-                        Arm.CHALLENGER,
-                        challenger.version,
-                        challenger,
-                        scored,
-                        parsed.n_rows,
-                    )
-                    return Invocation(
-                        jsonable, Arm.CHALLENGER.value, challenger.version, request.request_id
-                    )
+            return _Fallback(Reason.CIRCUIT_OPEN)
+        try:
+            parsed = await self._conform(challenger, scorers, raw)
+        except RouterError:
+            breaker.release()
+            return _Fallback(Reason.SCHEMA)
+        try:
+            scored = await challenger.score(parsed)
+        except InputFault as fault:
+            return _Fallback(Reason.ERROR, parsed, refused=fault)
+        except ModelFault as fault:
+            breaker.failure()
+            log.warning("challenger v%s: %s; champion answers", challenger.version, fault)
+            return _Fallback(fault.reason, parsed)
+        breaker.success()
+        return _Answer(scored, parsed)
+
+    async def _fallback(
+        self,
+        request: RequestFacts,
+        scorers: ScorerSet,
+        challenger: ModelScorer,
+        raw: RawInput,
+        fallback: _Fallback,
+    ) -> Invocation:
+        """The champion's answer in the challenger's arm (status ``fallback``, with the reason)."""
+        breaker = challenger.breaker
+        assert breaker is not None
         champion = scorers.champion
-        if parsed is None or not scorers.shared_input:
+        parsed = fallback.parsed if scorers.shared_input else None
+        if parsed is None:
             parsed = await self._champion_input(request, Arm.CHALLENGER, challenger, scorers, raw)
         try:
             scored = await self._champion_scores(
                 request, Arm.CHALLENGER, challenger, champion, parsed
             )
         except BadRequest:
-            if refused is not None:
+            if fallback.refused is not None:
                 breaker.release()  # both models refuse this input: the client's fault alone
             raise
         except PredictionFailed:
-            if refused is not None:
+            if fallback.refused is not None:
                 breaker.failure()
             raise
-        if refused is not None:
+        if fallback.refused is not None:
             breaker.failure()
             log.warning(
-                "challenger v%s refused input the champion took: %s", challenger.version, refused
+                "challenger v%s refused input the champion took: %s",
+                challenger.version,
+                fallback.refused,
             )
         jsonable = self._recorder.answered(
             request,
-            Arm.CHALLENGER,
-            challenger.version,
-            champion,
-            scored,
-            parsed.n_rows,
-            RowStatus.FALLBACK,
-            reason,
+            arm=Arm.CHALLENGER,
+            arm_version=challenger.version,
+            served_by=champion,
+            scored=scored,
+            n_rows=parsed.n_rows,
+            fallback=fallback.reason,
         )
-        challenger.fallbacks[reason.value] += 1
+        challenger.fallbacks[fallback.reason.value] += 1
         return Invocation(jsonable, Arm.CHAMPION.value, champion.version, request.request_id)
 
     async def _champion_scores(
@@ -355,22 +288,20 @@ class RouterService:
         try:
             return await champion.score(parsed)
         except (InputFault, ModelFault) as fault:
-            client = isinstance(fault, InputFault)
+            reason = fault.reason if isinstance(fault, ModelFault) else Reason.BAD_INPUT
             self._recorder.failed(
                 request,
-                arm,
-                assigned.version,
-                champion.version,
-                parsed.n_rows,
-                RowStatus.CLIENT_ERROR if client else RowStatus.ERROR,
-                fault.reason if isinstance(fault, ModelFault) else Reason.BAD_INPUT,
+                arm=arm,
+                arm_version=assigned.version,
+                reason=reason,
+                n_rows=parsed.n_rows,
+                row_version=champion.version,
             )
-            if client:
+            if reason is Reason.BAD_INPUT:
                 message = f"model version {champion.version} cannot score this input: {fault}"
                 raise BadRequest(message) from None
             log.error("champion v%s failed: %s", champion.version, fault)
-            timeout = isinstance(fault, ModelFault) and fault.reason is Reason.TIMEOUT
-            what = "did not answer in time" if timeout else "failed"
+            what = "did not answer in time" if reason is Reason.TIMEOUT else "failed"
             raise PredictionFailed(f"model version {champion.version} {what}") from None
 
     async def _champion_input(
@@ -378,7 +309,7 @@ class RouterService:
         request: RequestFacts,
         arm: Arm,
         assigned: ModelScorer,
-        scorers: _Scorers,
+        scorers: ScorerSet,
         raw: RawInput,
     ) -> ParsedInput:
         """The input for the champion; a client error (recorded in ``arm``) when it does not fit."""
@@ -412,7 +343,7 @@ class RouterService:
             self._client_error(request, arm, assigned, None, exc)
             raise
 
-    async def _conform(self, scorer: ModelScorer, scorers: _Scorers, raw: RawInput) -> ParsedInput:
+    async def _conform(self, scorer: ModelScorer, scorers: ScorerSet, raw: RawInput) -> ParsedInput:
         """The decoded input checked and cast for ``scorer``'s model (its own signature)."""
         schema = scorer.model.input_schema
         checks = self.settings.validation
@@ -443,19 +374,17 @@ class RouterService:
         if exc.status_code < 500:
             self._recorder.failed(
                 request,
-                arm,
-                assigned.version,
-                assigned.version,
-                n_rows,
-                RowStatus.CLIENT_ERROR,
-                Reason.BAD_INPUT,
+                arm=arm,
+                arm_version=assigned.version,
+                reason=Reason.BAD_INPUT,
+                n_rows=n_rows,
             )
 
     # -- shadow ---------------------------------------------------------------------------------
     def _start_shadow(
         self,
         request: RequestFacts,
-        scorers: _Scorers,
+        scorers: ScorerSet,
         shadow: ModelScorer,
         raw: RawInput,
         champion_input: ParsedInput,
@@ -473,7 +402,7 @@ class RouterService:
     async def _shadow_score(
         self,
         request: RequestFacts,
-        scorers: _Scorers,
+        scorers: ScorerSet,
         shadow: ModelScorer,
         raw: RawInput,
         parsed: ParsedInput | None,
@@ -488,12 +417,10 @@ class RouterService:
             breaker.release()
             self._recorder.failed(
                 request,
-                Arm.SHADOW,
-                shadow.version,
-                shadow.version,
-                n_rows,
-                RowStatus.ERROR,
-                Reason.SCHEMA,
+                arm=Arm.SHADOW,
+                arm_version=shadow.version,
+                reason=Reason.SCHEMA,
+                n_rows=n_rows,
             )
             return
         try:
@@ -504,16 +431,21 @@ class RouterService:
             log.warning("shadow v%s failed: %s", shadow.version, fault)
             self._recorder.failed(
                 request,
-                Arm.SHADOW,
-                shadow.version,
-                shadow.version,
-                parsed.n_rows,
-                RowStatus.ERROR,
-                reason,
+                arm=Arm.SHADOW,
+                arm_version=shadow.version,
+                reason=reason,
+                n_rows=parsed.n_rows,
             )
             return
         breaker.success()
-        self._recorder.answered(request, Arm.SHADOW, shadow.version, shadow, scored, parsed.n_rows)
+        self._recorder.answered(
+            request,
+            arm=Arm.SHADOW,
+            arm_version=shadow.version,
+            served_by=shadow,
+            scored=scored,
+            n_rows=parsed.n_rows,
+        )
 
     async def drain(self) -> None:
         """Wait for shadow scoring still in flight (shutdown: everything served gets logged)."""
@@ -538,27 +470,8 @@ class RouterService:
                     raise
                 await asyncio.sleep(FEEDBACK_POLL_S)
         for result in results:
-            self._meter_feedback(result)
+            self._recorder.feedback(result)
         return results
-
-    def _meter_feedback(self, result: FeedbackResult) -> None:
-        m = self.metrics
-        for row in result.rows:
-            if not row.created or row.arm not in ARMS:
-                continue
-            labels = (row.arm, row.model_version)
-            m.feedback.labels(*labels).inc()
-            if row.predicted_class is not None and class_matches(row.predicted_class, row.outcome):
-                m.feedback_correct.labels(*labels).inc()
-            if row.outcome_value is not None and row.score is not None:
-                error = row.score - row.outcome_value
-                m.feedback_abs_error.labels(*labels).inc(abs(error))
-                m.feedback_squared_error.labels(*labels).inc(error * error)
-
-
-def _column_names(scorer: ModelScorer) -> frozenset[str]:
-    plan = scorer.column_plan
-    return frozenset(plan.names) if plan is not None else frozenset()
 
 
 def _check_request_id(request_id: str | None) -> str:

@@ -28,6 +28,7 @@ from demo.data import FEATURES, make_churn_data
 from demo.train import PIP_REQUIREMENTS, signature_for
 from router.input.payload import parse_invocation
 from router.scoring.flavors import predictor_for, probe_frame, same_output
+from router.scoring.modelkind import ModelKind, model_kind
 from tests.conftest import MlflowRegistry
 from tests.pyfunc_models import ConstantModel
 
@@ -41,6 +42,11 @@ def _parsed(model: Any, frame: pd.DataFrame) -> pd.DataFrame:
     parsed = parse_invocation(body, "application/json", model.metadata.get_input_schema(), N_ROWS)
     assert isinstance(parsed.data, pd.DataFrame)
     return parsed.data
+
+
+def _kind(model: Any) -> ModelKind:
+    """What the router assumes about ``model`` (how it calls it, whether it batches)."""
+    return model_kind(model, model.metadata.get_input_schema(), batch_custom_models=False)
 
 
 def _breast_cancer_rows(n: int = N_ROWS) -> pd.DataFrame:
@@ -97,8 +103,9 @@ def test_numeric_models_answer_as_pyfunc_on_frames_and_arrays(
     bench_models: dict[str, Any], key: str, takes_numpy: bool
 ) -> None:
     model = bench_models[key]
-    predictor = predictor_for(model)
-    assert (predictor.flavor, predictor.fast, predictor.rows_independent) == (
+    kind = _kind(model)
+    predictor = kind.predictor
+    assert (predictor.flavor, predictor.fast, kind.rows_independent) == (
         "mlflow.sklearn",
         True,
         True,
@@ -121,8 +128,9 @@ def test_demo_pipelines_answer_as_pyfunc_and_keep_their_frames(
     model = mlflow.pyfunc.load_model(
         client.get_model_version_download_uri(mlflow_registry.model_name, version)
     )
-    predictor = predictor_for(model)
-    assert (predictor.fast, predictor.takes_numpy, predictor.rows_independent) == (
+    kind = _kind(model)
+    predictor = kind.predictor
+    assert (predictor.fast, predictor.takes_numpy, kind.rows_independent) == (
         True,
         False,
         True,
@@ -204,13 +212,14 @@ def test_a_custom_pyfunc_goes_through_pyfunc_and_opts_in_to_batching(tmp_path: P
                 pip_requirements=PIP_REQUIREMENTS,
             )
         model = mlflow.pyfunc.load_model(str(path))
-        predictor = predictor_for(model)
+        kind = _kind(model)
+        predictor = kind.predictor
         assert (predictor.flavor, predictor.fast, predictor.takes_numpy) == (
             "mlflow.pyfunc.model",
             False,
             False,
         )
-        assert predictor.rows_independent is independent
+        assert kind.rows_independent is independent
         parsed = _parsed(model, frame)
         assert same_output(predictor.predict(parsed, None), model.predict(parsed))
 

@@ -99,8 +99,9 @@ def test_output_problem(
 
 
 class _Pyfunc:
-    def __init__(self, metadata: dict[str, Any] | None = None) -> None:
+    def __init__(self, metadata: dict[str, Any] | None = None, flavor: str = "") -> None:
         self.metadata = Model(metadata=metadata)
+        self.loader_module = flavor or "mlflow.pyfunc.model"
 
 
 COLUMNS = Schema([ColSpec("double", "x"), ColSpec("long", "n")])
@@ -110,7 +111,7 @@ TEXT = Schema([ColSpec("double", "x"), ColSpec("string", "s")])
 @pytest.mark.parametrize(
     ("independent", "metadata", "schema", "custom", "batchable"),
     [
-        (True, None, COLUMNS, False, True),  # sklearn, xgboost, lightgbm (router.scoring.flavors)
+        (True, None, COLUMNS, False, True),  # sklearn, xgboost, lightgbm (INDEPENDENT_ROW_FLAVORS)
         (True, None, TEXT, False, True),
         (False, None, COLUMNS, False, False),  # a custom pyfunc
         (False, None, COLUMNS, True, True),  # ...with server.batch_custom_models
@@ -121,9 +122,8 @@ TEXT = Schema([ColSpec("double", "x"), ColSpec("string", "s")])
 def test_which_models_are_batched(
     independent: bool, metadata: dict[str, Any] | None, schema: Any, custom: bool, batchable: bool
 ) -> None:
-    kind = model_kind(
-        _Pyfunc(metadata), schema, rows_independent=independent, batch_custom_models=custom
-    )
+    model = _Pyfunc(metadata, "mlflow.sklearn" if independent else "")
+    kind = model_kind(model, schema, batch_custom_models=custom)
     assert kind.batchable is batchable
 
 

@@ -37,10 +37,6 @@ from router.input.schema import is_named_columns
 log = logging.getLogger(__name__)
 
 PYFUNC = "pyfunc"
-# Flavors whose rows are scored independently: a batch's answers equal the requests' answers.
-INDEPENDENT_ROW_FLAVORS = frozenset({"mlflow.sklearn", "mlflow.xgboost", "mlflow.lightgbm"})
-# MLmodel ``metadata`` key: false opts a model out of batching, true opts a custom pyfunc in.
-BATCHABLE_KEY = "router_batchable"
 # Flavors whose pyfunc ends in one call of the raw model (see ``_flavor_predict_fn``).
 _DIRECT_FLAVORS = frozenset({"mlflow.sklearn", "mlflow.lightgbm"})
 # The predict functions pyfunc may call on an sklearn estimator (``pyfunc_predict_fn``).
@@ -81,21 +77,19 @@ class Predictor:
     flavor: str  # the pyfunc loader module ("mlflow.sklearn"...), or "pyfunc" when unknown
     fast: bool  # calls the flavor's estimator directly (False: every call goes through pyfunc)
     takes_numpy: bool  # a float array of the signature's columns gives the same answers
-    rows_independent: bool  # a batch of requests scores as the requests one by one
 
 
 def predictor_for(model: Any) -> Predictor:
     """The predictor for a loaded ``mlflow.pyfunc.PyFuncModel`` (never raises for odd models)."""
     flavor = _loader_module(model) or PYFUNC
-    independent = _rows_independent(model, flavor)
     pyfunc_predict = _pyfunc_predict(model)
     estimator_fn = _flavor_predict_fn(model, flavor)
     if estimator_fn is None:
-        return Predictor(pyfunc_predict, flavor, False, False, independent)
+        return Predictor(pyfunc_predict, flavor, False, False)
     schema: Schema = model.metadata.get_input_schema()
     takes_numpy = _numeric(schema) and _numpy_is_equal(estimator_fn, schema)
     fast = _fast_predict(estimator_fn, pyfunc_predict, takes_numpy)
-    return Predictor(fast, flavor, True, takes_numpy, independent)
+    return Predictor(fast, flavor, True, takes_numpy)
 
 
 def _loader_module(model: Any) -> str | None:
@@ -104,18 +98,6 @@ def _loader_module(model: Any) -> str | None:
     except AttributeError:
         return None
     return module if isinstance(module, str) else None
-
-
-def _metadata(model: Any) -> dict[str, Any]:
-    metadata = getattr(getattr(model, "metadata", None), "metadata", None)
-    return metadata if isinstance(metadata, dict) else {}
-
-
-def _rows_independent(model: Any, flavor: str) -> bool:
-    flag = _metadata(model).get(BATCHABLE_KEY)
-    if isinstance(flag, bool):
-        return flag
-    return flavor in INDEPENDENT_ROW_FLAVORS
 
 
 def _pyfunc_predict(model: Any) -> PredictFn:

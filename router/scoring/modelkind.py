@@ -1,12 +1,14 @@
-"""What the router may assume about a model from its MLmodel: may its requests share a predict
-call, and may its output hold non-finite numbers. Decided once per loaded model.
+"""What the router may assume about one model, decided once when its scorer is built
+(:class:`ModelKind`): how it is called, may its requests share a predict call, may its output
+hold non-finite numbers. The scorer and its batcher read this value; nothing else looks at the
+MLmodel for these facts.
 
 Batching is safe only when each row's answer depends on that row alone: the flavors named in
-``router.scoring.flavors.INDEPENDENT_ROW_FLAVORS`` (their pyfunc calls the estimator row-wise),
-or a model whose MLmodel ``metadata`` says ``router_batchable: true``. Anything else, custom
-``python_function`` models in particular, is scored one request per call unless
-``server.batch_custom_models`` opts every version of the served model in;
-``router_batchable: false`` opts any model out.
+``INDEPENDENT_ROW_FLAVORS`` (their pyfunc calls the estimator row-wise), or a model whose MLmodel
+``metadata`` says ``router_batchable: true``. Anything else, custom ``python_function`` models in
+particular, is scored one request per call unless ``server.batch_custom_models`` opts every
+version of the served model in; ``router_batchable: false`` opts any model out. Only typed column
+frames are batched (tensors: shapes may differ between requests).
 
 Outputs: a model whose signature declares its outputs (probabilities, labels, scores: what every
 flavor's ``infer_signature`` records) promises values of a type, and a non-finite number (NaN,
@@ -23,39 +25,46 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from mlflow.types import DataType
 
 from router.input.schema import is_named_columns
-from router.scoring.flavors import BATCHABLE_KEY
+from router.scoring.flavors import Predictor, predictor_for
+
+# Flavors whose rows are scored independently: a batch's answers equal the requests' answers.
+INDEPENDENT_ROW_FLAVORS = frozenset({"mlflow.sklearn", "mlflow.xgboost", "mlflow.lightgbm"})
+# MLmodel ``metadata`` keys: false opts a model out of batching, true opts a custom pyfunc in;
+# true lets a model answer NaN / ±inf.
+BATCHABLE_KEY = "router_batchable"
+NONFINITE_KEY = "router_nonfinite_output"
 
 
 @dataclass(frozen=True)
 class ModelKind:
-    batchable: bool
-    nonfinite_output: bool
+    """What the router may assume about one loaded model (see the module docstring)."""
+
+    predictor: Predictor  # how it is called: the flavor's estimator, or pyfunc
+    rows_independent: bool  # a batch of requests scores as the requests one by one
+    batchable: bool  # its requests may share a predict call (the batcher's ``enabled``)
+    nonfinite_output: bool  # NaN / ±inf in its output is an answer, not an invalid output
 
 
-def model_kind(
-    pyfunc_model: Any, input_schema: Any, *, rows_independent: bool, batch_custom_models: bool
-) -> ModelKind:
-    """The facts above for one loaded pyfunc model (``input_schema``: its signature's inputs;
-    ``rows_independent``: what ``router.scoring.flavors`` says of its flavor and metadata)."""
-    extra = getattr(getattr(pyfunc_model, "metadata", None), "metadata", None)
+def model_kind(model: Any, input_schema: Any, *, batch_custom_models: bool) -> ModelKind:
+    """The facts above for one loaded pyfunc model (``input_schema``: its signature's inputs),
+    its MLmodel read once."""
+    meta = getattr(model, "metadata", None)
+    extra = getattr(meta, "metadata", None)
     extra = extra if isinstance(extra, dict) else {}
-    named = is_named_columns(input_schema)
-    # Only typed column frames are batched (tensors: shapes may differ between requests).
-    opted_out = extra.get(BATCHABLE_KEY) is False
-    batchable = named and not opted_out and (rows_independent or batch_custom_models)
-    meta = getattr(pyfunc_model, "metadata", None)
+    predictor = predictor_for(model)
+    flag = extra.get(BATCHABLE_KEY)
+    independent = flag if isinstance(flag, bool) else predictor.flavor in INDEPENDENT_ROW_FLAVORS
+    batchable = (
+        is_named_columns(input_schema)
+        and flag is not False
+        and (independent or batch_custom_models)
+    )
     get_outputs = getattr(meta, "get_output_schema", None)
     declared = callable(get_outputs) and get_outputs() is not None
-    nonfinite = extra.get("router_nonfinite_output") is True or not declared
-    return ModelKind(batchable, nonfinite)
-
-
-def type_name(t: Any) -> str:
-    """A signature column type as MLflow spells it (``long``, ``double``, ``Array(string)``)."""
-    return t.name if isinstance(t, DataType) else str(t)
+    nonfinite = extra.get(NONFINITE_KEY) is True or not declared
+    return ModelKind(predictor, independent, batchable, nonfinite)
 
 
 def output_problem(output: Any, n_rows: int, *, nonfinite_ok: bool) -> str | None:

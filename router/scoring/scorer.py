@@ -38,7 +38,7 @@ from router.registry import LoadedModel
 from router.scoring.batcher import MicroBatcher
 from router.scoring.breaker import CircuitBreaker
 from router.scoring.bulkhead import Bulkhead
-from router.scoring.flavors import PredictFn, predictor_for
+from router.scoring.flavors import PredictFn
 from router.scoring.modelkind import ModelKind, model_kind, output_problem
 
 log = logging.getLogger(__name__)
@@ -91,13 +91,12 @@ class ModelScorer:
         self.role = role
         self.timeout_s = options.timeout_s
         self.breaker = breaker
-        predictor = predictor_for(model.model)  # the flavor's own estimator where proven equal
+        # What the router may assume about this model, decided once: how it is called (the
+        # flavor's own estimator where proven equal), may it batch, may it answer NaN.
         self.kind: ModelKind = model_kind(
-            model.model,
-            model.input_schema,
-            rows_independent=predictor.rows_independent,
-            batch_custom_models=options.batch_custom_models,
+            model.model, model.input_schema, batch_custom_models=options.batch_custom_models
         )
+        predictor = self.kind.predictor
         schema = model.input_schema
         # What parsing asks of the signature per request, read from it once.
         self.column_plan: ColumnPlan | None = (

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mlflow.types import DataType
+
 from router.input.schema import is_named_columns
-from router.scoring.modelkind import type_name
+from router.logschema import Arm
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,16 @@ class SignatureDiff:
             "added": list(self.added),
             "dropped": list(self.dropped),
             "retyped": [
-                {"column": c, "champion": old, "challenger": new} for c, old, new in self.retyped
+                {"column": c, Arm.CHAMPION.value: old, Arm.CHALLENGER.value: new}
+                for c, old, new in self.retyped
             ],
             "summary": self.describe(),
         }
+
+
+def type_name(t: Any) -> str:
+    """A signature column type as MLflow spells it (``long``, ``double``, ``Array(string)``)."""
+    return t.name if isinstance(t, DataType) else str(t)
 
 
 def _columns(schema: Any) -> dict[str, str] | None:

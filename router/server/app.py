@@ -241,8 +241,7 @@ async def experiment(request: Request) -> Response:
     if arms is None:
         body["error"] = service.manager.last_error
         return JSONResponse(body)
-    shadow = s.routing.shadow
-    weight = 0.0 if shadow or arms.challenger is None else service.challenger_weight
+    weight = service.split.served_weight(arms.challenger is not None)
     body["arms"].append(
         _arm_json(Arm.CHAMPION, s.model.champion_alias, 1.0 - weight, arms.champion)
     )
@@ -272,7 +271,7 @@ def _check_bearer(request: Request, token: str, what: str) -> None:
 async def admin_reload(request: Request) -> Response:
     _require_admin(request)
     service = _service(request)
-    service.reset_circuit()  # an operator's reload gives a tripped challenger another chance
+    service.scorers.reset_circuit()  # an operator's reload: a tripped challenger's new chance
     try:
         changed = await service.manager.refresh()
     except (RegistryUnavailable, ModelNotFound) as exc:
@@ -288,8 +287,8 @@ async def admin_weights(request: Request) -> Response:
     if isinstance(weight, bool) or not isinstance(weight, int | float):
         raise BadRequest('body must be {"challenger_weight": <number in [0, 1]>}')
     service = _service(request)
-    service.set_challenger_weight(float(weight))
-    return JSONResponse({"challenger_weight": service.challenger_weight})
+    service.split.set(float(weight))
+    return JSONResponse({"challenger_weight": service.split.weight})
 
 
 async def status_page(request: Request) -> Response:
