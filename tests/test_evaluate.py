@@ -9,6 +9,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from conftest import MlflowRegistry
+from fixed_sample import ArmStats
 from synthlog import OUTCOME_WINDOW_S, T0, Arm, settings_for, sqlite_url, write_log
 
 from experiments import stats
@@ -315,8 +316,8 @@ def test_row_metric(
 
 
 def test_losses_are_oriented_so_positive_means_challenger_better() -> None:
-    champion = stats.ArmStats.from_values([0.5, 0.6, 0.7, 0.6] * 100)
-    challenger = stats.ArmStats.from_values([0.3, 0.4, 0.5, 0.4] * 100)  # lower loss: better
+    champion = ArmStats.from_values([0.5, 0.6, 0.7, 0.6] * 100)
+    challenger = ArmStats.from_values([0.3, 0.4, 0.5, 0.4] * 100)  # lower loss: better
     d = split_difference(champion, challenger, 20_000, 0.05, higher_is_better=False)
     assert d.absolute.estimate == pytest.approx(0.2)
     assert d.absolute.lower > 0
@@ -330,8 +331,8 @@ def test_paired_difference_uses_the_pairs() -> None:
     diffs = stats.UnitMoments.from_rows([t - c for c, t in zip(base, challenger, strict=True)])
     paired = paired_difference(diffs, 4.5, 20_000, 0.05, higher_is_better=True)
     unpaired = split_difference(
-        stats.ArmStats.from_values(base),
-        stats.ArmStats.from_values(challenger),
+        ArmStats.from_values(base),
+        ArmStats.from_values(challenger),
         20_000,
         0.05,
         higher_is_better=True,
