@@ -188,7 +188,7 @@ def evaluate(
     if settings.prometheus.url and evaluation.started_at is not None:
         prom = read_guardrails(
             settings.prometheus.url,
-            ("champion", evaluation.challenger.arm),
+            (logschema.Arm.CHAMPION.value, evaluation.challenger.arm.value),
             now - evaluation.started_at,
             now,
         )

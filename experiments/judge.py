@@ -44,9 +44,9 @@ from experiments.decision import (
     split_difference,
 )
 from experiments.promquery import PrometheusGuardrails
-from experiments.sufficient import ArmData, LatencyHistogram, LogSummary
+from experiments.sufficient import ArmData, LatencyHistogram, LogSummary, challenger_arm
 from router.config import MetricName, Settings
-from router.logschema import RoutingMode
+from router.logschema import Arm, RoutingMode
 
 _HIST_BINS = 30
 
@@ -71,7 +71,7 @@ class LatencySummary:
 
 @dataclass(frozen=True)
 class ArmSummary:
-    arm: str  # champion | challenger | shadow
+    arm: Arm  # the challenger's is shadow in shadow mode
     version: str | None
     requests: int  # assigned requests (client errors excluded)
     errors: int  # requests that failed for a model fault
@@ -166,12 +166,11 @@ def judge(
     # 3. checks: validity first (they make the comparison meaningless), then enough data.
     checks: tuple[Check, ...] = ()
     srm: stats.SrmResult | None = None
-    if mode == "split" and no_data is None:
+    if mode == RoutingMode.SPLIT and no_data is None:
         w = settings.routing.challenger_weight
-        units = {"champion": champ.units, "challenger": chall.units}
-        srm = stats.sequential_srm(
-            units, {"champion": 1.0 - w, "challenger": w}, VALIDITY_THRESHOLD
-        )
+        units = {Arm.CHAMPION.value: champ.units, Arm.CHALLENGER.value: chall.units}
+        weights = {Arm.CHAMPION.value: 1.0 - w, Arm.CHALLENGER.value: w}
+        srm = stats.sequential_srm(units, weights, VALIDITY_THRESHOLD)
         checks = (
             sample_ratio_check(srm),
             requests_per_unit_check(
@@ -225,9 +224,9 @@ def judge(
         max_samples=max_samples,
         metric=exp.metric,
     )
-    other = "shadow" if mode == "shadow" else "challenger"
+    other = challenger_arm(mode)
     edges = _hist_edges(champ.latency, chall.latency)
-    versions = {"champion": aliases.champion, other: aliases.challenger}
+    versions = {Arm.CHAMPION: aliases.champion, other: aliases.challenger}
     return Evaluation(
         decision=decision,
         reason=reason,
@@ -245,7 +244,7 @@ def judge(
         evaluated_at=now,
         cutoff=now - exp.outcome_window_s,
         started_at=summary.first_ts,
-        champion=_arm_summary("champion", versions, champ, edges, binary, planned, alpha_metric),
+        champion=_arm_summary(Arm.CHAMPION, versions, champ, edges, binary, planned, alpha_metric),
         challenger=_arm_summary(other, versions, chall, edges, binary, planned, alpha_metric),
         difference=difference,
         srm=srm,
@@ -273,7 +272,7 @@ def _no_data(settings: Settings, aliases: AliasSnapshot, eid: str, s: LogSummary
 
 
 def _overflow(summary: LogSummary, metric: MetricName) -> str | None:
-    for arm, data in (("champion", summary.champion), ("challenger", summary.challenger)):
+    for arm, data in ((Arm.CHAMPION, summary.champion), (Arm.CHALLENGER, summary.challenger)):
         if not data.metric.finite:
             return (
                 f"The {arm}'s {metric} overflows double precision (a score or outcome of "
@@ -298,8 +297,8 @@ def _difference(
 
 
 def _arm_summary(
-    arm: str,
-    versions: dict[str, str | None],
+    arm: Arm,
+    versions: dict[Arm, str | None],
     data: ArmData,
     edges: tuple[float, ...],
     binary: bool,
