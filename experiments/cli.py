@@ -31,6 +31,7 @@ from experiments.evaluate import (
 from experiments.promote import ActionResult, apply, rollback, sticky_rejection
 from experiments.report import text_table, to_dict, write_html, write_json
 from router.config import ConfigError, Settings, load_settings
+from router.errors import PredictionLogUnavailable, RegistryUnavailable
 from router.redact import redact
 
 #: The exit code of each decision. 2 is argparse's (bad arguments).
@@ -76,7 +77,7 @@ def _guarded(prog: str, debug: bool, run: Callable[[], int]) -> int:
     try:
         with _fail_fast_http():
             return run()
-    except (ConfigError, EvaluationError) as exc:
+    except (ConfigError, EvaluationError, RegistryUnavailable, PredictionLogUnavailable) as exc:
         return _fail(prog, str(exc))
     except MlflowException as exc:  # one the domain did not translate (e.g. an unsupported URI)
         return _fail(prog, f"MLflow: {exc.message}")

@@ -26,8 +26,11 @@ from experiments.promquery import PrometheusGuardrails, read_guardrails
 from experiments.sufficient import LogSummary
 from router import logschema
 from router.config import Settings
+from router.errors import PredictionLogUnavailable, RegistryUnavailable, RouterError
 
 # AliasSnapshot and Evaluation live in experiments.judge; they are this module's inputs and output.
+# RegistryUnavailable and PredictionLogUnavailable are the router's (router.errors): one definition
+# of each dependency being down, whichever side finds it.
 __all__ = [
     "AliasSnapshot",
     "Evaluation",
@@ -41,15 +44,8 @@ __all__ = [
 
 
 class EvaluationError(Exception):
-    """The evaluation could not run (config, registry, database): exit 1 with this message."""
-
-
-class RegistryUnavailable(EvaluationError):
-    pass
-
-
-class PredictionLogUnavailable(EvaluationError):
-    pass
+    """The evaluation could not run for a reason of its own (an unusable metric, an overflow, a
+    promotion that failed): exit 1 with this message, like the two ``Unavailable`` errors."""
 
 
 def make_client(settings: Settings) -> MlflowClient:
@@ -80,7 +76,7 @@ def read_aliases(client: MlflowClient, settings: Settings) -> AliasSnapshot:
     )
 
 
-def _require_sqlite_file(url: str, what: str, error: type[EvaluationError]) -> None:
+def _require_sqlite_file(url: str, what: str, error: type[RouterError]) -> None:
     prefix = "sqlite:///"
     if url.startswith(prefix) and ":memory:" not in url:
         path = Path(url[len(prefix) :].split("?", 1)[0])
@@ -166,7 +162,9 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate the experiment behind the current aliases (or ``aliases``, when given).
 
-    Raises :class:`EvaluationError` when the registry or the prediction log cannot be read.
+    Raises :class:`RegistryUnavailable` or :class:`PredictionLogUnavailable` when the registry
+    or the prediction log cannot be read, :class:`EvaluationError` when the log's figures cannot
+    be judged (an unusable metric, an overflow).
     """
     now = time.time() if now is None else now
     if aliases is None:
