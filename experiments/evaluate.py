@@ -25,6 +25,7 @@ from experiments.judge import AliasSnapshot, Evaluation, judge
 from experiments.promquery import PrometheusGuardrails, read_guardrails
 from experiments.sufficient import LogSummary
 from router import logschema
+from router.arms import serves_challenger
 from router.config import Settings
 from router.errors import PredictionLogUnavailable, RegistryUnavailable, RouterError
 
@@ -39,6 +40,7 @@ __all__ = [
     "RegistryUnavailable",
     "evaluate",
     "make_client",
+    "no_experiment_reason",
     "read_aliases",
 ]
 
@@ -73,6 +75,20 @@ def read_aliases(client: MlflowClient, settings: Settings) -> AliasSnapshot:
         champion=aliases.get(m.champion_alias),
         challenger=aliases.get(m.challenger_alias),
         rollback=aliases.get(m.rollback_alias),
+    )
+
+
+def no_experiment_reason(settings: Settings, aliases: AliasSnapshot) -> str | None:
+    """Why there is no experiment to judge, or None when there is one: the router serves no
+    challenger (:func:`router.arms.serves_challenger`, the rule the router itself applies)."""
+    if serves_challenger(aliases.champion, aliases.challenger):
+        return None
+    m = settings.model
+    champion = "unset" if aliases.champion is None else f"v{aliases.champion}"
+    return (
+        f"No experiment running: registered model {m.name!r} has no @{m.challenger_alias} "
+        f"distinct from @{m.champion_alias} ({champion}); nothing to judge. "
+        f"Set @{m.challenger_alias} on a new version to start one."
     )
 
 
@@ -177,12 +193,16 @@ def evaluate(
             f"registered model {name!r} has no @{settings.model.champion_alias} alias"
         )
     exp = settings.experiment
-    eid = logschema.experiment_id(name, snapshot.champion, snapshot.challenger)
+    no_experiment = no_experiment_reason(settings, snapshot)
+    # The id the router writes: its served challenger (none when it serves the champion alone).
+    served = None if no_experiment is not None else snapshot.challenger
+    eid = logschema.experiment_id(name, snapshot.champion, served)
     cutoff = now - exp.outcome_window_s
     summary, missing = _load(settings, eid, cutoff)
-    evaluation = judge(settings, snapshot, eid, summary, now=now, no_data_reason=None)
-    if missing is not None and snapshot.challenger is not None:
-        evaluation = replace(evaluation, reason=missing)
+    # Each "nothing to judge" reason is decided once: no experiment here, an empty log in _load
+    # (naming the ids the log does have), mixed modes and overflows in judge.
+    no_data = no_experiment or missing
+    evaluation = judge(settings, snapshot, eid, summary, now=now, no_data_reason=no_data)
     if settings.prometheus.url and evaluation.started_at is not None:
         prom = read_guardrails(
             settings.prometheus.url,

@@ -149,7 +149,11 @@ def judge(
     now: float,
     no_data_reason: str | None = None,
 ) -> Evaluation:
-    """Pure: turn the log's sufficient statistics into per-arm figures and a decision."""
+    """Pure: turn the log's sufficient statistics into per-arm figures and a decision.
+
+    ``no_data_reason``: the caller's finding that there is nothing to judge (no experiment
+    running, no rows for this experiment); it stands as the decision's reason.
+    """
     exp = settings.experiment
     mode: RoutingMode = summary.mode or settings.routing.mode
     higher = HIGHER_IS_BETTER[exp.metric]
@@ -161,7 +165,7 @@ def judge(
     champ, chall = summary.champion, summary.challenger
 
     # 1-2. attribute and units: done in the log and in SQL; here, only what is missing.
-    no_data = no_data_reason or _no_data(settings, aliases, eid, summary)
+    no_data = no_data_reason or _no_data(eid, summary)
 
     # 3. checks: validity first (they make the comparison meaningless), then enough data.
     checks: tuple[Check, ...] = ()
@@ -258,12 +262,7 @@ def judge(
     )
 
 
-def _no_data(settings: Settings, aliases: AliasSnapshot, eid: str, s: LogSummary) -> str | None:
-    if aliases.challenger is None:
-        return (
-            f"No @{settings.model.challenger_alias} alias is set on {settings.model.name!r}: "
-            "there is no experiment to judge."
-        )
+def _no_data(eid: str, s: LogSummary) -> str | None:
     if s.empty:
         return f"No predictions are logged for experiment {eid!r}."
     if s.mode is None:

@@ -169,6 +169,20 @@ def test_no_challenger_alias_is_invalid(mlflow_registry: MlflowRegistry, tmp_pat
     assert "@challenger" in ev.reason
 
 
+def test_challenger_on_the_champions_version_is_no_experiment(
+    mlflow_registry: MlflowRegistry, tmp_path: Path
+) -> None:
+    # The router serves v1 alone and logs it as such: the evaluator applies the same rule.
+    url = sqlite_url(tmp_path / "predictions.db")
+    write_log(url, experiment_id=logschema.experiment_id("churn-predictor", "1", None))
+    settings = settings_for(mlflow_registry.tracking_uri, url)
+    client = mlflow_registry.client()
+    ev = evaluate(settings, client=client, now=NOW, aliases=AliasSnapshot("1", "1", None))
+    assert ev.decision == "invalid"
+    assert ev.reason.startswith("No experiment running") and "distinct from @champion" in ev.reason
+    assert ev.experiment_id == logschema.experiment_id("churn-predictor", "1", None)
+
+
 def test_only_closed_outcome_windows_count(mlflow_registry: MlflowRegistry, tmp_path: Path) -> None:
     url = sqlite_url(tmp_path / "predictions.db")
     write_log(url, experiment_id=EID, n_requests=4000, spacing_s=1.0)
