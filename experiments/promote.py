@@ -1,10 +1,11 @@
 """Acting on an evaluation: move the aliases (compare-and-set) and leave an audit trail.
 
-Deciding happened in :mod:`experiments.evaluate`; this module only applies an
-:class:`~experiments.evaluate.Evaluation`. Every applied evaluation, whatever its decision, is
-recorded as an MLflow run in the experiment ``champion-challenger/<model name>`` (parameters,
-per-arm and difference metrics, the decision as a tag, the report files as artifacts). A dry run
-never gets here: it writes nothing to MLflow.
+Deciding happened in :func:`experiments.judge.judge` (which :mod:`experiments.evaluate` feeds from
+the registry and the log); this module only applies the :class:`~experiments.judge.Evaluation`
+it returned. Every applied evaluation, whatever its decision, is recorded as an MLflow run in
+the experiment ``champion-challenger/<model name>`` (parameters, per-arm and difference metrics,
+the decision as a tag, the report files as artifacts). A dry run never gets here: it writes
+nothing to MLflow.
 
 Decisions act and stick. PROMOTE moves ``@champion`` to the challenger (``@rollback`` to the old
 champion) and removes ``@challenger``; REJECT removes ``@challenger`` (routers serve the champion
@@ -46,7 +47,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from experiments.evaluate import AliasSnapshot, Evaluation, EvaluationError, read_aliases
+from experiments.evaluate import EvaluationError, read_aliases
+from experiments.judge import AliasSnapshot, Evaluation
 from router.config import Settings
 from router.logschema import Arm
 
