@@ -15,7 +15,7 @@ treatment − control; `alpha` is the total error of the two-sided sequence.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, overload
 
@@ -288,16 +288,12 @@ def cs_halfwidth(
     half-width √V·z, the factor is ≈ 3.0 instead of 1.96 at n = N*, α = 0.05: the price of
     being allowed to look any number of times. Accepts arrays (the simulation uses them).
     """
-    rho2 = cs_rho_squared(planned_samples, alpha)
-    n = np.asarray(n_total, dtype=np.float64)
-    if np.any(n <= 0):
-        raise ValueError("n_total must be > 0")
-    nr2 = n * rho2
-    factor = (nr2 + 1.0) / nr2 * (2.0 * math.log(1.0 / alpha) + np.log(nr2 + 1.0))
-    width = np.sqrt(np.asarray(variance_of_estimate, dtype=np.float64) * factor)
-    if isinstance(variance_of_estimate, np.ndarray) or isinstance(n_total, np.ndarray):
-        return np.asarray(width, dtype=np.float64)
-    return float(width)
+    rho2 = cs_rho_squared(planned_samples, alpha)  # checks alpha first
+
+    def factor(nr2: FloatArray) -> FloatArray:
+        return (nr2 + 1.0) / nr2 * (2.0 * math.log(1.0 / alpha) + np.log(nr2 + 1.0))
+
+    return _cs_width(variance_of_estimate, n_total, rho2, factor)
 
 
 @overload
@@ -325,13 +321,26 @@ def cs_halfwidth_one_sided(
     """
     if not 0.0 < alpha < 0.5:
         raise ValueError(f"one-sided alpha must be in (0, 0.5), got {alpha}")
+
     rho2 = cs_rho_squared(planned_samples, 2.0 * alpha)
+
+    def factor(nr2: FloatArray) -> FloatArray:
+        return 2.0 * (nr2 + 1.0) / nr2 * np.log1p(np.sqrt(nr2 + 1.0) / (2.0 * alpha))
+
+    return _cs_width(variance_of_estimate, n_total, rho2, factor)
+
+
+def _cs_width(
+    variance_of_estimate: float | FloatArray,
+    n_total: int | NDArray[Any],
+    rho2: float,
+    factor: Callable[[FloatArray], FloatArray],
+) -> float | FloatArray:
+    """√(V · factor(nρ²)), a float for scalar arguments, else an array (the simulation's)."""
     n = np.asarray(n_total, dtype=np.float64)
     if np.any(n <= 0):
         raise ValueError("n_total must be > 0")
-    nr2 = n * rho2
-    factor = 2.0 * (nr2 + 1.0) / nr2 * np.log1p(np.sqrt(nr2 + 1.0) / (2.0 * alpha))
-    width = np.sqrt(np.asarray(variance_of_estimate, dtype=np.float64) * factor)
+    width = np.sqrt(np.asarray(variance_of_estimate, dtype=np.float64) * factor(n * rho2))
     if isinstance(variance_of_estimate, np.ndarray) or isinstance(n_total, np.ndarray):
         return np.asarray(width, dtype=np.float64)
     return float(width)
