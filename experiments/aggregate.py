@@ -35,6 +35,7 @@ from experiments.sufficient import (
     LogSummary,
     SeriesSlice,
     cap_from_histogram,
+    challenger_arm,
 )
 from router import logschema
 from router.config import MetricName
@@ -153,11 +154,11 @@ def _shape(conn: Connection, eid: str) -> dict[str, Any]:
     row = conn.execute(
         sa.text(
             "SELECT COUNT(routing_key_hash), MAX(row_index), MIN(ts), MAX(ts), "
-            "SUM(CASE WHEN arm = :shadow THEN 1 ELSE 0 END), "
-            "SUM(CASE WHEN arm = :challenger THEN 1 ELSE 0 END), COUNT(*) "
+            "SUM(CASE WHEN arm = :shadow_arm THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN arm = :challenger_arm THEN 1 ELSE 0 END), COUNT(*) "
             "FROM predictions WHERE experiment_id = :eid"
         ),
-        {"eid": eid, "shadow": Arm.SHADOW.value, "challenger": Arm.CHALLENGER.value},
+        {"eid": eid, "shadow_arm": Arm.SHADOW.value, "challenger_arm": Arm.CHALLENGER.value},
     ).one()
     keyed, max_row, first, last, shadow, challenger, total = row
     return {
@@ -166,8 +167,8 @@ def _shape(conn: Connection, eid: str) -> dict[str, Any]:
         "multi_row": (max_row or 0) > 0,
         "first_ts": first,
         "last_ts": last,
-        "shadow": bool(shadow),
-        "challenger": bool(challenger),
+        "shadow_rows": bool(shadow),
+        "challenger_rows": bool(challenger),
         "rows": total,
     }
 
@@ -264,7 +265,7 @@ def _judged_rows(
         return f"CASE WHEN {counted.format(a=alias)} THEN {v} END"
 
     join = "LEFT JOIN outcomes o ON o.request_id = {a}.request_id AND o.row_index = {a}.row_index"
-    if mode == "split":
+    if mode == RoutingMode.SPLIT:
         params["arm_c"], params["arm_t"] = Arm.CHAMPION.value, Arm.CHALLENGER.value
         return (
             f"SELECT p.arm AS arm, {unit.format(a='p')} AS unit, {slice_.format(a='p')} AS slice, "
@@ -287,8 +288,10 @@ def _judged_rows(
     )
     both = "CASE WHEN v1 IS NOT NULL AND v2 IS NOT NULL THEN {e} END"
     return (
-        f"SELECT 'champion' AS arm, unit, slice, {both.format(e='v1')} AS v, c FROM ({pair}) a "
-        f"UNION ALL SELECT 'shadow', unit, slice, {both.format(e='v2')}, c FROM ({pair}) b "
+        f"SELECT '{Arm.CHAMPION.value}' AS arm, unit, slice, {both.format(e='v1')} AS v, c "
+        f"FROM ({pair}) a "
+        f"UNION ALL SELECT '{Arm.SHADOW.value}', unit, slice, {both.format(e='v2')}, c "
+        f"FROM ({pair}) b "
         f"UNION ALL SELECT 'diff', unit, slice, {both.format(e='v2 - v1')}, c FROM ({pair}) d"
     )
 
@@ -429,12 +432,11 @@ def read_summary(
     _tune(conn)
     shape = _shape(conn, eid)
     mode: RoutingMode | None
-    if shape["shadow"] and shape["challenger"]:
+    if shape["shadow_rows"] and shape["challenger_rows"]:
         mode = None
     else:
-        mode = RoutingMode.SHADOW if shape["shadow"] else RoutingMode.SPLIT
-    other = Arm.SHADOW.value if mode == "shadow" else Arm.CHALLENGER.value
-    arms = [Arm.CHAMPION.value, other]
+        mode = RoutingMode.SHADOW if shape["shadow_rows"] else RoutingMode.SPLIT
+    arms = [Arm.CHAMPION.value, challenger_arm(mode).value]
     keyed = shape["keyed"]
     # Every row keyed: the key alone is the unit (the same groups as the COALESCE), and
     # PostgreSQL's statistics on the column then size the per-unit aggregation right (for the
@@ -453,7 +455,7 @@ def read_summary(
     cells: list[Any] = []
     cap: float | None = None
     first, last = shape["first_ts"], shape["last_ts"]
-    by_unit = mode == "split" and req_unit is not None
+    by_unit = mode == RoutingMode.SPLIT and req_unit is not None
     if not (by_unit and first is not None and first <= cutoff):
         requests = _requests(conn, eid, arms, req_unit)
     if mode is not None and first is not None and first <= cutoff:
@@ -505,7 +507,7 @@ def _summarise(
         SeriesSlice(
             ts=(first or 0.0) + (s + 1) * width,
             champion=by_slice[s].get(arms[0], zero),
-            challenger=by_slice[s].get("diff" if mode == "shadow" else arms[1], zero),
+            challenger=by_slice[s].get("diff" if mode == RoutingMode.SHADOW else arms[1], zero),
         )
         for s in sorted(by_slice)
     )
@@ -529,7 +531,7 @@ def _summarise(
         keyed=keyed,
         champion=arm_data(arms[0]),
         challenger=arm_data(arms[1]),
-        paired=metric["diff"] if mode == "shadow" else None,
+        paired=metric["diff"] if mode == RoutingMode.SHADOW else None,
         series=series,
         first_ts=first,
         cap=cap,

@@ -26,11 +26,13 @@ from experiments.evaluate import (
     EvaluationError,
     evaluate,
     make_client,
+    no_experiment_reason,
     read_aliases,
 )
 from experiments.promote import ActionResult, apply, rollback, sticky_rejection
 from experiments.report import text_table, to_dict, write_html, write_json
 from router.config import ConfigError, Settings, load_settings
+from router.errors import PredictionLogUnavailable, RegistryUnavailable
 from router.redact import redact
 
 #: The exit code of each decision. 2 is argparse's (bad arguments).
@@ -76,7 +78,7 @@ def _guarded(prog: str, debug: bool, run: Callable[[], int]) -> int:
     try:
         with _fail_fast_http():
             return run()
-    except (ConfigError, EvaluationError) as exc:
+    except (ConfigError, EvaluationError, RegistryUnavailable, PredictionLogUnavailable) as exc:
         return _fail(prog, str(exc))
     except MlflowException as exc:  # one the domain did not translate (e.g. an unsupported URI)
         return _fail(prog, f"MLflow: {exc.message}")
@@ -134,8 +136,9 @@ def _run(args: argparse.Namespace, human: TextIO) -> int:
     settings = load_settings(args.config)
     client = make_client(settings)
     aliases = read_aliases(client, settings)
-    if not _experiment_running(aliases):
-        return _no_experiment(settings, aliases, args, human)
+    reason = no_experiment_reason(settings, aliases)
+    if reason is not None:
+        return _no_experiment(settings, aliases, reason, args, human)
     evaluation = evaluate(settings, client=client, aliases=aliases)
     # A version rejected in this experiment stays rejected: dry runs report it too.
     evaluation = sticky_rejection(client, settings, evaluation)
@@ -161,28 +164,20 @@ def _run(args: argparse.Namespace, human: TextIO) -> int:
     return code
 
 
-def _experiment_running(aliases: AliasSnapshot) -> bool:
-    # The router serves no challenger when @challenger is unset or is the champion's version.
-    return aliases.challenger is not None and aliases.challenger != aliases.champion
-
-
 def _no_experiment(
-    settings: Settings, aliases: AliasSnapshot, args: argparse.Namespace, human: TextIO
+    settings: Settings,
+    aliases: AliasSnapshot,
+    reason: str,
+    args: argparse.Namespace,
+    human: TextIO,
 ) -> int:
-    m = settings.model
-    champion = "unset" if aliases.champion is None else f"v{aliases.champion}"
-    reason = (
-        f"No experiment running: registered model {m.name!r} has no @{m.challenger_alias} "
-        f"distinct from @{m.champion_alias} ({champion}); nothing to judge. "
-        f"Set @{m.challenger_alias} on a new version to start one."
-    )
     print(reason, file=human)
     print(f"exit code {EXIT_NO_EXPERIMENT} (no experiment)", file=human)
     if args.json is not None:
         document = {
             "decision": None,
             "reason": reason,
-            "model_name": m.name,
+            "model_name": settings.model.name,
             "aliases": asdict(aliases),
             "exit_code": EXIT_NO_EXPERIMENT,
             "dry_run": args.dry_run,

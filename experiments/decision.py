@@ -27,7 +27,7 @@ from typing import Literal
 from experiments import stats
 from experiments.sufficient import LatencyHistogram
 from router.config import MetricName
-from router.logschema import outcome_matches
+from router.logschema import Arm, outcome_matches
 
 Decision = Literal["promote", "reject", "inconclusive", "invalid"]
 
@@ -425,7 +425,7 @@ def events_shortfall(
     """For a 0/1 metric: a sentence when an arm has fewer than MIN_EVENTS of either outcome."""
     if metric not in BINARY_METRICS:
         return None
-    for arm, m in (("champion", champion), ("challenger", challenger)):
+    for arm, m in ((Arm.CHAMPION, champion), (Arm.CHALLENGER, challenger)):
         events, non_events = m.sum_x, m.sum_y - m.sum_x
         if min(events, non_events) < MIN_EVENTS:
             return (

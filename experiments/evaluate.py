@@ -25,9 +25,13 @@ from experiments.judge import AliasSnapshot, Evaluation, judge
 from experiments.promquery import PrometheusGuardrails, read_guardrails
 from experiments.sufficient import LogSummary
 from router import logschema
+from router.arms import serves_challenger
 from router.config import Settings
+from router.errors import PredictionLogUnavailable, RegistryUnavailable, RouterError
 
 # AliasSnapshot and Evaluation live in experiments.judge; they are this module's inputs and output.
+# RegistryUnavailable and PredictionLogUnavailable are the router's (router.errors): one definition
+# of each dependency being down, whichever side finds it.
 __all__ = [
     "AliasSnapshot",
     "Evaluation",
@@ -36,20 +40,14 @@ __all__ = [
     "RegistryUnavailable",
     "evaluate",
     "make_client",
+    "no_experiment_reason",
     "read_aliases",
 ]
 
 
 class EvaluationError(Exception):
-    """The evaluation could not run (config, registry, database): exit 1 with this message."""
-
-
-class RegistryUnavailable(EvaluationError):
-    pass
-
-
-class PredictionLogUnavailable(EvaluationError):
-    pass
+    """The evaluation could not run for a reason of its own (an unusable metric, an overflow, a
+    promotion that failed): exit 1 with this message, like the two ``Unavailable`` errors."""
 
 
 def make_client(settings: Settings) -> MlflowClient:
@@ -80,7 +78,21 @@ def read_aliases(client: MlflowClient, settings: Settings) -> AliasSnapshot:
     )
 
 
-def _require_sqlite_file(url: str, what: str, error: type[EvaluationError]) -> None:
+def no_experiment_reason(settings: Settings, aliases: AliasSnapshot) -> str | None:
+    """Why there is no experiment to judge, or None when there is one: the router serves no
+    challenger (:func:`router.arms.serves_challenger`, the rule the router itself applies)."""
+    if serves_challenger(aliases.champion, aliases.challenger):
+        return None
+    m = settings.model
+    champion = "unset" if aliases.champion is None else f"v{aliases.champion}"
+    return (
+        f"No experiment running: registered model {m.name!r} has no @{m.challenger_alias} "
+        f"distinct from @{m.champion_alias} ({champion}); nothing to judge. "
+        f"Set @{m.challenger_alias} on a new version to start one."
+    )
+
+
+def _require_sqlite_file(url: str, what: str, error: type[RouterError]) -> None:
     prefix = "sqlite:///"
     if url.startswith(prefix) and ":memory:" not in url:
         path = Path(url[len(prefix) :].split("?", 1)[0])
@@ -166,7 +178,9 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate the experiment behind the current aliases (or ``aliases``, when given).
 
-    Raises :class:`EvaluationError` when the registry or the prediction log cannot be read.
+    Raises :class:`RegistryUnavailable` or :class:`PredictionLogUnavailable` when the registry
+    or the prediction log cannot be read, :class:`EvaluationError` when the log's figures cannot
+    be judged (an unusable metric, an overflow).
     """
     now = time.time() if now is None else now
     if aliases is None:
@@ -179,16 +193,20 @@ def evaluate(
             f"registered model {name!r} has no @{settings.model.champion_alias} alias"
         )
     exp = settings.experiment
-    eid = logschema.experiment_id(name, snapshot.champion, snapshot.challenger)
+    no_experiment = no_experiment_reason(settings, snapshot)
+    # The id the router writes: its served challenger (none when it serves the champion alone).
+    served = None if no_experiment is not None else snapshot.challenger
+    eid = logschema.experiment_id(name, snapshot.champion, served)
     cutoff = now - exp.outcome_window_s
     summary, missing = _load(settings, eid, cutoff)
-    evaluation = judge(settings, snapshot, eid, summary, now=now, no_data_reason=None)
-    if missing is not None and snapshot.challenger is not None:
-        evaluation = replace(evaluation, reason=missing)
+    # Each "nothing to judge" reason is decided once: no experiment here, an empty log in _load
+    # (naming the ids the log does have), mixed modes and overflows in judge.
+    no_data = no_experiment or missing
+    evaluation = judge(settings, snapshot, eid, summary, now=now, no_data_reason=no_data)
     if settings.prometheus.url and evaluation.started_at is not None:
         prom = read_guardrails(
             settings.prometheus.url,
-            ("champion", evaluation.challenger.arm),
+            (logschema.Arm.CHAMPION.value, evaluation.challenger.arm.value),
             now - evaluation.started_at,
             now,
         )

@@ -44,9 +44,9 @@ from experiments.decision import (
     split_difference,
 )
 from experiments.promquery import PrometheusGuardrails
-from experiments.sufficient import ArmData, LatencyHistogram, LogSummary
+from experiments.sufficient import ArmData, LatencyHistogram, LogSummary, challenger_arm
 from router.config import MetricName, Settings
-from router.logschema import RoutingMode
+from router.logschema import Arm, RoutingMode
 
 _HIST_BINS = 30
 
@@ -71,7 +71,7 @@ class LatencySummary:
 
 @dataclass(frozen=True)
 class ArmSummary:
-    arm: str  # champion | challenger | shadow
+    arm: Arm  # the challenger's is shadow in shadow mode
     version: str | None
     requests: int  # assigned requests (client errors excluded)
     errors: int  # requests that failed for a model fault
@@ -149,7 +149,11 @@ def judge(
     now: float,
     no_data_reason: str | None = None,
 ) -> Evaluation:
-    """Pure: turn the log's sufficient statistics into per-arm figures and a decision."""
+    """Pure: turn the log's sufficient statistics into per-arm figures and a decision.
+
+    ``no_data_reason``: the caller's finding that there is nothing to judge (no experiment
+    running, no rows for this experiment); it stands as the decision's reason.
+    """
     exp = settings.experiment
     mode: RoutingMode = summary.mode or settings.routing.mode
     higher = HIGHER_IS_BETTER[exp.metric]
@@ -161,17 +165,16 @@ def judge(
     champ, chall = summary.champion, summary.challenger
 
     # 1-2. attribute and units: done in the log and in SQL; here, only what is missing.
-    no_data = no_data_reason or _no_data(settings, aliases, eid, summary)
+    no_data = no_data_reason or _no_data(eid, summary)
 
     # 3. checks: validity first (they make the comparison meaningless), then enough data.
     checks: tuple[Check, ...] = ()
     srm: stats.SrmResult | None = None
-    if mode == "split" and no_data is None:
+    if mode == RoutingMode.SPLIT and no_data is None:
         w = settings.routing.challenger_weight
-        units = {"champion": champ.units, "challenger": chall.units}
-        srm = stats.sequential_srm(
-            units, {"champion": 1.0 - w, "challenger": w}, VALIDITY_THRESHOLD
-        )
+        units = {Arm.CHAMPION.value: champ.units, Arm.CHALLENGER.value: chall.units}
+        weights = {Arm.CHAMPION.value: 1.0 - w, Arm.CHALLENGER.value: w}
+        srm = stats.sequential_srm(units, weights, VALIDITY_THRESHOLD)
         checks = (
             sample_ratio_check(srm),
             requests_per_unit_check(
@@ -225,9 +228,9 @@ def judge(
         max_samples=max_samples,
         metric=exp.metric,
     )
-    other = "shadow" if mode == "shadow" else "challenger"
+    other = challenger_arm(mode)
     edges = _hist_edges(champ.latency, chall.latency)
-    versions = {"champion": aliases.champion, other: aliases.challenger}
+    versions = {Arm.CHAMPION: aliases.champion, other: aliases.challenger}
     return Evaluation(
         decision=decision,
         reason=reason,
@@ -245,7 +248,7 @@ def judge(
         evaluated_at=now,
         cutoff=now - exp.outcome_window_s,
         started_at=summary.first_ts,
-        champion=_arm_summary("champion", versions, champ, edges, binary, planned, alpha_metric),
+        champion=_arm_summary(Arm.CHAMPION, versions, champ, edges, binary, planned, alpha_metric),
         challenger=_arm_summary(other, versions, chall, edges, binary, planned, alpha_metric),
         difference=difference,
         srm=srm,
@@ -259,12 +262,7 @@ def judge(
     )
 
 
-def _no_data(settings: Settings, aliases: AliasSnapshot, eid: str, s: LogSummary) -> str | None:
-    if aliases.challenger is None:
-        return (
-            f"No @{settings.model.challenger_alias} alias is set on {settings.model.name!r}: "
-            "there is no experiment to judge."
-        )
+def _no_data(eid: str, s: LogSummary) -> str | None:
     if s.empty:
         return f"No predictions are logged for experiment {eid!r}."
     if s.mode is None:
@@ -273,7 +271,7 @@ def _no_data(settings: Settings, aliases: AliasSnapshot, eid: str, s: LogSummary
 
 
 def _overflow(summary: LogSummary, metric: MetricName) -> str | None:
-    for arm, data in (("champion", summary.champion), ("challenger", summary.challenger)):
+    for arm, data in ((Arm.CHAMPION, summary.champion), (Arm.CHALLENGER, summary.challenger)):
         if not data.metric.finite:
             return (
                 f"The {arm}'s {metric} overflows double precision (a score or outcome of "
@@ -298,8 +296,8 @@ def _difference(
 
 
 def _arm_summary(
-    arm: str,
-    versions: dict[str, str | None],
+    arm: Arm,
+    versions: dict[Arm, str | None],
     data: ArmData,
     edges: tuple[float, ...],
     binary: bool,

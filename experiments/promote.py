@@ -1,10 +1,11 @@
 """Acting on an evaluation: move the aliases (compare-and-set) and leave an audit trail.
 
-Deciding happened in :mod:`experiments.evaluate`; this module only applies an
-:class:`~experiments.evaluate.Evaluation`. Every applied evaluation, whatever its decision, is
-recorded as an MLflow run in the experiment ``champion-challenger/<model name>`` (parameters,
-per-arm and difference metrics, the decision as a tag, the report files as artifacts). A dry run
-never gets here: it writes nothing to MLflow.
+Deciding happened in :func:`experiments.judge.judge` (which :mod:`experiments.evaluate` feeds from
+the registry and the log); this module only applies the :class:`~experiments.judge.Evaluation`
+it returned. Every applied evaluation, whatever its decision, is recorded as an MLflow run in
+the experiment ``champion-challenger/<model name>`` (parameters, per-arm and difference metrics,
+the decision as a tag, the report files as artifacts). A dry run never gets here: it writes
+nothing to MLflow.
 
 Decisions act and stick. PROMOTE moves ``@champion`` to the challenger (``@rollback`` to the old
 champion) and removes ``@challenger``; REJECT removes ``@challenger`` (routers serve the champion
@@ -46,8 +47,10 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from experiments.evaluate import AliasSnapshot, Evaluation, EvaluationError, read_aliases
+from experiments.evaluate import EvaluationError, read_aliases
+from experiments.judge import AliasSnapshot, Evaluation
 from router.config import Settings
+from router.logschema import Arm
 
 TAG_PREFIX = "champion_challenger."
 LOCK_SUFFIX = ".promotion-lock"
@@ -190,7 +193,8 @@ def rollback(client: MlflowClient, settings: Settings, *, by: str | None = None)
             client.set_registered_model_alias(m.name, m.champion_alias, before.rollback)
             client.delete_registered_model_alias(m.name, m.rollback_alias)
             now = _iso_now()
-            for version, role in ((before.rollback, "champion"), (before.champion, "rolled_back")):
+            roles = ((before.rollback, Arm.CHAMPION.value), (before.champion, "rolled_back"))
+            for version, role in roles:
                 if version is not None:
                     _tag_version(
                         client,
@@ -229,7 +233,7 @@ def _move(
     roles: tuple[tuple[str, str], ...]
     if action == "promoted":
         expected = AliasSnapshot(before.challenger, None, before.champion)
-        roles = ((before.challenger, "champion"), (before.champion, "rollback"))
+        roles = ((before.challenger, Arm.CHAMPION.value), (before.champion, "rollback"))
     else:
         expected = AliasSnapshot(before.champion, None, before.rollback)
         roles = ((before.challenger, "rejected"),)
@@ -375,7 +379,7 @@ def run_metrics(evaluation: Evaluation) -> dict[str, float]:
     """Per-arm and difference figures; undefined ones are left out (MLflow wants numbers)."""
     e = evaluation
     out: dict[str, float | None] = {}
-    for prefix, arm in (("champion", e.champion), ("challenger", e.challenger)):
+    for prefix, arm in ((Arm.CHAMPION.value, e.champion), (Arm.CHALLENGER.value, e.challenger)):
         out[f"{prefix}_n"] = arm.n
         out[f"{prefix}_requests"] = arm.requests
         out[f"{prefix}_metric_mean"] = arm.metric_mean

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from router.logschema import MODEL_FAULTS
+from router.logschema import MODEL_FAULTS, Arm
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def queries(arms: Sequence[str], window_s: int) -> dict[str, str]:
         "errors": (
             f'sum by (arm) (increase(router_requests_total{{{selector},status="error"}}{window})'
             f' or label_replace(increase(router_fallback_total{{reason=~"{faults}"}}{window}),'
-            ' "arm", "challenger", "", ""))'
+            f' "arm", "{Arm.CHALLENGER.value}", "", ""))'
         ),
         "latency_p95": (
             "histogram_quantile(0.95, sum by (arm, le) "

@@ -16,8 +16,9 @@ from typing import Any
 
 from experiments.judge import ArmSummary, Evaluation, SeriesPoint
 from experiments.stats import Interval
+from router.logschema import Arm
 
-_COLORS = {"champion": "#1f77b4", "challenger": "#d62728", "shadow": "#d62728"}
+_COLORS = {Arm.CHAMPION: "#1f77b4", Arm.CHALLENGER: "#d62728", Arm.SHADOW: "#d62728"}
 
 
 # --- JSON ------------------------------------------------------------------------------------
@@ -26,9 +27,10 @@ _COLORS = {"champion": "#1f77b4", "challenger": "#d62728", "shadow": "#d62728"}
 def to_dict(evaluation: Evaluation) -> dict[str, Any]:
     """Everything in the evaluation, JSON-ready (non-finite numbers become null)."""
     out: dict[str, Any] = dataclasses.asdict(evaluation)
-    for key in ("champion", "challenger"):
-        arm: ArmSummary = getattr(evaluation, key)
-        out[key]["error_rate"] = arm.error_rate
+    for f in dataclasses.fields(evaluation):  # the per-arm figures: a property asdict leaves out
+        arm = getattr(evaluation, f.name)
+        if isinstance(arm, ArmSummary):
+            out[f.name]["error_rate"] = arm.error_rate
     cleaned: dict[str, Any] = _finite(out)
     return cleaned
 

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import stats as _sps
 
 from experiments import stats
 from experiments.decision import METRIC_SHARE, arm_estimate
@@ -231,7 +230,6 @@ def run(s: Scenario, n_experiments: int, looks: int, seed: int, alpha: float = 0
     times = WINDOW_S + DURATION_S * np.arange(1, looks + 1) / looks
     counts = {"promote": 0, "reject": 0, "invalid": 0}
     fixed = 0
-    z = float(_sps.norm.ppf(1 - alpha / 2))
     for _ in range(n_experiments):
         e = _draw(s, rng)
         seen: set[str] = set()
@@ -248,9 +246,10 @@ def run(s: Scenario, n_experiments: int, looks: int, seed: int, alpha: float = 0
             final = summary_at(e, float(times[-1]), s, cap_q)
             c, t_ = final.champion.metric, final.challenger.metric
             if min(c.n, t_.n) >= 2:
-                a, b = arm_estimate(c, False), arm_estimate(t_, False)
-                lower = (b.mean - a.mean) - z * math.sqrt(a.mean_variance + b.mean_variance)
-                fixed += lower > 0
+                naive = stats.fixed_horizon_interval(
+                    arm_estimate(c, False), arm_estimate(t_, False), alpha
+                )
+                fixed += naive.lower > 0
     n = n_experiments
     return Rates(
         s.name, n, counts["promote"] / n, counts["reject"] / n, counts["invalid"] / n, fixed / n

@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 STARTUP_FIRST_RETRY_S = 0.5
 
 
+def serves_challenger(champion_version: str | None, challenger_version: str | None) -> bool:
+    """Does the router serve a challenger beside the champion? Not when ``@challenger`` is unset
+    or names the champion's version (both aliases on one version leave nothing to compare: that
+    version is served as the champion alone). The evaluator asks the same question: without a
+    challenger served there is no experiment to judge (``evaluate_and_promote`` exits 6).
+    """
+    return challenger_version is not None and challenger_version != champion_version
+
+
 @dataclass(frozen=True)
 class ArmSet:
     champion: LoadedModel
@@ -51,8 +60,7 @@ class ModelManager:
         model = self._settings.model
         champion = self._registry.resolve_champion(model.champion_alias)
         challenger = self._registry.resolve_challenger(model.challenger_alias)
-        if challenger is not None and challenger.version == champion.version:
-            # Both aliases on one version: there is nothing to compare, serve it as the champion.
+        if challenger is not None and not serves_challenger(champion.version, challenger.version):
             challenger = None
         return champion, challenger
 

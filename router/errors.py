@@ -121,13 +121,16 @@ class PredictionFailed(RouterError):
 
 
 class RegistryUnavailable(RouterError):
+    """The model registry cannot be read (HTTP 503; the evaluator's CLI exits 1 with it)."""
+
     status_code = 503
     code = "registry_unavailable"
     error_code = "TEMPORARILY_UNAVAILABLE"
 
 
 class PredictionLogUnavailable(RouterError):
-    """The prediction log's database cannot be reached or keeps failing (HTTP 503)."""
+    """The prediction log's database cannot be reached or keeps failing (HTTP 503; the
+    evaluator's CLI exits 1 with it)."""
 
     status_code = 503
     code = "prediction_log_unavailable"

@@ -9,6 +9,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from conftest import MlflowRegistry
+from fixed_sample import ArmStats
 from synthlog import OUTCOME_WINDOW_S, T0, Arm, settings_for, sqlite_url, write_log
 
 from experiments import stats
@@ -168,6 +169,20 @@ def test_no_challenger_alias_is_invalid(mlflow_registry: MlflowRegistry, tmp_pat
     assert "@challenger" in ev.reason
 
 
+def test_challenger_on_the_champions_version_is_no_experiment(
+    mlflow_registry: MlflowRegistry, tmp_path: Path
+) -> None:
+    # The router serves v1 alone and logs it as such: the evaluator applies the same rule.
+    url = sqlite_url(tmp_path / "predictions.db")
+    write_log(url, experiment_id=logschema.experiment_id("churn-predictor", "1", None))
+    settings = settings_for(mlflow_registry.tracking_uri, url)
+    client = mlflow_registry.client()
+    ev = evaluate(settings, client=client, now=NOW, aliases=AliasSnapshot("1", "1", None))
+    assert ev.decision == "invalid"
+    assert ev.reason.startswith("No experiment running") and "distinct from @champion" in ev.reason
+    assert ev.experiment_id == logschema.experiment_id("churn-predictor", "1", None)
+
+
 def test_only_closed_outcome_windows_count(mlflow_registry: MlflowRegistry, tmp_path: Path) -> None:
     url = sqlite_url(tmp_path / "predictions.db")
     write_log(url, experiment_id=EID, n_requests=4000, spacing_s=1.0)
@@ -315,8 +330,8 @@ def test_row_metric(
 
 
 def test_losses_are_oriented_so_positive_means_challenger_better() -> None:
-    champion = stats.ArmStats.from_values([0.5, 0.6, 0.7, 0.6] * 100)
-    challenger = stats.ArmStats.from_values([0.3, 0.4, 0.5, 0.4] * 100)  # lower loss: better
+    champion = ArmStats.from_values([0.5, 0.6, 0.7, 0.6] * 100)
+    challenger = ArmStats.from_values([0.3, 0.4, 0.5, 0.4] * 100)  # lower loss: better
     d = split_difference(champion, challenger, 20_000, 0.05, higher_is_better=False)
     assert d.absolute.estimate == pytest.approx(0.2)
     assert d.absolute.lower > 0
@@ -330,8 +345,8 @@ def test_paired_difference_uses_the_pairs() -> None:
     diffs = stats.UnitMoments.from_rows([t - c for c, t in zip(base, challenger, strict=True)])
     paired = paired_difference(diffs, 4.5, 20_000, 0.05, higher_is_better=True)
     unpaired = split_difference(
-        stats.ArmStats.from_values(base),
-        stats.ArmStats.from_values(challenger),
+        ArmStats.from_values(base),
+        ArmStats.from_values(challenger),
         20_000,
         0.05,
         higher_is_better=True,

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fixed_sample import ArmStats
 
 from experiments.decision import ArmEstimate
 from experiments.stats import (
-    ArmStats,
     Estimate,
     UnitMoments,
     difference_absolute,

@@ -1,4 +1,5 @@
-"""Unit tests for experiments.stats: golden numbers, tables of cases, edge cases."""
+"""Unit tests for experiments.stats (and the reference statistics in fixed_sample.py): golden
+numbers, tables of cases, edge cases."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import math
 
 import numpy as np
 import pytest
+from fixed_sample import ArmStats, quantile_interval, quantile_ratio_interval
 from scipy import stats as sps
 
 from experiments.stats import (
-    ArmStats,
     Interval,
     cs_halfwidth,
     cs_halfwidth_one_sided,
@@ -18,8 +19,6 @@ from experiments.stats import (
     difference_relative,
     fixed_horizon_interval,
     noninferiority_lower_bound,
-    quantile_interval,
-    quantile_ratio_interval,
     sample_ratio_test,
     welch_variance,
 )
