@@ -195,8 +195,11 @@ def mlflow_registry(tmp_path_factory: pytest.TempPathFactory) -> MlflowRegistry:
     return _build_registry(tmp_path_factory.mktemp("mlflow-registry"))
 
 
+FreshRegistry = Callable[[], MlflowRegistry]  # the type of the ``fresh_registry`` fixture
+
+
 @pytest.fixture
-def fresh_registry(mlflow_registry: MlflowRegistry, tmp_path: Path) -> Callable[[], MlflowRegistry]:
+def fresh_registry(mlflow_registry: MlflowRegistry, tmp_path: Path) -> FreshRegistry:
     """A factory of private copies of the session registry (each call: a new copy, ~50 ms)."""
     counter = iter(range(1_000_000))
 
@@ -273,8 +276,11 @@ def serve_in_thread(app: Any, *, startup_timeout_s: float = 60.0, **config: Any)
             raise RuntimeError(f"server on port {port} did not shut down within 30 s")
 
 
+RunningServer = Callable[..., AbstractContextManager[str]]  # the ``running_server`` fixture
+
+
 @pytest.fixture
-def running_server() -> Callable[..., AbstractContextManager[str]]:
+def running_server() -> RunningServer:
     """``with running_server(app) as base_url: ...``: see :func:`serve_in_thread`."""
     return serve_in_thread
 

@@ -7,8 +7,6 @@ answer served (intent-to-treat), and ``/experiment`` says how the signatures dif
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,7 @@ import pandas as pd
 
 from demo.data import FEATURES
 from router.server.app import create_app
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningServer
 from tests.live_router import (
     http_client,
     keys_for,
@@ -30,8 +28,6 @@ from tests.live_router import (
 from tests.metrics_text import scrape
 from tests.pyfunc_models import ColumnsModel, register_pyfunc
 
-RunningServer = Callable[..., AbstractContextManager[str]]
-FreshRegistry = Callable[[], MlflowRegistry]
 SALT = "contract-tests"
 NEW = "loyalty_score"
 DROPPED = "age"

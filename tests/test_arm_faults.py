@@ -14,8 +14,6 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ import pytest
 
 from demo.data import FEATURES
 from router.server.app import create_app
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningServer
 from tests.live_router import (
     http_client,
     keys_for,
@@ -37,8 +35,6 @@ from tests.live_router import (
 from tests.metrics_text import scrape
 from tests.pyfunc_models import BlockingModel, ExtraRowModel, NaNModel, register_pyfunc
 
-RunningServer = Callable[..., AbstractContextManager[str]]
-FreshRegistry = Callable[[], MlflowRegistry]
 SALT = "fault-tests"
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,14 +22,12 @@ from demo.train import using_tracking_uri
 from router.input.rows import Rows
 from router.scoring.batcher import BatchScore, MicroBatcher, split_output
 from router.server.app import create_app
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry, RunningServer
 from tests.live_router import http_client, query_log, router_settings, wait_ready, wait_until
 from tests.metrics_text import scrape
 from tests.pyfunc_models import FailingModel, RequestNormalisedModel, register_pyfunc
 
 T = TypeVar("T")
-RunningServer = Callable[..., AbstractContextManager[str]]
-FreshRegistry = Callable[[], MlflowRegistry]
 NEVER_S = 3600.0  # a wait no test could sit through: reaching the assertion means no wait
 
 

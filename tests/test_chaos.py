@@ -25,14 +25,12 @@ import pytest
 import sqlalchemy as sa
 
 from demo.data import FEATURES
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry
 from tests.live_router import query_log, split_body
 from tests.pg import isolated_schema_url
 from tests.pyfunc_models import ScriptedModel, register_pyfunc
 from tests.router_process import EXIT_DEADLINE_S, router_process
 from tests.tcp_proxy import TcpProxy, tcp_proxy
-
-FreshRegistry = Callable[[], MlflowRegistry]
 
 DURATION_S = float(os.environ.get("CHAOS_DURATION_S", "12"))
 CONCURRENCY = 8

@@ -8,8 +8,6 @@ champion, without a restart, and its log rows belong to the champion-only experi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ import pytest
 from experiments.cli import EXIT_NO_EXPERIMENT, evaluate_and_promote_main
 from router import logschema
 from router.server.app import create_app
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry, RunningServer
 from tests.live_router import (
     arm_of,
     http_client,
@@ -28,10 +26,6 @@ from tests.live_router import (
     wait_until,
 )
 from tests.synthlog import Arm, sqlite_url, write_config, write_log
-
-RunningServer = Callable[..., AbstractContextManager[str]]
-FreshRegistry = Callable[[], MlflowRegistry]
-
 
 pytestmark = pytest.mark.usefixtures("cli_workdir")  # tests/conftest.py
 

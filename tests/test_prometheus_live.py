@@ -20,7 +20,7 @@ import math
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from router.server.app import create_app
-from tests.conftest import MlflowRegistry, free_port, serve_in_thread
+from tests.conftest import FreshRegistry, MlflowRegistry, free_port, serve_in_thread
 from tests.live_router import (
     http_client,
     keys_for,
@@ -94,9 +94,7 @@ class Prometheus:
 
 
 @pytest.fixture
-def router(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
-) -> Iterator[tuple[str, MlflowRegistry]]:
+def router(fresh_registry: FreshRegistry, tmp_path: Path) -> Iterator[tuple[str, MlflowRegistry]]:
     registry = fresh_registry()
     settings = router_settings(
         registry, tmp_path / "predictions.db", routing={"challenger_weight": WEIGHT, "salt": SALT}

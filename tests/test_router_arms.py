@@ -15,8 +15,6 @@ import math
 import random
 import warnings
 from collections import Counter
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from router.assignment import assign
 from router.config import Settings
 from router.logschema import hash_routing_key
 from router.server.app import create_app
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningServer
 from tests.live_router import (
     arm_of,
     http_client,
@@ -41,9 +39,6 @@ from tests.live_router import (
 )
 from tests.metrics_text import scrape
 from tests.pyfunc_models import ConstantModel, FailingModel, register_pyfunc
-
-RunningServer = Callable[..., AbstractContextManager[str]]
-FreshRegistry = Callable[[], MlflowRegistry]
 
 
 def _log_url(tmp_path: Path) -> str:

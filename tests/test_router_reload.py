@@ -9,9 +9,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from mlflow.pyfunc.model import PythonModel
 from demo.data import FEATURES
 from router.assignment import assign
 from router.server.app import create_app
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningServer
 from tests.live_router import (
     arm_of,
     http_client,
@@ -35,9 +33,6 @@ from tests.live_router import (
 )
 from tests.metrics_text import scrape
 from tests.pyfunc_models import BlockingModel, ConstantModel, register_pyfunc
-
-RunningServer = Callable[..., AbstractContextManager[str]]
-FreshRegistry = Callable[[], MlflowRegistry]
 
 POLL_S = 0.2
 TOKEN = "t0ken"

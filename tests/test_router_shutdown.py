@@ -20,13 +20,11 @@ import httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry, MlflowRegistry
 from tests.live_router import http_client, query_log, split_body, wait_until
 from tests.metrics_text import Scrape
 from tests.pg import isolated_schema_url
 from tests.router_process import EXIT_DEADLINE_S, RouterProcess, router_process
-
-FreshRegistry = Callable[[], MlflowRegistry]
 
 TOTAL_REQUESTS = 1_500
 CONCURRENCY = 16

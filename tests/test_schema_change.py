@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from demo.train import register_model, using_tracking_uri
 from experiments.cli import evaluate_and_promote_main
 from router import logschema
 from router.server.app import create_app
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningServer
 from tests.live_router import (
     http_client,
     keys_for,
@@ -49,9 +48,6 @@ from tests.live_router import (
     wait_ready,
 )
 from tests.synthlog import write_config
-
-RunningServer = Callable[..., AbstractContextManager[str]]
-FreshRegistry = Callable[[], MlflowRegistry]
 
 SALT = "schema-change"
 NEW = "loyalty_score"

@@ -15,7 +15,7 @@ import select
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import pytest
 
 from demo.data import LABEL
 from router.server.app import create_app
-from tests.conftest import MlflowRegistry, serve_in_thread
+from tests.conftest import FreshRegistry, MlflowRegistry, serve_in_thread
 from tests.live_router import http_client, keys_for, router_settings, send_with_feedback, wait_ready
 
 pytestmark = pytest.mark.chromium
@@ -169,9 +169,7 @@ def chromium(tmp_path: Path) -> Iterator[DevTools]:
 
 
 @pytest.fixture
-def router(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
-) -> Iterator[tuple[str, MlflowRegistry]]:
+def router(fresh_registry: FreshRegistry, tmp_path: Path) -> Iterator[tuple[str, MlflowRegistry]]:
     registry = fresh_registry()
     settings = router_settings(
         registry, tmp_path / "predictions.db", routing={"challenger_weight": WEIGHT, "salt": SALT}
