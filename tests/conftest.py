@@ -49,6 +49,7 @@ with warnings.catch_warnings():
     import mlflow.store.tracking.sqlalchemy_store
 
 from demo.train import RegisteredPair, restored_tracking_uris, train_and_register
+from tests.live_router import RouterDir
 
 MODEL_NAME = "churn-predictor"
 SESSION_ROWS = 3_000
@@ -207,6 +208,13 @@ def fresh_registry(mlflow_registry: MlflowRegistry, tmp_path: Path) -> FreshRegi
         return copy_registry(mlflow_registry, tmp_path / f"registry-{next(counter)}")
 
     return make
+
+
+@pytest.fixture
+def router_dir(tmp_path: Path) -> RouterDir:
+    """Router settings for the test's ``tmp_path``: ``router_dir.settings(registry, routing=...)``
+    log to ``tmp_path / "predictions.db"``, which ``router_dir.log_rows(sql)`` queries."""
+    return RouterDir(tmp_path)
 
 
 # --- servers ---------------------------------------------------------------------------------

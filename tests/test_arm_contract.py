@@ -7,7 +7,6 @@ answer served (intent-to-treat), and ``/experiment`` says how the signatures dif
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,10 +17,9 @@ from demo.data import FEATURES
 from router.server.app import create_app
 from tests.conftest import FreshRegistry, MlflowRegistry, RunningServer
 from tests.live_router import (
+    RouterDir,
     http_client,
     keys_for,
-    query_log,
-    router_settings,
     wait_ready,
     wait_until,
 )
@@ -45,10 +43,6 @@ def _post(client: httpx.Client, frame: pd.DataFrame, key: str, request_id: str) 
     )
 
 
-def _log(tmp_path: Path, sql: str) -> list[tuple[Any, ...]]:
-    return query_log(f"sqlite:///{tmp_path / 'predictions.db'}", sql)
-
-
 def _with_new_column(registry: MlflowRegistry) -> pd.DataFrame:
     frame = registry.holdout[FEATURES].head(8).reset_index(drop=True)
     return frame.assign(**{NEW: np.linspace(0.0, 1.0, len(frame))})
@@ -68,13 +62,12 @@ def _challenger_with_new_column(registry: MlflowRegistry) -> tuple[pd.DataFrame,
 
 
 def test_a_challenger_that_adds_a_column_gets_it_and_old_clients_fall_back_on_schema(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     union, challenger, champion = _challenger_with_new_column(registry)
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 0.5, "salt": SALT},
     )
     to_challenger = keys_for("challenger", 4, salt=SALT, weight=0.5)
@@ -102,8 +95,7 @@ def test_a_challenger_that_adds_a_column_gets_it_and_old_clients_fall_back_on_sc
     for i in range(4):
         np.testing.assert_allclose(answers[f"new-ch-{i}"].json()["predictions"], [[0.1, 0.9]])
 
-    rows = _log(
-        tmp_path,
+    rows = router_dir.log_rows(
         "SELECT substr(request_id, 1, 6), arm, model_version, status, reason, count(*) "
         "FROM predictions GROUP BY 1, 2, 3, 4, 5 ORDER BY 1",
     )
@@ -125,7 +117,7 @@ def test_a_challenger_that_adds_a_column_gets_it_and_old_clients_fall_back_on_sc
 
 
 def test_a_challenger_that_drops_a_column_never_sees_it_and_takes_requests_without_it(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     full = registry.holdout[FEATURES].head(8).reset_index(drop=True)
@@ -139,9 +131,8 @@ def test_a_challenger_that_drops_a_column_never_sees_it_and_takes_requests_witho
         alias="challenger",
     )
     champion = registry.versions["champion"]
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 0.5, "salt": SALT},
     )
     to_challenger = keys_for("challenger", 3, salt=SALT, weight=0.5)
@@ -174,8 +165,7 @@ def test_a_challenger_that_drops_a_column_never_sees_it_and_takes_requests_witho
         version = challenger if arm == "challenger" else champion
         assert (response.json()["arm"], response.json()["model_version"]) == (arm, version)
 
-    rows = _log(
-        tmp_path,
+    rows = router_dir.log_rows(
         "SELECT substr(request_id, 1, 7), arm, model_version, status, reason, "
         "count(*), min(row_index) FROM predictions GROUP BY 1, 2, 3, 4, 5 ORDER BY 1",
     )
@@ -193,11 +183,11 @@ def test_a_challenger_that_drops_a_column_never_sees_it_and_takes_requests_witho
 
 
 def test_in_shadow_mode_each_model_gets_its_own_view_of_the_same_input(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     union, challenger, champion = _challenger_with_new_column(registry)
-    settings = router_settings(registry, tmp_path / "predictions.db", routing={"mode": "shadow"})
+    settings = router_dir.settings(registry, routing={"mode": "shadow"})
     with running_server(create_app(settings)) as url, http_client(url) as client:
         wait_ready(client)
         for i in range(3):
@@ -207,12 +197,11 @@ def test_in_shadow_mode_each_model_gets_its_own_view_of_the_same_input(
                 assert response.status_code == 200, response.text
                 assert response.json()["model_version"] == champion
         wait_until(
-            lambda: len(_log(tmp_path, "SELECT 1 FROM predictions WHERE arm = 'shadow'")) == 6,
+            lambda: len(router_dir.log_rows("SELECT 1 FROM predictions WHERE arm = 'shadow'")) == 6,
             "every shadow row logged",
         )
 
-    rows = _log(
-        tmp_path,
+    rows = router_dir.log_rows(
         "SELECT substr(request_id, 1, 3), arm, model_version, status, reason, count(*) "
         "FROM predictions GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2",
     )

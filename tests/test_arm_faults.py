@@ -24,10 +24,9 @@ from demo.data import FEATURES
 from router.server.app import create_app
 from tests.conftest import FreshRegistry, MlflowRegistry, RunningServer
 from tests.live_router import (
+    RouterDir,
     http_client,
     keys_for,
-    query_log,
-    router_settings,
     split_body,
     wait_ready,
     wait_until,
@@ -36,10 +35,6 @@ from tests.metrics_text import scrape
 from tests.pyfunc_models import BlockingModel, ExtraRowModel, NaNModel, register_pyfunc
 
 SALT = "fault-tests"
-
-
-def _log(tmp_path: Path, sql: str) -> list[tuple[Any, ...]]:
-    return query_log(f"sqlite:///{tmp_path / 'predictions.db'}", sql)
 
 
 def _post(client: httpx.Client, body: dict[str, Any], key: str, rid: str) -> httpx.Response:
@@ -79,14 +74,16 @@ class _Background:
 
 
 def test_a_hanging_challenger_does_not_delay_the_champion(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry,
+    running_server: RunningServer,
+    tmp_path: Path,
+    router_dir: RouterDir,
 ) -> None:
     registry = fresh_registry()
     gate, challenger, champion = _blocking_challenger(registry, tmp_path)
     threads = 2
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 0.5, "salt": SALT},
         # No challenger timeout: its requests stay blocked for as long as the test holds them.
         server={"predict_threads": threads, "challenger_timeout_s": None},
@@ -144,13 +141,15 @@ def _median(timed: list[tuple[httpx.Response, float]]) -> float:
 
 
 def test_a_challenger_that_times_out_trips_its_breaker_which_closes_again_by_itself(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry,
+    running_server: RunningServer,
+    tmp_path: Path,
+    router_dir: RouterDir,
 ) -> None:
     registry = fresh_registry()
     gate, challenger, champion = _blocking_challenger(registry, tmp_path)
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 1.0, "breaker_failures": 2, "breaker_cooldown_s": 0.2},
         server={"predict_threads": 1, "challenger_timeout_s": 1.0},
     )
@@ -185,8 +184,7 @@ def test_a_challenger_that_times_out_trips_its_breaker_which_closes_again_by_its
     # Two for certain (the gate held them); a busy machine may make a probe time out too.
     assert metrics.total("router_fallback_total", reason="timeout") >= 2
     assert metrics.total("router_fallback_total", reason="circuit_open") >= 1
-    rows = _log(
-        tmp_path,
+    rows = router_dir.log_rows(
         "SELECT request_id, arm, model_version, status, reason FROM predictions "
         "WHERE request_id IN ('timeout-0', 'timeout-1', 'open-0') ORDER BY 1, row_index",
     )
@@ -202,7 +200,7 @@ def test_a_challenger_that_times_out_trips_its_breaker_which_closes_again_by_its
 
 @pytest.mark.parametrize("model", [NaNModel(), ExtraRowModel()], ids=["nan", "extra-row"])
 def test_a_challenger_with_an_invalid_output_is_answered_for_by_the_champion(
-    model: Any, fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    model: Any, fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     register_pyfunc(
@@ -213,9 +211,8 @@ def test_a_challenger_with_an_invalid_output_is_answered_for_by_the_champion(
         alias="challenger",
     )
     champion = registry.versions["champion"]
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 1.0, "breaker_failures": 100},
     )
     body = split_body(registry.holdout.head(3))
@@ -233,14 +230,13 @@ def test_a_challenger_with_an_invalid_output_is_answered_for_by_the_champion(
 
     assert metrics.total("router_fallback_total", reason="invalid_output") == n
     assert math.isfinite(metrics.total("router_prediction_value_sum"))
-    assert _log(
-        tmp_path,
+    assert router_dir.log_rows(
         "SELECT arm, model_version, status, reason, count(*) FROM predictions GROUP BY 1, 2, 3, 4",
     ) == [("challenger", champion, "fallback", "invalid_output", 3 * n)]
 
 
 def test_a_champion_answering_nan_is_a_500_and_the_histograms_stay_finite(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     nan = register_pyfunc(
@@ -250,9 +246,7 @@ def test_a_champion_answering_nan_is_a_500_and_the_histograms_stay_finite(
         registry.holdout[FEATURES],
         alias="champion",
     )
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", routing={"challenger_weight": 0.0}
-    )
+    settings = router_dir.settings(registry, routing={"challenger_weight": 0.0})
     with running_server(create_app(settings)) as url, http_client(url) as client:
         wait_ready(client)
         response = _post(client, split_body(registry.holdout.head(2)), "k", "nan-0")
@@ -262,18 +256,16 @@ def test_a_champion_answering_nan_is_a_500_and_the_histograms_stay_finite(
     assert response.json()["error"]["code"] == "prediction_failed"
     assert metrics.total("router_requests_total", arm="champion", status="error") == 1
     assert not metrics.has("router_prediction_value_sum", arm="champion")
-    assert _log(tmp_path, "SELECT arm, model_version, status, reason FROM predictions") == [
+    assert router_dir.log_rows("SELECT arm, model_version, status, reason FROM predictions") == [
         ("champion", nan, "error", "invalid_output"),
         ("champion", nan, "error", "invalid_output"),
     ]
 
 
 def test_input_the_champion_cannot_take_is_a_400_client_error_not_a_model_error(
-    mlflow_registry: MlflowRegistry, running_server: RunningServer, tmp_path: Path
+    mlflow_registry: MlflowRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
-    settings = router_settings(
-        mlflow_registry, tmp_path / "predictions.db", routing={"challenger_weight": 0.0}
-    )
+    settings = router_dir.settings(mlflow_registry, routing={"challenger_weight": 0.0})
     frame = mlflow_registry.holdout[FEATURES].head(2)
     body = split_body(frame)
     position = body["dataframe_split"]["columns"].index("monthly_charges")
@@ -291,7 +283,7 @@ def test_input_the_champion_cannot_take_is_a_400_client_error_not_a_model_error(
     assert "monthly_charges" in response.json()["error"]["message"]
     assert metrics.total("router_requests_total", arm="champion", status="client_error") == 1
     assert metrics.total("router_requests_total", status="error") == 0
-    assert _log(tmp_path, "SELECT row_index, arm, status, reason FROM predictions") == [
+    assert router_dir.log_rows("SELECT row_index, arm, status, reason FROM predictions") == [
         (0, "champion", "client_error", "bad_input"),
         (1, "champion", "client_error", "bad_input"),
     ]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -23,7 +22,7 @@ from router.input.rows import Rows
 from router.scoring.batcher import BatchScore, MicroBatcher, split_output
 from router.server.app import create_app
 from tests.conftest import FreshRegistry, RunningServer
-from tests.live_router import http_client, query_log, router_settings, wait_ready, wait_until
+from tests.live_router import RouterDir, http_client, wait_ready, wait_until
 from tests.metrics_text import scrape
 from tests.pyfunc_models import FailingModel, RequestNormalisedModel, register_pyfunc
 
@@ -303,13 +302,12 @@ async def _fire(base_url: str, bodies: list[dict[str, Any]]) -> list[httpx.Respo
 
 
 def test_concurrent_single_row_requests_are_batched_and_each_gets_its_own_answer(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     # A long wait makes batches certain (the batch leaves once no announced request is parsing).
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 0.5},
         server={"batch_max_rows": 32, "batch_wait_ms": 200},
     )
@@ -336,15 +334,14 @@ def test_concurrent_single_row_requests_are_batched_and_each_gets_its_own_answer
     assert metrics.total("router_batch_rows_sum") > batches  # some call scored several rows
     assert metrics.total("router_requests_total", status="ok") == 64
 
-    logged = query_log(
-        f"sqlite:///{tmp_path / 'predictions.db'}",
+    logged = router_dir.log_rows(
         "SELECT request_id, arm, model_version, status FROM predictions ORDER BY request_id",
     )
     assert logged == [(a["request_id"], a["arm"], a["model_version"], "ok") for a in answers]
 
 
 def test_a_failing_batched_challenger_falls_back_per_request(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     failing = register_pyfunc(
@@ -355,9 +352,8 @@ def test_a_failing_batched_challenger_falls_back_per_request(
         alias="challenger",
         metadata={"router_batchable": True},  # a custom model opting in
     )
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 1.0, "breaker_failures": 1000},
         server={"batch_max_rows": 32, "batch_wait_ms": 200},
     )
@@ -379,8 +375,7 @@ def test_a_failing_batched_challenger_falls_back_per_request(
     assert metrics.total("router_fallback_total", reason="error") == n
     assert metrics.total("router_requests_total", arm="challenger", status="fallback") == n
     assert metrics.total("router_requests_total", arm="champion") == 0
-    rows = query_log(
-        f"sqlite:///{tmp_path / 'predictions.db'}",
+    rows = router_dir.log_rows(
         "SELECT arm, model_version, status, reason, count(DISTINCT request_id) FROM predictions "
         "GROUP BY arm, model_version, status, reason",
     )
@@ -389,7 +384,7 @@ def test_a_failing_batched_challenger_falls_back_per_request(
 
 
 def test_a_custom_model_whose_rows_depend_on_each_other_is_not_batched(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     version = register_pyfunc(
@@ -399,9 +394,8 @@ def test_a_custom_model_whose_rows_depend_on_each_other_is_not_batched(
         registry.holdout[FEATURES],
         alias="champion",
     )
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 0.0},
         server={"batch_max_rows": 32, "batch_wait_ms": 200},
     )

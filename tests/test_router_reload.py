@@ -23,10 +23,9 @@ from router.assignment import assign
 from router.server.app import create_app
 from tests.conftest import FreshRegistry, MlflowRegistry, RunningServer
 from tests.live_router import (
+    RouterDir,
     arm_of,
     http_client,
-    query_log,
-    router_settings,
     split_body,
     wait_ready,
     wait_until,
@@ -67,13 +66,12 @@ def _champion(client: Any) -> dict[str, Any]:
 
 
 def test_moving_the_champion_alias_is_picked_up_without_a_restart(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     old, new = registry.versions["champion"], registry.versions["challenger"]
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         model={"poll_interval_s": POLL_S},
         routing={"challenger_weight": 0.0},
     )
@@ -102,8 +100,7 @@ def test_moving_the_champion_alias_is_picked_up_without_a_restart(
     assert metrics.total("router_model_reloads_total", result="error") == 0
     assert metrics.total("router_model_info", arm="champion", model_version=new) == 1
     assert not metrics.has("router_model_info", arm="champion", model_version=old)
-    logged = query_log(
-        f"sqlite:///{tmp_path / 'predictions.db'}",
+    logged = router_dir.log_rows(
         "SELECT DISTINCT request_id, model_version, experiment_id FROM predictions "
         "ORDER BY request_id DESC",
     )
@@ -114,7 +111,10 @@ def test_moving_the_champion_alias_is_picked_up_without_a_restart(
 
 
 def test_in_flight_request_finishes_on_the_model_it_started_with(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry,
+    running_server: RunningServer,
+    tmp_path: Path,
+    router_dir: RouterDir,
 ) -> None:
     registry = fresh_registry()
     gate = tmp_path / "gate"
@@ -129,9 +129,8 @@ def test_in_flight_request_finishes_on_the_model_it_started_with(
     )
     for name in ("release", "started"):
         (gate / name).unlink(missing_ok=True)
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         model={"poll_interval_s": POLL_S},
         routing={"challenger_weight": 0.0},
     )
@@ -166,21 +165,18 @@ def test_in_flight_request_finishes_on_the_model_it_started_with(
     assert slow.status_code == 200, slow.text
     assert slow.headers["X-Model-Version"] == gated
     assert slow.json()["predictions"] == [[0.5, 0.5]]
-    logged = query_log(
-        f"sqlite:///{tmp_path / 'predictions.db'}",
+    logged = router_dir.log_rows(
         "SELECT model_version, experiment_id FROM predictions WHERE request_id = 'in-flight'",
     )
     assert logged == [(gated, old_experiment)]
 
 
 def test_moving_only_the_challenger_reloads_only_the_challenger(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     name, champion = registry.model_name, registry.versions["champion"]
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", model={"poll_interval_s": POLL_S}
-    )
+    settings = router_dir.settings(registry, model={"poll_interval_s": POLL_S})
     with running_server(create_app(settings)) as url, http_client(url) as client:
         wait_ready(client)
         new = register_pyfunc(
@@ -204,16 +200,14 @@ def test_moving_only_the_challenger_reloads_only_the_challenger(
 
 
 def test_setting_the_missing_champion_alias_on_the_served_version_updates_resolved_via(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     client_, name = registry.client(), registry.model_name
     client_.delete_registered_model_alias(name, "champion")
     client_.delete_registered_model_alias(name, "challenger")
     latest = registry.versions["challenger"]
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", model={"poll_interval_s": POLL_S}
-    )
+    settings = router_dir.settings(registry, model={"poll_interval_s": POLL_S})
     with running_server(create_app(settings)) as url, http_client(url) as client:
         wait_ready(client)
         assert (_champion(client)["version"], _champion(client)["resolved_via"]) == (
@@ -234,7 +228,10 @@ def test_setting_the_missing_champion_alias_on_the_served_version_updates_resolv
 
 
 def test_shutdown_does_not_wait_for_a_model_load_in_progress(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry,
+    running_server: RunningServer,
+    tmp_path: Path,
+    router_dir: RouterDir,
 ) -> None:
     """A reload stuck in a slow load (a big model, a registry timing out) must not hold up the
     shutdown, and with it the prediction log's flush: an orchestrator kills slow shutdowns."""
@@ -250,9 +247,8 @@ def test_shutdown_does_not_wait_for_a_model_load_in_progress(
     )
     for name in ("release", "loading"):
         (gate / name).unlink(missing_ok=True)
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         model={"poll_interval_s": POLL_S},
         routing={"challenger_weight": 0.0},
     )
@@ -267,9 +263,7 @@ def test_shutdown_does_not_wait_for_a_model_load_in_progress(
             wait_until(lambda: (gate / "loading").exists(), "the reload to start loading")
         # The server has stopped (lifespan shutdown included) while the load is still stuck.
         assert not (gate / "release").exists()
-        logged = query_log(
-            f"sqlite:///{tmp_path / 'predictions.db'}", "SELECT count(*) FROM predictions"
-        )
+        logged = router_dir.log_rows("SELECT count(*) FROM predictions")
         assert logged == [(40,)]
     finally:
         (gate / "release").touch()  # let the abandoned load finish
@@ -286,16 +280,14 @@ def _break_artifacts(registry: MlflowRegistry, version: str, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["deleted", "corrupted"])
 def test_failed_load_keeps_the_old_model_and_is_counted(
-    how: str, fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    how: str, fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     client_ = registry.client()
     name = registry.model_name
     client_.delete_registered_model_alias(name, "challenger")  # v2 stays unloaded
     old, broken = registry.versions["champion"], registry.versions["challenger"]
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", model={"poll_interval_s": POLL_S}
-    )
+    settings = router_dir.settings(registry, model={"poll_interval_s": POLL_S})
     body = split_body(registry.holdout.head(1))
     with running_server(create_app(settings)) as url, http_client(url) as client:
         wait_ready(client)
@@ -337,12 +329,11 @@ def _auth(token: str = TOKEN) -> dict[str, str]:
 
 
 def test_admin_endpoints_require_the_bearer_token(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         env={"ROUTER_ADMIN_TOKEN": TOKEN},
         routing={"challenger_weight": 0.1},
     )
@@ -371,11 +362,10 @@ def _arms_by_key(client: Any, body: dict[str, Any], keys: list[str]) -> dict[str
 
 
 def test_admin_weights_change_the_split_and_the_gauge(
-    mlflow_registry: MlflowRegistry, running_server: RunningServer, tmp_path: Path
+    mlflow_registry: MlflowRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
-    settings = router_settings(
+    settings = router_dir.settings(
         mlflow_registry,
-        tmp_path / "predictions.db",
         env={"ROUTER_ADMIN_TOKEN": TOKEN},
         routing={"challenger_weight": 0.2},
     )
@@ -418,13 +408,12 @@ def test_admin_weights_change_the_split_and_the_gauge(
 
 
 def test_admin_reload_picks_up_an_alias_move_at_once(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     old, new = registry.versions["champion"], registry.versions["challenger"]
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         env={"ROUTER_ADMIN_TOKEN": TOKEN},
         routing={"challenger_weight": 0.0},  # poll_interval_s stays at an hour: no polling
     )

@@ -24,7 +24,7 @@ import pytest
 from demo.data import LABEL
 from router.server.app import create_app
 from tests.conftest import FreshRegistry, MlflowRegistry, serve_in_thread
-from tests.live_router import http_client, keys_for, router_settings, send_with_feedback, wait_ready
+from tests.live_router import RouterDir, http_client, keys_for, send_with_feedback, wait_ready
 
 pytestmark = pytest.mark.chromium
 
@@ -169,11 +169,11 @@ def chromium(tmp_path: Path) -> Iterator[DevTools]:
 
 
 @pytest.fixture
-def router(fresh_registry: FreshRegistry, tmp_path: Path) -> Iterator[tuple[str, MlflowRegistry]]:
+def router(
+    fresh_registry: FreshRegistry, router_dir: RouterDir
+) -> Iterator[tuple[str, MlflowRegistry]]:
     registry = fresh_registry()
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", routing={"challenger_weight": WEIGHT, "salt": SALT}
-    )
+    settings = router_dir.settings(registry, routing={"challenger_weight": WEIGHT, "salt": SALT})
     with serve_in_thread(create_app(settings)) as base_url, http_client(base_url) as client:
         wait_ready(client)
         yield base_url, registry
