@@ -13,7 +13,9 @@ artifacts without touching the session registry or other tests. Tests that only 
 ``mlflow_registry`` directly; tests that write anything must use ``fresh_registry``.
 
 Servers: ``running_server(app)`` is a context manager running any ASGI app under a real
-``uvicorn.Server`` (lifespan on) on 127.0.0.1 with an ephemeral port, yielding the base URL.
+``uvicorn.Server`` (lifespan on) on 127.0.0.1 with an ephemeral port, yielding the base URL;
+``running_router(settings)`` runs the router's app that way and yields a client once it is ready.
+``router_dir`` gives router settings whose prediction log is a SQLite file in ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pandas as pd
 import pytest
 import uvicorn
@@ -49,7 +52,9 @@ with warnings.catch_warnings():
     import mlflow.store.tracking.sqlalchemy_store
 
 from demo.train import RegisteredPair, restored_tracking_uris, train_and_register
-from tests.live_router import RouterDir
+from router.config import Settings
+from router.server.app import create_app
+from tests.live_router import RouterDir, http_client, wait_ready
 
 MODEL_NAME = "churn-predictor"
 SESSION_ROWS = 3_000
@@ -291,6 +296,28 @@ RunningServer = Callable[..., AbstractContextManager[str]]  # the ``running_serv
 def running_server() -> RunningServer:
     """``with running_server(app) as base_url: ...``: see :func:`serve_in_thread`."""
     return serve_in_thread
+
+
+@contextmanager
+def serve_router(settings: Settings, **config: Any) -> Iterator[httpx.Client]:
+    """``create_app(settings)`` under :func:`serve_in_thread` (``config`` goes to uvicorn); yield
+    a client for it (:func:`~tests.live_router.http_client`) once ``/readyz`` answers 200."""
+    with (
+        serve_in_thread(create_app(settings), **config) as base_url,
+        http_client(base_url) as client,
+    ):
+        wait_ready(client)
+        yield client
+
+
+# The ``running_router`` fixture's type.
+RunningRouter = Callable[..., AbstractContextManager[httpx.Client]]
+
+
+@pytest.fixture
+def running_router() -> RunningRouter:
+    """``with running_router(settings) as client: ...``: a ready router (:func:`serve_router`)."""
+    return serve_router
 
 
 SERVICE_MARKERS = ("postgres", "prometheus", "chromium")

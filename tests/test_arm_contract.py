@@ -14,13 +14,10 @@ import numpy as np
 import pandas as pd
 
 from demo.data import FEATURES
-from router.server.app import create_app
-from tests.conftest import FreshRegistry, MlflowRegistry, RunningServer
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningRouter
 from tests.live_router import (
     RouterDir,
-    http_client,
     keys_for,
-    wait_ready,
     wait_until,
 )
 from tests.metrics_text import scrape
@@ -62,7 +59,7 @@ def _challenger_with_new_column(registry: MlflowRegistry) -> tuple[pd.DataFrame,
 
 
 def test_a_challenger_that_adds_a_column_gets_it_and_old_clients_fall_back_on_schema(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     union, challenger, champion = _challenger_with_new_column(registry)
@@ -73,8 +70,7 @@ def test_a_challenger_that_adds_a_column_gets_it_and_old_clients_fall_back_on_sc
     to_challenger = keys_for("challenger", 4, salt=SALT, weight=0.5)
     to_champion = keys_for("champion", 4, salt=SALT, weight=0.5)
     old = union[FEATURES]
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         experiment = client.get("/experiment").json()
         answers: dict[str, httpx.Response] = {}
         for i, key in enumerate(to_challenger):
@@ -117,7 +113,7 @@ def test_a_challenger_that_adds_a_column_gets_it_and_old_clients_fall_back_on_sc
 
 
 def test_a_challenger_that_drops_a_column_never_sees_it_and_takes_requests_without_it(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     full = registry.holdout[FEATURES].head(8).reset_index(drop=True)
@@ -137,8 +133,7 @@ def test_a_challenger_that_drops_a_column_never_sees_it_and_takes_requests_witho
     )
     to_challenger = keys_for("challenger", 3, salt=SALT, weight=0.5)
     to_champion = keys_for("champion", 3, salt=SALT, weight=0.5)
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         experiment = client.get("/experiment").json()
         answers: dict[str, httpx.Response] = {}
         for i in range(3):
@@ -183,13 +178,12 @@ def test_a_challenger_that_drops_a_column_never_sees_it_and_takes_requests_witho
 
 
 def test_in_shadow_mode_each_model_gets_its_own_view_of_the_same_input(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     union, challenger, champion = _challenger_with_new_column(registry)
     settings = router_dir.settings(registry, routing={"mode": "shadow"})
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         for i in range(3):
             new = _post(client, union.iloc[[i]], f"k{i}", f"new-{i}")
             old = _post(client, union[FEATURES].iloc[[i]], f"k{i}", f"old-{i}")

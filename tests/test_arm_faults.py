@@ -21,14 +21,11 @@ import httpx
 import pytest
 
 from demo.data import FEATURES
-from router.server.app import create_app
-from tests.conftest import FreshRegistry, MlflowRegistry, RunningServer
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningRouter
 from tests.live_router import (
     RouterDir,
-    http_client,
     keys_for,
     split_body,
-    wait_ready,
     wait_until,
 )
 from tests.metrics_text import scrape
@@ -46,13 +43,13 @@ def _post(client: httpx.Client, body: dict[str, Any], key: str, rid: str) -> htt
 class _Background:
     """Requests sent from another thread, all at once; ``done`` tells which have answered."""
 
-    def __init__(self, url: str, body: dict[str, Any], keys: list[str]) -> None:
+    def __init__(self, url: httpx.URL | str, body: dict[str, Any], keys: list[str]) -> None:
         self.responses: list[httpx.Response] = []
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(url, body, keys), daemon=True)
         self._thread.start()
 
-    def _run(self, url: str, body: dict[str, Any], keys: list[str]) -> None:
+    def _run(self, url: httpx.URL | str, body: dict[str, Any], keys: list[str]) -> None:
         async def fire() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=120) as client:
                 return list(
@@ -75,7 +72,7 @@ class _Background:
 
 def test_a_hanging_challenger_does_not_delay_the_champion(
     fresh_registry: FreshRegistry,
-    running_server: RunningServer,
+    running_router: RunningRouter,
     tmp_path: Path,
     router_dir: RouterDir,
 ) -> None:
@@ -91,10 +88,10 @@ def test_a_hanging_challenger_does_not_delay_the_champion(
     body = split_body(registry.holdout.head(1))
     to_champion = keys_for("champion", 20, salt=SALT, weight=0.5)
     blocked_keys = keys_for("challenger", 3 * threads, salt=SALT, weight=0.5)
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         before = [_timed(client, body, key) for key in to_champion[:10]]
-        hung = _Background(url, body, blocked_keys)  # more than the challenger's threads
+        # More requests than the challenger has threads.
+        hung = _Background(client.base_url, body, blocked_keys)
         wait_until(lambda: (gate / "started").exists(), "the challenger to start blocking")
         during = [_timed(client, body, key) for key in to_champion[10:]]
         # Every champion request answered while each challenger request was still blocked.
@@ -142,7 +139,7 @@ def _median(timed: list[tuple[httpx.Response, float]]) -> float:
 
 def test_a_challenger_that_times_out_trips_its_breaker_which_closes_again_by_itself(
     fresh_registry: FreshRegistry,
-    running_server: RunningServer,
+    running_router: RunningRouter,
     tmp_path: Path,
     router_dir: RouterDir,
 ) -> None:
@@ -154,8 +151,7 @@ def test_a_challenger_that_times_out_trips_its_breaker_which_closes_again_by_its
         server={"predict_threads": 1, "challenger_timeout_s": 1.0},
     )
     body = split_body(registry.holdout.head(2))
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         # Two timeouts (the first hangs the only thread, the second waits for it) open the circuit.
         for i in range(2):
             response = _post(client, body, f"k{i}", f"timeout-{i}")
@@ -200,7 +196,7 @@ def test_a_challenger_that_times_out_trips_its_breaker_which_closes_again_by_its
 
 @pytest.mark.parametrize("model", [NaNModel(), ExtraRowModel()], ids=["nan", "extra-row"])
 def test_a_challenger_with_an_invalid_output_is_answered_for_by_the_champion(
-    model: Any, fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    model: Any, fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     register_pyfunc(
@@ -217,8 +213,7 @@ def test_a_challenger_with_an_invalid_output_is_answered_for_by_the_champion(
     )
     body = split_body(registry.holdout.head(3))
     n = 4
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         for i in range(n):
             response = _post(client, body, f"k{i}", f"bad-{i}")
             assert response.status_code == 200, response.text
@@ -236,7 +231,7 @@ def test_a_challenger_with_an_invalid_output_is_answered_for_by_the_champion(
 
 
 def test_a_champion_answering_nan_is_a_500_and_the_histograms_stay_finite(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     nan = register_pyfunc(
@@ -247,8 +242,7 @@ def test_a_champion_answering_nan_is_a_500_and_the_histograms_stay_finite(
         alias="champion",
     )
     settings = router_dir.settings(registry, routing={"challenger_weight": 0.0})
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         response = _post(client, split_body(registry.holdout.head(2)), "k", "nan-0")
         metrics = scrape(client)
 
@@ -263,15 +257,14 @@ def test_a_champion_answering_nan_is_a_500_and_the_histograms_stay_finite(
 
 
 def test_input_the_champion_cannot_take_is_a_400_client_error_not_a_model_error(
-    mlflow_registry: MlflowRegistry, running_server: RunningServer, router_dir: RouterDir
+    mlflow_registry: MlflowRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     settings = router_dir.settings(mlflow_registry, routing={"challenger_weight": 0.0})
     frame = mlflow_registry.holdout[FEATURES].head(2)
     body = split_body(frame)
     position = body["dataframe_split"]["columns"].index("monthly_charges")
     body["dataframe_split"]["data"][1][position] = float("inf")  # sent as the literal Infinity
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         response = client.post(
             "/invocations",
             content=json.dumps(body),  # httpx's json= refuses the Infinity literal clients send

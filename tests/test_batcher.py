@@ -20,9 +20,8 @@ from demo.data import FEATURES
 from demo.train import using_tracking_uri
 from router.input.rows import Rows
 from router.scoring.batcher import BatchScore, MicroBatcher, split_output
-from router.server.app import create_app
-from tests.conftest import FreshRegistry, RunningServer
-from tests.live_router import RouterDir, http_client, wait_ready, wait_until
+from tests.conftest import FreshRegistry, RunningRouter
+from tests.live_router import RouterDir, wait_until
 from tests.metrics_text import scrape
 from tests.pyfunc_models import FailingModel, RequestNormalisedModel, register_pyfunc
 
@@ -284,7 +283,7 @@ def _row_body(frame: pd.DataFrame, i: int) -> dict[str, Any]:
     return {"dataframe_split": {"columns": list(row.columns), "data": row.to_numpy().tolist()}}
 
 
-async def _fire(base_url: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+async def _fire(base_url: httpx.URL | str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
     limits = httpx.Limits(max_connections=len(bodies))
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
         return list(
@@ -302,7 +301,7 @@ async def _fire(base_url: str, bodies: list[dict[str, Any]]) -> list[httpx.Respo
 
 
 def test_concurrent_single_row_requests_are_batched_and_each_gets_its_own_answer(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     # A long wait makes batches certain (the batch leaves once no announced request is parsing).
@@ -317,9 +316,8 @@ def test_concurrent_single_row_requests_are_batched_and_each_gets_its_own_answer
             registry.versions[alias]: mlflow.pyfunc.load_model(registry.uri_for(alias))
             for alias in ("champion", "challenger")
         }
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
-        responses = asyncio.run(_fire(url, [_row_body(features, i) for i in range(64)]))
+    with running_router(settings) as client:
+        responses = asyncio.run(_fire(client.base_url, [_row_body(features, i) for i in range(64)]))
         metrics = scrape(client)
 
     answers = [r.json() for r in responses]
@@ -341,7 +339,7 @@ def test_concurrent_single_row_requests_are_batched_and_each_gets_its_own_answer
 
 
 def test_a_failing_batched_challenger_falls_back_per_request(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     failing = register_pyfunc(
@@ -360,9 +358,8 @@ def test_a_failing_batched_challenger_falls_back_per_request(
     champion = registry.versions["champion"]
     features = registry.holdout[FEATURES].head(32).reset_index(drop=True)
     n = len(features)
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
-        responses = asyncio.run(_fire(url, [_row_body(features, i) for i in range(n)]))
+    with running_router(settings) as client:
+        responses = asyncio.run(_fire(client.base_url, [_row_body(features, i) for i in range(n)]))
         metrics = wait_until(
             lambda: (m := scrape(client)).total("router_fallback_total") == n and m,
             "every fallback counted",
@@ -384,7 +381,7 @@ def test_a_failing_batched_challenger_falls_back_per_request(
 
 
 def test_a_custom_model_whose_rows_depend_on_each_other_is_not_batched(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     version = register_pyfunc(
@@ -401,9 +398,8 @@ def test_a_custom_model_whose_rows_depend_on_each_other_is_not_batched(
     )
     features = registry.holdout[FEATURES].head(32).reset_index(drop=True)
     n = len(features)
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
-        responses = asyncio.run(_fire(url, [_row_body(features, i) for i in range(n)]))
+    with running_router(settings) as client:
+        responses = asyncio.run(_fire(client.base_url, [_row_body(features, i) for i in range(n)]))
         metrics = scrape(client)
 
     assert [r.status_code for r in responses] == [200] * n

@@ -21,9 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from demo.data import FEATURES
-from router.server.app import create_app
-from tests.conftest import MlflowRegistry, serve_in_thread
-from tests.live_router import http_client, router_settings, wait_ready
+from tests.conftest import MlflowRegistry, serve_router
+from tests.live_router import router_settings
 
 settings.register_profile(
     "ci",
@@ -157,8 +156,7 @@ def client(
         feedback={"wait_for_prediction_s": 0},
         env={"ROUTER_ADMIN_TOKEN": "admin-token"},
     )
-    with serve_in_thread(create_app(settings_)) as base_url, http_client(base_url) as client:
-        wait_ready(client)
+    with serve_router(settings_) as client:
         yield client
         # After every property: the same server still answers.
         assert client.get("/healthz").status_code == 200

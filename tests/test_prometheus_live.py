@@ -28,14 +28,12 @@ import httpx
 import pytest
 import yaml
 
-from router.server.app import create_app
-from tests.conftest import FreshRegistry, MlflowRegistry, free_port, serve_in_thread
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningRouter, free_port
 from tests.live_router import (
     RouterDir,
     http_client,
     keys_for,
     send_with_feedback,
-    wait_ready,
     wait_until,
 )
 from tests.promql import (
@@ -95,13 +93,12 @@ class Prometheus:
 
 @pytest.fixture
 def router(
-    fresh_registry: FreshRegistry, router_dir: RouterDir
+    fresh_registry: FreshRegistry, router_dir: RouterDir, running_router: RunningRouter
 ) -> Iterator[tuple[str, MlflowRegistry]]:
     registry = fresh_registry()
     settings = router_dir.settings(registry, routing={"challenger_weight": WEIGHT, "salt": SALT})
-    with serve_in_thread(create_app(settings)) as base_url, http_client(base_url) as client:
-        wait_ready(client)
-        yield base_url, registry
+    with running_router(settings) as client:
+        yield str(client.base_url), registry
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from router.assignment import assign
 from router.config import Settings
 from router.logschema import hash_routing_key
 from router.server.app import create_app
-from tests.conftest import FreshRegistry, MlflowRegistry, RunningServer
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningRouter, RunningServer
 from tests.live_router import (
     RouterDir,
     arm_of,
@@ -54,14 +54,13 @@ def _invoke(client: httpx.Client, body: dict[str, Any], **headers: str) -> httpx
 
 
 def test_split_ratio_without_routing_key_follows_the_weight(
-    mlflow_registry: MlflowRegistry, running_server: RunningServer, router_dir: RouterDir
+    mlflow_registry: MlflowRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     n, weight = 400, 0.3
     settings = router_dir.settings(mlflow_registry, routing={"challenger_weight": weight})
     body = split_body(mlflow_registry.holdout.head(1))
     served: Counter[str] = Counter()
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         wait_key_secret(client)  # the hashes below are checked
         for _ in range(n):
             response = _invoke(client, body)
@@ -89,12 +88,11 @@ def test_split_ratio_without_routing_key_follows_the_weight(
 
 
 def _sticky_arms(
-    running_server: RunningServer, settings: Settings, body: dict[str, Any], keys: list[str]
+    running_router: RunningRouter, settings: Settings, body: dict[str, Any], keys: list[str]
 ) -> dict[str, str]:
     """Each key's arm on a freshly started router; every key is sent twice."""
     arms: dict[str, str] = {}
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         wait_key_secret(client)  # the hashes below are checked
         for _ in range(2):
             for key in keys:
@@ -106,7 +104,7 @@ def _sticky_arms(
 
 
 def test_routing_key_is_sticky_across_restarts_and_a_new_salt_reshuffles(
-    mlflow_registry: MlflowRegistry, running_server: RunningServer, tmp_path: Path
+    mlflow_registry: MlflowRegistry, running_router: RunningRouter, tmp_path: Path
 ) -> None:
     keys = [f"customer-{i:04d}" for i in range(40)]
     body = split_body(mlflow_registry.holdout.head(1))
@@ -122,9 +120,9 @@ def test_routing_key_is_sticky_across_restarts_and_a_new_salt_reshuffles(
         rng = random.Random(0)  # never drawn from: every request carries a key
         return {key: assign(key, salt, 0.5, True, rng).arm for key in keys}
 
-    first = _sticky_arms(running_server, settings("salt-a", "first.db"), body, keys)
-    restarted = _sticky_arms(running_server, settings("salt-a", "restarted.db"), body, keys)
-    resalted = _sticky_arms(running_server, settings("salt-b", "resalted.db"), body, keys)
+    first = _sticky_arms(running_router, settings("salt-a", "first.db"), body, keys)
+    restarted = _sticky_arms(running_router, settings("salt-a", "restarted.db"), body, keys)
+    resalted = _sticky_arms(running_router, settings("salt-b", "resalted.db"), body, keys)
 
     assert first == restarted == expected("salt-a")
     assert set(first.values()) == {"champion", "challenger"}
@@ -144,7 +142,7 @@ def test_routing_key_is_sticky_across_restarts_and_a_new_salt_reshuffles(
 
 
 def test_shadow_mode_answers_from_the_champion_and_logs_the_challenger_as_shadow(
-    mlflow_registry: MlflowRegistry, running_server: RunningServer, router_dir: RouterDir
+    mlflow_registry: MlflowRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     settings = router_dir.settings(
         mlflow_registry,
@@ -152,8 +150,7 @@ def test_shadow_mode_answers_from_the_champion_and_logs_the_challenger_as_shadow
     )
     holdout = mlflow_registry.holdout
     sent: dict[str, int] = {}  # request id -> rows
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         wait_key_secret(client)  # the hashes below are checked
         for i in range(30):
             n_rows = 1 + i % 3
@@ -212,7 +209,7 @@ def test_shadow_mode_answers_from_the_champion_and_logs_the_challenger_as_shadow
 
 
 def test_failing_challenger_falls_back_to_the_champion_and_its_circuit_opens(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     failing = register_pyfunc(
@@ -234,8 +231,7 @@ def test_failing_challenger_falls_back_to_the_champion_and_its_circuit_opens(
     champion = registry.versions["champion"]
     body = split_body(registry.holdout.head(2))
     n = 20
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         wait_key_secret(client)  # the hashes below are checked
         for i in range(n):
             response = _invoke(client, body, **{"X-Request-Id": f"fb-{i:02d}"})
@@ -275,7 +271,7 @@ def test_failing_challenger_falls_back_to_the_champion_and_its_circuit_opens(
 
 
 def test_champion_fault_is_a_500_json_error_and_counted(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     failing = register_pyfunc(
@@ -287,8 +283,7 @@ def test_champion_fault_is_a_500_json_error_and_counted(
     )
     settings = router_dir.settings(registry, routing={"challenger_weight": 0.0})
     n = 5
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         wait_key_secret(client)  # the hashes below are checked
         for i in range(n):
             response = _invoke(
@@ -317,15 +312,14 @@ def test_champion_fault_is_a_500_json_error_and_counted(
 
 
 def test_missing_challenger_alias_serves_all_traffic_from_the_champion(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     registry.client().delete_registered_model_alias(registry.model_name, "challenger")
     settings = router_dir.settings(registry, routing={"challenger_weight": 0.5})
     champion = registry.versions["champion"]
     body = split_body(registry.holdout.head(1))
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         wait_key_secret(client)  # the hashes below are checked
         experiment = client.get("/experiment").json()
         arms: Counter[tuple[str, str]] = Counter()
@@ -347,7 +341,7 @@ def test_missing_challenger_alias_serves_all_traffic_from_the_champion(
 
 
 def test_challenger_that_cannot_load_leaves_the_champion_serving_alone(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     client_ = registry.client()
@@ -356,7 +350,7 @@ def test_challenger_that_cannot_load_leaves_the_champion_serving_alone(
     (artifacts / "model.skops").write_bytes(b"not a zip archive")  # corrupt, not missing
     settings = router_dir.settings(registry, routing={"challenger_weight": 0.5})
     champion = registry.versions["champion"]
-    with running_server(create_app(settings)) as url, http_client(url) as client:
+    with running_router(settings) as client:
         assert wait_ready(client)["champion_version"] == champion
         experiment = client.get("/experiment").json()
         versions = {
@@ -387,7 +381,7 @@ def _transition_to_production(registry: MlflowRegistry, version: str) -> None:
 
 def test_missing_champion_alias_falls_back_to_the_production_stage(
     fresh_registry: FreshRegistry,
-    running_server: RunningServer,
+    running_router: RunningRouter,
     router_dir: RouterDir,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -398,8 +392,7 @@ def test_missing_champion_alias_falls_back_to_the_production_stage(
     settings = router_dir.settings(registry, routing={"challenger_weight": 0.0})
     with (
         caplog.at_level(logging.WARNING, logger="router.registry"),
-        running_server(create_app(settings)) as url,
-        http_client(url) as client,
+        running_router(settings) as client,
     ):
         assert wait_ready(client)["champion_version"] == in_production
         experiment = client.get("/experiment").json()
@@ -417,7 +410,7 @@ def test_missing_champion_alias_falls_back_to_the_production_stage(
 
 def test_missing_champion_alias_without_production_falls_back_to_the_latest_version(
     fresh_registry: FreshRegistry,
-    running_server: RunningServer,
+    running_router: RunningRouter,
     router_dir: RouterDir,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -432,8 +425,7 @@ def test_missing_champion_alias_without_production_falls_back_to_the_latest_vers
     settings = router_dir.settings(registry, routing={"challenger_weight": 0.0})
     with (
         caplog.at_level(logging.WARNING, logger="router.registry"),
-        running_server(create_app(settings)) as url,
-        http_client(url) as client,
+        running_router(settings) as client,
     ):
         assert wait_ready(client)["champion_version"] == latest
         experiment = client.get("/experiment").json()

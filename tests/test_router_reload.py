@@ -20,8 +20,7 @@ from mlflow.pyfunc.model import PythonModel
 
 from demo.data import FEATURES
 from router.assignment import assign
-from router.server.app import create_app
-from tests.conftest import FreshRegistry, MlflowRegistry, RunningServer
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningRouter
 from tests.live_router import (
     RouterDir,
     arm_of,
@@ -66,7 +65,7 @@ def _champion(client: Any) -> dict[str, Any]:
 
 
 def test_moving_the_champion_alias_is_picked_up_without_a_restart(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     old, new = registry.versions["champion"], registry.versions["challenger"]
@@ -76,8 +75,7 @@ def test_moving_the_champion_alias_is_picked_up_without_a_restart(
         routing={"challenger_weight": 0.0},
     )
     body = split_body(registry.holdout.head(3))
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         before = client.get("/experiment").json()
         first = client.post("/invocations", json=body, headers={"X-Request-Id": "before"})
         assert first.headers["X-Model-Version"] == old
@@ -112,7 +110,7 @@ def test_moving_the_champion_alias_is_picked_up_without_a_restart(
 
 def test_in_flight_request_finishes_on_the_model_it_started_with(
     fresh_registry: FreshRegistry,
-    running_server: RunningServer,
+    running_router: RunningRouter,
     tmp_path: Path,
     router_dir: RouterDir,
 ) -> None:
@@ -137,15 +135,14 @@ def test_in_flight_request_finishes_on_the_model_it_started_with(
     next_champion = registry.versions["champion"]
     body = split_body(registry.holdout.head(1))
     with (
-        running_server(create_app(settings)) as url,
-        http_client(url) as client,
+        running_router(settings) as client,
         ThreadPoolExecutor(max_workers=1) as pool,
     ):
         assert wait_ready(client)["champion_version"] == gated
         old_experiment = client.get("/experiment").json()["experiment_id"]
 
         def slow_request() -> Any:
-            with http_client(url) as own:
+            with http_client(str(client.base_url)) as own:
                 return own.post("/invocations", json=body, headers={"X-Request-Id": "in-flight"})
 
         in_flight = pool.submit(slow_request)
@@ -172,13 +169,12 @@ def test_in_flight_request_finishes_on_the_model_it_started_with(
 
 
 def test_moving_only_the_challenger_reloads_only_the_challenger(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     name, champion = registry.model_name, registry.versions["champion"]
     settings = router_dir.settings(registry, model={"poll_interval_s": POLL_S})
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         new = register_pyfunc(
             registry.tracking_uri, name, ConstantModel(0.7), registry.holdout[FEATURES]
         )
@@ -200,7 +196,7 @@ def test_moving_only_the_challenger_reloads_only_the_challenger(
 
 
 def test_setting_the_missing_champion_alias_on_the_served_version_updates_resolved_via(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     client_, name = registry.client(), registry.model_name
@@ -208,8 +204,7 @@ def test_setting_the_missing_champion_alias_on_the_served_version_updates_resolv
     client_.delete_registered_model_alias(name, "challenger")
     latest = registry.versions["challenger"]
     settings = router_dir.settings(registry, model={"poll_interval_s": POLL_S})
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         assert (_champion(client)["version"], _champion(client)["resolved_via"]) == (
             latest,
             "latest",
@@ -229,7 +224,7 @@ def test_setting_the_missing_champion_alias_on_the_served_version_updates_resolv
 
 def test_shutdown_does_not_wait_for_a_model_load_in_progress(
     fresh_registry: FreshRegistry,
-    running_server: RunningServer,
+    running_router: RunningRouter,
     tmp_path: Path,
     router_dir: RouterDir,
 ) -> None:
@@ -254,8 +249,7 @@ def test_shutdown_does_not_wait_for_a_model_load_in_progress(
     )
     body = split_body(registry.holdout.head(2))
     try:
-        with running_server(create_app(settings)) as url, http_client(url) as client:
-            wait_ready(client)
+        with running_router(settings) as client:
             for i in range(20):
                 response = client.post("/invocations", json=body, headers={"X-Request-Id": f"{i}"})
                 assert response.status_code == 200
@@ -280,7 +274,7 @@ def _break_artifacts(registry: MlflowRegistry, version: str, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["deleted", "corrupted"])
 def test_failed_load_keeps_the_old_model_and_is_counted(
-    how: str, fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    how: str, fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     client_ = registry.client()
@@ -289,8 +283,7 @@ def test_failed_load_keeps_the_old_model_and_is_counted(
     old, broken = registry.versions["champion"], registry.versions["challenger"]
     settings = router_dir.settings(registry, model={"poll_interval_s": POLL_S})
     body = split_body(registry.holdout.head(1))
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         _break_artifacts(registry, broken, how)
         client_.set_registered_model_alias(name, "champion", broken)
         failed = wait_until(
@@ -329,7 +322,7 @@ def _auth(token: str = TOKEN) -> dict[str, str]:
 
 
 def test_admin_endpoints_require_the_bearer_token(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     settings = router_dir.settings(
@@ -337,8 +330,7 @@ def test_admin_endpoints_require_the_bearer_token(
         env={"ROUTER_ADMIN_TOKEN": TOKEN},
         routing={"challenger_weight": 0.1},
     )
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         for headers in ({}, _auth("wrong"), {"Authorization": TOKEN}):
             reload_ = client.post("/admin/reload", headers=headers)
             weights = client.put("/admin/weights", json={"challenger_weight": 1.0}, headers=headers)
@@ -362,7 +354,7 @@ def _arms_by_key(client: Any, body: dict[str, Any], keys: list[str]) -> dict[str
 
 
 def test_admin_weights_change_the_split_and_the_gauge(
-    mlflow_registry: MlflowRegistry, running_server: RunningServer, router_dir: RouterDir
+    mlflow_registry: MlflowRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     settings = router_dir.settings(
         mlflow_registry,
@@ -373,8 +365,7 @@ def test_admin_weights_change_the_split_and_the_gauge(
     keys = [f"member-{i}" for i in range(40)]
     body = split_body(mlflow_registry.holdout.head(1))
     rng = random.Random(0)  # never drawn from: every request has a key
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         at_20 = _arms_by_key(client, body, keys)
         assert at_20 == {k: assign(k, salt, 0.2, True, rng).arm for k in keys}
 
@@ -408,7 +399,7 @@ def test_admin_weights_change_the_split_and_the_gauge(
 
 
 def test_admin_reload_picks_up_an_alias_move_at_once(
-    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     old, new = registry.versions["champion"], registry.versions["challenger"]
@@ -418,8 +409,7 @@ def test_admin_reload_picks_up_an_alias_move_at_once(
         routing={"challenger_weight": 0.0},  # poll_interval_s stays at an hour: no polling
     )
     body = split_body(registry.holdout.head(1))
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         registry.client().set_registered_model_alias(registry.model_name, "champion", new)
         reloaded = client.post("/admin/reload", headers=_auth())
         response = client.post("/invocations", json=body)

@@ -22,9 +22,8 @@ from typing import Any
 import pytest
 
 from demo.data import LABEL
-from router.server.app import create_app
-from tests.conftest import FreshRegistry, MlflowRegistry, serve_in_thread
-from tests.live_router import RouterDir, http_client, keys_for, send_with_feedback, wait_ready
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningRouter
+from tests.live_router import RouterDir, http_client, keys_for, send_with_feedback
 
 pytestmark = pytest.mark.chromium
 
@@ -170,13 +169,12 @@ def chromium(tmp_path: Path) -> Iterator[DevTools]:
 
 @pytest.fixture
 def router(
-    fresh_registry: FreshRegistry, router_dir: RouterDir
+    fresh_registry: FreshRegistry, router_dir: RouterDir, running_router: RunningRouter
 ) -> Iterator[tuple[str, MlflowRegistry]]:
     registry = fresh_registry()
     settings = router_dir.settings(registry, routing={"challenger_weight": WEIGHT, "salt": SALT})
-    with serve_in_thread(create_app(settings)) as base_url, http_client(base_url) as client:
-        wait_ready(client)
-        yield base_url, registry
+    with running_router(settings) as client:
+        yield str(client.base_url), registry
 
 
 def _send_traffic(base_url: str, registry: MlflowRegistry) -> tuple[dict[str, int], dict[str, int]]:
