@@ -29,7 +29,7 @@ from tests.live_router import (
     wait_until,
 )
 from tests.metrics_text import scrape
-from tests.pyfunc_models import BlockingModel, ExtraRowModel, NaNModel, register_pyfunc
+from tests.pyfunc_models import BlockingModel, ExtraRowModel, NaNModel, register_in
 
 SALT = "fault-tests"
 
@@ -122,13 +122,7 @@ def _blocking_challenger(registry: MlflowRegistry, tmp_path: Path) -> tuple[Path
     """A @challenger that blocks until ``gate/release`` exists; the champion version."""
     gate = tmp_path / "gate"
     gate.mkdir()
-    challenger = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        BlockingModel(str(gate)),
-        registry.holdout[FEATURES],
-        alias="challenger",
-    )
+    challenger = register_in(registry, BlockingModel(str(gate)), alias="challenger")
     return gate, challenger, registry.versions["champion"]
 
 
@@ -199,13 +193,7 @@ def test_a_challenger_with_an_invalid_output_is_answered_for_by_the_champion(
     model: Any, fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
-    register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        model,
-        registry.holdout[FEATURES],
-        alias="challenger",
-    )
+    register_in(registry, model, alias="challenger")
     champion = registry.versions["champion"]
     settings = router_dir.settings(
         registry,
@@ -234,13 +222,7 @@ def test_a_champion_answering_nan_is_a_500_and_the_histograms_stay_finite(
     fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
-    nan = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        NaNModel(),
-        registry.holdout[FEATURES],
-        alias="champion",
-    )
+    nan = register_in(registry, NaNModel(), alias="champion")
     settings = router_dir.settings(registry, routing={"challenger_weight": 0.0})
     with running_router(settings) as client:
         response = _post(client, split_body(registry.holdout.head(2)), "k", "nan-0")

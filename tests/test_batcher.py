@@ -23,7 +23,7 @@ from router.scoring.batcher import BatchScore, MicroBatcher, split_output
 from tests.conftest import FreshRegistry, RunningRouter
 from tests.live_router import RouterDir, wait_until
 from tests.metrics_text import scrape
-from tests.pyfunc_models import FailingModel, RequestNormalisedModel, register_pyfunc
+from tests.pyfunc_models import FailingModel, RequestNormalisedModel, register_in
 
 T = TypeVar("T")
 NEVER_S = 3600.0  # a wait no test could sit through: reaching the assertion means no wait
@@ -342,11 +342,9 @@ def test_a_failing_batched_challenger_falls_back_per_request(
     fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
-    failing = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
+    failing = register_in(
+        registry,
         FailingModel("challenger exploded"),
-        registry.holdout[FEATURES],
         alias="challenger",
         metadata={"router_batchable": True},  # a custom model opting in
     )
@@ -384,13 +382,7 @@ def test_a_custom_model_whose_rows_depend_on_each_other_is_not_batched(
     fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
-    version = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        RequestNormalisedModel("monthly_charges"),
-        registry.holdout[FEATURES],
-        alias="champion",
-    )
+    version = register_in(registry, RequestNormalisedModel("monthly_charges"), alias="champion")
     settings = router_dir.settings(
         registry,
         routing={"challenger_weight": 0.0},

@@ -39,7 +39,7 @@ from tests.live_router import (
     wait_until,
 )
 from tests.metrics_text import scrape
-from tests.pyfunc_models import ConstantModel, FailingModel, register_pyfunc
+from tests.pyfunc_models import ConstantModel, FailingModel, register_in, register_pyfunc
 
 
 def _invoke(client: httpx.Client, body: dict[str, Any], **headers: str) -> httpx.Response:
@@ -212,13 +212,7 @@ def test_failing_challenger_falls_back_to_the_champion_and_its_circuit_opens(
     fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
-    failing = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        FailingModel("challenger exploded"),
-        registry.holdout[FEATURES],
-        alias="challenger",
-    )
+    failing = register_in(registry, FailingModel("challenger exploded"), alias="challenger")
     failures = 4
     settings = router_dir.settings(
         registry,
@@ -274,13 +268,7 @@ def test_champion_fault_is_a_500_json_error_and_counted(
     fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
-    failing = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        FailingModel("secret internal detail"),
-        registry.holdout[FEATURES],
-        alias="champion",
-    )
+    failing = register_in(registry, FailingModel("secret internal detail"), alias="champion")
     settings = router_dir.settings(registry, routing={"challenger_weight": 0.0})
     n = 5
     with running_router(settings) as client:

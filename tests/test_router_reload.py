@@ -30,7 +30,7 @@ from tests.live_router import (
     wait_until,
 )
 from tests.metrics_text import scrape
-from tests.pyfunc_models import BlockingModel, ConstantModel, register_pyfunc
+from tests.pyfunc_models import BlockingModel, ConstantModel, register_in, register_pyfunc
 
 POLL_S = 0.2
 TOKEN = "t0ken"
@@ -118,13 +118,7 @@ def test_in_flight_request_finishes_on_the_model_it_started_with(
     gate = tmp_path / "gate"
     gate.mkdir()
     (gate / "release").touch()  # MLflow calls predict on the input example while logging
-    gated = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        BlockingModel(str(gate)),
-        registry.holdout[FEATURES],
-        alias="champion",
-    )
+    gated = register_in(registry, BlockingModel(str(gate)), alias="champion")
     for name in ("release", "started"):
         (gate / name).unlink(missing_ok=True)
     settings = router_dir.settings(
@@ -234,12 +228,7 @@ def test_shutdown_does_not_wait_for_a_model_load_in_progress(
     gate = tmp_path / "gate"
     gate.mkdir()
     (gate / "release").touch()  # MLflow loads the model while logging it
-    slow = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        SlowLoadingModel(str(gate)),
-        registry.holdout[FEATURES],
-    )
+    slow = register_in(registry, SlowLoadingModel(str(gate)))
     for name in ("release", "loading"):
         (gate / name).unlink(missing_ok=True)
     settings = router_dir.settings(
