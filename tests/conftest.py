@@ -320,6 +320,27 @@ def running_router() -> RunningRouter:
     return serve_router
 
 
+@pytest.fixture
+def router_routing() -> dict[str, Any]:
+    """The ``routing`` settings of ``fresh_router``; a test module overrides this fixture to
+    choose its own (its salt, say)."""
+    return {}
+
+
+@pytest.fixture
+def fresh_router(
+    fresh_registry: FreshRegistry,
+    router_dir: RouterDir,
+    running_router: RunningRouter,
+    router_routing: dict[str, Any],
+) -> Iterator[tuple[str, MlflowRegistry]]:
+    """A ready router over a fresh registry, routing by ``router_routing``, logging in
+    ``router_dir``: yields its base URL and the registry."""
+    registry = fresh_registry()
+    with running_router(router_dir.settings(registry, routing=router_routing)) as client:
+        yield str(client.base_url), registry
+
+
 SERVICE_MARKERS = ("postgres", "prometheus", "chromium")
 
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from demo.data import FEATURES
 from tests.conftest import MlflowRegistry, serve_router
-from tests.live_router import router_settings
+from tests.live_router import RouterDir
 
 settings.register_profile(
     "ci",
@@ -147,10 +147,8 @@ def csv_bodies(draw: st.DrawFn) -> bytes:
 def client(
     mlflow_registry: MlflowRegistry, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[httpx.Client]:
-    log_path = tmp_path_factory.mktemp("fuzz") / "predictions.db"
-    settings_ = router_settings(
+    settings_ = RouterDir(tmp_path_factory.mktemp("fuzz")).settings(
         mlflow_registry,
-        log_path,
         routing={"challenger_weight": 0.5},
         limits={"max_rows": MAX_ROWS, "max_body_bytes": 256 * 1024},
         feedback={"wait_for_prediction_s": 0},

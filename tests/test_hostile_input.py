@@ -20,7 +20,7 @@ from router.errors import BadRequest, InvalidInput
 from router.input.bodies import MAX_JSON_DEPTH, load_json
 from router.input.payload import parse_invocation
 from tests.conftest import MlflowRegistry, serve_router
-from tests.live_router import router_settings, split_body
+from tests.live_router import RouterDir, split_body
 
 MAX_ROWS = 100
 CASES = Path(__file__).parent / "cases"
@@ -33,10 +33,8 @@ CSV = {"Content-Type": "text/csv"}
 def client(
     mlflow_registry: MlflowRegistry, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[httpx.Client]:
-    log_path = tmp_path_factory.mktemp("hostile") / "predictions.db"
-    settings = router_settings(
+    settings = RouterDir(tmp_path_factory.mktemp("hostile")).settings(
         mlflow_registry,
-        log_path,
         limits={"max_rows": MAX_ROWS},
         feedback={"wait_for_prediction_s": 0},
     )

@@ -28,9 +28,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import FreshRegistry, MlflowRegistry, RunningRouter, free_port
+from tests.conftest import MlflowRegistry, free_port
 from tests.live_router import (
-    RouterDir,
     http_client,
     keys_for,
     send_with_feedback,
@@ -92,19 +91,15 @@ class Prometheus:
 
 
 @pytest.fixture
-def router(
-    fresh_registry: FreshRegistry, router_dir: RouterDir, running_router: RunningRouter
-) -> Iterator[tuple[str, MlflowRegistry]]:
-    registry = fresh_registry()
-    settings = router_dir.settings(registry, routing={"challenger_weight": WEIGHT, "salt": SALT})
-    with running_router(settings) as client:
-        yield str(client.base_url), registry
+def router_routing() -> dict[str, Any]:
+    """For ``fresh_router`` (conftest): both arms at ``WEIGHT``, keys hashed with ``SALT``."""
+    return {"challenger_weight": WEIGHT, "salt": SALT}
 
 
 @pytest.fixture
-def prometheus(router: tuple[str, MlflowRegistry], tmp_path: Path) -> Iterator[Prometheus]:
+def prometheus(fresh_router: tuple[str, MlflowRegistry], tmp_path: Path) -> Iterator[Prometheus]:
     binary = _prometheus_binary()
-    target = router[0].removeprefix("http://")
+    target = fresh_router[0].removeprefix("http://")
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ALERTS)],
@@ -181,10 +176,10 @@ def _is_number(sample: dict[str, Any]) -> bool:
 
 
 def test_every_dashboard_query_and_alert_expression_works_on_a_live_router(
-    router: tuple[str, MlflowRegistry], prometheus: Prometheus
+    fresh_router: tuple[str, MlflowRegistry], prometheus: Prometheus
 ) -> None:
     started = time.monotonic()
-    base_url, registry = router
+    base_url, registry = fresh_router
     selector = f'job="{JOB}"'
     sent = 0
     with http_client(base_url) as client:

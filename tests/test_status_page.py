@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from demo.data import LABEL
-from tests.conftest import FreshRegistry, MlflowRegistry, RunningRouter
-from tests.live_router import RouterDir, http_client, keys_for, send_with_feedback
+from tests.conftest import MlflowRegistry
+from tests.live_router import http_client, keys_for, send_with_feedback
 
 pytestmark = pytest.mark.chromium
 
@@ -168,13 +168,9 @@ def chromium(tmp_path: Path) -> Iterator[DevTools]:
 
 
 @pytest.fixture
-def router(
-    fresh_registry: FreshRegistry, router_dir: RouterDir, running_router: RunningRouter
-) -> Iterator[tuple[str, MlflowRegistry]]:
-    registry = fresh_registry()
-    settings = router_dir.settings(registry, routing={"challenger_weight": WEIGHT, "salt": SALT})
-    with running_router(settings) as client:
-        yield str(client.base_url), registry
+def router_routing() -> dict[str, Any]:
+    """For ``fresh_router`` (conftest): both arms at ``WEIGHT``, keys hashed with ``SALT``."""
+    return {"challenger_weight": WEIGHT, "salt": SALT}
 
 
 def _send_traffic(base_url: str, registry: MlflowRegistry) -> tuple[dict[str, int], dict[str, int]]:
@@ -212,9 +208,9 @@ FIELDS_JS = """JSON.stringify(Object.fromEntries(["champion", "challenger"].map(
 
 
 def test_status_page_shows_both_arms_and_updates_after_traffic(
-    router: tuple[str, MlflowRegistry], chromium: DevTools
+    fresh_router: tuple[str, MlflowRegistry], chromium: DevTools
 ) -> None:
-    base_url, registry = router
+    base_url, registry = fresh_router
     chromium.call("Network.enable")
     chromium.call("Runtime.enable")
     chromium.call(
