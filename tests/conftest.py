@@ -14,8 +14,9 @@ artifacts without touching the session registry or other tests. Tests that only 
 
 Servers: ``running_server(app)`` is a context manager running any ASGI app under a real
 ``uvicorn.Server`` (lifespan on) on 127.0.0.1 with an ephemeral port, yielding the base URL;
-``running_router(settings)`` runs the router's app that way and yields a client once it is ready.
-``router_dir`` gives router settings whose prediction log is a SQLite file in ``tmp_path``.
+``running_router(settings)`` runs the router's app that way and yields a client once it is ready;
+``fresh_router`` is one over a ``fresh_registry`` copy. ``router_dir`` gives router settings whose
+prediction log is a SQLite file in ``tmp_path``.
 """
 
 from __future__ import annotations
