@@ -13,7 +13,10 @@ artifacts without touching the session registry or other tests. Tests that only 
 ``mlflow_registry`` directly; tests that write anything must use ``fresh_registry``.
 
 Servers: ``running_server(app)`` is a context manager running any ASGI app under a real
-``uvicorn.Server`` (lifespan on) on 127.0.0.1 with an ephemeral port, yielding the base URL.
+``uvicorn.Server`` (lifespan on) on 127.0.0.1 with an ephemeral port, yielding the base URL;
+``running_router(settings)`` runs the router's app that way and yields a client once it is ready;
+``fresh_router`` is one over a ``fresh_registry`` copy. ``router_dir`` gives router settings whose
+prediction log is a SQLite file in ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pandas as pd
 import pytest
 import uvicorn
@@ -49,6 +53,9 @@ with warnings.catch_warnings():
     import mlflow.store.tracking.sqlalchemy_store
 
 from demo.train import RegisteredPair, restored_tracking_uris, train_and_register
+from router.config import Settings
+from router.server.app import create_app
+from tests.live_router import RouterDir, http_client, wait_ready
 
 MODEL_NAME = "churn-predictor"
 SESSION_ROWS = 3_000
@@ -195,8 +202,11 @@ def mlflow_registry(tmp_path_factory: pytest.TempPathFactory) -> MlflowRegistry:
     return _build_registry(tmp_path_factory.mktemp("mlflow-registry"))
 
 
+FreshRegistry = Callable[[], MlflowRegistry]  # the type of the ``fresh_registry`` fixture
+
+
 @pytest.fixture
-def fresh_registry(mlflow_registry: MlflowRegistry, tmp_path: Path) -> Callable[[], MlflowRegistry]:
+def fresh_registry(mlflow_registry: MlflowRegistry, tmp_path: Path) -> FreshRegistry:
     """A factory of private copies of the session registry (each call: a new copy, ~50 ms)."""
     counter = iter(range(1_000_000))
 
@@ -204,6 +214,13 @@ def fresh_registry(mlflow_registry: MlflowRegistry, tmp_path: Path) -> Callable[
         return copy_registry(mlflow_registry, tmp_path / f"registry-{next(counter)}")
 
     return make
+
+
+@pytest.fixture
+def router_dir(tmp_path: Path) -> RouterDir:
+    """Router settings for the test's ``tmp_path``: ``router_dir.settings(registry, routing=...)``
+    log to ``tmp_path / "predictions.db"``, which ``router_dir.log_rows(sql)`` queries."""
+    return RouterDir(tmp_path)
 
 
 # --- servers ---------------------------------------------------------------------------------
@@ -273,10 +290,56 @@ def serve_in_thread(app: Any, *, startup_timeout_s: float = 60.0, **config: Any)
             raise RuntimeError(f"server on port {port} did not shut down within 30 s")
 
 
+RunningServer = Callable[..., AbstractContextManager[str]]  # the ``running_server`` fixture
+
+
 @pytest.fixture
-def running_server() -> Callable[..., AbstractContextManager[str]]:
+def running_server() -> RunningServer:
     """``with running_server(app) as base_url: ...``: see :func:`serve_in_thread`."""
     return serve_in_thread
+
+
+@contextmanager
+def serve_router(settings: Settings, **config: Any) -> Iterator[httpx.Client]:
+    """``create_app(settings)`` under :func:`serve_in_thread` (``config`` goes to uvicorn); yield
+    a client for it (:func:`~tests.live_router.http_client`) once ``/readyz`` answers 200."""
+    with (
+        serve_in_thread(create_app(settings), **config) as base_url,
+        http_client(base_url) as client,
+    ):
+        wait_ready(client)
+        yield client
+
+
+# The ``running_router`` fixture's type.
+RunningRouter = Callable[..., AbstractContextManager[httpx.Client]]
+
+
+@pytest.fixture
+def running_router() -> RunningRouter:
+    """``with running_router(settings) as client: ...``: a ready router (:func:`serve_router`)."""
+    return serve_router
+
+
+@pytest.fixture
+def router_routing() -> dict[str, Any]:
+    """The ``routing`` settings of ``fresh_router``; a test module overrides this fixture to
+    choose its own (its salt, say)."""
+    return {}
+
+
+@pytest.fixture
+def fresh_router(
+    fresh_registry: FreshRegistry,
+    router_dir: RouterDir,
+    running_router: RunningRouter,
+    router_routing: dict[str, Any],
+) -> Iterator[tuple[str, MlflowRegistry]]:
+    """A ready router over a fresh registry, routing by ``router_routing``, logging in
+    ``router_dir``: yields its base URL and the registry."""
+    registry = fresh_registry()
+    with running_router(router_dir.settings(registry, routing=router_routing)) as client:
+        yield str(client.base_url), registry
 
 
 SERVICE_MARKERS = ("postgres", "prometheus", "chromium")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -53,6 +54,39 @@ def router_settings(
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     return settings_from_mapping(raw, env=dict(env or {}))
+
+
+@dataclass(frozen=True)
+class RouterDir:
+    """A router's files in one test directory: its SQLite prediction log, ``predictions.db``.
+
+    ``settings`` are :func:`router_settings` with that log; ``log_rows`` queries it.
+    """
+
+    root: Path
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "predictions.db"
+
+    @property
+    def log_url(self) -> str:
+        return f"sqlite:///{self.log_path}"
+
+    def settings(
+        self,
+        registry: MlflowRegistry,
+        *,
+        env: Mapping[str, str] | None = None,
+        model: Mapping[str, Any] | None = None,
+        **sections: Mapping[str, Any],
+    ) -> Settings:
+        """:func:`router_settings` for ``registry`` logging to :attr:`log_path`."""
+        return router_settings(registry, self.log_path, env=env, model=model, **sections)
+
+    def log_rows(self, sql: str, **params: Any) -> list[tuple[Any, ...]]:
+        """Rows of ``sql`` against this directory's prediction log (see :func:`query_log`)."""
+        return query_log(self.log_url, sql, **params)
 
 
 def split_body(frame: pd.DataFrame) -> dict[str, Any]:

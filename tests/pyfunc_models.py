@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import mlflow.pyfunc
@@ -20,6 +21,7 @@ import pandas as pd
 from mlflow.pyfunc.model import PythonModel
 from mlflow.tracking import MlflowClient
 
+from demo.data import FEATURES
 from demo.train import (
     PIP_REQUIREMENTS,
     experiment_id,
@@ -27,6 +29,9 @@ from demo.train import (
     signature_for,
     using_tracking_uri,
 )
+
+if TYPE_CHECKING:  # conftest is pytest's to import; a second import would run it twice
+    from tests.conftest import MlflowRegistry
 
 
 def _constant_proba(n_rows: int, p: float) -> np.ndarray:
@@ -191,6 +196,21 @@ def register_pyfunc(
     version = str(info.registered_model_version)
     label_version(client, name, version, tags=tags, alias=alias)
     return version
+
+
+def register_in(
+    registry: MlflowRegistry, python_model: PythonModel, alias: str | None = None, **options: Any
+) -> str:
+    """:func:`register_pyfunc` as a new version of ``registry``'s model, taking the demo's
+    ``FEATURES`` (its holdout's columns) like the sklearn versions; ``options`` as there."""
+    return register_pyfunc(
+        registry.tracking_uri,
+        registry.model_name,
+        python_model,
+        registry.holdout[FEATURES],
+        alias,
+        **options,
+    )
 
 
 class ScriptedModel(PythonModel):

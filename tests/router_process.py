@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import yaml
 
-from tests.live_router import wait_until
+from tests.live_router import RouterDir, wait_until
 
 if TYPE_CHECKING:  # conftest is pytest's to import; a second import would run it twice
     from tests.conftest import MlflowRegistry
@@ -106,7 +106,7 @@ def router_process(
             **(model or {}),
         },
         "routing": {"challenger_weight": 0.5},
-        "prediction_log": {"url": f"sqlite:///{workdir / 'predictions.db'}"},
+        "prediction_log": {"url": RouterDir(workdir).log_url},
     }
     for section, values in (sections or {}).items():
         config[section] = {**config.get(section, {}), **values}

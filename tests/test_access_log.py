@@ -4,16 +4,14 @@ process and in every ``--workers`` worker."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry
 from tests.router_process import EXIT_DEADLINE_S, router_process
 
-FreshRegistry = Callable[[], MlflowRegistry]
 ACCESS_LINE = '"GET /healthz HTTP/1.1" 200'
 
 

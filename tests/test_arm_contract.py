@@ -7,9 +7,6 @@ answer served (intent-to-treat), and ``/experiment`` says how the signatures dif
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,21 +14,15 @@ import numpy as np
 import pandas as pd
 
 from demo.data import FEATURES
-from router.server.app import create_app
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningRouter
 from tests.live_router import (
-    http_client,
+    RouterDir,
     keys_for,
-    query_log,
-    router_settings,
-    wait_ready,
     wait_until,
 )
 from tests.metrics_text import scrape
 from tests.pyfunc_models import ColumnsModel, register_pyfunc
 
-RunningServer = Callable[..., AbstractContextManager[str]]
-FreshRegistry = Callable[[], MlflowRegistry]
 SALT = "contract-tests"
 NEW = "loyalty_score"
 DROPPED = "age"
@@ -47,10 +38,6 @@ def _post(client: httpx.Client, frame: pd.DataFrame, key: str, request_id: str) 
         json=_body(frame),
         headers={"X-Routing-Key": key, "X-Request-Id": request_id},
     )
-
-
-def _log(tmp_path: Path, sql: str) -> list[tuple[Any, ...]]:
-    return query_log(f"sqlite:///{tmp_path / 'predictions.db'}", sql)
 
 
 def _with_new_column(registry: MlflowRegistry) -> pd.DataFrame:
@@ -72,20 +59,18 @@ def _challenger_with_new_column(registry: MlflowRegistry) -> tuple[pd.DataFrame,
 
 
 def test_a_challenger_that_adds_a_column_gets_it_and_old_clients_fall_back_on_schema(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     union, challenger, champion = _challenger_with_new_column(registry)
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 0.5, "salt": SALT},
     )
     to_challenger = keys_for("challenger", 4, salt=SALT, weight=0.5)
     to_champion = keys_for("champion", 4, salt=SALT, weight=0.5)
     old = union[FEATURES]
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         experiment = client.get("/experiment").json()
         answers: dict[str, httpx.Response] = {}
         for i, key in enumerate(to_challenger):
@@ -106,8 +91,7 @@ def test_a_challenger_that_adds_a_column_gets_it_and_old_clients_fall_back_on_sc
     for i in range(4):
         np.testing.assert_allclose(answers[f"new-ch-{i}"].json()["predictions"], [[0.1, 0.9]])
 
-    rows = _log(
-        tmp_path,
+    rows = router_dir.log_rows(
         "SELECT substr(request_id, 1, 6), arm, model_version, status, reason, count(*) "
         "FROM predictions GROUP BY 1, 2, 3, 4, 5 ORDER BY 1",
     )
@@ -129,7 +113,7 @@ def test_a_challenger_that_adds_a_column_gets_it_and_old_clients_fall_back_on_sc
 
 
 def test_a_challenger_that_drops_a_column_never_sees_it_and_takes_requests_without_it(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     full = registry.holdout[FEATURES].head(8).reset_index(drop=True)
@@ -143,15 +127,13 @@ def test_a_challenger_that_drops_a_column_never_sees_it_and_takes_requests_witho
         alias="challenger",
     )
     champion = registry.versions["champion"]
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 0.5, "salt": SALT},
     )
     to_challenger = keys_for("challenger", 3, salt=SALT, weight=0.5)
     to_champion = keys_for("champion", 3, salt=SALT, weight=0.5)
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         experiment = client.get("/experiment").json()
         answers: dict[str, httpx.Response] = {}
         for i in range(3):
@@ -178,8 +160,7 @@ def test_a_challenger_that_drops_a_column_never_sees_it_and_takes_requests_witho
         version = challenger if arm == "challenger" else champion
         assert (response.json()["arm"], response.json()["model_version"]) == (arm, version)
 
-    rows = _log(
-        tmp_path,
+    rows = router_dir.log_rows(
         "SELECT substr(request_id, 1, 7), arm, model_version, status, reason, "
         "count(*), min(row_index) FROM predictions GROUP BY 1, 2, 3, 4, 5 ORDER BY 1",
     )
@@ -197,13 +178,12 @@ def test_a_challenger_that_drops_a_column_never_sees_it_and_takes_requests_witho
 
 
 def test_in_shadow_mode_each_model_gets_its_own_view_of_the_same_input(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     union, challenger, champion = _challenger_with_new_column(registry)
-    settings = router_settings(registry, tmp_path / "predictions.db", routing={"mode": "shadow"})
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    settings = router_dir.settings(registry, routing={"mode": "shadow"})
+    with running_router(settings) as client:
         for i in range(3):
             new = _post(client, union.iloc[[i]], f"k{i}", f"new-{i}")
             old = _post(client, union[FEATURES].iloc[[i]], f"k{i}", f"old-{i}")
@@ -211,12 +191,11 @@ def test_in_shadow_mode_each_model_gets_its_own_view_of_the_same_input(
                 assert response.status_code == 200, response.text
                 assert response.json()["model_version"] == champion
         wait_until(
-            lambda: len(_log(tmp_path, "SELECT 1 FROM predictions WHERE arm = 'shadow'")) == 6,
+            lambda: len(router_dir.log_rows("SELECT 1 FROM predictions WHERE arm = 'shadow'")) == 6,
             "every shadow row logged",
         )
 
-    rows = _log(
-        tmp_path,
+    rows = router_dir.log_rows(
         "SELECT substr(request_id, 1, 3), arm, model_version, status, reason, count(*) "
         "FROM predictions GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2",
     )

@@ -14,8 +14,6 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -23,27 +21,17 @@ import httpx
 import pytest
 
 from demo.data import FEATURES
-from router.server.app import create_app
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningRouter
 from tests.live_router import (
-    http_client,
+    RouterDir,
     keys_for,
-    query_log,
-    router_settings,
     split_body,
-    wait_ready,
     wait_until,
 )
 from tests.metrics_text import scrape
-from tests.pyfunc_models import BlockingModel, ExtraRowModel, NaNModel, register_pyfunc
+from tests.pyfunc_models import BlockingModel, ExtraRowModel, NaNModel, register_in
 
-RunningServer = Callable[..., AbstractContextManager[str]]
-FreshRegistry = Callable[[], MlflowRegistry]
 SALT = "fault-tests"
-
-
-def _log(tmp_path: Path, sql: str) -> list[tuple[Any, ...]]:
-    return query_log(f"sqlite:///{tmp_path / 'predictions.db'}", sql)
 
 
 def _post(client: httpx.Client, body: dict[str, Any], key: str, rid: str) -> httpx.Response:
@@ -55,13 +43,13 @@ def _post(client: httpx.Client, body: dict[str, Any], key: str, rid: str) -> htt
 class _Background:
     """Requests sent from another thread, all at once; ``done`` tells which have answered."""
 
-    def __init__(self, url: str, body: dict[str, Any], keys: list[str]) -> None:
+    def __init__(self, url: httpx.URL | str, body: dict[str, Any], keys: list[str]) -> None:
         self.responses: list[httpx.Response] = []
         self.done = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(url, body, keys), daemon=True)
         self._thread.start()
 
-    def _run(self, url: str, body: dict[str, Any], keys: list[str]) -> None:
+    def _run(self, url: httpx.URL | str, body: dict[str, Any], keys: list[str]) -> None:
         async def fire() -> list[httpx.Response]:
             async with httpx.AsyncClient(base_url=url, timeout=120) as client:
                 return list(
@@ -83,14 +71,16 @@ class _Background:
 
 
 def test_a_hanging_challenger_does_not_delay_the_champion(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry,
+    running_router: RunningRouter,
+    tmp_path: Path,
+    router_dir: RouterDir,
 ) -> None:
     registry = fresh_registry()
     gate, challenger, champion = _blocking_challenger(registry, tmp_path)
     threads = 2
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 0.5, "salt": SALT},
         # No challenger timeout: its requests stay blocked for as long as the test holds them.
         server={"predict_threads": threads, "challenger_timeout_s": None},
@@ -98,10 +88,10 @@ def test_a_hanging_challenger_does_not_delay_the_champion(
     body = split_body(registry.holdout.head(1))
     to_champion = keys_for("champion", 20, salt=SALT, weight=0.5)
     blocked_keys = keys_for("challenger", 3 * threads, salt=SALT, weight=0.5)
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         before = [_timed(client, body, key) for key in to_champion[:10]]
-        hung = _Background(url, body, blocked_keys)  # more than the challenger's threads
+        # More requests than the challenger has threads.
+        hung = _Background(client.base_url, body, blocked_keys)
         wait_until(lambda: (gate / "started").exists(), "the challenger to start blocking")
         during = [_timed(client, body, key) for key in to_champion[10:]]
         # Every champion request answered while each challenger request was still blocked.
@@ -132,13 +122,7 @@ def _blocking_challenger(registry: MlflowRegistry, tmp_path: Path) -> tuple[Path
     """A @challenger that blocks until ``gate/release`` exists; the champion version."""
     gate = tmp_path / "gate"
     gate.mkdir()
-    challenger = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        BlockingModel(str(gate)),
-        registry.holdout[FEATURES],
-        alias="challenger",
-    )
+    challenger = register_in(registry, BlockingModel(str(gate)), alias="challenger")
     return gate, challenger, registry.versions["champion"]
 
 
@@ -148,19 +132,20 @@ def _median(timed: list[tuple[httpx.Response, float]]) -> float:
 
 
 def test_a_challenger_that_times_out_trips_its_breaker_which_closes_again_by_itself(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry,
+    running_router: RunningRouter,
+    tmp_path: Path,
+    router_dir: RouterDir,
 ) -> None:
     registry = fresh_registry()
     gate, challenger, champion = _blocking_challenger(registry, tmp_path)
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 1.0, "breaker_failures": 2, "breaker_cooldown_s": 0.2},
         server={"predict_threads": 1, "challenger_timeout_s": 1.0},
     )
     body = split_body(registry.holdout.head(2))
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         # Two timeouts (the first hangs the only thread, the second waits for it) open the circuit.
         for i in range(2):
             response = _post(client, body, f"k{i}", f"timeout-{i}")
@@ -189,8 +174,7 @@ def test_a_challenger_that_times_out_trips_its_breaker_which_closes_again_by_its
     # Two for certain (the gate held them); a busy machine may make a probe time out too.
     assert metrics.total("router_fallback_total", reason="timeout") >= 2
     assert metrics.total("router_fallback_total", reason="circuit_open") >= 1
-    rows = _log(
-        tmp_path,
+    rows = router_dir.log_rows(
         "SELECT request_id, arm, model_version, status, reason FROM predictions "
         "WHERE request_id IN ('timeout-0', 'timeout-1', 'open-0') ORDER BY 1, row_index",
     )
@@ -206,26 +190,18 @@ def test_a_challenger_that_times_out_trips_its_breaker_which_closes_again_by_its
 
 @pytest.mark.parametrize("model", [NaNModel(), ExtraRowModel()], ids=["nan", "extra-row"])
 def test_a_challenger_with_an_invalid_output_is_answered_for_by_the_champion(
-    model: Any, fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    model: Any, fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
-    register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        model,
-        registry.holdout[FEATURES],
-        alias="challenger",
-    )
+    register_in(registry, model, alias="challenger")
     champion = registry.versions["champion"]
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 1.0, "breaker_failures": 100},
     )
     body = split_body(registry.holdout.head(3))
     n = 4
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         for i in range(n):
             response = _post(client, body, f"k{i}", f"bad-{i}")
             assert response.status_code == 200, response.text
@@ -237,28 +213,18 @@ def test_a_challenger_with_an_invalid_output_is_answered_for_by_the_champion(
 
     assert metrics.total("router_fallback_total", reason="invalid_output") == n
     assert math.isfinite(metrics.total("router_prediction_value_sum"))
-    assert _log(
-        tmp_path,
+    assert router_dir.log_rows(
         "SELECT arm, model_version, status, reason, count(*) FROM predictions GROUP BY 1, 2, 3, 4",
     ) == [("challenger", champion, "fallback", "invalid_output", 3 * n)]
 
 
 def test_a_champion_answering_nan_is_a_500_and_the_histograms_stay_finite(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
-    nan = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        NaNModel(),
-        registry.holdout[FEATURES],
-        alias="champion",
-    )
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", routing={"challenger_weight": 0.0}
-    )
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    nan = register_in(registry, NaNModel(), alias="champion")
+    settings = router_dir.settings(registry, routing={"challenger_weight": 0.0})
+    with running_router(settings) as client:
         response = _post(client, split_body(registry.holdout.head(2)), "k", "nan-0")
         metrics = scrape(client)
 
@@ -266,24 +232,21 @@ def test_a_champion_answering_nan_is_a_500_and_the_histograms_stay_finite(
     assert response.json()["error"]["code"] == "prediction_failed"
     assert metrics.total("router_requests_total", arm="champion", status="error") == 1
     assert not metrics.has("router_prediction_value_sum", arm="champion")
-    assert _log(tmp_path, "SELECT arm, model_version, status, reason FROM predictions") == [
+    assert router_dir.log_rows("SELECT arm, model_version, status, reason FROM predictions") == [
         ("champion", nan, "error", "invalid_output"),
         ("champion", nan, "error", "invalid_output"),
     ]
 
 
 def test_input_the_champion_cannot_take_is_a_400_client_error_not_a_model_error(
-    mlflow_registry: MlflowRegistry, running_server: RunningServer, tmp_path: Path
+    mlflow_registry: MlflowRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
-    settings = router_settings(
-        mlflow_registry, tmp_path / "predictions.db", routing={"challenger_weight": 0.0}
-    )
+    settings = router_dir.settings(mlflow_registry, routing={"challenger_weight": 0.0})
     frame = mlflow_registry.holdout[FEATURES].head(2)
     body = split_body(frame)
     position = body["dataframe_split"]["columns"].index("monthly_charges")
     body["dataframe_split"]["data"][1][position] = float("inf")  # sent as the literal Infinity
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         response = client.post(
             "/invocations",
             content=json.dumps(body),  # httpx's json= refuses the Infinity literal clients send
@@ -295,7 +258,7 @@ def test_input_the_champion_cannot_take_is_a_400_client_error_not_a_model_error(
     assert "monthly_charges" in response.json()["error"]["message"]
     assert metrics.total("router_requests_total", arm="champion", status="client_error") == 1
     assert metrics.total("router_requests_total", status="error") == 0
-    assert _log(tmp_path, "SELECT row_index, arm, status, reason FROM predictions") == [
+    assert router_dir.log_rows("SELECT row_index, arm, status, reason FROM predictions") == [
         (0, "champion", "client_error", "bad_input"),
         (1, "champion", "client_error", "bad_input"),
     ]

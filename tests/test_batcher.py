@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -22,15 +20,12 @@ from demo.data import FEATURES
 from demo.train import using_tracking_uri
 from router.input.rows import Rows
 from router.scoring.batcher import BatchScore, MicroBatcher, split_output
-from router.server.app import create_app
-from tests.conftest import MlflowRegistry
-from tests.live_router import http_client, query_log, router_settings, wait_ready, wait_until
+from tests.conftest import FreshRegistry, RunningRouter
+from tests.live_router import RouterDir, wait_until
 from tests.metrics_text import scrape
-from tests.pyfunc_models import FailingModel, RequestNormalisedModel, register_pyfunc
+from tests.pyfunc_models import FailingModel, RequestNormalisedModel, register_in
 
 T = TypeVar("T")
-RunningServer = Callable[..., AbstractContextManager[str]]
-FreshRegistry = Callable[[], MlflowRegistry]
 NEVER_S = 3600.0  # a wait no test could sit through: reaching the assertion means no wait
 
 
@@ -288,7 +283,7 @@ def _row_body(frame: pd.DataFrame, i: int) -> dict[str, Any]:
     return {"dataframe_split": {"columns": list(row.columns), "data": row.to_numpy().tolist()}}
 
 
-async def _fire(base_url: str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+async def _fire(base_url: httpx.URL | str, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
     limits = httpx.Limits(max_connections=len(bodies))
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
         return list(
@@ -306,13 +301,12 @@ async def _fire(base_url: str, bodies: list[dict[str, Any]]) -> list[httpx.Respo
 
 
 def test_concurrent_single_row_requests_are_batched_and_each_gets_its_own_answer(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     # A long wait makes batches certain (the batch leaves once no announced request is parsing).
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 0.5},
         server={"batch_max_rows": 32, "batch_wait_ms": 200},
     )
@@ -322,9 +316,8 @@ def test_concurrent_single_row_requests_are_batched_and_each_gets_its_own_answer
             registry.versions[alias]: mlflow.pyfunc.load_model(registry.uri_for(alias))
             for alias in ("champion", "challenger")
         }
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
-        responses = asyncio.run(_fire(url, [_row_body(features, i) for i in range(64)]))
+    with running_router(settings) as client:
+        responses = asyncio.run(_fire(client.base_url, [_row_body(features, i) for i in range(64)]))
         metrics = scrape(client)
 
     answers = [r.json() for r in responses]
@@ -339,37 +332,32 @@ def test_concurrent_single_row_requests_are_batched_and_each_gets_its_own_answer
     assert metrics.total("router_batch_rows_sum") > batches  # some call scored several rows
     assert metrics.total("router_requests_total", status="ok") == 64
 
-    logged = query_log(
-        f"sqlite:///{tmp_path / 'predictions.db'}",
+    logged = router_dir.log_rows(
         "SELECT request_id, arm, model_version, status FROM predictions ORDER BY request_id",
     )
     assert logged == [(a["request_id"], a["arm"], a["model_version"], "ok") for a in answers]
 
 
 def test_a_failing_batched_challenger_falls_back_per_request(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
-    failing = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
+    failing = register_in(
+        registry,
         FailingModel("challenger exploded"),
-        registry.holdout[FEATURES],
         alias="challenger",
         metadata={"router_batchable": True},  # a custom model opting in
     )
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 1.0, "breaker_failures": 1000},
         server={"batch_max_rows": 32, "batch_wait_ms": 200},
     )
     champion = registry.versions["champion"]
     features = registry.holdout[FEATURES].head(32).reset_index(drop=True)
     n = len(features)
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
-        responses = asyncio.run(_fire(url, [_row_body(features, i) for i in range(n)]))
+    with running_router(settings) as client:
+        responses = asyncio.run(_fire(client.base_url, [_row_body(features, i) for i in range(n)]))
         metrics = wait_until(
             lambda: (m := scrape(client)).total("router_fallback_total") == n and m,
             "every fallback counted",
@@ -382,8 +370,7 @@ def test_a_failing_batched_challenger_falls_back_per_request(
     assert metrics.total("router_fallback_total", reason="error") == n
     assert metrics.total("router_requests_total", arm="challenger", status="fallback") == n
     assert metrics.total("router_requests_total", arm="champion") == 0
-    rows = query_log(
-        f"sqlite:///{tmp_path / 'predictions.db'}",
+    rows = router_dir.log_rows(
         "SELECT arm, model_version, status, reason, count(DISTINCT request_id) FROM predictions "
         "GROUP BY arm, model_version, status, reason",
     )
@@ -392,27 +379,19 @@ def test_a_failing_batched_challenger_falls_back_per_request(
 
 
 def test_a_custom_model_whose_rows_depend_on_each_other_is_not_batched(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
-    version = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        RequestNormalisedModel("monthly_charges"),
-        registry.holdout[FEATURES],
-        alias="champion",
-    )
-    settings = router_settings(
+    version = register_in(registry, RequestNormalisedModel("monthly_charges"), alias="champion")
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={"challenger_weight": 0.0},
         server={"batch_max_rows": 32, "batch_wait_ms": 200},
     )
     features = registry.holdout[FEATURES].head(32).reset_index(drop=True)
     n = len(features)
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
-        responses = asyncio.run(_fire(url, [_row_body(features, i) for i in range(n)]))
+    with running_router(settings) as client:
+        responses = asyncio.run(_fire(client.base_url, [_row_body(features, i) for i in range(n)]))
         metrics = scrape(client)
 
     assert [r.status_code for r in responses] == [200] * n

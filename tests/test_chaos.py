@@ -24,15 +24,12 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from demo.data import FEATURES
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry
 from tests.live_router import query_log, split_body
 from tests.pg import isolated_schema_url
-from tests.pyfunc_models import ScriptedModel, register_pyfunc
+from tests.pyfunc_models import ScriptedModel, register_in
 from tests.router_process import EXIT_DEADLINE_S, router_process
 from tests.tcp_proxy import TcpProxy, tcp_proxy
-
-FreshRegistry = Callable[[], MlflowRegistry]
 
 DURATION_S = float(os.environ.get("CHAOS_DURATION_S", "12"))
 CONCURRENCY = 8
@@ -134,14 +131,7 @@ def test_chaos(fresh_registry: FreshRegistry, tmp_path: Path) -> None:
     registry = fresh_registry()
     control = tmp_path / "control"
     control.mkdir()
-    register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        ScriptedModel(str(control)),
-        registry.holdout[FEATURES],
-        alias="challenger",
-        include_code=True,
-    )
+    register_in(registry, ScriptedModel(str(control)), alias="challenger", include_code=True)
     registry_db = registry.db_path.with_name("registry.db")
     registry.db_path.rename(registry_db)
     bodies = [split_body(registry.holdout.iloc[i : i + 1 + i % 3]) for i in range(60)]

@@ -8,14 +8,13 @@ import re
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args
 
 import pytest
 import sqlalchemy as sa
 import yaml
-from conftest import MlflowRegistry, free_port
+from conftest import FreshRegistry, MlflowRegistry, free_port
 from mlflow.tracking import MlflowClient
 from synthlog import OUTCOME_WINDOW_S, Arm, sqlite_url, write_config, write_log
 
@@ -77,7 +76,7 @@ def _registry_state(client: MlflowClient) -> dict[str, Any]:
 
 
 def test_promote_prints_the_table_and_writes_reports(
-    fresh_registry: Callable[[], MlflowRegistry],
+    fresh_registry: FreshRegistry,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -129,7 +128,7 @@ def test_promote_prints_the_table_and_writes_reports(
     ],
 )
 def test_exit_codes(
-    fresh_registry: Callable[[], MlflowRegistry],
+    fresh_registry: FreshRegistry,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     challenger: Arm,
@@ -150,7 +149,7 @@ def test_exit_codes(
     [(Arm(0.80), 0, "would promote"), (Arm(0.60), 3, "would reject (remove @challenger)")],
 )
 def test_dry_run_changes_nothing(
-    fresh_registry: Callable[[], MlflowRegistry],
+    fresh_registry: FreshRegistry,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     challenger: Arm,
@@ -177,7 +176,7 @@ def test_dry_run_changes_nothing(
 
 
 def test_unreachable_database_is_one_line_exit_1(
-    fresh_registry: Callable[[], MlflowRegistry],
+    fresh_registry: FreshRegistry,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -210,7 +209,7 @@ def test_bad_config_and_missing_registry_are_exit_1(
 
 
 def test_rollback_cli(
-    fresh_registry: Callable[[], MlflowRegistry],
+    fresh_registry: FreshRegistry,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -224,9 +223,7 @@ def test_rollback_cli(
     assert _aliases(registry) == {"champion": "1"}
 
 
-def test_two_processes_at_once_promote_once(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
-) -> None:
+def test_two_processes_at_once_promote_once(fresh_registry: FreshRegistry, tmp_path: Path) -> None:
     registry = fresh_registry()
     config = _config(registry, tmp_path, _log(tmp_path, Arm(0.80)))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -276,7 +273,7 @@ def _rejections(client: MlflowClient) -> list[Any]:
 
 
 def test_reject_ends_the_experiment_and_sticks(
-    fresh_registry: Callable[[], MlflowRegistry],
+    fresh_registry: FreshRegistry,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -318,7 +315,7 @@ def test_reject_ends_the_experiment_and_sticks(
 
 
 def test_no_experiment_after_a_promotion(
-    fresh_registry: Callable[[], MlflowRegistry],
+    fresh_registry: FreshRegistry,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -348,9 +345,7 @@ def test_no_experiment_after_a_promotion(
     assert "@champion (unset)" in capsys.readouterr().out
 
 
-def test_json_to_stdout_is_the_only_stdout(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
-) -> None:
+def test_json_to_stdout_is_the_only_stdout(fresh_registry: FreshRegistry, tmp_path: Path) -> None:
     registry = fresh_registry()
     config = _config(registry, tmp_path, _log(tmp_path, Arm(0.80)))
 
@@ -412,7 +407,7 @@ def test_bad_config_is_one_line_exit_1(
     ],
 )
 def test_unreadable_log_is_one_line_exit_1(
-    fresh_registry: Callable[[], MlflowRegistry],
+    fresh_registry: FreshRegistry,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     corrupt: str,
@@ -490,7 +485,7 @@ def _overflowing(url: str) -> None:
     ids=["all-correct", "sticky-aa", "client-errors", "futility", "fallbacks", "late", "overflow"],
 )
 def test_scenarios_exit_codes(
-    fresh_registry: Callable[[], MlflowRegistry],
+    fresh_registry: FreshRegistry,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     log_kwargs: dict[str, Any],

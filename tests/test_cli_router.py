@@ -8,36 +8,27 @@ champion, without a restart, and its log rows belong to the champion-only experi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
 from experiments.cli import EXIT_NO_EXPERIMENT, evaluate_and_promote_main
 from router import logschema
-from router.server.app import create_app
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry, RunningRouter
 from tests.live_router import (
     arm_of,
-    http_client,
     query_log,
     router_settings,
     split_body,
-    wait_ready,
     wait_until,
 )
 from tests.synthlog import Arm, sqlite_url, write_config, write_log
-
-RunningServer = Callable[..., AbstractContextManager[str]]
-FreshRegistry = Callable[[], MlflowRegistry]
-
 
 pytestmark = pytest.mark.usefixtures("cli_workdir")  # tests/conftest.py
 
 
 def test_reject_sends_all_traffic_to_the_champion_within_a_poll(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, tmp_path: Path
 ) -> None:
     registry = fresh_registry()
     champion, challenger = registry.versions["champion"], registry.versions["challenger"]
@@ -61,8 +52,7 @@ def test_reject_sends_all_traffic_to_the_champion_within_a_poll(
     )
     body = split_body(registry.holdout.head(1))
 
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         before = client.post("/invocations", json=body)
         assert before.headers["X-Arm"] == "challenger"
 

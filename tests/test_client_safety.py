@@ -15,14 +15,13 @@ import httpx
 from router.log.keyhash import RoutingKeyHasher
 from router.logschema import hash_routing_key
 from router.server.app import create_app
-from tests.conftest import MlflowRegistry, free_port, serve_in_thread
+from tests.conftest import MlflowRegistry, RunningRouter, free_port, serve_in_thread
 from tests.live_router import (
     http_client,
     query_log,
     router_settings,
     split_body,
     wait_key_secret,
-    wait_ready,
 )
 
 SOCKET_TIMEOUT_S = 30.0  # bounds the test; the assertion is on the answer, not the time
@@ -54,13 +53,12 @@ def test_a_body_sent_too_slowly_is_answered_408(
 
 
 def test_feedback_token_is_required_when_set(
-    mlflow_registry: MlflowRegistry, tmp_path: Path
+    mlflow_registry: MlflowRegistry, running_router: RunningRouter, tmp_path: Path
 ) -> None:
     settings = router_settings(
         mlflow_registry, tmp_path / "log.db", env={"ROUTER_FEEDBACK_TOKEN": "fb-token"}
     )
-    with serve_in_thread(create_app(settings)) as base_url, http_client(base_url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         served = client.post("/invocations", json=split_body(mlflow_registry.holdout.head(1)))
         outcome = {"request_id": served.json()["request_id"], "outcome": 1}
         refused = client.post("/feedback", json=outcome)
@@ -72,7 +70,7 @@ def test_feedback_token_is_required_when_set(
 
 
 def test_feedback_reaching_another_replica_first_is_not_lost(
-    mlflow_registry: MlflowRegistry, tmp_path: Path
+    mlflow_registry: MlflowRegistry, running_router: RunningRouter, tmp_path: Path
 ) -> None:
     """Replica A writes its log rows only every 1.5 s; feedback sent at once to replica B waits
     for them instead of answering 404. An id that never appears still gets its 404."""
@@ -81,14 +79,7 @@ def test_feedback_reaching_another_replica_first_is_not_lost(
         mlflow_registry, log_path, prediction_log={"flush_interval_s": 1.5, "batch_size": 10_000}
     )
     waiting = router_settings(mlflow_registry, log_path, feedback={"wait_for_prediction_s": 4})
-    with (
-        serve_in_thread(create_app(slow_writer)) as url_a,
-        serve_in_thread(create_app(waiting)) as url_b,
-        http_client(url_a) as a,
-        http_client(url_b) as b,
-    ):
-        wait_ready(a)
-        wait_ready(b)
+    with running_router(slow_writer) as a, running_router(waiting) as b:
         ids = []
         for i in range(5):
             served = a.post("/invocations", json=split_body(mlflow_registry.holdout.iloc[[i]]))
@@ -121,7 +112,7 @@ def test_status_page_and_every_response_carry_security_headers(
 
 
 def test_routing_key_hashes_are_keyed_and_the_same_on_every_replica(
-    mlflow_registry: MlflowRegistry, tmp_path: Path
+    mlflow_registry: MlflowRegistry, running_router: RunningRouter, tmp_path: Path
 ) -> None:
     log_path = tmp_path / "shared.db"
     log_url = f"sqlite:///{log_path}"
@@ -129,8 +120,7 @@ def test_routing_key_hashes_are_keyed_and_the_same_on_every_replica(
     keys = [f"user-{i}" for i in range(6)]
     seen: list[str] = []
     for _replica in range(2):  # one after the other on one shared log: the same secret
-        with serve_in_thread(create_app(settings)) as base_url, http_client(base_url) as client:
-            wait_ready(client)
+        with running_router(settings) as client:
             wait_key_secret(client)
             for key in keys:
                 body = split_body(mlflow_registry.holdout.head(1))
@@ -154,8 +144,7 @@ def test_routing_key_hashes_are_keyed_and_the_same_on_every_replica(
         routing={"salt": "public-salt"},
         env={"ROUTER_ROUTING_KEY_SECRET": "from-env"},
     )
-    with serve_in_thread(create_app(env_settings)) as base_url, http_client(base_url) as client:
-        wait_ready(client)
+    with running_router(env_settings) as client:
         wait_key_secret(client)
         body = split_body(mlflow_registry.holdout.head(1))
         served = client.post("/invocations", json=body, headers={"X-Routing-Key": "user-env"})

@@ -21,9 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from demo.data import FEATURES
-from router.server.app import create_app
-from tests.conftest import MlflowRegistry, serve_in_thread
-from tests.live_router import http_client, router_settings, wait_ready
+from tests.conftest import MlflowRegistry, serve_router
+from tests.live_router import RouterDir
 
 settings.register_profile(
     "ci",
@@ -148,17 +147,14 @@ def csv_bodies(draw: st.DrawFn) -> bytes:
 def client(
     mlflow_registry: MlflowRegistry, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[httpx.Client]:
-    log_path = tmp_path_factory.mktemp("fuzz") / "predictions.db"
-    settings_ = router_settings(
+    settings_ = RouterDir(tmp_path_factory.mktemp("fuzz")).settings(
         mlflow_registry,
-        log_path,
         routing={"challenger_weight": 0.5},
         limits={"max_rows": MAX_ROWS, "max_body_bytes": 256 * 1024},
         feedback={"wait_for_prediction_s": 0},
         env={"ROUTER_ADMIN_TOKEN": "admin-token"},
     )
-    with serve_in_thread(create_app(settings_)) as base_url, http_client(base_url) as client:
-        wait_ready(client)
+    with serve_router(settings_) as client:
         yield client
         # After every property: the same server still answers.
         assert client.get("/healthz").status_code == 200

@@ -19,9 +19,8 @@ from mlflow.types import ColSpec, Schema
 from router.errors import BadRequest, InvalidInput
 from router.input.bodies import MAX_JSON_DEPTH, load_json
 from router.input.payload import parse_invocation
-from router.server.app import create_app
-from tests.conftest import MlflowRegistry, serve_in_thread
-from tests.live_router import http_client, router_settings, split_body, wait_ready
+from tests.conftest import MlflowRegistry, serve_router
+from tests.live_router import RouterDir, split_body
 
 MAX_ROWS = 100
 CASES = Path(__file__).parent / "cases"
@@ -34,15 +33,12 @@ CSV = {"Content-Type": "text/csv"}
 def client(
     mlflow_registry: MlflowRegistry, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[httpx.Client]:
-    log_path = tmp_path_factory.mktemp("hostile") / "predictions.db"
-    settings = router_settings(
+    settings = RouterDir(tmp_path_factory.mktemp("hostile")).settings(
         mlflow_registry,
-        log_path,
         limits={"max_rows": MAX_ROWS},
         feedback={"wait_for_prediction_s": 0},
     )
-    with serve_in_thread(create_app(settings)) as base_url, http_client(base_url) as client:
-        wait_ready(client)
+    with serve_router(settings) as client:
         yield client
 
 

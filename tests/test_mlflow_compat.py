@@ -15,7 +15,6 @@ import contextlib
 import io
 import json
 import math
-import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,8 +38,7 @@ from demo.train import (
     using_tracking_uri,
 )
 from router.config import settings_from_mapping
-from router.server.app import create_app
-from tests.conftest import MlflowRegistry, serve_in_thread, sqlite_uri
+from tests.conftest import MlflowRegistry, serve_in_thread, serve_router, sqlite_uri
 
 # Six models registered and served twice each: setup is slow on a loaded machine.
 pytestmark = pytest.mark.timeout(600)
@@ -199,20 +197,9 @@ def pairs(
             with using_tracking_uri(uri):
                 model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
             theirs = stack.enter_context(serve_in_thread(scoring_server.init(model)))
-            ours = stack.enter_context(
-                serve_in_thread(create_app(_router_settings(uri, name, root)))
-            )
-            _wait_ready(ours)
-            result[kind] = Pair(ours, theirs)
+            ours = stack.enter_context(serve_router(_router_settings(uri, name, root)))
+            result[kind] = Pair(str(ours.base_url), theirs)
         yield result
-
-
-def _wait_ready(url: str) -> None:
-    for _ in range(600):
-        if httpx.get(f"{url}/readyz").status_code == 200:
-            return
-        threading.Event().wait(0.05)
-    raise TimeoutError(f"{url} not ready")
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import math
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,11 @@ import httpx
 import pytest
 import yaml
 
-from router.server.app import create_app
-from tests.conftest import MlflowRegistry, free_port, serve_in_thread
+from tests.conftest import MlflowRegistry, free_port
 from tests.live_router import (
     http_client,
     keys_for,
-    router_settings,
     send_with_feedback,
-    wait_ready,
     wait_until,
 )
 from tests.promql import (
@@ -94,22 +91,15 @@ class Prometheus:
 
 
 @pytest.fixture
-def router(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
-) -> Iterator[tuple[str, MlflowRegistry]]:
-    registry = fresh_registry()
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", routing={"challenger_weight": WEIGHT, "salt": SALT}
-    )
-    with serve_in_thread(create_app(settings)) as base_url, http_client(base_url) as client:
-        wait_ready(client)
-        yield base_url, registry
+def router_routing() -> dict[str, Any]:
+    """For ``fresh_router`` (conftest): both arms at ``WEIGHT``, keys hashed with ``SALT``."""
+    return {"challenger_weight": WEIGHT, "salt": SALT}
 
 
 @pytest.fixture
-def prometheus(router: tuple[str, MlflowRegistry], tmp_path: Path) -> Iterator[Prometheus]:
+def prometheus(fresh_router: tuple[str, MlflowRegistry], tmp_path: Path) -> Iterator[Prometheus]:
     binary = _prometheus_binary()
-    target = router[0].removeprefix("http://")
+    target = fresh_router[0].removeprefix("http://")
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ALERTS)],
@@ -186,10 +176,10 @@ def _is_number(sample: dict[str, Any]) -> bool:
 
 
 def test_every_dashboard_query_and_alert_expression_works_on_a_live_router(
-    router: tuple[str, MlflowRegistry], prometheus: Prometheus
+    fresh_router: tuple[str, MlflowRegistry], prometheus: Prometheus
 ) -> None:
     started = time.monotonic()
-    base_url, registry = router
+    base_url, registry = fresh_router
     selector = f'job="{JOB}"'
     sent = 0
     with http_client(base_url) as client:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MlflowRegistry
+from conftest import FreshRegistry, MlflowRegistry
 from mlflow.tracking import MlflowClient
 from synthlog import T0, Arm, settings_for, sqlite_url, write_log
 
@@ -41,7 +41,7 @@ def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def _setup(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path, challenger: Arm
+    fresh_registry: FreshRegistry, tmp_path: Path, challenger: Arm
 ) -> tuple[MlflowRegistry, Settings]:
     registry = fresh_registry()
     url = sqlite_url(tmp_path / "predictions.db")
@@ -62,7 +62,7 @@ def _runs(client: MlflowClient, model_name: str) -> list[object]:
 
 
 def test_promotion_moves_aliases_and_leaves_an_audit_trail(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
+    fresh_registry: FreshRegistry, tmp_path: Path
 ) -> None:
     registry, settings = _setup(fresh_registry, tmp_path, Arm(0.80))
     client = registry.client()
@@ -99,7 +99,7 @@ def test_promotion_moves_aliases_and_leaves_an_audit_trail(
 
 
 def test_rejection_ends_the_experiment_and_is_recorded(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
+    fresh_registry: FreshRegistry, tmp_path: Path
 ) -> None:
     registry, settings = _setup(fresh_registry, tmp_path, Arm(0.60))
     client = registry.client()
@@ -131,7 +131,7 @@ def test_rejection_ends_the_experiment_and_is_recorded(
 
 
 def test_a_rejected_version_is_never_promoted_in_the_same_experiment(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
+    fresh_registry: FreshRegistry, tmp_path: Path
 ) -> None:
     registry, settings = _setup(fresh_registry, tmp_path, Arm(0.60))
     client = registry.client()
@@ -156,7 +156,7 @@ def test_a_rejected_version_is_never_promoted_in_the_same_experiment(
 
 
 def test_a_rejection_holds_only_in_its_own_experiment(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
+    fresh_registry: FreshRegistry, tmp_path: Path
 ) -> None:
     registry, settings = _setup(fresh_registry, tmp_path, Arm(0.60))
     client = registry.client()
@@ -168,7 +168,7 @@ def test_a_rejection_holds_only_in_its_own_experiment(
 
 
 def test_inconclusive_keeps_everything_and_is_recorded(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
+    fresh_registry: FreshRegistry, tmp_path: Path
 ) -> None:
     registry, settings = _setup(fresh_registry, tmp_path, Arm(0.70))
     client = registry.client()
@@ -186,7 +186,7 @@ def test_inconclusive_keeps_everything_and_is_recorded(
 
 @pytest.mark.parametrize("challenger", [Arm(0.80), Arm(0.60)], ids=["promote", "reject"])
 def test_aliases_moved_since_the_evaluation_abort_the_action(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path, challenger: Arm
+    fresh_registry: FreshRegistry, tmp_path: Path, challenger: Arm
 ) -> None:
     registry, settings = _setup(fresh_registry, tmp_path, challenger)
     client = registry.client()
@@ -206,7 +206,7 @@ def test_aliases_moved_since_the_evaluation_abort_the_action(
 
 
 def test_a_held_lock_blocks_a_second_promotion(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
+    fresh_registry: FreshRegistry, tmp_path: Path
 ) -> None:
     registry, settings = _setup(fresh_registry, tmp_path, Arm(0.80))
     client = registry.client()
@@ -224,7 +224,7 @@ def test_a_held_lock_blocks_a_second_promotion(
 
 
 def test_two_evaluators_at_once_exactly_one_promotes(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
+    fresh_registry: FreshRegistry, tmp_path: Path
 ) -> None:
     registry, settings = _setup(fresh_registry, tmp_path, Arm(0.80))
     # Both evaluate the same snapshot, then both try to act at the same moment.
@@ -263,7 +263,7 @@ def test_two_evaluators_at_once_exactly_one_promotes(
 
 
 def test_rollback_restores_the_previous_champion(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
+    fresh_registry: FreshRegistry, tmp_path: Path
 ) -> None:
     registry, settings = _setup(fresh_registry, tmp_path, Arm(0.80))
     client = registry.client()

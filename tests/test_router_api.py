@@ -25,8 +25,8 @@ from demo.data import LABEL
 from demo.train import using_tracking_uri
 from router.assignment import bucket_of, threshold_of
 from router.config import settings_from_mapping
-from router.server.app import create_app
-from tests.conftest import MlflowRegistry, serve_in_thread
+from tests.conftest import MlflowRegistry, serve_router
+from tests.live_router import RouterDir
 
 MAX_ROWS = 50
 MAX_BODY = 64 * 1024
@@ -43,7 +43,7 @@ class Server:
 def server(
     mlflow_registry: MlflowRegistry, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    log_dir = tmp_path_factory.mktemp("api-log")
+    router_dir = RouterDir(tmp_path_factory.mktemp("api-log"))
     settings = settings_from_mapping(
         {
             "model": {
@@ -52,21 +52,12 @@ def server(
             },
             "routing": {"challenger_weight": 0.5, "salt": "api-tests"},
             "limits": {"max_rows": MAX_ROWS, "max_body_bytes": MAX_BODY},
-            "prediction_log": {"url": f"sqlite:///{log_dir / 'predictions.db'}"},
+            "prediction_log": {"url": router_dir.log_url},
         },
         env={},
     )
-    with serve_in_thread(create_app(settings)) as base_url:
-        _wait_ready(base_url)
-        yield Server(base_url, mlflow_registry, log_dir / "predictions.db")
-
-
-def _wait_ready(base_url: str) -> None:
-    for _ in range(600):
-        if httpx.get(f"{base_url}/readyz").status_code == 200:
-            return
-        time.sleep(0.1)
-    raise AssertionError("router never became ready")
+    with serve_router(settings) as client:
+        yield Server(str(client.base_url), mlflow_registry, router_dir.log_path)
 
 
 def _features(registry: MlflowRegistry, n: int) -> pd.DataFrame:

@@ -15,8 +15,6 @@ import math
 import random
 import warnings
 from collections import Counter
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +26,9 @@ from router.assignment import assign
 from router.config import Settings
 from router.logschema import hash_routing_key
 from router.server.app import create_app
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningRouter, RunningServer
 from tests.live_router import (
+    RouterDir,
     arm_of,
     http_client,
     query_log,
@@ -40,14 +39,7 @@ from tests.live_router import (
     wait_until,
 )
 from tests.metrics_text import scrape
-from tests.pyfunc_models import ConstantModel, FailingModel, register_pyfunc
-
-RunningServer = Callable[..., AbstractContextManager[str]]
-FreshRegistry = Callable[[], MlflowRegistry]
-
-
-def _log_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'predictions.db'}"
+from tests.pyfunc_models import ConstantModel, FailingModel, register_in, register_pyfunc
 
 
 def _invoke(client: httpx.Client, body: dict[str, Any], **headers: str) -> httpx.Response:
@@ -61,21 +53,14 @@ def _invoke(client: httpx.Client, body: dict[str, Any], **headers: str) -> httpx
     return response
 
 
-def _rows(tmp_path: Path, sql: str, **params: Any) -> list[tuple[Any, ...]]:
-    return query_log(_log_url(tmp_path), sql, **params)
-
-
 def test_split_ratio_without_routing_key_follows_the_weight(
-    mlflow_registry: MlflowRegistry, running_server: RunningServer, tmp_path: Path
+    mlflow_registry: MlflowRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     n, weight = 400, 0.3
-    settings = router_settings(
-        mlflow_registry, tmp_path / "predictions.db", routing={"challenger_weight": weight}
-    )
+    settings = router_dir.settings(mlflow_registry, routing={"challenger_weight": weight})
     body = split_body(mlflow_registry.holdout.head(1))
     served: Counter[str] = Counter()
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         wait_key_secret(client)  # the hashes below are checked
         for _ in range(n):
             response = _invoke(client, body)
@@ -95,20 +80,19 @@ def test_split_ratio_without_routing_key_follows_the_weight(
     assert metrics.total("router_arm_weight", arm="challenger") == pytest.approx(weight)
     assert metrics.total("router_arm_weight", arm="champion") == pytest.approx(1 - weight)
 
-    logged = dict(_rows(tmp_path, "SELECT arm, count(*) FROM predictions GROUP BY arm"))
+    logged = dict(router_dir.log_rows("SELECT arm, count(*) FROM predictions GROUP BY arm"))
     assert logged == dict(served)
-    assert _rows(tmp_path, "SELECT DISTINCT experiment_id FROM predictions") == [
+    assert router_dir.log_rows("SELECT DISTINCT experiment_id FROM predictions") == [
         (f"{mlflow_registry.model_name}:v1-vs-v2",)
     ]
 
 
 def _sticky_arms(
-    running_server: RunningServer, settings: Settings, body: dict[str, Any], keys: list[str]
+    running_router: RunningRouter, settings: Settings, body: dict[str, Any], keys: list[str]
 ) -> dict[str, str]:
     """Each key's arm on a freshly started router; every key is sent twice."""
     arms: dict[str, str] = {}
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         wait_key_secret(client)  # the hashes below are checked
         for _ in range(2):
             for key in keys:
@@ -120,7 +104,7 @@ def _sticky_arms(
 
 
 def test_routing_key_is_sticky_across_restarts_and_a_new_salt_reshuffles(
-    mlflow_registry: MlflowRegistry, running_server: RunningServer, tmp_path: Path
+    mlflow_registry: MlflowRegistry, running_router: RunningRouter, tmp_path: Path
 ) -> None:
     keys = [f"customer-{i:04d}" for i in range(40)]
     body = split_body(mlflow_registry.holdout.head(1))
@@ -136,9 +120,9 @@ def test_routing_key_is_sticky_across_restarts_and_a_new_salt_reshuffles(
         rng = random.Random(0)  # never drawn from: every request carries a key
         return {key: assign(key, salt, 0.5, True, rng).arm for key in keys}
 
-    first = _sticky_arms(running_server, settings("salt-a", "first.db"), body, keys)
-    restarted = _sticky_arms(running_server, settings("salt-a", "restarted.db"), body, keys)
-    resalted = _sticky_arms(running_server, settings("salt-b", "resalted.db"), body, keys)
+    first = _sticky_arms(running_router, settings("salt-a", "first.db"), body, keys)
+    restarted = _sticky_arms(running_router, settings("salt-a", "restarted.db"), body, keys)
+    resalted = _sticky_arms(running_router, settings("salt-b", "resalted.db"), body, keys)
 
     assert first == restarted == expected("salt-a")
     assert set(first.values()) == {"champion", "challenger"}
@@ -158,17 +142,15 @@ def test_routing_key_is_sticky_across_restarts_and_a_new_salt_reshuffles(
 
 
 def test_shadow_mode_answers_from_the_champion_and_logs_the_challenger_as_shadow(
-    mlflow_registry: MlflowRegistry, running_server: RunningServer, tmp_path: Path
+    mlflow_registry: MlflowRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
-    settings = router_settings(
+    settings = router_dir.settings(
         mlflow_registry,
-        tmp_path / "predictions.db",
         routing={"mode": "shadow", "challenger_weight": 0.5},
     )
     holdout = mlflow_registry.holdout
     sent: dict[str, int] = {}  # request id -> rows
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         wait_key_secret(client)  # the hashes below are checked
         for i in range(30):
             n_rows = 1 + i % 3
@@ -199,8 +181,7 @@ def test_shadow_mode_answers_from_the_champion_and_logs_the_challenger_as_shadow
         assert metrics.total("router_fallback_total") == 0
 
         def shadow_rows() -> list[tuple[Any, ...]]:
-            return _rows(
-                tmp_path,
+            return router_dir.log_rows(
                 "SELECT request_id, row_index, model_version, status FROM predictions "
                 "WHERE arm = 'shadow' ORDER BY request_id, row_index",
             )
@@ -215,8 +196,7 @@ def test_shadow_mode_answers_from_the_champion_and_logs_the_challenger_as_shadow
         (rid, i, challenger_version, "ok") for rid, n in sorted(sent.items()) for i in range(n)
     ]
     assert rows == expected
-    champion_rows = _rows(
-        tmp_path,
+    champion_rows = router_dir.log_rows(
         "SELECT request_id, row_index FROM predictions WHERE arm = 'champion' "
         "ORDER BY request_id, row_index",
     )
@@ -229,20 +209,13 @@ def test_shadow_mode_answers_from_the_champion_and_logs_the_challenger_as_shadow
 
 
 def test_failing_challenger_falls_back_to_the_champion_and_its_circuit_opens(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
-    failing = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        FailingModel("challenger exploded"),
-        registry.holdout[FEATURES],
-        alias="challenger",
-    )
+    failing = register_in(registry, FailingModel("challenger exploded"), alias="challenger")
     failures = 4
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         routing={
             "challenger_weight": 1.0,
             "breaker_failures": failures,
@@ -252,8 +225,7 @@ def test_failing_challenger_falls_back_to_the_champion_and_its_circuit_opens(
     champion = registry.versions["champion"]
     body = split_body(registry.holdout.head(2))
     n = 20
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         wait_key_secret(client)  # the hashes below are checked
         for i in range(n):
             response = _invoke(client, body, **{"X-Request-Id": f"fb-{i:02d}"})
@@ -279,8 +251,7 @@ def test_failing_challenger_falls_back_to_the_champion_and_its_circuit_opens(
     assert metrics.total("router_requests_total", arm="champion") == 0
     assert metrics.total("router_requests_total", status="error") == 0
 
-    rows = _rows(
-        tmp_path,
+    rows = router_dir.log_rows(
         "SELECT arm, model_version, status, reason, count(*), count(DISTINCT request_id) "
         "FROM predictions GROUP BY arm, model_version, status, reason ORDER BY reason",
     )
@@ -289,27 +260,18 @@ def test_failing_challenger_falls_back_to_the_champion_and_its_circuit_opens(
         ("challenger", champion, "fallback", "circuit_open", 2 * (n - failures), n - failures),
         ("challenger", champion, "fallback", "error", 2 * failures, failures),
     ]
-    scored = _rows(tmp_path, "SELECT count(*) FROM predictions WHERE score IS NULL")
+    scored = router_dir.log_rows("SELECT count(*) FROM predictions WHERE score IS NULL")
     assert scored == [(0,)]
 
 
 def test_champion_fault_is_a_500_json_error_and_counted(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
-    failing = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        FailingModel("secret internal detail"),
-        registry.holdout[FEATURES],
-        alias="champion",
-    )
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", routing={"challenger_weight": 0.0}
-    )
+    failing = register_in(registry, FailingModel("secret internal detail"), alias="champion")
+    settings = router_dir.settings(registry, routing={"challenger_weight": 0.0})
     n = 5
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         wait_key_secret(client)  # the hashes below are checked
         for i in range(n):
             response = _invoke(
@@ -332,23 +294,20 @@ def test_champion_fault_is_a_500_json_error_and_counted(
         == n
     )
     assert metrics.total("router_requests_total", status="ok") == 0
-    assert _rows(
-        tmp_path, "SELECT arm, model_version, status, count(*) FROM predictions GROUP BY 1, 2, 3"
+    assert router_dir.log_rows(
+        "SELECT arm, model_version, status, count(*) FROM predictions GROUP BY 1, 2, 3"
     ) == [("champion", failing, "error", n)]
 
 
 def test_missing_challenger_alias_serves_all_traffic_from_the_champion(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     registry.client().delete_registered_model_alias(registry.model_name, "challenger")
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", routing={"challenger_weight": 0.5}
-    )
+    settings = router_dir.settings(registry, routing={"challenger_weight": 0.5})
     champion = registry.versions["champion"]
     body = split_body(registry.holdout.head(1))
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         wait_key_secret(client)  # the hashes below are checked
         experiment = client.get("/experiment").json()
         arms: Counter[tuple[str, str]] = Counter()
@@ -370,18 +329,16 @@ def test_missing_challenger_alias_serves_all_traffic_from_the_champion(
 
 
 def test_challenger_that_cannot_load_leaves_the_champion_serving_alone(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     client_ = registry.client()
     challenger = registry.versions["challenger"]
     artifacts = Path(client_.get_model_version_download_uri(registry.model_name, challenger))
     (artifacts / "model.skops").write_bytes(b"not a zip archive")  # corrupt, not missing
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", routing={"challenger_weight": 0.5}
-    )
+    settings = router_dir.settings(registry, routing={"challenger_weight": 0.5})
     champion = registry.versions["champion"]
-    with running_server(create_app(settings)) as url, http_client(url) as client:
+    with running_router(settings) as client:
         assert wait_ready(client)["champion_version"] == champion
         experiment = client.get("/experiment").json()
         versions = {
@@ -412,21 +369,18 @@ def _transition_to_production(registry: MlflowRegistry, version: str) -> None:
 
 def test_missing_champion_alias_falls_back_to_the_production_stage(
     fresh_registry: FreshRegistry,
-    running_server: RunningServer,
-    tmp_path: Path,
+    running_router: RunningRouter,
+    router_dir: RouterDir,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     registry = fresh_registry()
     registry.client().delete_registered_model_alias(registry.model_name, "champion")
     in_production = registry.versions["champion"]  # v1: not the latest (v2 is)
     _transition_to_production(registry, in_production)
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", routing={"challenger_weight": 0.0}
-    )
+    settings = router_dir.settings(registry, routing={"challenger_weight": 0.0})
     with (
         caplog.at_level(logging.WARNING, logger="router.registry"),
-        running_server(create_app(settings)) as url,
-        http_client(url) as client,
+        running_router(settings) as client,
     ):
         assert wait_ready(client)["champion_version"] == in_production
         experiment = client.get("/experiment").json()
@@ -444,8 +398,8 @@ def test_missing_champion_alias_falls_back_to_the_production_stage(
 
 def test_missing_champion_alias_without_production_falls_back_to_the_latest_version(
     fresh_registry: FreshRegistry,
-    running_server: RunningServer,
-    tmp_path: Path,
+    running_router: RunningRouter,
+    router_dir: RouterDir,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     registry = fresh_registry()
@@ -456,13 +410,10 @@ def test_missing_champion_alias_without_production_falls_back_to_the_latest_vers
     client_.set_registered_model_alias(
         registry.model_name, "challenger", registry.versions["champion"]
     )
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", routing={"challenger_weight": 0.0}
-    )
+    settings = router_dir.settings(registry, routing={"challenger_weight": 0.0})
     with (
         caplog.at_level(logging.WARNING, logger="router.registry"),
-        running_server(create_app(settings)) as url,
-        http_client(url) as client,
+        running_router(settings) as client,
     ):
         assert wait_ready(client)["champion_version"] == latest
         experiment = client.get("/experiment").json()
@@ -476,14 +427,13 @@ def test_missing_champion_alias_without_production_falls_back_to_the_latest_vers
 
 
 def test_registry_without_versions_is_not_ready_until_one_is_registered(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     name = "empty-model"
     registry.client().create_registered_model(name)
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         model={"name": name, "startup_retry_interval_s": 0.1},
     )
     with running_server(create_app(settings)) as url, http_client(url) as client:

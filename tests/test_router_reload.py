@@ -9,9 +9,7 @@ from __future__ import annotations
 import random
 import shutil
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +20,17 @@ from mlflow.pyfunc.model import PythonModel
 
 from demo.data import FEATURES
 from router.assignment import assign
-from router.server.app import create_app
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningRouter
 from tests.live_router import (
+    RouterDir,
     arm_of,
     http_client,
-    query_log,
-    router_settings,
     split_body,
     wait_ready,
     wait_until,
 )
 from tests.metrics_text import scrape
-from tests.pyfunc_models import BlockingModel, ConstantModel, register_pyfunc
-
-RunningServer = Callable[..., AbstractContextManager[str]]
-FreshRegistry = Callable[[], MlflowRegistry]
+from tests.pyfunc_models import BlockingModel, ConstantModel, register_in, register_pyfunc
 
 POLL_S = 0.2
 TOKEN = "t0ken"
@@ -72,19 +65,17 @@ def _champion(client: Any) -> dict[str, Any]:
 
 
 def test_moving_the_champion_alias_is_picked_up_without_a_restart(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     old, new = registry.versions["champion"], registry.versions["challenger"]
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         model={"poll_interval_s": POLL_S},
         routing={"challenger_weight": 0.0},
     )
     body = split_body(registry.holdout.head(3))
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         before = client.get("/experiment").json()
         first = client.post("/invocations", json=body, headers={"X-Request-Id": "before"})
         assert first.headers["X-Model-Version"] == old
@@ -107,8 +98,7 @@ def test_moving_the_champion_alias_is_picked_up_without_a_restart(
     assert metrics.total("router_model_reloads_total", result="error") == 0
     assert metrics.total("router_model_info", arm="champion", model_version=new) == 1
     assert not metrics.has("router_model_info", arm="champion", model_version=old)
-    logged = query_log(
-        f"sqlite:///{tmp_path / 'predictions.db'}",
+    logged = router_dir.log_rows(
         "SELECT DISTINCT request_id, model_version, experiment_id FROM predictions "
         "ORDER BY request_id DESC",
     )
@@ -119,39 +109,34 @@ def test_moving_the_champion_alias_is_picked_up_without_a_restart(
 
 
 def test_in_flight_request_finishes_on_the_model_it_started_with(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry,
+    running_router: RunningRouter,
+    tmp_path: Path,
+    router_dir: RouterDir,
 ) -> None:
     registry = fresh_registry()
     gate = tmp_path / "gate"
     gate.mkdir()
     (gate / "release").touch()  # MLflow calls predict on the input example while logging
-    gated = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        BlockingModel(str(gate)),
-        registry.holdout[FEATURES],
-        alias="champion",
-    )
+    gated = register_in(registry, BlockingModel(str(gate)), alias="champion")
     for name in ("release", "started"):
         (gate / name).unlink(missing_ok=True)
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         model={"poll_interval_s": POLL_S},
         routing={"challenger_weight": 0.0},
     )
     next_champion = registry.versions["champion"]
     body = split_body(registry.holdout.head(1))
     with (
-        running_server(create_app(settings)) as url,
-        http_client(url) as client,
+        running_router(settings) as client,
         ThreadPoolExecutor(max_workers=1) as pool,
     ):
         assert wait_ready(client)["champion_version"] == gated
         old_experiment = client.get("/experiment").json()["experiment_id"]
 
         def slow_request() -> Any:
-            with http_client(url) as own:
+            with http_client(str(client.base_url)) as own:
                 return own.post("/invocations", json=body, headers={"X-Request-Id": "in-flight"})
 
         in_flight = pool.submit(slow_request)
@@ -171,23 +156,19 @@ def test_in_flight_request_finishes_on_the_model_it_started_with(
     assert slow.status_code == 200, slow.text
     assert slow.headers["X-Model-Version"] == gated
     assert slow.json()["predictions"] == [[0.5, 0.5]]
-    logged = query_log(
-        f"sqlite:///{tmp_path / 'predictions.db'}",
+    logged = router_dir.log_rows(
         "SELECT model_version, experiment_id FROM predictions WHERE request_id = 'in-flight'",
     )
     assert logged == [(gated, old_experiment)]
 
 
 def test_moving_only_the_challenger_reloads_only_the_challenger(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     name, champion = registry.model_name, registry.versions["champion"]
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", model={"poll_interval_s": POLL_S}
-    )
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    settings = router_dir.settings(registry, model={"poll_interval_s": POLL_S})
+    with running_router(settings) as client:
         new = register_pyfunc(
             registry.tracking_uri, name, ConstantModel(0.7), registry.holdout[FEATURES]
         )
@@ -209,18 +190,15 @@ def test_moving_only_the_challenger_reloads_only_the_challenger(
 
 
 def test_setting_the_missing_champion_alias_on_the_served_version_updates_resolved_via(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     client_, name = registry.client(), registry.model_name
     client_.delete_registered_model_alias(name, "champion")
     client_.delete_registered_model_alias(name, "challenger")
     latest = registry.versions["challenger"]
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", model={"poll_interval_s": POLL_S}
-    )
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    settings = router_dir.settings(registry, model={"poll_interval_s": POLL_S})
+    with running_router(settings) as client:
         assert (_champion(client)["version"], _champion(client)["resolved_via"]) == (
             latest,
             "latest",
@@ -239,7 +217,10 @@ def test_setting_the_missing_champion_alias_on_the_served_version_updates_resolv
 
 
 def test_shutdown_does_not_wait_for_a_model_load_in_progress(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry,
+    running_router: RunningRouter,
+    tmp_path: Path,
+    router_dir: RouterDir,
 ) -> None:
     """A reload stuck in a slow load (a big model, a registry timing out) must not hold up the
     shutdown, and with it the prediction log's flush: an orchestrator kills slow shutdowns."""
@@ -247,24 +228,17 @@ def test_shutdown_does_not_wait_for_a_model_load_in_progress(
     gate = tmp_path / "gate"
     gate.mkdir()
     (gate / "release").touch()  # MLflow loads the model while logging it
-    slow = register_pyfunc(
-        registry.tracking_uri,
-        registry.model_name,
-        SlowLoadingModel(str(gate)),
-        registry.holdout[FEATURES],
-    )
+    slow = register_in(registry, SlowLoadingModel(str(gate)))
     for name in ("release", "loading"):
         (gate / name).unlink(missing_ok=True)
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         model={"poll_interval_s": POLL_S},
         routing={"challenger_weight": 0.0},
     )
     body = split_body(registry.holdout.head(2))
     try:
-        with running_server(create_app(settings)) as url, http_client(url) as client:
-            wait_ready(client)
+        with running_router(settings) as client:
             for i in range(20):
                 response = client.post("/invocations", json=body, headers={"X-Request-Id": f"{i}"})
                 assert response.status_code == 200
@@ -272,9 +246,7 @@ def test_shutdown_does_not_wait_for_a_model_load_in_progress(
             wait_until(lambda: (gate / "loading").exists(), "the reload to start loading")
         # The server has stopped (lifespan shutdown included) while the load is still stuck.
         assert not (gate / "release").exists()
-        logged = query_log(
-            f"sqlite:///{tmp_path / 'predictions.db'}", "SELECT count(*) FROM predictions"
-        )
+        logged = router_dir.log_rows("SELECT count(*) FROM predictions")
         assert logged == [(40,)]
     finally:
         (gate / "release").touch()  # let the abandoned load finish
@@ -291,19 +263,16 @@ def _break_artifacts(registry: MlflowRegistry, version: str, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["deleted", "corrupted"])
 def test_failed_load_keeps_the_old_model_and_is_counted(
-    how: str, fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    how: str, fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     client_ = registry.client()
     name = registry.model_name
     client_.delete_registered_model_alias(name, "challenger")  # v2 stays unloaded
     old, broken = registry.versions["champion"], registry.versions["challenger"]
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", model={"poll_interval_s": POLL_S}
-    )
+    settings = router_dir.settings(registry, model={"poll_interval_s": POLL_S})
     body = split_body(registry.holdout.head(1))
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         _break_artifacts(registry, broken, how)
         client_.set_registered_model_alias(name, "champion", broken)
         failed = wait_until(
@@ -342,17 +311,15 @@ def _auth(token: str = TOKEN) -> dict[str, str]:
 
 
 def test_admin_endpoints_require_the_bearer_token(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         env={"ROUTER_ADMIN_TOKEN": TOKEN},
         routing={"challenger_weight": 0.1},
     )
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         for headers in ({}, _auth("wrong"), {"Authorization": TOKEN}):
             reload_ = client.post("/admin/reload", headers=headers)
             weights = client.put("/admin/weights", json={"challenger_weight": 1.0}, headers=headers)
@@ -376,11 +343,10 @@ def _arms_by_key(client: Any, body: dict[str, Any], keys: list[str]) -> dict[str
 
 
 def test_admin_weights_change_the_split_and_the_gauge(
-    mlflow_registry: MlflowRegistry, running_server: RunningServer, tmp_path: Path
+    mlflow_registry: MlflowRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
-    settings = router_settings(
+    settings = router_dir.settings(
         mlflow_registry,
-        tmp_path / "predictions.db",
         env={"ROUTER_ADMIN_TOKEN": TOKEN},
         routing={"challenger_weight": 0.2},
     )
@@ -388,8 +354,7 @@ def test_admin_weights_change_the_split_and_the_gauge(
     keys = [f"member-{i}" for i in range(40)]
     body = split_body(mlflow_registry.holdout.head(1))
     rng = random.Random(0)  # never drawn from: every request has a key
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         at_20 = _arms_by_key(client, body, keys)
         assert at_20 == {k: assign(k, salt, 0.2, True, rng).arm for k in keys}
 
@@ -423,19 +388,17 @@ def test_admin_weights_change_the_split_and_the_gauge(
 
 
 def test_admin_reload_picks_up_an_alias_move_at_once(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     old, new = registry.versions["champion"], registry.versions["challenger"]
-    settings = router_settings(
+    settings = router_dir.settings(
         registry,
-        tmp_path / "predictions.db",
         env={"ROUTER_ADMIN_TOKEN": TOKEN},
         routing={"challenger_weight": 0.0},  # poll_interval_s stays at an hour: no polling
     )
     body = split_body(registry.holdout.head(1))
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         registry.client().set_registered_model_alias(registry.model_name, "champion", new)
         reloaded = client.post("/admin/reload", headers=_auth())
         response = client.post("/invocations", json=body)

@@ -20,13 +20,11 @@ import httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
-from tests.conftest import MlflowRegistry
-from tests.live_router import http_client, query_log, split_body, wait_until
+from tests.conftest import FreshRegistry, MlflowRegistry
+from tests.live_router import RouterDir, http_client, query_log, split_body, wait_until
 from tests.metrics_text import Scrape
 from tests.pg import isolated_schema_url
 from tests.router_process import EXIT_DEADLINE_S, RouterProcess, router_process
-
-FreshRegistry = Callable[[], MlflowRegistry]
 
 TOTAL_REQUESTS = 1_500
 CONCURRENCY = 16
@@ -127,24 +125,22 @@ def _sigterm_mid_stream(router: RouterProcess, registry: MlflowRegistry) -> Traf
 
 
 def test_sigterm_under_load_logs_every_served_row_sqlite(
-    fresh_registry: FreshRegistry, tmp_path: Path
+    fresh_registry: FreshRegistry, tmp_path: Path, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     with router_process(registry, tmp_path) as router:
         traffic = _sigterm_mid_stream(router, registry)
 
-    logged = _logged_rows(f"sqlite:///{tmp_path / 'predictions.db'}")
+    logged = _logged_rows(router_dir.log_url)
     assert sum(logged.values()) == sum(traffic.served.values())
     assert logged == traffic.served
-    arms = query_log(
-        f"sqlite:///{tmp_path / 'predictions.db'}", "SELECT DISTINCT arm FROM predictions"
-    )
+    arms = router_dir.log_rows("SELECT DISTINCT arm FROM predictions")
     assert {arm for (arm,) in arms} == {"champion", "challenger"}
 
 
 @pytest.mark.postgres
 def test_sigterm_under_load_logs_every_served_row_postgres(
-    fresh_registry: FreshRegistry, tmp_path: Path
+    fresh_registry: FreshRegistry, tmp_path: Path, router_dir: RouterDir
 ) -> None:
     registry = fresh_registry()
     with isolated_schema_url() as url:
@@ -154,7 +150,7 @@ def test_sigterm_under_load_logs_every_served_row_postgres(
 
     assert sum(logged.values()) == sum(traffic.served.values())
     assert logged == traffic.served
-    assert not (tmp_path / "predictions.db").exists()  # the override was used, not the config
+    assert not router_dir.log_path.exists()  # the override was used, not the config
 
 
 def _requests_by_pid(metrics_dir: Path) -> dict[str, float]:
@@ -169,7 +165,7 @@ def _requests_by_pid(metrics_dir: Path) -> dict[str, float]:
 
 
 def test_two_workers_share_a_pooled_client_and_aggregate_metrics(
-    fresh_registry: FreshRegistry, tmp_path: Path
+    fresh_registry: FreshRegistry, tmp_path: Path, router_dir: RouterDir
 ) -> None:
     """A keep-alive client's connections are spread over both workers (one reuse-port socket
     each), every scrape shows the whole count, every row is logged, and files in the metrics
@@ -214,7 +210,7 @@ def test_two_workers_share_a_pooled_client_and_aggregate_metrics(
     assert sum(by_pid.values()) == total
     # Both workers served some of the pooled connections (all 16 on one: a 2 in 65,536 chance).
     assert len([pid for pid, n in by_pid.items() if n > 0]) == 2, by_pid
-    logged = _logged_rows(f"sqlite:///{tmp_path / 'predictions.db'}")
+    logged = _logged_rows(router_dir.log_url)
     assert logged == traffic.served
     assert unrelated.read_text(encoding="utf-8") == "not the router's"
 

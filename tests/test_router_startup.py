@@ -8,14 +8,11 @@ PostgreSQL log that refused connections failed it outright (exit 3).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import MlflowRegistry, copy_registry, free_port
 from tests.live_router import http_client, split_body, wait_until
 from tests.router_process import router_process
-
-FreshRegistry = Callable[[], MlflowRegistry]
 
 
 def test_healthz_answers_while_the_registry_and_log_databases_are_down(

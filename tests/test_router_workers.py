@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,12 +22,10 @@ import uvicorn
 
 from router.metrics import remove_stale_files
 from router.server.supervisor import claim_port, listening_socket
-from tests.conftest import MlflowRegistry
+from tests.conftest import FreshRegistry
 from tests.live_router import http_client, split_body, wait_until
 from tests.metrics_text import Scrape
 from tests.router_process import EXIT_DEADLINE_S, group_members, router_process
-
-FreshRegistry = Callable[[], MlflowRegistry]
 
 
 async def _hello(scope: dict[str, Any], receive: Any, send: Any) -> None:

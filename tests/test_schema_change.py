@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,19 +38,9 @@ from demo.data import FEATURES, NUMERIC_FEATURES, make_churn_data
 from demo.train import register_model, using_tracking_uri
 from experiments.cli import evaluate_and_promote_main
 from router import logschema
-from router.server.app import create_app
-from tests.conftest import MlflowRegistry
-from tests.live_router import (
-    http_client,
-    keys_for,
-    query_log,
-    router_settings,
-    wait_ready,
-)
+from tests.conftest import FreshRegistry, MlflowRegistry, RunningRouter
+from tests.live_router import RouterDir, keys_for
 from tests.synthlog import write_config
-
-RunningServer = Callable[..., AbstractContextManager[str]]
-FreshRegistry = Callable[[], MlflowRegistry]
 
 SALT = "schema-change"
 NEW = "loyalty_score"
@@ -140,21 +129,20 @@ def _send(
 
 def _run_traffic(
     registry: MlflowRegistry,
-    running_server: RunningServer,
-    log_path: Path,
+    running_router: RunningRouter,
+    router_dir: RouterDir,
     traffic: pd.DataFrame,
     columns_for: Callable[[str, int], list[str]],
 ) -> list[Sent]:
     """One request of ``ROWS_PER_REQUEST`` rows per user; ``columns_for(arm, i)`` what user i of
     that arm sends. Returns once every prediction's outcome window has closed."""
-    settings = router_settings(registry, log_path, routing={"challenger_weight": 0.5, "salt": SALT})
+    settings = router_dir.settings(registry, routing={"challenger_weight": 0.5, "salt": SALT})
     keys = {
         arm: keys_for(arm, USERS_PER_ARM, salt=SALT, weight=0.5)
         for arm in ("champion", "challenger")
     }
     sent: list[Sent] = []
-    with running_server(create_app(settings)) as url, http_client(url) as client:
-        wait_ready(client)
+    with running_router(settings) as client:
         for i in range(USERS_PER_ARM):
             for j, arm in enumerate(("champion", "challenger")):
                 start = (2 * i + j) * ROWS_PER_REQUEST
@@ -165,12 +153,12 @@ def _run_traffic(
     return sent
 
 
-def _evaluate(registry: MlflowRegistry, log_path: Path, tmp_path: Path) -> tuple[int, Any]:
+def _evaluate(registry: MlflowRegistry, log_url: str, tmp_path: Path) -> tuple[int, Any]:
     config = write_config(
         tmp_path / "config.yaml",
         {
             "model": {"name": registry.model_name, "tracking_uri": registry.tracking_uri},
-            "prediction_log": {"url": f"sqlite:///{log_path}"},
+            "prediction_log": {"url": log_url},
             "routing": {"challenger_weight": 0.5, "salt": SALT},
             "experiment": EXPERIMENT,
         },
@@ -199,9 +187,8 @@ def _aliases(registry: MlflowRegistry) -> dict[str, str]:
     return {alias: str(version) for alias, version in model.aliases.items()}
 
 
-def _log_counts(log_path: Path) -> list[tuple[Any, ...]]:
-    return query_log(
-        f"sqlite:///{log_path}",
+def _log_counts(router_dir: RouterDir) -> list[tuple[Any, ...]]:
+    return router_dir.log_rows(
         "SELECT substr(request_id, 1, 5), arm, model_version, status, reason, "
         "count(DISTINCT request_id), count(*) FROM predictions GROUP BY 1, 2, 3, 4, 5 "
         "ORDER BY 1, 4",
@@ -209,19 +196,21 @@ def _log_counts(log_path: Path) -> list[tuple[Any, ...]]:
 
 
 def test_a_challenger_that_adds_a_column_is_promoted_with_old_clients_in_its_arm(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry,
+    running_router: RunningRouter,
+    router_dir: RouterDir,
+    tmp_path: Path,
 ) -> None:
     registry = fresh_registry()
     union = [*FEATURES, NEW]
     # The new column decides the outcome.
     traffic, champion, challenger = _experiment(registry, 7, lambda d: d[NEW], 0.1, union)
-    log_path = tmp_path / "predictions.db"
 
     # Every fourth user of each arm is an old client (FEATURES only), the others new (the union).
     sent = _run_traffic(
         registry,
-        running_server,
-        log_path,
+        running_router,
+        router_dir,
         traffic,
         lambda _arm, i: FEATURES if i % 4 == 0 else union,
     )
@@ -238,13 +227,13 @@ def test_a_challenger_that_adds_a_column_is_promoted_with_old_clients_in_its_arm
     old = USERS_PER_ARM // 4
     new = USERS_PER_ARM - old
     rows = ROWS_PER_REQUEST
-    assert _log_counts(log_path) == [
+    assert _log_counts(router_dir) == [
         ("chall", "challenger", champion, "fallback", "schema", old, old * rows),
         ("chall", "challenger", challenger, "ok", None, new, new * rows),
         ("champ", "champion", champion, "ok", None, USERS_PER_ARM, USERS_PER_ARM * rows),
     ]
 
-    code, evaluation = _evaluate(registry, log_path, tmp_path)
+    code, evaluation = _evaluate(registry, router_dir.log_url, tmp_path)
 
     assert (code, evaluation["decision"]) == (0, "promote"), evaluation["reason"]
     assert evaluation["experiment_id"] == logschema.experiment_id(
@@ -263,7 +252,10 @@ def test_a_challenger_that_adds_a_column_is_promoted_with_old_clients_in_its_arm
 
 
 def test_a_challenger_that_drops_a_column_is_rejected_and_never_sees_it(
-    fresh_registry: FreshRegistry, running_server: RunningServer, tmp_path: Path
+    fresh_registry: FreshRegistry,
+    running_router: RunningRouter,
+    router_dir: RouterDir,
+    tmp_path: Path,
 ) -> None:
     registry = fresh_registry()
     kept = [c for c in FEATURES if c != DROPPED]
@@ -271,14 +263,13 @@ def test_a_challenger_that_drops_a_column_is_rejected_and_never_sees_it(
     traffic, champion, challenger = _experiment(
         registry, 11, lambda d: (d[DROPPED] - d[DROPPED].mean()) / d[DROPPED].std(), 0.3, kept
     )
-    log_path = tmp_path / "predictions.db"
 
     # Everyone sends the union (the champion's columns) but every tenth user, a new client
     # sending only the challenger's.
     sent = _run_traffic(
         registry,
-        running_server,
-        log_path,
+        running_router,
+        router_dir,
         traffic,
         lambda _arm, i: kept if i % 10 == 9 else FEATURES,
     )
@@ -293,7 +284,7 @@ def test_a_challenger_that_drops_a_column_is_rejected_and_never_sees_it(
     _assert_served_by_own_columns(registry, sent, {champion: FEATURES, challenger: kept})
     narrow = USERS_PER_ARM // 10
     rows = ROWS_PER_REQUEST
-    assert _log_counts(log_path) == [
+    assert _log_counts(router_dir) == [
         ("chall", "challenger", challenger, "ok", None, USERS_PER_ARM, USERS_PER_ARM * rows),
         ("champ", "champion", champion, "client_error", "bad_input", narrow, narrow * rows),
         (
@@ -307,7 +298,7 @@ def test_a_challenger_that_drops_a_column_is_rejected_and_never_sees_it(
         ),
     ]
 
-    code, evaluation = _evaluate(registry, log_path, tmp_path)
+    code, evaluation = _evaluate(registry, router_dir.log_url, tmp_path)
 
     assert (code, evaluation["decision"]) == (3, "reject"), evaluation["reason"]
     arms = evaluation["champion"], evaluation["challenger"]

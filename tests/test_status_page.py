@@ -15,16 +15,15 @@ import select
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from demo.data import LABEL
-from router.server.app import create_app
-from tests.conftest import MlflowRegistry, serve_in_thread
-from tests.live_router import http_client, keys_for, router_settings, send_with_feedback, wait_ready
+from tests.conftest import MlflowRegistry
+from tests.live_router import http_client, keys_for, send_with_feedback
 
 pytestmark = pytest.mark.chromium
 
@@ -169,16 +168,9 @@ def chromium(tmp_path: Path) -> Iterator[DevTools]:
 
 
 @pytest.fixture
-def router(
-    fresh_registry: Callable[[], MlflowRegistry], tmp_path: Path
-) -> Iterator[tuple[str, MlflowRegistry]]:
-    registry = fresh_registry()
-    settings = router_settings(
-        registry, tmp_path / "predictions.db", routing={"challenger_weight": WEIGHT, "salt": SALT}
-    )
-    with serve_in_thread(create_app(settings)) as base_url, http_client(base_url) as client:
-        wait_ready(client)
-        yield base_url, registry
+def router_routing() -> dict[str, Any]:
+    """For ``fresh_router`` (conftest): both arms at ``WEIGHT``, keys hashed with ``SALT``."""
+    return {"challenger_weight": WEIGHT, "salt": SALT}
 
 
 def _send_traffic(base_url: str, registry: MlflowRegistry) -> tuple[dict[str, int], dict[str, int]]:
@@ -216,9 +208,9 @@ FIELDS_JS = """JSON.stringify(Object.fromEntries(["champion", "challenger"].map(
 
 
 def test_status_page_shows_both_arms_and_updates_after_traffic(
-    router: tuple[str, MlflowRegistry], chromium: DevTools
+    fresh_router: tuple[str, MlflowRegistry], chromium: DevTools
 ) -> None:
-    base_url, registry = router
+    base_url, registry = fresh_router
     chromium.call("Network.enable")
     chromium.call("Runtime.enable")
     chromium.call(

@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import MlflowRegistry
+from conftest import FreshRegistry, MlflowRegistry
 from pyfunc_models import ConstantModel, FailingModel, SlowModel, register_pyfunc
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -79,7 +79,7 @@ def test_pyfunc_predict_returns_probabilities_with_signature(
 
 
 def test_fresh_registry_is_an_independent_copy(
-    mlflow_registry: MlflowRegistry, fresh_registry: Callable[[], MlflowRegistry]
+    mlflow_registry: MlflowRegistry, fresh_registry: FreshRegistry
 ) -> None:
     copy = fresh_registry()
     assert copy.tracking_uri != mlflow_registry.tracking_uri
@@ -110,7 +110,7 @@ def test_fresh_registry_is_an_independent_copy(
     assert str(other.get_model_version_by_alias(copy.model_name, "challenger").version) == "2"
 
 
-def test_pyfunc_test_models(fresh_registry: Callable[[], MlflowRegistry]) -> None:
+def test_pyfunc_test_models(fresh_registry: FreshRegistry) -> None:
     reg = fresh_registry()
     x = reg.holdout[FEATURES].head(4)
     v_const = register_pyfunc(reg.tracking_uri, reg.model_name, ConstantModel(0.8), x)
