@@ -30,6 +30,7 @@ from tests.live_router import (
     query_log,
     router_settings,
     split_body,
+    transition_to_production,
     wait_ready,
     wait_until,
 )
@@ -216,6 +217,7 @@ def test_setting_the_missing_champion_alias_on_the_served_version_updates_resolv
     client_.delete_registered_model_alias(name, "champion")
     client_.delete_registered_model_alias(name, "challenger")
     latest = registry.versions["challenger"]
+    transition_to_production(registry, latest)
     settings = router_settings(
         registry, tmp_path / "predictions.db", model={"poll_interval_s": POLL_S}
     )
@@ -223,7 +225,7 @@ def test_setting_the_missing_champion_alias_on_the_served_version_updates_resolv
         wait_ready(client)
         assert (_champion(client)["version"], _champion(client)["resolved_via"]) == (
             latest,
-            "latest",
+            "stage:Production",
         )
         client_.set_registered_model_alias(name, "champion", latest)
         wait_until(
