@@ -1,4 +1,4 @@
-"""``python -m router [--config config.yaml] [--host] [--port] [--workers]``."""
+"""``cc-router [--config config.yaml] [--host] [--port] [--workers]`` (= ``python -m router``)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,23 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 from router.config import ConfigError, load_settings
 from router.redact import RedactingFilter
 
+DESCRIPTION = """\
+Serve the @champion and @challenger versions of one MLflow registered model side by side, split
+by routing.challenger_weight (sticky per routing key), logging every prediction for
+evaluate_and_promote. /healthz answers at once; /readyz once the champion is loaded."""
+EPILOG = """\
+exit status: 0 after a graceful stop (SIGTERM, SIGINT); 1 the address cannot be listened on (a
+port in use is never shared); 2 a configuration error (one line naming the key); 3 a worker
+cannot start (--workers N)."""
+
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m router", description=__doc__)
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    parser = argparse.ArgumentParser(
+        prog=program if program and program != "__main__.py" else "python -m router",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+    )
     parser.add_argument("--config", help="config file (default: $ROUTER_CONFIG or config.yaml)")
     parser.add_argument("--host", help="bind address (default: server.host)")
     parser.add_argument("--port", type=int, help="port (default: server.port)")

@@ -128,11 +128,7 @@ class ModelManager:
         metrics, name = self._metrics, self._registry.model_name
         if previous is not None:
             for arm, loaded in _served(previous, self._settings):
-                labels = (arm, name, loaded.version, loaded.ref.run_id or "")
-                # With several workers the value lives on in a shared file after remove():
-                # zero it first so the retired version never reads as in service.
-                metrics.model_info.labels(*labels).set(0)
-                metrics.model_info.remove(*labels)
+                metrics.retire_model(arm, name, loaded.version, loaded.ref.run_id or "")
         before = dict(_served(previous, self._settings)) if previous is not None else None
         for arm, loaded in _served(arms, self._settings):
             metrics.model_info.labels(arm, name, loaded.version, loaded.ref.run_id or "").set(1)

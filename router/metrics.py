@@ -266,6 +266,17 @@ class RouterMetrics:
             for result in ("ok", "error"):
                 self.model_reloads.labels(arm.value, result)
 
+    def retire_model(self, *labels: str) -> None:
+        """A version left service: its ``router_model_info`` series reads 0 from now on.
+
+        With several workers the value lives on in a shared file whatever ``remove()`` does
+        (prometheus_client warns that it cannot remove there), so it is zeroed, and removed only
+        in a single process.
+        """
+        self.model_info.labels(*labels).set(0)
+        if multiprocess_dir() is None:
+            self.model_info.remove(*labels)
+
     def count_request(self, arm: str, version: str, status: str) -> None:
         """``router_requests_total{arm, model_version, status}`` += 1."""
         self._requests(arm, version, status).inc()

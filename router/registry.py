@@ -25,7 +25,7 @@ from router.errors import RegistryUnavailable
 
 log = logging.getLogger(__name__)
 
-ResolvedVia = Literal["alias", "stage:Production", "latest"]
+ResolvedVia = Literal["alias", "stage:Production"]
 
 
 class ModelNotFound(LookupError):
@@ -68,6 +68,11 @@ class LoadedModel:
     def params_schema(self) -> Any:  # mlflow.types.ParamSchema | None
         metadata = getattr(self.model, "metadata", None)
         return metadata.get_params_schema() if metadata is not None else None
+
+
+def model_not_found(name: str, tracking_uri: str) -> str:
+    """The one wording of a registered model the registry does not have (router and evaluator)."""
+    return f"registered model {name!r} not found at {tracking_uri}"
 
 
 def _is_not_found(exc: MlflowException) -> bool:
@@ -158,16 +163,31 @@ class Registry:
         except (sa.exc.SQLAlchemyError, OSError) as exc:
             raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc}") from exc
 
-    def resolve_champion(self, alias: str) -> ModelRef:
-        """The alias; else the legacy ``Production`` stage; else the latest version.
+    def _require_model(self) -> None:
+        """ModelNotFound when the registered model itself does not exist (a name typo)."""
+        try:
+            self._client.get_registered_model(self.model_name)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise ModelNotFound(model_not_found(self.model_name, self.tracking_uri)) from exc
+            raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc.message}") from exc
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
+            raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc}") from exc
 
-        Registry users moving from stages to aliases expect exactly this order.
+    def resolve_champion(self, alias: str) -> ModelRef:
+        """The alias; else the legacy ``Production`` stage; else ModelNotFound saying why.
+
+        Registry users moving from stages to aliases expect the stage as a fallback: putting a
+        version in Production was someone's choice. No other version is ever served as the
+        champion (the latest one is typically the untested challenger): the router is then not
+        ready, and says how to set the alias.
         """
         ref = self._by_alias(alias)
         if ref is not None:
             return ref
         versions = self._versions()
         if not versions:
+            self._require_model()
             raise ModelNotFound(f"registered model {self.model_name!r} has no versions")
         by_number = sorted(versions, key=lambda mv: int(mv.version))
         production = [mv for mv in by_number if getattr(mv, "current_stage", None) == "Production"]
@@ -180,14 +200,13 @@ class Registry:
                 mv.version,
             )
             return ModelRef(alias, str(mv.version), mv.run_id, "stage:Production")
-        mv = by_number[-1]
-        log.warning(
-            "alias @%s of %s is missing and no version is in Production: serving the latest, v%s",
-            alias,
-            self.model_name,
-            mv.version,
+        known = ", ".join(str(mv.version) for mv in by_number[-5:])
+        raise ModelNotFound(
+            f"registered model {self.model_name!r} has no @{alias} alias and no version in the "
+            f"Production stage, so no version was chosen to serve (versions: {known}); set it: "
+            f"MlflowClient().set_registered_model_alias({self.model_name!r}, {alias!r}, VERSION), "
+            "or check model.champion_alias"
         )
-        return ModelRef(alias, str(mv.version), mv.run_id, "latest")
 
     def resolve_challenger(self, alias: str) -> ModelRef | None:
         """The challenger alias, or None: then the champion takes all traffic."""

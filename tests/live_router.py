@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,3 +199,16 @@ def query_log(url: str, sql: str, **params: Any) -> list[tuple[Any, ...]]:
             return [tuple(row) for row in conn.execute(sa.text(sql), params)]
     finally:
         engine.dispose()
+
+
+def transition_to_production(registry: MlflowRegistry, version: str) -> None:
+    """Put ``version`` in the legacy Production stage (the champion's fallback without an alias)."""
+    with warnings.catch_warnings():
+        # Stages are deprecated in favour of aliases; the fallback exists for registries that
+        # still use them, so the test has to put a version there the old way.
+        warnings.filterwarnings(
+            "ignore",
+            message=r".*transition_model_version_stage.* is deprecated",
+            category=FutureWarning,
+        )
+        registry.client().transition_model_version_stage(registry.model_name, version, "Production")

@@ -232,3 +232,25 @@ class ScriptedModel(PythonModel):
         if (control / "raise").exists():
             raise RuntimeError("scripted failure")
         return _constant_proba(len(model_input), self.p)
+
+
+class StaggeredLoadModel(PythonModel):
+    """Answers like ``ConstantModel(p)``; the first process to load it loads at once, every later
+    one ``extra_s`` later (the first creates ``<gate_dir>/first``): workers that become ready at
+    different times, on purpose."""
+
+    def __init__(self, gate_dir: str, extra_s: float, p: float = 0.5) -> None:
+        self.gate_dir = gate_dir
+        self.extra_s = extra_s
+        self.p = p
+
+    def load_context(self, context: object) -> None:
+        try:
+            (Path(self.gate_dir) / "first").open("x").close()
+        except FileExistsError:
+            time.sleep(self.extra_s)
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
+        return _constant_proba(len(model_input), self.p)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from tests.live_router import (
     query_log,
     router_settings,
     split_body,
+    transition_to_production,
     wait_key_secret,
     wait_ready,
     wait_until,
@@ -355,18 +355,6 @@ def test_challenger_that_cannot_load_leaves_the_champion_serving_alone(
     assert metrics.total("router_model_reloads_total", arm="challenger", result="error") >= 1
 
 
-def _transition_to_production(registry: MlflowRegistry, version: str) -> None:
-    with warnings.catch_warnings():
-        # Stages are deprecated in favour of aliases; the fallback exists for registries that
-        # still use them, so the test has to put a version there the old way.
-        warnings.filterwarnings(
-            "ignore",
-            message=r".*transition_model_version_stage.* is deprecated",
-            category=FutureWarning,
-        )
-        registry.client().transition_model_version_stage(registry.model_name, version, "Production")
-
-
 def test_missing_champion_alias_falls_back_to_the_production_stage(
     fresh_registry: FreshRegistry,
     running_router: RunningRouter,
@@ -376,7 +364,7 @@ def test_missing_champion_alias_falls_back_to_the_production_stage(
     registry = fresh_registry()
     registry.client().delete_registered_model_alias(registry.model_name, "champion")
     in_production = registry.versions["champion"]  # v1: not the latest (v2 is)
-    _transition_to_production(registry, in_production)
+    transition_to_production(registry, in_production)
     settings = router_dir.settings(registry, routing={"challenger_weight": 0.0})
     with (
         caplog.at_level(logging.WARNING, logger="router.registry"),
@@ -396,34 +384,40 @@ def test_missing_champion_alias_falls_back_to_the_production_stage(
     assert "Production stage" in caplog.text
 
 
-def test_missing_champion_alias_without_production_falls_back_to_the_latest_version(
-    fresh_registry: FreshRegistry,
-    running_router: RunningRouter,
-    router_dir: RouterDir,
-    caplog: pytest.LogCaptureFixture,
+def test_missing_champion_alias_without_production_is_not_ready_and_says_how_to_set_it(
+    fresh_registry: FreshRegistry, running_server: RunningServer, router_dir: RouterDir
 ) -> None:
+    """No @champion (a typo in ``champion_alias``, or the alias never set) and no version in
+    Production: nobody chose a version to serve, so none is served (the latest is typically the
+    untested challenger); /readyz says why and how to fix it, until the alias is set."""
     registry = fresh_registry()
     client_ = registry.client()
     client_.delete_registered_model_alias(registry.model_name, "champion")
-    latest = registry.versions["challenger"]  # v2
-    # Keep a challenger in play, on the other version.
-    client_.set_registered_model_alias(
-        registry.model_name, "challenger", registry.versions["champion"]
+    latest = registry.versions["challenger"]  # v2, still @challenger
+    settings = router_dir.settings(
+        registry,
+        model={"startup_retry_interval_s": 0.1},
+        routing={"challenger_weight": 0.0},
     )
-    settings = router_dir.settings(registry, routing={"challenger_weight": 0.0})
-    with (
-        caplog.at_level(logging.WARNING, logger="router.registry"),
-        running_router(settings) as client,
-    ):
-        assert wait_ready(client)["champion_version"] == latest
-        experiment = client.get("/experiment").json()
-        response = _invoke(client, split_body(registry.holdout.head(1)))
+    with running_server(create_app(settings)) as url, http_client(url) as client:
+        not_ready = wait_until(
+            lambda: (
+                (r := client.get("/readyz")).status_code == 503
+                and "@champion" in (r.json().get("reason") or "")
+                and r
+            ),
+            "/readyz to say why it is not ready",
+        )
+        refused = client.post("/invocations", json=split_body(registry.holdout.head(1)))
+        client_.set_registered_model_alias(
+            registry.model_name, "champion", registry.versions["champion"]
+        )
+        ready = wait_ready(client)
 
-    champion = arm_of(experiment, "champion")
-    assert champion is not None
-    assert (champion["version"], champion["resolved_via"]) == (latest, "latest")
-    assert response.headers["X-Model-Version"] == latest
-    assert "serving the latest" in caplog.text
+    reason = not_ready.json()["reason"]
+    assert "no @champion alias" in reason and "set_registered_model_alias" in reason
+    assert refused.status_code == 503
+    assert ready["champion_version"] == registry.versions["champion"] != latest
 
 
 def test_registry_without_versions_is_not_ready_until_one_is_registered(
@@ -456,6 +450,12 @@ def test_registry_without_versions_is_not_ready_until_one_is_registered(
         version = register_pyfunc(
             registry.tracking_uri, name, ConstantModel(0.8), registry.holdout[FEATURES]
         )
+        # A version alone is not chosen to serve: the router stays unready until @champion is set.
+        wait_until(
+            lambda: "no @champion alias" in (client.get("/readyz").json().get("reason") or ""),
+            "/readyz to ask for the @champion alias",
+        )
+        registry.client().set_registered_model_alias(name, "champion", version)
         assert wait_ready(client)["champion_version"] == version
         response = _invoke(client, split_body(registry.holdout.head(2)))
         experiment = client.get("/experiment").json()
@@ -464,4 +464,4 @@ def test_registry_without_versions_is_not_ready_until_one_is_registered(
     assert response.status_code == 200
     assert response.json()["predictions"] == [pytest.approx([0.2, 0.8])] * 2
     champion = arm_of(experiment, "champion")
-    assert champion is not None and champion["resolved_via"] == "latest"
+    assert champion is not None and champion["resolved_via"] == "alias"

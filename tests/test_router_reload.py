@@ -26,6 +26,7 @@ from tests.live_router import (
     arm_of,
     http_client,
     split_body,
+    transition_to_production,
     wait_ready,
     wait_until,
 )
@@ -197,11 +198,12 @@ def test_setting_the_missing_champion_alias_on_the_served_version_updates_resolv
     client_.delete_registered_model_alias(name, "champion")
     client_.delete_registered_model_alias(name, "challenger")
     latest = registry.versions["challenger"]
+    transition_to_production(registry, latest)
     settings = router_dir.settings(registry, model={"poll_interval_s": POLL_S})
     with running_router(settings) as client:
         assert (_champion(client)["version"], _champion(client)["resolved_via"]) == (
             latest,
-            "latest",
+            "stage:Production",
         )
         client_.set_registered_model_alias(name, "champion", latest)
         wait_until(

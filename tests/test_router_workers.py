@@ -20,11 +20,13 @@ import httpx
 import pytest
 import uvicorn
 
+from demo.data import FEATURES
 from router.metrics import remove_stale_files
 from router.server.supervisor import claim_port, listening_socket
 from tests.conftest import FreshRegistry
 from tests.live_router import http_client, split_body, wait_until
 from tests.metrics_text import Scrape
+from tests.pyfunc_models import StaggeredLoadModel, register_pyfunc
 from tests.router_process import EXIT_DEADLINE_S, group_members, router_process
 
 
@@ -169,3 +171,37 @@ def test_a_fresh_single_worker_start_does_not_add_past_counts(
             router.process.send_signal(signal.SIGTERM)
             router.process.wait(timeout=EXIT_DEADLINE_S)
         assert total == requests, run
+
+
+def test_no_worker_takes_traffic_before_its_champion_is_loaded(
+    fresh_registry: FreshRegistry, tmp_path: Path
+) -> None:
+    """``--workers 2`` where the second worker loads its champion seconds after the first: from the
+    first 200 on ``/readyz`` on, every probe and prediction (each on a new connection, so spread
+    over both workers) is answered by a ready worker; ``/healthz`` answers before that."""
+    registry = fresh_registry()
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    register_pyfunc(
+        registry.tracking_uri,
+        registry.model_name,
+        StaggeredLoadModel(str(gate), extra_s=4.0),
+        registry.holdout[FEATURES],
+        alias="champion",
+        include_code=True,
+    )
+    body = split_body(registry.holdout.iloc[:1])
+    with (
+        router_process(registry, tmp_path, workers=2, wait_for="/healthz") as router,
+        http_client(router.base_url, keep_alive=False) as client,
+    ):
+        wait_until(lambda: client.get("/readyz").status_code == 200, "the first ready worker")
+        # Both workers ready (the second waited extra_s) or not: every answer is a ready one.
+        statuses: list[tuple[str, int]] = []
+        wait_until(lambda: (gate / "first").exists(), "the staggered load to begin")
+        for _ in range(120):
+            statuses.append(("/readyz", client.get("/readyz").status_code))
+            statuses.append(("/invocations", client.post("/invocations", json=body).status_code))
+        assert [s for s in statuses if s[1] != 200] == []
+        output = router.output_text(None)
+        assert "listens once its champion is loaded" in output

@@ -40,6 +40,7 @@ from router.logschema import Arm
 from router.metrics import RouterMetrics, render
 from router.registry import ModelNotFound, Registry
 from router.server.headers import SecurityHeaders, content_security_policy
+from router.server.supervisor import WorkerStart
 from router.service import RouterService
 
 log = logging.getLogger(__name__)
@@ -342,8 +343,10 @@ class RouteTimer:
             service.metrics.observe_request_latency(route, time.perf_counter() - start)
 
 
-async def _load_then_poll(manager: ModelManager) -> None:
+async def _load_then_poll(manager: ModelManager, start: WorkerStart | None) -> None:
     await manager.load_until_ready()
+    if start is not None and not start.listen_when_ready:
+        start.announce_ready()
     # Everything long-lived exists now (modules, models, the app): move it out of the collector's
     # generations, so the full collections that per-request garbage triggers stop traversing
     # hundreds of thousands of objects (bench/results.md, "gc" in the micro-costs).
@@ -352,9 +355,16 @@ async def _load_then_poll(manager: ModelManager) -> None:
 
 
 def create_app(
-    settings: Settings, *, metrics_registry: CollectorRegistry | None = None
+    settings: Settings,
+    *,
+    metrics_registry: CollectorRegistry | None = None,
+    start: WorkerStart | None = None,
 ) -> Starlette:
-    """Build the router app; nothing is loaded until its lifespan starts."""
+    """Build the router app; nothing is loaded until its lifespan starts.
+
+    ``start``: a worker under ``--workers N`` (``router/server/supervisor.py``); one whose socket
+    listens once ready finishes its start-up only when its champion is loaded.
+    """
     routes = [
         Route("/invocations", invocations, methods=["POST"]),
         Route("/feedback", feedback, methods=["POST"]),
@@ -389,12 +399,14 @@ def create_app(
         )
         hasher = RoutingKeyHasher(settings.routing_key_secret, settings.prediction_log.url)
         service = RouterService(settings, manager, plog, router_metrics, key_hasher=hasher)
-        poller = asyncio.create_task(_load_then_poll(manager), name="alias-poller")
+        poller = asyncio.create_task(_load_then_poll(manager, start), name="alias-poller")
         secret_loader = asyncio.create_task(hasher.load_forever(), name="routing-key-secret")
         # A head start (a local or healthy database answers at once), never a wait on it.
         await asyncio.wait({secret_loader}, timeout=SECRET_HEAD_START_S)
         syncer = asyncio.create_task(_sync_log_metrics(service), name="log-metrics")
         try:
+            if start is not None and start.listen_when_ready:
+                await start.wait_to_listen(lambda: manager.current is not None)
             yield {"service": service}
         finally:
             poller.cancel()
@@ -428,4 +440,4 @@ async def _sync_log_metrics(service: RouterService) -> None:
 
 def app_from_env() -> Starlette:
     """Factory for ``--workers N``: each worker process reads ``$ROUTER_CONFIG`` itself."""
-    return create_app(load_settings())
+    return create_app(load_settings(), start=WorkerStart.from_env())
