@@ -1,0 +1,168 @@
+"""The Thrift compact protocol read from untrusted bytes: Parquet's footer and page headers.
+
+Why not pyarrow's own metadata accessors: several of them call C++ code that throws where the
+Cython layer does not expect it (a row group listing more column chunks than the schema has
+columns, a mutated level histogram), and an exception there is ``std::terminate``: the process
+dies with SIGABRT. Reading the few fields the router checks from the bytes themselves means a
+malformed footer is a ``ThriftError`` (a 400), never a native call.
+
+Every read is bounded by ``end``: a length or a count can never point past it, a container cannot
+claim more elements than it has bytes (every element takes at least one), and nesting stops at
+``MAX_DEPTH``. The work is therefore linear in the bytes read. Values are kept with their compact
+type (``Struct.types``, ``List.element``) so that tests and benchmarks can write them back.
+"""
+
+from __future__ import annotations
+
+import struct as _struct
+from typing import Any
+
+STOP, TRUE, FALSE, BYTE, I16, I32, I64, DOUBLE, BINARY, LIST, SET, MAP, STRUCT = range(13)
+MAX_DEPTH = 32
+_INTEGERS = (I16, I32, I64)
+
+
+class ThriftError(ValueError):
+    """The bytes are not the Thrift compact encoding they should be."""
+
+
+class Struct(dict[int, Any]):
+    """A struct's fields by id; ``types`` holds each field's compact type (``TRUE`` for a bool)."""
+
+    __slots__ = ("types",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.types: dict[int, int] = {}
+
+
+class List(list[Any]):
+    """A list's (or set's) elements; ``element`` is their compact type."""
+
+    __slots__ = ("element",)
+
+    def __init__(self, element: int) -> None:
+        super().__init__()
+        self.element = element
+
+
+def read_struct(buf: bytes, pos: int, end: int) -> tuple[Struct, int]:
+    """The struct that starts at ``pos`` (no byte at or past ``end`` is read) and where it ends.
+
+    Maps are skipped (Parquet's structures have none); every other value is kept.
+    """
+    if not 0 <= pos <= end <= len(buf):
+        raise ThriftError("a Thrift struct lies outside the bytes")
+    return _Reader(buf, end).struct(pos, 0)
+
+
+class _Reader:
+    __slots__ = ("buf", "end")
+
+    def __init__(self, buf: bytes, end: int) -> None:
+        self.buf = buf
+        self.end = end
+
+    def varint(self, pos: int) -> tuple[int, int]:
+        buf, end = self.buf, self.end
+        result = shift = 0
+        while True:
+            if pos >= end or shift > 63:
+                raise ThriftError("truncated or overlong Thrift integer")
+            byte = buf[pos]
+            pos += 1
+            result |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                return result, pos
+            shift += 7
+
+    def zigzag(self, pos: int) -> tuple[int, int]:
+        raw, pos = self.varint(pos)
+        return (raw >> 1) ^ -(raw & 1), pos
+
+    def struct(self, pos: int, depth: int) -> tuple[Struct, int]:
+        if depth > MAX_DEPTH:
+            raise ThriftError(f"Thrift structures nested deeper than {MAX_DEPTH}")
+        fields = Struct()
+        field_id = 0
+        while True:
+            if pos >= self.end:
+                raise ThriftError("truncated Thrift struct")
+            header = self.buf[pos]
+            pos += 1
+            kind = header & 0x0F
+            if kind == STOP:
+                return fields, pos
+            delta = header >> 4
+            if delta:
+                field_id += delta
+            else:
+                field_id, pos = self.zigzag(pos)
+            if kind in (TRUE, FALSE):
+                fields[field_id], fields.types[field_id] = kind == TRUE, TRUE
+                continue
+            if kind == MAP:
+                pos = self.skip_map(pos, depth)
+                continue
+            fields[field_id], pos = self.value(pos, kind, depth)
+            fields.types[field_id] = kind
+
+    def value(self, pos: int, kind: int, depth: int) -> tuple[Any, int]:
+        if kind in _INTEGERS:
+            return self.zigzag(pos)
+        if kind == BINARY:
+            size, pos = self.varint(pos)
+            if size > self.end - pos:
+                raise ThriftError("a Thrift string runs past the end")
+            return self.buf[pos : pos + size], pos + size
+        if kind == STRUCT:
+            return self.struct(pos, depth + 1)
+        if kind in (LIST, SET):
+            return self.list(pos, depth + 1)
+        if kind in (BYTE, TRUE, FALSE):  # a bool inside a container is one byte
+            if pos >= self.end:
+                raise ThriftError("truncated Thrift value")
+            byte = self.buf[pos]
+            value = byte == TRUE if kind != BYTE else byte - 256 * (byte > 127)
+            return value, pos + 1
+        if kind == DOUBLE:
+            if pos + 8 > self.end:
+                raise ThriftError("truncated Thrift double")
+            return _struct.unpack_from("<d", self.buf, pos)[0], pos + 8
+        raise ThriftError(f"unknown Thrift type {kind}")
+
+    def list(self, pos: int, depth: int) -> tuple[List, int]:
+        if depth > MAX_DEPTH:
+            raise ThriftError(f"Thrift structures nested deeper than {MAX_DEPTH}")
+        if pos >= self.end:
+            raise ThriftError("truncated Thrift list")
+        size, element = self.buf[pos] >> 4, self.buf[pos] & 0x0F
+        pos += 1
+        if size == 15:
+            size, pos = self.varint(pos)
+        if size > self.end - pos:  # every element takes at least one byte
+            raise ThriftError("a Thrift list claims more elements than it has bytes")
+        if element == MAP:
+            raise ThriftError("a Thrift list of maps")
+        values = List(TRUE if element == FALSE else element)
+        for _ in range(size):
+            value, pos = self.value(pos, element, depth)
+            values.append(value)
+        return values, pos
+
+    def skip_map(self, pos: int, depth: int) -> int:
+        size, pos = self.varint(pos)
+        if not size:
+            return pos
+        if 2 * size > self.end - pos:
+            raise ThriftError("a Thrift map claims more entries than it has bytes")
+        if pos >= self.end:
+            raise ThriftError("truncated Thrift map")
+        key, value = self.buf[pos] >> 4, self.buf[pos] & 0x0F
+        pos += 1
+        if MAP in (key, value):
+            raise ThriftError("a Thrift map of maps")
+        for _ in range(size):
+            pos = self.value(pos, key, depth + 1)[1]
+            pos = self.value(pos, value, depth + 1)[1]
+        return pos
