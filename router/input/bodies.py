@@ -48,6 +48,7 @@ MAX_DECODED_BYTES = 16 * 1_048_576
 # Objects and arrays per JSON body: an empty object is 2 bytes on the wire and ~64 in memory.
 MAX_JSON_CONTAINERS = 100_000
 _LONG_DIGITS = re.compile(rb"\d{19,}")  # an integer that may not fit 64 bits
+_CELL_BYTES, _VALUE_BYTES = 160, 32  # measured: pandas 3, an ndarray per list, a dict per struct
 _PANDAS_METADATA_ERRORS = (ValueError, TypeError, LookupError, AttributeError, pa.ArrowException)
 
 
@@ -191,6 +192,7 @@ def read_parquet(body: bytes, max_rows: int) -> pd.DataFrame:
         parts = [parquet.read_row_group(g) for g in range(footer.row_groups)] or [parquet.read()]
         # Indices a corrupt page points past its dictionary with fail here, as malformed.
         decoded = sum(_dense_bytes(chunk) for part in parts for chunk in _chunks_of(part))
+        decoded += _python_object_bytes(parts)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise BadRequest(f"malformed Parquet: {exc}") from exc
     if decoded > MAX_DECODED_BYTES:
@@ -249,13 +251,38 @@ def _dense_bytes(array: pa.Array) -> int:
         lengths = pc.binary_length(array.dictionary).fill_null(0)
         taken = pc.take(lengths, array.indices.fill_null(0))
         return int(pc.sum(taken).as_py() or 0) + 8 * len(array)
-    if isinstance(array, pa.StructArray):
-        children = [array.field(i) for i in range(array.type.num_fields)]
-    elif isinstance(array, pa.ListArray | pa.LargeListArray | pa.FixedSizeListArray):
-        children = [array.values]
-    else:
+    children = _children(array)
+    if children is None:
         return int(array.nbytes)
     return 8 * len(array) + sum(_dense_bytes(child) for child in children)
+
+
+def _python_object_bytes(parts: list[pa.Table]) -> int:
+    """What pandas adds for a nested column: a Python object per cell (an array or a dict, about
+    ``_CELL_BYTES``) and up to one per value inside it (``_VALUE_BYTES``)."""
+    cost = 0
+    for part in parts:
+        for column in part.columns:
+            if pa.types.is_nested(column.type):
+                for chunk in column.chunks:
+                    cost += len(chunk) * _CELL_BYTES + _inner_values(chunk) * _VALUE_BYTES
+    return cost
+
+
+def _inner_values(array: pa.Array) -> int:
+    children = _children(array)
+    if children is None:
+        return len(array)
+    return sum(_inner_values(child) for child in children)
+
+
+def _children(array: pa.Array) -> list[pa.Array] | None:
+    """A nested array's child arrays (a map's: its entries); None for any other array."""
+    if isinstance(array, pa.StructArray):
+        return [array.field(i) for i in range(array.type.num_fields)]
+    if isinstance(array, pa.ListArray | pa.LargeListArray | pa.FixedSizeListArray):
+        return [array.values]
+    return None
 
 
 def _dense_field(field: pa.Field) -> pa.Field:
