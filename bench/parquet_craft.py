@@ -144,6 +144,15 @@ def many_lists(columns: int, rows: int) -> bytes:
     return write(pa.table({f"c{i}": column for i in range(columns)}), compression="zstd")
 
 
+def padded_footer(structs: int) -> bytes:
+    """A valid file whose footer also holds an unknown field: a list of ``structs`` empty structs
+    (one byte each; built as objects, 1M of them took 140 MiB)."""
+    body = write(pa.table({"x": [1.0]}))
+    meta, start = footer(body)
+    meta[100], meta.types[100] = _list(STRUCT, [Struct() for _ in range(structs)]), LIST
+    return with_footer(body[:start], meta)
+
+
 def duplicate_names() -> bytes:
     columns = [pa.array([1.0, 2.0]), pa.array([3.0, 4.0])]
     return write(pa.Table.from_arrays(columns, names=["a", "a"]))

@@ -108,6 +108,12 @@ def test_overlapping_row_groups_did_not_even_claim_more_rows() -> None:
     )
 
 
+def test_unknown_footer_fields_are_skipped_not_built() -> None:
+    outcome, growth_mib, _cpu_s = run_case(craft.padded_footer(1_000_000))
+    assert outcome == "ok"
+    assert growth_mib < 64  # 140 MiB when every value of the footer was built
+
+
 @pytest.mark.parametrize("row_group_size", [None, 3])
 def test_nested_columns_still_decode_as_pyarrow_reads_them(row_group_size: int | None) -> None:
     """Strings inside structs, lists and maps are read dictionary-encoded (one row group at a

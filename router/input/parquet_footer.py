@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from router.errors import BadRequest, PayloadTooLarge
-from router.input.thrift_compact import Struct, ThriftError, read_struct
+from router.input.thrift_compact import Keep, Struct, ThriftError, read_struct
 
 MAGIC = b"PAR1"
 MAX_NESTING = 32
@@ -38,6 +38,15 @@ _REPEATED = 2
 # parquet-mr before 1.2.9 left the dictionary page header out of a chunk's size, and readers pad
 # the chunk to compensate (PARQUET-816): its pages would be read past the range checked here.
 _OLD_PARQUET_MR = re.compile(rb"parquet-mr version (\d+)\.(\d+)\.(\d+)")
+# The fields read (parquet.thrift): FileMetaData 2 schema, 3 num_rows, 4 row_groups, 6 created_by;
+# SchemaElement 1 type, 2 type_length, 3 repetition_type, 4 name, 5 num_children; RowGroup
+# 1 columns, 3 num_rows; ColumnChunk 1 file_path, 3 meta_data, 8-9 encryption; ColumnMetaData
+# 1 type, 3 path_in_schema, 5 num_values, 6-7 sizes, 9 data_page_offset, 11 dictionary_page_offset.
+# Everything else (statistics, histograms, indexes, unknown fields) is skipped, never built.
+_SCHEMA_ELEMENT: Keep = dict.fromkeys((1, 2, 3, 4, 5))
+_COLUMN_META: Keep = dict.fromkeys((1, 3, 5, 6, 7, 9, 11))
+_COLUMN_CHUNK: Keep = {1: None, 3: _COLUMN_META, 8: {}, 9: None}
+_KEEP: Keep = {2: _SCHEMA_ELEMENT, 3: None, 4: {1: _COLUMN_CHUNK, 3: None}, 6: None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +97,7 @@ def read_footer(body: bytes, max_columns: int) -> Footer:
     if footer_start < len(MAGIC):
         raise _malformed("its footer length is larger than the body")
     try:
-        meta, _ = read_struct(body, footer_start, len(body) - 8)
+        meta, _ = read_struct(body, footer_start, len(body) - 8, _KEEP)
     except ThriftError as exc:
         raise _malformed(f"its footer: {exc}") from exc
     created_by = meta.get(6)

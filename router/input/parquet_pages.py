@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.input.thrift_compact import ThriftError, read_struct
+from router.input.thrift_compact import Keep, ThriftError, read_struct
 
 _MAX_PAGES = 100_000  # a chunk of more pages than this is not a scoring request
 # PageHeader fields: 2 uncompressed_page_size, 3 compressed_page_size, 5 data_page_header,
 # 8 data_page_header_v2 (field 1 of both: num_values).
 _UNCOMPRESSED, _COMPRESSED, _DATA_V1, _DATA_V2 = 2, 3, 5, 8
+_KEEP: Keep = {_UNCOMPRESSED: None, _COMPRESSED: None, _DATA_V1: {1: None}, _DATA_V2: {1: None}}
 
 
 class MalformedPage(ValueError):
@@ -40,7 +41,7 @@ def chunk_pages(body: bytes, start: int, length: int) -> PageSizes:
         if pos >= end:
             return PageSizes(uncompressed, values, count)
         try:
-            header, pos = read_struct(body, pos, end)
+            header, pos = read_struct(body, pos, end, _KEEP)
         except ThriftError as exc:
             raise MalformedPage(f"a page header: {exc}") from exc
         size, compressed = header.get(_UNCOMPRESSED), header.get(_COMPRESSED)

@@ -15,11 +15,13 @@ type (``Struct.types``, ``List.element``) so that tests and benchmarks can write
 from __future__ import annotations
 
 import struct as _struct
+from collections.abc import Mapping
 from typing import Any
 
 STOP, TRUE, FALSE, BYTE, I16, I32, I64, DOUBLE, BINARY, LIST, SET, MAP, STRUCT = range(13)
 MAX_DEPTH = 32
 _INTEGERS = (I16, I32, I64)
+_FIXED_WIDTHS = {TRUE: 1, FALSE: 1, BYTE: 1, DOUBLE: 8}  # bytes per element inside a list
 
 
 class ThriftError(ValueError):
@@ -46,14 +48,20 @@ class List(list[Any]):
         self.element = element
 
 
-def read_struct(buf: bytes, pos: int, end: int) -> tuple[Struct, int]:
+Keep = Mapping[int, "Keep | None"]
+
+
+def read_struct(buf: bytes, pos: int, end: int, keep: Keep | None = None) -> tuple[Struct, int]:
     """The struct that starts at ``pos`` (no byte at or past ``end`` is read) and where it ends.
 
-    Maps are skipped (Parquet's structures have none); every other value is kept.
+    ``keep`` names the fields to keep, by id: ``None`` for a whole value, a mapping for a struct
+    (or the structs of a list) to keep only those of; every other field is skipped without being
+    built, so that a footer padded with unknown values costs no memory. ``keep=None``: every field.
+    Maps are always skipped (Parquet's structures have none).
     """
     if not 0 <= pos <= end <= len(buf):
         raise ThriftError("a Thrift struct lies outside the bytes")
-    return _Reader(buf, end).struct(pos, 0)
+    return _Reader(buf, end).struct(pos, 0, keep)
 
 
 class _Reader:
@@ -80,34 +88,39 @@ class _Reader:
         raw, pos = self.varint(pos)
         return (raw >> 1) ^ -(raw & 1), pos
 
-    def struct(self, pos: int, depth: int) -> tuple[Struct, int]:
+    def field(self, pos: int, field_id: int) -> tuple[int, int, int]:
+        """The next field header: (compact type, field id, position after it); STOP ends."""
+        if pos >= self.end:
+            raise ThriftError("truncated Thrift struct")
+        header = self.buf[pos]
+        kind, delta = header & 0x0F, header >> 4
+        if kind == STOP:
+            return STOP, field_id, pos + 1
+        if delta:
+            return kind, field_id + delta, pos + 1
+        field_id, pos = self.zigzag(pos + 1)
+        return kind, field_id, pos
+
+    def struct(self, pos: int, depth: int, keep: Keep | None) -> tuple[Struct, int]:
         if depth > MAX_DEPTH:
             raise ThriftError(f"Thrift structures nested deeper than {MAX_DEPTH}")
         fields = Struct()
         field_id = 0
         while True:
-            if pos >= self.end:
-                raise ThriftError("truncated Thrift struct")
-            header = self.buf[pos]
-            pos += 1
-            kind = header & 0x0F
+            kind, field_id, pos = self.field(pos, field_id)
             if kind == STOP:
                 return fields, pos
-            delta = header >> 4
-            if delta:
-                field_id += delta
-            else:
-                field_id, pos = self.zigzag(pos)
             if kind in (TRUE, FALSE):
-                fields[field_id], fields.types[field_id] = kind == TRUE, TRUE
-                continue
-            if kind == MAP:
-                pos = self.skip_map(pos, depth)
-                continue
-            fields[field_id], pos = self.value(pos, kind, depth)
-            fields.types[field_id] = kind
+                if keep is None or field_id in keep:
+                    fields[field_id], fields.types[field_id] = kind == TRUE, TRUE
+            elif kind == MAP or (keep is not None and field_id not in keep):
+                pos = self.skip(pos, kind, depth)
+            else:
+                inner = None if keep is None else keep[field_id]
+                fields[field_id], pos = self.value(pos, kind, depth, inner)
+                fields.types[field_id] = kind
 
-    def value(self, pos: int, kind: int, depth: int) -> tuple[Any, int]:
+    def value(self, pos: int, kind: int, depth: int, keep: Keep | None) -> tuple[Any, int]:
         if kind in _INTEGERS:
             return self.zigzag(pos)
         if kind == BINARY:
@@ -116,9 +129,9 @@ class _Reader:
                 raise ThriftError("a Thrift string runs past the end")
             return self.buf[pos : pos + size], pos + size
         if kind == STRUCT:
-            return self.struct(pos, depth + 1)
+            return self.struct(pos, depth + 1, keep)
         if kind in (LIST, SET):
-            return self.list(pos, depth + 1)
+            return self.list(pos, depth + 1, keep)
         if kind in (BYTE, TRUE, FALSE):  # a bool inside a container is one byte
             if pos >= self.end:
                 raise ThriftError("truncated Thrift value")
@@ -131,7 +144,8 @@ class _Reader:
             return _struct.unpack_from("<d", self.buf, pos)[0], pos + 8
         raise ThriftError(f"unknown Thrift type {kind}")
 
-    def list(self, pos: int, depth: int) -> tuple[List, int]:
+    def list_header(self, pos: int, depth: int) -> tuple[int, int, int]:
+        """A list's (or set's) element type, size and first element's position."""
         if depth > MAX_DEPTH:
             raise ThriftError(f"Thrift structures nested deeper than {MAX_DEPTH}")
         if pos >= self.end:
@@ -144,11 +158,52 @@ class _Reader:
             raise ThriftError("a Thrift list claims more elements than it has bytes")
         if element == MAP:
             raise ThriftError("a Thrift list of maps")
+        return element, size, pos
+
+    def list(self, pos: int, depth: int, keep: Keep | None) -> tuple[List, int]:
+        element, size, pos = self.list_header(pos, depth)
         values = List(TRUE if element == FALSE else element)
         for _ in range(size):
-            value, pos = self.value(pos, element, depth)
+            value, pos = self.value(pos, element, depth, keep)
             values.append(value)
         return values, pos
+
+    def skip(self, pos: int, kind: int, depth: int) -> int:
+        """Past one value of type ``kind``, building nothing."""
+        if kind in _INTEGERS:
+            return self.varint(pos)[1]
+        if kind == STRUCT:
+            if depth >= MAX_DEPTH:
+                raise ThriftError(f"Thrift structures nested deeper than {MAX_DEPTH}")
+            field_id = 0
+            while True:
+                kind, field_id, pos = self.field(pos, field_id)
+                if kind == STOP:
+                    return pos
+                if kind not in (TRUE, FALSE):
+                    pos = self.skip(pos, kind, depth + 1)
+        if kind in (LIST, SET):
+            element, size, pos = self.list_header(pos, depth + 1)
+            width = _FIXED_WIDTHS.get(element)
+            if width is not None:
+                end = pos + width * size
+                if end > self.end:
+                    raise ThriftError("truncated Thrift list")
+                return end
+            for _ in range(size):
+                pos = self.skip(pos, element, depth + 1)
+            return pos
+        if kind == MAP:
+            return self.skip_map(pos, depth)
+        if kind == BINARY:
+            size, pos = self.varint(pos)
+        else:
+            size = _FIXED_WIDTHS.get(kind, -1)
+            if size < 0:
+                raise ThriftError(f"unknown Thrift type {kind}")
+        if size > self.end - pos:
+            raise ThriftError("a Thrift value runs past the end")
+        return pos + size
 
     def skip_map(self, pos: int, depth: int) -> int:
         size, pos = self.varint(pos)
@@ -163,6 +218,6 @@ class _Reader:
         if MAP in (key, value):
             raise ThriftError("a Thrift map of maps")
         for _ in range(size):
-            pos = self.value(pos, key, depth + 1)[1]
-            pos = self.value(pos, value, depth + 1)[1]
+            pos = self.skip(pos, key, depth + 1)
+            pos = self.skip(pos, value, depth + 1)
         return pos
