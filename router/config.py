@@ -77,6 +77,9 @@ class LimitSettings:
     # A connection must deliver a complete request head within this after connecting (or after
     # its last response): slowloris clients cannot hold connections open.
     header_read_timeout_s: float = 10.0
+    # false: Parquet bodies are refused (415) before anything reads them. MLflow's scoring server
+    # takes Parquet, so drop-in clients may send it; a binary format is the riskier one to parse.
+    parquet: bool = True
 
 
 @dataclass(frozen=True)

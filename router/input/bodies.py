@@ -42,6 +42,7 @@ from router.input.casting import names_text
 from router.input.parquet_footer import BYTE_ARRAY, Footer, read_footer
 from router.input.parquet_pages import MalformedPage, chunk_pages
 
+PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
 MAX_JSON_DEPTH = 64
 MAX_COLUMNS = 4096
 MAX_DECODED_BYTES = 16 * 1_048_576
@@ -74,6 +75,16 @@ def media_type(content_type: str | None, accepted: tuple[str, ...]) -> str:
         if value.strip().strip('"').lower() != "utf-8":
             raise UnsupportedMediaType(f"unsupported charset '{value.strip()}': only utf-8")
     return kind
+
+
+def refuse_parquet(content_type: str | None) -> None:
+    """415 for a Parquet body where the operator turned Parquet off (``limits.parquet: false``)."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind == PARQUET_MEDIA_TYPE:
+        raise UnsupportedMediaType(
+            "Parquet bodies are turned off on this router (limits.parquet: false): send "
+            "application/json or text/csv"
+        )
 
 
 # --- JSON -------------------------------------------------------------------------------------
