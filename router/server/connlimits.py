@@ -6,10 +6,13 @@ at the first byte). Why not uvicorn's ``limit_concurrency``: it counts open conn
 request, so once idle connections pass the limit, requests on established keep-alive connections
 are answered 503 and their connections closed. Here the cap is decided when a connection opens:
 
-- beyond ``limits.max_connections`` open connections a new one displaces the oldest connection that
-  has not completed a request yet (a slow or silent client; none of its requests was processed, so
-  its client may retry safely); when every open connection has been served, the new one is
-  answered 503 (``Connection: close``) to its first request;
+- beyond ``limits.max_connections`` open connections a new one displaces a connection that is
+  waiting for a request head: first the oldest that has not completed a request yet (a slow or
+  silent client), else the one served longest ago that has not completed its next head since (an
+  idle keep-alive connection, or one stalled mid-head: served once is not a pass for ever). None
+  of a displaced connection's requests is being processed, so its client may retry safely; a
+  connection with a request in progress is never displaced. When every open connection has a
+  request in progress, the new one is answered 503 (``Connection: close``) to its first request;
 - a connection without a complete request head ``limits.header_read_timeout_s`` after connecting
   (or after its last response) is closed, with a 408 when part of a head came;
 - httptools buffers a head of any size (h11 refuses one over 16 KiB): the same bound here.
@@ -71,12 +74,14 @@ def _raw(error: RouterError) -> bytes:
 
 
 class ConnectionGuard:
-    """One per server process: its limits, its connections not served yet (oldest first), counts."""
+    """One per server process: its limits, its connections waiting for a head (oldest first, those
+    never served apart), counts."""
 
     def __init__(self, limits: LimitSettings) -> None:
         self.max_connections = limits.max_connections
         self.header_read_timeout_s = limits.header_read_timeout_s
-        self.unserved: dict[_HeadGuard, None] = {}
+        self.unserved: dict[_HeadGuard, None] = {}  # no request completed yet
+        self.idle: dict[_HeadGuard, None] = {}  # served, waiting for their next request head
         self._full = TooManyConnections(
             f"more than {self.max_connections} open connections (limits.max_connections)"
         )
@@ -103,6 +108,14 @@ class ConnectionGuard:
             )
             for reason in REASONS:
                 self._closed.labels(reason)
+
+    def displaceable(self) -> _HeadGuard | None:
+        """The connection a newcomer beyond the cap displaces, if any."""
+        return next(iter(self.unserved), None) or next(iter(self.idle), None)
+
+    def forget(self, connection: _HeadGuard) -> None:
+        self.unserved.pop(connection, None)
+        self.idle.pop(connection, None)
 
     def record(self, reason: str) -> None:
         if self._closed is not None:
@@ -152,18 +165,17 @@ class _HeadGuard(_Guarded):
         guard = self._guard
         guard.bind(self.app_state)
         if len(self.connections) > guard.max_connections:
-            oldest = next(iter(guard.unserved), None)
-            if oldest is not None:
-                oldest._expire("displaced", guard.full)
+            displaced = guard.displaceable()
+            if displaced is not None:
+                displaced._expire("displaced", guard.full)
             else:
                 self.app = guard.refuse
                 guard.record("max_connections")
-        guard.unserved[self] = None
-        self._expect_head()
+        self._expect_head(guard.unserved)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_deadline()
-        self._guard.unserved.pop(self, None)
+        self._guard.forget(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -174,14 +186,19 @@ class _HeadGuard(_Guarded):
         super().data_received(data)
         if self.cycle is not self._awaited:  # a request head is complete
             self._stop_deadline()
-            self._guard.unserved.pop(self, None)
+            self._guard.forget(self)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and self.cycle.response_complete:
-            self._expect_head()  # keep-alive: the next head has the same deadline
+            # keep-alive: the next head has the same deadline, and until it is complete this
+            # connection may be displaced (after those never served)
+            self._expect_head(self._guard.idle)
 
-    def _expect_head(self) -> None:
+    def _expect_head(self, queue: dict[_HeadGuard, None]) -> None:
+        """Wait for a request head: under the deadline, and displaceable (``queue``) meanwhile."""
+        self._guard.forget(self)
+        queue[self] = None  # last in its queue: the most recent to start waiting
         self._stop_deadline()
         self._awaited = self.cycle
         self._partial = False
@@ -196,12 +213,12 @@ class _HeadGuard(_Guarded):
 
     def _expire(self, reason: str, answer: bytes) -> None:
         self._stop_deadline()
-        self._guard.unserved.pop(self, None)
+        self._guard.forget(self)
         if self.transport.is_closing() or self.transport.get_protocol() is not self:
             return
-        # An idle keep-alive connection closing is routine; a connection that never completed
-        # a request, or stalled within a head, is what the limits are for.
-        if self.cycle is None or self._partial:
+        # An idle keep-alive connection timing out is routine; a displaced one, one that never
+        # completed a request, or one stalled within a head is what the limits are for.
+        if reason == "displaced" or self.cycle is None or self._partial:
             self._guard.record(reason)
         if self._partial:
             self.transport.write(answer)
