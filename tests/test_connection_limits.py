@@ -148,6 +148,44 @@ def test_a_head_over_16_kib_is_refused(
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_the_head_limit_holds_when_the_whole_head_arrives_in_one_read(
+    mlflow_registry: MlflowRegistry, tmp_path: Path, implementation: str
+) -> None:
+    """Issue 20, item 9: 17 KB and 60 KB heads sent in one write were answered 200."""
+    settings = router_settings(mlflow_registry, tmp_path / "log.db")
+    with _serving(settings, implementation) as port:
+        for size, status in [(15_000, b"200"), (17_000, b"400"), (60_000, b"400")]:
+            head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+            with _connect(port) as sock:
+                answer = _exchange(sock, head)
+            assert answer.startswith(b"HTTP/1.1 " + status), (size, answer[:300])
+            if status == b"400":
+                assert b"request head over 16384 bytes" in answer, answer[:300]
+        assert _get(port, "/healthz") == 200
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_repeated_protocol_warnings_are_rate_limited(
+    mlflow_registry: MlflowRegistry,
+    tmp_path: Path,
+    implementation: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 20, item 9: each ``Upgrade:`` request wrote two warning lines."""
+    settings = router_settings(mlflow_registry, tmp_path / "log.db")
+    upgrade = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    with (
+        caplog.at_level("WARNING", logger="uvicorn.error"),
+        _serving(settings, implementation) as port,
+    ):
+        for _ in range(20):
+            with _connect(port) as sock:
+                assert _exchange(sock, upgrade).startswith(b"HTTP/1.1 ")
+    upgrades = [r for r in caplog.records if r.getMessage() == "Unsupported upgrade request."]
+    assert len(upgrades) == 1, [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_beyond_the_cap_an_unserved_then_an_idle_connection_is_displaced_else_a_503(
     mlflow_registry: MlflowRegistry, tmp_path: Path, implementation: str
 ) -> None:
