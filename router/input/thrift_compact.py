@@ -94,9 +94,7 @@ class _Reader:
             raise ThriftError("truncated Thrift struct")
         header = self.buf[pos]
         kind, delta = header & 0x0F, header >> 4
-        if kind == STOP:
-            return STOP, field_id, pos + 1
-        if delta:
+        if kind == STOP or delta:
             return kind, field_id + delta, pos + 1
         field_id, pos = self.zigzag(pos + 1)
         return kind, field_id, pos
@@ -104,21 +102,33 @@ class _Reader:
     def struct(self, pos: int, depth: int, keep: Keep | None) -> tuple[Struct, int]:
         if depth > MAX_DEPTH:
             raise ThriftError(f"Thrift structures nested deeper than {MAX_DEPTH}")
+        buf, end = self.buf, self.end
         fields = Struct()
+        types = fields.types
         field_id = 0
         while True:
             kind, field_id, pos = self.field(pos, field_id)
             if kind == STOP:
                 return fields, pos
-            if kind in (TRUE, FALSE):
-                if keep is None or field_id in keep:
-                    fields[field_id], fields.types[field_id] = kind == TRUE, TRUE
-            elif kind == MAP or (keep is not None and field_id not in keep):
+            # Integers of one byte (most field values here) are read in line: the hot path.
+            small = kind in _INTEGERS and pos < end and buf[pos] < 0x80
+            if keep is not None and field_id not in keep:
+                if small:
+                    pos += 1
+                elif kind not in (TRUE, FALSE):
+                    pos = self.skip(pos, kind, depth)
+            elif kind in (TRUE, FALSE):
+                fields[field_id], types[field_id] = kind == TRUE, TRUE
+            elif kind == MAP:
                 pos = self.skip(pos, kind, depth)
+            elif small:
+                raw = buf[pos]
+                fields[field_id], types[field_id] = (raw >> 1) ^ -(raw & 1), kind
+                pos += 1
             else:
                 inner = None if keep is None else keep[field_id]
                 fields[field_id], pos = self.value(pos, kind, depth, inner)
-                fields.types[field_id] = kind
+                types[field_id] = kind
 
     def value(self, pos: int, kind: int, depth: int, keep: Keep | None) -> tuple[Any, int]:
         if kind in _INTEGERS:
@@ -175,12 +185,15 @@ class _Reader:
         if kind == STRUCT:
             if depth >= MAX_DEPTH:
                 raise ThriftError(f"Thrift structures nested deeper than {MAX_DEPTH}")
+            buf, end = self.buf, self.end
             field_id = 0
             while True:
                 kind, field_id, pos = self.field(pos, field_id)
                 if kind == STOP:
                     return pos
-                if kind not in (TRUE, FALSE):
+                if kind in _INTEGERS and pos < end and buf[pos] < 0x80:
+                    pos += 1
+                elif kind not in (TRUE, FALSE):
                     pos = self.skip(pos, kind, depth + 1)
         if kind in (LIST, SET):
             element, size, pos = self.list_header(pos, depth + 1)
