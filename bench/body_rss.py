@@ -4,7 +4,10 @@ Starts ``python -m router`` (default limits: 1,000 rows, 1 MiB bodies, 4 MiB fee
 benchmark's registry, then sends hostile bodies, each within the body limit, one kind at a time:
 alone, then ``CONCURRENCY`` at once. For each kind it resets the process's peak RSS (``VmHWM``, via
 ``/proc/PID/clear_refs``), sends, and reports the peak over the RSS before: the most memory that
-kind of body made the process take. Prints a table; the largest figure is the bound to state.
+kind of body made the process take; and the CPU time the process spent on the body sent alone
+(``/proc/PID/stat``: user + system). Prints a table; the largest figures are the bounds to state.
+The Parquet bodies include those of issue 20 (``bench/parquet_craft.py``): nested strings that
+decoded densely, row groups naming one chunk, footers that aborted the process.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import httpx
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench import parquet_craft as craft
 from bench.registry import split_body, train_registry
 from bench.servers import free_port, running
 from bench.targets import clean_env
@@ -62,6 +66,46 @@ def bodies() -> dict[str, tuple[str, Callable[[], bytes]]]:
         "parquet 1000 rows x 1 string of 400 KB (dictionary)": (
             PARQUET,
             lambda: _parquet(pa.table({"x": pa.array(["a" * 400_000] * 1000)})),
+        ),
+        "parquet struct<s: string>, 1000 rows of one 1 MiB string (was 1 GB)": (
+            PARQUET,
+            lambda: craft.nested_strings("struct", 1000, MIB),
+        ),
+        "parquet list<string>, 1000 rows of one 1 MiB string (was 1 GB)": (
+            PARQUET,
+            lambda: craft.nested_strings("list", 1000, MIB),
+        ),
+        "parquet 1000 list columns x 1000 rows (pandas objects; was 160 MiB)": (
+            PARQUET,
+            lambda: craft.many_lists(1000, 1000),
+        ),
+        "parquet 70 list columns x 1000 rows (just under the limit)": (
+            PARQUET,
+            lambda: craft.many_lists(70, 1000),
+        ),
+        "parquet 1000 row groups naming one chunk of 1000 pages (overlapping)": (
+            PARQUET,
+            lambda: craft.overlapping_row_groups(1000),
+        ),
+        "parquet 4096 columns, one value each (largest footer and page walk)": (
+            PARQUET,
+            lambda: craft.write(
+                pa.table({f"c{i}": [0.0] for i in range(4096)}),
+                compression="none",
+                write_statistics=False,
+            ),
+        ),
+        "parquet footer padded with 1M empty structs": (
+            PARQUET,
+            lambda: craft.padded_footer(1_000_000),
+        ),
+        "parquet more column chunks than columns (aborted the process)": (
+            PARQUET,
+            craft.chunks_beyond_schema,
+        ),
+        "parquet a mutated level histogram (aborted the process)": (
+            PARQUET,
+            craft.mutated_level_histogram,
         ),
         "json 1000 rows of long strings": (
             JSON,
@@ -125,14 +169,20 @@ def _status_kb(pid: int, field: str) -> int:
     return 0
 
 
-def _measure(pids: Sequence[int], send: Callable[[], None]) -> float:
-    """Peak RSS growth (MiB) over all ``pids`` while ``send`` runs."""
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _measure(pids: Sequence[int], send: Callable[[], None]) -> tuple[float, float]:
+    """Peak RSS growth (MiB) and CPU seconds over all ``pids`` while ``send`` runs."""
     before = sum(_status_kb(pid, "VmRSS") for pid in pids)
+    cpu = sum(_cpu_s(pid) for pid in pids)
     for pid in pids:
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     send()
     peak = sum(_status_kb(pid, "VmHWM") for pid in pids)
-    return (peak - before) / 1024
+    return (peak - before) / 1024, sum(_cpu_s(pid) for pid in pids) - cpu
 
 
 def _send(
@@ -187,8 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm = bodies()["json 1000 valid rows"][1]()
         for _ in range(20):  # allocator and caches warm, as in service
             client.post("/invocations", content=warm, headers={"Content-Type": JSON})
-        print(f"{'body':<74} {'bytes':>9} {'status':>6} {'alone MiB':>9} {'x8 MiB':>8}")
-        worst = 0.0
+        print(
+            f"{'body':<74} {'bytes':>9} {'status':>6} {'alone MiB':>9} {'x8 MiB':>8} "
+            f"{'alone CPU s':>11}"
+        )
+        worst = worst_cpu = 0.0
         for kind, (content_type, make) in bodies().items():
             body = make()
             assert len(body) <= BODY_LIMIT, kind
@@ -196,13 +249,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             statuses: list[int] = []
             send_one = functools.partial(_send, client, path, body, content_type, statuses)
             send_many = functools.partial(_concurrently, send_one)
-            alone = _measure(pids, send_one)
-            many = _measure(pids, send_many)
-            worst = max(worst, alone, many)
-            print(f"{kind:<74} {len(body):>9} {statuses[0]:>6} {alone:>9.1f} {many:>8.1f}")
+            alone, cpu = _measure(pids, send_one)
+            many, _ = _measure(pids, send_many)
+            worst, worst_cpu = max(worst, alone, many), max(worst_cpu, cpu)
+            print(
+                f"{kind:<74} {len(body):>9} {statuses[0]:>6} {alone:>9.1f} {many:>8.1f} "
+                f"{cpu:>11.2f}"
+            )
             assert all(status < 500 for status in statuses), (kind, statuses)
         assert client.get("/healthz").status_code == 200
-    print(f"largest peak RSS growth: {worst:.1f} MiB")
+    print(f"largest peak RSS growth: {worst:.1f} MiB; most CPU for one body: {worst_cpu:.2f} s")
     return 0
 
 

@@ -71,12 +71,15 @@ class LimitSettings:
     max_body_bytes: int = 1_048_576
     # A client must send its whole body within this: slow senders cannot hold a connection open.
     body_read_timeout_s: float = 30.0
-    # Open connections per worker process; beyond it a new connection displaces one that has not
-    # sent a request yet, else it is answered 503 (router/server/connlimits.py).
+    # Open connections per worker process; beyond it a new connection displaces one waiting for a
+    # request head (never served first), else it is answered 503 (router/server/connlimits.py).
     max_connections: int = 1024
     # A connection must deliver a complete request head within this after connecting (or after
     # its last response): slowloris clients cannot hold connections open.
     header_read_timeout_s: float = 10.0
+    # false: Parquet bodies are refused (415) before anything reads them. MLflow's scoring server
+    # takes Parquet, so drop-in clients may send it; a binary format is the riskier one to parse.
+    parquet: bool = True
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from router.errors import (
     PredictionFailed,
     RouterError,
 )
+from router.input.bodies import refuse_parquet
 from router.input.payload import (
     CONTENT_TYPE_JSON,
     ParsedInput,
@@ -330,6 +331,8 @@ class RouterService:
         """The body decoded once, for every arm; a client error (recorded in ``arm``) if not."""
         max_rows = self.settings.limits.max_rows
         try:
+            if not self.settings.limits.parquet:
+                refuse_parquet(content_type)
             if len(body) <= INLINE_MAX_BYTES and (content_type or "").lower().startswith(
                 CONTENT_TYPE_JSON
             ):

@@ -101,6 +101,31 @@ def test_log_url_password_is_in_no_answer_and_no_log_line(tmp_path: Path) -> Non
     assert all(LOG_PASSWORD not in text for text in [*answers, logged])
 
 
+def test_a_tracking_password_holding_a_slash_is_in_no_answer_and_no_log_line(
+    tmp_path: Path,
+) -> None:
+    """Issue 20, item 7: it was in /readyz, /experiment and the logs."""
+    registry_port = free_port()
+    password = "tr4ck/ing@Pa55:word"
+    tracking_uri = f"http://alice:{password}@127.0.0.1:{registry_port}"
+    config = _config(tmp_path, tracking_uri, f"sqlite:///{tmp_path / 'log.db'}")
+    answers, logged = _answers_while_failing(config, registry_port)
+    for secret in (password, "tr4ck", "Pa55:word"):
+        assert all(secret not in text for text in [*answers, logged]), secret
+    assert "alice:***@" in answers[0] + logged
+
+
+def test_a_log_password_as_a_query_parameter_is_in_no_answer_and_no_log_line(
+    tmp_path: Path,
+) -> None:
+    """Issue 20, item 7: it was in the public /readyz and in 15 log lines."""
+    db_port = free_port()
+    log_url = f"postgresql://router@127.0.0.1:{db_port}/router?password={LOG_PASSWORD}"
+    config = _config(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", log_url)
+    answers, logged = _answers_while_failing(config, db_port)
+    assert all(LOG_PASSWORD not in text for text in [*answers, logged])
+
+
 def test_cli_error_line_has_no_password(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     log_url = f"postgresql://router:{LOG_PASSWORD}@127.0.0.1:{free_port()}/router"
     tracking_uri = f"http://alice:{TRACKING_PASSWORD}@127.0.0.1:{free_port()}"
@@ -128,6 +153,45 @@ def test_cli_error_line_has_no_password(tmp_path: Path, capsys: pytest.CaptureFi
     ],
 )
 def test_redact_masks_the_password_of_every_uri(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # A password holding "/", "@", ":" (the user information ends at the last "@")
+        ("postgresql://u:pa/ss@db/x", "postgresql://u:***@db/x"),
+        ("postgresql://u:p@ss@db:5432/x", "postgresql://u:***@db:5432/x"),
+        ("http://u:a:b/c@d@host:5000", "http://u:***@host:5000"),
+        ("http://u:pa?ss@host/x", "http://u:***@host/x"),
+        ("http://u:pa#ss@host/x", "http://u:***@host/x"),
+        # Password-like query (and fragment) parameters, in any case and spelling
+        (
+            "postgresql+psycopg://router@db:5432/r?password=s3cret&sslmode=require",
+            "postgresql+psycopg://router@db:5432/r?password=***&sslmode=require",
+        ),
+        ("mysql://db/x?PWD=a&user=b;Api-Key=c", "mysql://db/x?PWD=***&user=b;Api-Key=***"),
+        (
+            "https://acct.blob.core.windows.net/c?sv=2024&sig=abc%2F&se=1",
+            "https://acct.blob.core.windows.net/c?sv=2024&sig=***&se=1",
+        ),
+        ("https://h/cb#access_token=t0k&state=1", "https://h/cb#access_token=***&state=1"),
+        ("http://h/?client_secret=x&secretKey=y", "http://h/?client_secret=***&secretKey=***"),
+        # Both at once, inside longer messages, quoted or not
+        (
+            'connect "postgresql://u:p/w@db/x?password=q": refused; retry http://a:b@c',
+            'connect "postgresql://u:***@db/x?password=***": refused; retry http://a:***@c',
+        ),
+        ("(sqlite:///tmp/x.db) and file:///etc/x", "(sqlite:///tmp/x.db) and file:///etc/x"),
+        # Nothing to mask: ordinary URIs stay as they are
+        ("http://host:5000/api?run_id=1&x=2", "http://host:5000/api?run_id=1&x=2"),
+        ("http://host/x?email=a@b.com", "http://host/x?email=a@b.com"),
+        ("http://host:5000/x?email=a@b.com", "http://host:5000/x?email=a@b.com"),
+        ("see https://example.com/docs#section", "see https://example.com/docs#section"),
+        ("not a uri: ://x@y and 3://z", "not a uri: ://x@y and 3://z"),
+    ],
+)
+def test_redact_parses_every_uri_shape(text: str, expected: str) -> None:
     assert redact(text) == expected
 
 

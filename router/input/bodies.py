@@ -3,13 +3,16 @@ than a stated amount of memory, and every malformed body is a 4xx naming the pro
 
 Why each bound exists (a few hundred bytes can otherwise become gigabytes):
 
-* **Parquet** is refused before any page is decoded: at most ``max_rows`` rows and
-  ``MAX_COLUMNS`` columns (footer), and at most ``MAX_DECODED_BYTES`` once decompressed and once
+* **Parquet** is refused before any native decoder sees it unless its footer, read from the
+  bytes (``router/input/parquet_footer.py``: no pyarrow accessor, some of which abort the
+  process), proves it well-formed (one tree of columns, one chunk per leaf column per row group,
+  chunks inside the body and never overlapping) and small: at most ``max_rows`` rows and
+  ``MAX_COLUMNS`` leaf columns, and at most ``MAX_DECODED_BYTES`` once decompressed and once
   decoded to fixed-width values, as every page header says (``router/input/parquet_pages.py``: a
   footer's sizes are only the writer's word). Run-length and dictionary encoding let one small
-  page stand for millions of values, so string and binary columns are read dictionary-encoded (a
-  dictionary plus indices, never a string per row) and their dense size is computed before they
-  are expanded.
+  page stand for millions of values, so every string and binary column, nested ones included,
+  is read dictionary-encoded (a dictionary plus indices, never a string per row) and its dense
+  size is computed before it is expanded.
 * **CSV** is read only up to ``max_rows + 1`` rows, after its header was checked against
   ``MAX_COLUMNS`` (pandas spends ~1 KB per column: a 1.4 MB header of 150,000 columns was 175 MB).
 * **JSON** is counted first (at most ``MAX_JSON_CONTAINERS`` objects and arrays: an empty object
@@ -25,6 +28,7 @@ import csv
 import io
 import json
 import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -34,16 +38,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from router.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from router.input.parquet_footer import BYTE_ARRAY, Footer, read_footer
 from router.input.parquet_pages import MalformedPage, chunk_pages
 from router.input.rowcount import check_row_limit
+from router.input.schema import names_text
 
+PARQUET_MEDIA_TYPE = "application/vnd.apache.parquet"
 MAX_JSON_DEPTH = 64
 MAX_COLUMNS = 4096
 MAX_DECODED_BYTES = 16 * 1_048_576
 # Objects and arrays per JSON body: an empty object is 2 bytes on the wire and ~64 in memory.
 MAX_JSON_CONTAINERS = 100_000
 _LONG_DIGITS = re.compile(rb"\d{19,}")  # an integer that may not fit 64 bits
-_WIDTHS = {"BOOLEAN": 1, "INT32": 4, "FLOAT": 4, "INT64": 8, "DOUBLE": 8, "INT96": 12}
+_CELL_BYTES, _VALUE_BYTES = 160, 32  # measured: pandas 3, an ndarray per list, a dict per struct
 _PANDAS_METADATA_ERRORS = (ValueError, TypeError, LookupError, AttributeError, pa.ArrowException)
 
 
@@ -69,6 +76,16 @@ def media_type(content_type: str | None, accepted: tuple[str, ...]) -> str:
         if value.strip().strip('"').lower() != "utf-8":
             raise UnsupportedMediaType(f"unsupported charset '{value.strip()}': only utf-8")
     return kind
+
+
+def refuse_parquet(content_type: str | None) -> None:
+    """415 for a Parquet body where the operator turned Parquet off (``limits.parquet: false``)."""
+    kind = (content_type or "").split(";")[0].strip().lower()
+    if kind == PARQUET_MEDIA_TYPE:
+        raise UnsupportedMediaType(
+            "Parquet bodies are turned off on this router (limits.parquet: false): send "
+            "application/json or text/csv"
+        )
 
 
 # --- JSON -------------------------------------------------------------------------------------
@@ -175,16 +192,19 @@ def _check_csv_header(body: bytes) -> None:
 
 
 def read_parquet(body: bytes, max_rows: int) -> pd.DataFrame:
-    """Refused from the footer when too large; decoded with strings kept dictionary-encoded
-    until their dense size is known to fit ``MAX_DECODED_BYTES``."""
+    """Refused from the footer and page headers when too large or malformed; decoded with every
+    string column (nested ones included) kept dictionary-encoded until its dense size is known
+    to fit ``MAX_DECODED_BYTES``."""
+    footer = _check_footer(body, max_rows)
+    _check_names(footer.columns)
+    strings = [i for i, leaf in enumerate(footer.leaves) if leaf.physical == BYTE_ARRAY]
     try:
-        footer = pq.ParquetFile(pa.BufferReader(body))
-        _check_footer(body, footer.metadata, max_rows)
-        strings = [f.name for f in footer.schema_arrow if _is_variable_width(f.type)]
         parquet = pq.ParquetFile(pa.BufferReader(body), read_dictionary=strings or None)
-        table = parquet.read()
+        # One row group at a time: a nested column's dictionaries cannot span row groups.
+        parts = [parquet.read_row_group(g) for g in range(footer.row_groups)] or [parquet.read()]
         # Indices a corrupt page points past its dictionary with fail here, as malformed.
-        decoded = sum(_dense_bytes(column) for column in table.columns)
+        decoded = sum(_dense_bytes(chunk) for part in parts for chunk in _chunks_of(part))
+        decoded += _python_object_bytes(parts)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise BadRequest(f"malformed Parquet: {exc}") from exc
     if decoded > MAX_DECODED_BYTES:
@@ -192,37 +212,30 @@ def read_parquet(body: bytes, max_rows: int) -> pd.DataFrame:
             f"Parquet body decodes to {decoded} bytes; the limit is {MAX_DECODED_BYTES}"
         )
     try:
-        table = table.cast(_dense_schema(table.schema))
-        return table.to_pandas()
+        schema = parts[0].schema
+        dense = pa.schema(map(_dense_field, schema), metadata=schema.metadata)
+        frame = pa.concat_tables([part.cast(dense) for part in parts]).to_pandas()
     except _PANDAS_METADATA_ERRORS as exc:
         why = f"{type(exc).__name__}: {exc}"
         raise BadRequest(f"malformed Parquet (its pandas metadata): {why}") from exc
+    _check_names([str(name) for name in frame.columns])
+    return frame
 
 
-def _check_footer(body: bytes, metadata: pq.FileMetaData, max_rows: int) -> None:
+def _check_footer(body: bytes, max_rows: int) -> Footer:
     """Rows and columns from the footer; sizes from every page header (the footer's own sizes are
     only the writer's word, while a page header's is what the reader allocates and decodes)."""
-    check_row_limit(metadata.num_rows, max_rows, "parquet")
-    if metadata.num_columns > MAX_COLUMNS:
-        raise PayloadTooLarge(
-            f"too many columns: parquet has {metadata.num_columns}; the limit is {MAX_COLUMNS}"
-        )
-    widths = [_value_width(metadata.schema.column(c)) for c in range(metadata.num_columns)]
+    footer = read_footer(body, MAX_COLUMNS)
+    check_row_limit(footer.num_rows, max_rows, "parquet")
     uncompressed = 0
     fixed = 0  # bytes of the decoded values of every column, strings aside (dictionaries are)
-    for g in range(metadata.num_row_groups):
-        group = metadata.row_group(g)
-        for c in range(group.num_columns):
-            chunk = group.column(c)
-            start = chunk.data_page_offset
-            if chunk.has_dictionary_page and chunk.dictionary_page_offset:
-                start = chunk.dictionary_page_offset
-            try:
-                pages = chunk_pages(body, start, chunk.total_compressed_size)
-            except MalformedPage as exc:
-                raise BadRequest(f"malformed Parquet: {exc}") from exc
-            uncompressed += max(pages.uncompressed, chunk.total_uncompressed_size)
-            fixed += max(pages.values, chunk.num_values) * widths[c]
+    for chunk in footer.chunks:
+        try:
+            pages = chunk_pages(body, chunk.start, chunk.length)
+        except MalformedPage as exc:
+            raise BadRequest(f"malformed Parquet: {exc}") from exc
+        uncompressed += max(pages.uncompressed, chunk.uncompressed)
+        fixed += max(pages.values, chunk.num_values) * footer.leaves[chunk.leaf].value_width
     if uncompressed > MAX_DECODED_BYTES:
         raise PayloadTooLarge(
             f"Parquet pages decompress to {uncompressed} bytes; the limit is {MAX_DECODED_BYTES}"
@@ -231,35 +244,79 @@ def _check_footer(body: bytes, metadata: pq.FileMetaData, max_rows: int) -> None
         raise PayloadTooLarge(
             f"Parquet values decode to {fixed} bytes; the limit is {MAX_DECODED_BYTES}"
         )
+    return footer
 
 
-def _value_width(column: pq.ColumnSchema) -> int:
-    """Bytes one decoded value takes (strings: their offset; their text is bounded apart)."""
-    if column.physical_type == "FIXED_LEN_BYTE_ARRAY":
-        return max(int(column.length or 0), 1)
-    return _WIDTHS.get(column.physical_type, 8)
+def _chunks_of(table: pa.Table) -> Iterator[pa.Array]:
+    for column in table.columns:
+        yield from column.chunks
 
 
-def _is_variable_width(t: pa.DataType) -> bool:
-    kinds = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary)
-    return any(kind(t) for kind in kinds) or bool(pa.types.is_large_binary(t))
+def _dense_bytes(array: pa.Array) -> int:
+    """The size ``array`` takes once every dictionary index is replaced by its value (a nested
+    array: its own slots, 8 bytes each, and its children's)."""
+    if isinstance(array, pa.DictionaryArray):
+        lengths = pc.binary_length(array.dictionary).fill_null(0)
+        taken = pc.take(lengths, array.indices.fill_null(0))
+        return int(pc.sum(taken).as_py() or 0) + 8 * len(array)
+    children = _children(array)
+    if children is None:
+        return int(array.nbytes)
+    return 8 * len(array) + sum(_dense_bytes(child) for child in children)
 
 
-def _dense_bytes(column: pa.ChunkedArray) -> int:
-    """The size ``column`` takes once every dictionary index is replaced by its value."""
-    total = 0
-    for chunk in column.chunks:
-        if isinstance(chunk, pa.DictionaryArray):
-            lengths = pc.binary_length(chunk.dictionary).fill_null(0)
-            taken = pc.take(lengths, chunk.indices.fill_null(0))
-            total += int(pc.sum(taken).as_py() or 0) + 8 * len(chunk)
-        else:
-            total += chunk.nbytes
-    return total
+def _python_object_bytes(parts: list[pa.Table]) -> int:
+    """What pandas adds for a nested column: a Python object per cell (an array or a dict, about
+    ``_CELL_BYTES``) and up to one per value inside it (``_VALUE_BYTES``)."""
+    cost = 0
+    for part in parts:
+        for column in part.columns:
+            if pa.types.is_nested(column.type):
+                for chunk in column.chunks:
+                    cost += len(chunk) * _CELL_BYTES + _inner_values(chunk) * _VALUE_BYTES
+    return cost
 
 
-def _dense_schema(schema: pa.Schema) -> pa.Schema:
-    fields = [
-        f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema
-    ]
-    return pa.schema(fields, metadata=schema.metadata)
+def _inner_values(array: pa.Array) -> int:
+    children = _children(array)
+    if children is None:
+        return len(array)
+    return sum(_inner_values(child) for child in children)
+
+
+def _children(array: pa.Array) -> list[pa.Array] | None:
+    """A nested array's child arrays (a map's: its entries); None for any other array."""
+    if isinstance(array, pa.StructArray):
+        return [array.field(i) for i in range(array.type.num_fields)]
+    if isinstance(array, pa.ListArray | pa.LargeListArray | pa.FixedSizeListArray):
+        return [array.values]
+    return None
+
+
+def _dense_field(field: pa.Field) -> pa.Field:
+    return field.with_type(_dense_type(field.type))
+
+
+def _dense_type(t: pa.DataType) -> pa.DataType:
+    """``t`` with every dictionary replaced by its value type, at any depth."""
+    if pa.types.is_dictionary(t):
+        return t.value_type
+    if pa.types.is_map(t):
+        return pa.map_(_dense_field(t.key_field), _dense_field(t.item_field), t.keys_sorted)
+    if pa.types.is_struct(t):
+        return pa.struct([_dense_field(t.field(i)) for i in range(t.num_fields)])
+    if pa.types.is_list(t):
+        return pa.list_(_dense_field(t.value_field))
+    if pa.types.is_large_list(t):
+        return pa.large_list(_dense_field(t.value_field))
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(_dense_field(t.value_field), t.list_size)
+    return t
+
+
+def _check_names(names: Sequence[str]) -> None:
+    """One column per name, as the rest of the router keys columns by name: in the file, and
+    after pandas metadata (which may rename columns) was applied."""
+    if len(set(names)) != len(names):
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        raise BadRequest(f"parquet names a column more than once: {names_text(duplicated)}")

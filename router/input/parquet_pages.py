@@ -3,17 +3,21 @@ decoded size is known from what the decoder will actually be told, not from the 
 
 A footer's ``total_uncompressed_size`` and ``num_values`` are the writer's word; each page header
 says how many bytes its page decompresses to and how many values it holds, and that is what the
-reader allocates and decodes. Only the handful of fields needed are read; the rest are skipped.
+reader allocates and decodes. Every page (header and data) must lie within its column chunk: the
+walk reads each byte of a chunk at most once, and chunks do not overlap (``parquet_footer``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-_STOP, _TRUE, _FALSE, _BYTE, _I16, _I32, _I64, _DOUBLE, _BINARY = range(9)
-_LIST, _SET, _MAP, _STRUCT = 9, 10, 11, 12
+from router.input.thrift_compact import Keep, ThriftError, read_struct
+
 _MAX_PAGES = 100_000  # a chunk of more pages than this is not a scoring request
-_MAX_NESTING = 32
+# PageHeader fields: 2 uncompressed_page_size, 3 compressed_page_size, 5 data_page_header,
+# 8 data_page_header_v2 (field 1 of both: num_values).
+_UNCOMPRESSED, _COMPRESSED, _DATA_V1, _DATA_V2 = 2, 3, 5, 8
+_KEEP: Keep = {_UNCOMPRESSED: None, _COMPRESSED: None, _DATA_V1: {1: None}, _DATA_V2: {1: None}}
 
 
 class MalformedPage(ValueError):
@@ -23,7 +27,8 @@ class MalformedPage(ValueError):
 @dataclass(frozen=True, slots=True)
 class PageSizes:
     uncompressed: int  # bytes the pages decompress to, per their headers
-    values: int  # values the data pages hold, per their headers
+    values: int  # values the data pages hold (levels included), per their headers
+    pages: int
 
 
 def chunk_pages(body: bytes, start: int, length: int) -> PageSizes:
@@ -32,109 +37,23 @@ def chunk_pages(body: bytes, start: int, length: int) -> PageSizes:
     if start < 0 or length < 0 or end > len(body):
         raise MalformedPage("a column chunk lies outside the body")
     pos, uncompressed, values = start, 0, 0
-    for _ in range(_MAX_PAGES):
+    for count in range(_MAX_PAGES):
         if pos >= end:
-            return PageSizes(uncompressed, values)
-        header, pos = _struct(body, pos, 0)
-        size, compressed = header.get(2, 0), header.get(3, 0)
-        if (
-            not isinstance(size, int)
-            or not isinstance(compressed, int)
-            or min(size, compressed) < 0
-        ):
+            return PageSizes(uncompressed, values, count)
+        try:
+            header, pos = read_struct(body, pos, end, _KEEP)
+        except ThriftError as exc:
+            raise MalformedPage(f"a page header: {exc}") from exc
+        size, compressed = header.get(_UNCOMPRESSED), header.get(_COMPRESSED)
+        if not isinstance(size, int) or not isinstance(compressed, int):
+            raise MalformedPage("a page header has no sizes")
+        if min(size, compressed) < 0:
             raise MalformedPage("a page header has no valid sizes")
+        if compressed > end - pos:
+            raise MalformedPage("a page runs past the end of its column chunk")
         uncompressed += size
-        for data_header in (header.get(5), header.get(8)):  # DataPageHeader, DataPageHeaderV2
+        for data_header in (header.get(_DATA_V1), header.get(_DATA_V2)):
             if isinstance(data_header, dict) and isinstance(data_header.get(1), int):
                 values += max(data_header[1], 0)
         pos += compressed
     raise MalformedPage(f"a column chunk has more than {_MAX_PAGES} pages")
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise MalformedPage("truncated or overlong varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _zigzag(buf: bytes, pos: int) -> tuple[int, int]:
-    raw, pos = _varint(buf, pos)
-    return (raw >> 1) ^ -(raw & 1), pos
-
-
-def _struct(buf: bytes, pos: int, depth: int) -> tuple[dict[int, object], int]:
-    """A struct's integer and struct fields by id (others skipped)."""
-    if depth > _MAX_NESTING:
-        raise MalformedPage("page header nested too deep")
-    fields: dict[int, object] = {}
-    field_id = 0
-    while True:
-        if pos >= len(buf):
-            raise MalformedPage("truncated page header")
-        byte = buf[pos]
-        pos += 1
-        kind = byte & 0x0F
-        if kind == _STOP:
-            return fields, pos
-        delta = byte >> 4
-        if delta:
-            field_id += delta
-        else:
-            field_id, pos = _zigzag(buf, pos)
-        if kind in (_I16, _I32, _I64):
-            fields[field_id], pos = _zigzag(buf, pos)
-        elif kind == _STRUCT:
-            fields[field_id], pos = _struct(buf, pos, depth + 1)
-        else:
-            pos = _skip(buf, pos, kind, depth)
-
-
-def _skip(buf: bytes, pos: int, kind: int, depth: int, *, in_container: bool = False) -> int:
-    if depth > _MAX_NESTING:
-        raise MalformedPage("page header nested too deep")
-    if kind in (_TRUE, _FALSE):
-        return pos + 1 if in_container else pos  # a field's boolean lives in its header
-    if kind == _BYTE:
-        return pos + 1
-    if kind in (_I16, _I32, _I64):
-        return _varint(buf, pos)[1]
-    if kind == _DOUBLE:
-        return pos + 8
-    if kind == _BINARY:
-        size, pos = _varint(buf, pos)
-        return pos + size
-    if kind in (_LIST, _SET):
-        if pos >= len(buf):
-            raise MalformedPage("truncated page header")
-        size, element = buf[pos] >> 4, buf[pos] & 0x0F
-        pos += 1
-        if size == 15:
-            size, pos = _varint(buf, pos)
-        for _ in range(size):
-            pos = _skip(buf, pos, element, depth + 1, in_container=True)
-            if pos > len(buf):
-                raise MalformedPage("truncated page header")
-        return pos
-    if kind == _MAP:
-        size, pos = _varint(buf, pos)
-        if size:
-            if pos >= len(buf):
-                raise MalformedPage("truncated page header")
-            key, value = buf[pos] >> 4, buf[pos] & 0x0F
-            pos += 1
-            for _ in range(size):
-                pos = _skip(buf, pos, key, depth + 1, in_container=True)
-                pos = _skip(buf, pos, value, depth + 1, in_container=True)
-                if pos > len(buf):
-                    raise MalformedPage("truncated page header")
-        return pos
-    if kind == _STRUCT:
-        return _struct(buf, pos, depth + 1)[1]
-    raise MalformedPage(f"unknown Thrift type {kind} in a page header")

@@ -38,7 +38,7 @@ from mlflow.types import ParamSchema, Schema
 
 from router.config import Casting, ExtraColumns, NonFinite
 from router.errors import BadRequest, InvalidInput, RouterError
-from router.input.bodies import load_json, read_csv, read_parquet
+from router.input.bodies import PARQUET_MEDIA_TYPE, load_json, read_csv, read_parquet
 from router.input.bodies import media_type as media_type_of
 from router.input.casting import check_finite, enforce_like_mlflow, typed_rows
 from router.input.columns import Columns, columns_of, split_index
@@ -63,7 +63,7 @@ FORMAT_KEYS: tuple[str, ...] = ("dataframe_split", "dataframe_records", "instanc
 PARAMS_KEY = "params"
 CONTENT_TYPE_JSON = "application/json"
 CONTENT_TYPE_CSV = "text/csv"
-CONTENT_TYPE_PARQUET = "application/vnd.apache.parquet"
+CONTENT_TYPE_PARQUET = PARQUET_MEDIA_TYPE
 CONTENT_TYPES: tuple[str, ...] = (CONTENT_TYPE_JSON, CONTENT_TYPE_CSV, CONTENT_TYPE_PARQUET)
 
 InputData: TypeAlias = pd.DataFrame | np.ndarray | dict[str, np.ndarray]

@@ -6,13 +6,20 @@ at the first byte). Why not uvicorn's ``limit_concurrency``: it counts open conn
 request, so once idle connections pass the limit, requests on established keep-alive connections
 are answered 503 and their connections closed. Here the cap is decided when a connection opens:
 
-- beyond ``limits.max_connections`` open connections a new one displaces the oldest connection that
-  has not completed a request yet (a slow or silent client; none of its requests was processed, so
-  its client may retry safely); when every open connection has been served, the new one is
-  answered 503 (``Connection: close``) to its first request;
+- beyond ``limits.max_connections`` open connections a new one displaces a connection that is
+  waiting for a request head: first the oldest that has not completed a request yet (a slow or
+  silent client), else the one served longest ago that has not completed its next head since (an
+  idle keep-alive connection, or one stalled mid-head: served once is not a pass for ever). None
+  of a displaced connection's requests is being processed, so its client may retry safely; a
+  connection with a request in progress is never displaced. When every open connection has a
+  request in progress, the new one is answered 503 (``Connection: close``) to its first request;
 - a connection without a complete request head ``limits.header_read_timeout_s`` after connecting
   (or after its last response) is closed, with a 408 when part of a head came;
-- httptools buffers a head of any size (h11 refuses one over 16 KiB): the same bound here.
+- a request head over 16 KiB is a 400, whatever the read size: httptools buffers a head of any
+  size and h11 bounds only a head still incomplete (one that arrives whole in one read passed
+  both), so the bound is applied to the parsed head before the app, and while a head arrives;
+- uvicorn's protocol warnings (each ``Upgrade:`` request wrote two lines, each malformed request
+  one) are logged at most once per message every ``LOG_INTERVAL_S``, with the count held back.
 
 Both uvicorn implementations (h11, httptools) get the same rules. Each close is counted in
 ``router_connections_closed_total{reason}`` on the app's registry and logged at most every
@@ -34,7 +41,7 @@ import orjson
 from prometheus_client import Counter
 
 from router.config import LimitSettings
-from router.errors import RequestTimeout, RouterError, TooManyConnections
+from router.errors import BadRequest, RequestTimeout, RouterError, TooManyConnections
 
 if TYPE_CHECKING:  # the mixins are typed as the protocols they extend; plain classes at run time
     from uvicorn.protocols.http.h11_impl import H11Protocol as _Guarded
@@ -71,12 +78,14 @@ def _raw(error: RouterError) -> bytes:
 
 
 class ConnectionGuard:
-    """One per server process: its limits, its connections not served yet (oldest first), counts."""
+    """One per server process: its limits, its connections waiting for a head (oldest first, those
+    never served apart), counts."""
 
     def __init__(self, limits: LimitSettings) -> None:
         self.max_connections = limits.max_connections
         self.header_read_timeout_s = limits.header_read_timeout_s
-        self.unserved: dict[_HeadGuard, None] = {}
+        self.unserved: dict[_HeadGuard, None] = {}  # no request completed yet
+        self.idle: dict[_HeadGuard, None] = {}  # served, waiting for their next request head
         self._full = TooManyConnections(
             f"more than {self.max_connections} open connections (limits.max_connections)"
         )
@@ -90,6 +99,14 @@ class ConnectionGuard:
         self._closed: Counter | None = None
         self._unlogged: Tally[str] = Tally()
         self._log_after = 0.0
+        self.protocol_log = _ThrottledLog(logging.getLogger("uvicorn.error"))
+        self._bounded: tuple[Any, _HeadLimit] | None = None
+
+    def head_limited(self, app: Any) -> _HeadLimit:
+        """``app`` behind the head-size bound (one wrapper per app, shared by connections)."""
+        if self._bounded is None or self._bounded[0] is not app:
+            self._bounded = (app, _HeadLimit(app))
+        return self._bounded[1]
 
     def bind(self, app_state: dict[str, Any]) -> None:
         """Count on the app's registry (the lifespan state's service), once it is there."""
@@ -103,6 +120,14 @@ class ConnectionGuard:
             )
             for reason in REASONS:
                 self._closed.labels(reason)
+
+    def displaceable(self) -> _HeadGuard | None:
+        """The connection a newcomer beyond the cap displaces, if any."""
+        return next(iter(self.unserved), None) or next(iter(self.idle), None)
+
+    def forget(self, connection: _HeadGuard) -> None:
+        self.unserved.pop(connection, None)
+        self.idle.pop(connection, None)
 
     def record(self, reason: str) -> None:
         if self._closed is not None:
@@ -129,6 +154,62 @@ class ConnectionGuard:
         await send({"type": "http.response.body", "body": body})
 
 
+class _HeadLimit:
+    """The ASGI app behind a bound on the parsed request head: whatever arrived in one read."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._too_large = _answer(
+            BadRequest(f"request head over {MAX_HEAD_BYTES} bytes (the request line and headers)")
+        )
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and head_size(scope) > MAX_HEAD_BYTES:
+            headers, body = self._too_large
+            await send({"type": "http.response.start", "status": 400, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def head_size(scope: Any) -> int:
+    """The bytes of a request's head as parsed: request line, header lines, the blank line."""
+    line = len(scope["method"]) + 1 + len(scope.get("raw_path") or b"") + len(" HTTP/1.1\r\n")
+    query = scope.get("query_string") or b""
+    if query:
+        line += 1 + len(query)
+    fields = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+    return line + fields + 2
+
+
+class _ThrottledLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """uvicorn's protocol logger (``self.logger`` of every connection) with each warning message
+    logged at most once every ``LOG_INTERVAL_S``: a client repeating a protocol fault must not
+    flood the log. Errors pass unchanged."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger, {})
+        self._quiet_until: dict[str, float] = {}
+        self._held: Tally[str] = Tally()
+
+    @property
+    def level(self) -> int:  # uvicorn reads its logger's level to decide on trace lines
+        return int(self.logger.level)
+
+    def warning(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        key, now = str(msg), time.monotonic()
+        if now < self._quiet_until.get(key, 0.0):
+            self._held[key] += 1
+            return
+        if len(self._quiet_until) > 100:  # uvicorn's messages are a few constants; stay bounded
+            self._quiet_until.clear()
+        self._quiet_until[key] = now + LOG_INTERVAL_S
+        held = self._held.pop(key, 0)
+        if held:
+            msg = f"{msg} (and {held} more in the last {LOG_INTERVAL_S:g} s, not logged)"
+        self.logger.warning(msg, *args, **kwargs)
+
+
 class _HeadGuard(_Guarded):
     """The cap and the head deadline, over either uvicorn protocol (their shared attributes)."""
 
@@ -143,6 +224,8 @@ class _HeadGuard(_Guarded):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self._guard = guard
+        self.logger = guard.protocol_log  # type: ignore[assignment]
+        self.app = guard.head_limited(self.app)
         self._deadline: asyncio.TimerHandle | None = None
         self._awaited: object = None  # the cycle when the deadline was set: a new one = a head
         self._partial = False  # bytes came since the deadline was set
@@ -152,18 +235,17 @@ class _HeadGuard(_Guarded):
         guard = self._guard
         guard.bind(self.app_state)
         if len(self.connections) > guard.max_connections:
-            oldest = next(iter(guard.unserved), None)
-            if oldest is not None:
-                oldest._expire("displaced", guard.full)
+            displaced = guard.displaceable()
+            if displaced is not None:
+                displaced._expire("displaced", guard.full)
             else:
                 self.app = guard.refuse
                 guard.record("max_connections")
-        guard.unserved[self] = None
-        self._expect_head()
+        self._expect_head(guard.unserved)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_deadline()
-        self._guard.unserved.pop(self, None)
+        self._guard.forget(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -174,14 +256,19 @@ class _HeadGuard(_Guarded):
         super().data_received(data)
         if self.cycle is not self._awaited:  # a request head is complete
             self._stop_deadline()
-            self._guard.unserved.pop(self, None)
+            self._guard.forget(self)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing() and self.cycle.response_complete:
-            self._expect_head()  # keep-alive: the next head has the same deadline
+            # keep-alive: the next head has the same deadline, and until it is complete this
+            # connection may be displaced (after those never served)
+            self._expect_head(self._guard.idle)
 
-    def _expect_head(self) -> None:
+    def _expect_head(self, queue: dict[_HeadGuard, None]) -> None:
+        """Wait for a request head: under the deadline, and displaceable (``queue``) meanwhile."""
+        self._guard.forget(self)
+        queue[self] = None  # last in its queue: the most recent to start waiting
         self._stop_deadline()
         self._awaited = self.cycle
         self._partial = False
@@ -196,12 +283,12 @@ class _HeadGuard(_Guarded):
 
     def _expire(self, reason: str, answer: bytes) -> None:
         self._stop_deadline()
-        self._guard.unserved.pop(self, None)
+        self._guard.forget(self)
         if self.transport.is_closing() or self.transport.get_protocol() is not self:
             return
-        # An idle keep-alive connection closing is routine; a connection that never completed
-        # a request, or stalled within a head, is what the limits are for.
-        if self.cycle is None or self._partial:
+        # An idle keep-alive connection timing out is routine; a displaced one, one that never
+        # completed a request, or one stalled within a head is what the limits are for.
+        if reason == "displaced" or self.cycle is None or self._partial:
             self._guard.record(reason)
         if self._partial:
             self.transport.write(answer)
@@ -210,7 +297,8 @@ class _HeadGuard(_Guarded):
 
 
 class _HeadBound(_HttpTools):
-    """httptools keeps a head of any size; h11 (uvicorn's 400) stops at MAX_HEAD_BYTES."""
+    """httptools keeps a head of any size; h11 (uvicorn's 400) stops at MAX_HEAD_BYTES while a
+    head is incomplete: the memory bound while it arrives (``_HeadLimit`` bounds a whole one)."""
 
     _head_bytes = 0
     _in_head = False
