@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,30 @@ def insert_ignoring(engine: Engine, table: sa.Table) -> sa.Insert:
     if engine.dialect.name == "sqlite":
         return sqlite.insert(table).on_conflict_do_nothing()
     return postgresql.insert(table).on_conflict_do_nothing()
+
+
+RowInserter = Callable[[Connection, Sequence[tuple[Any, ...]]], int]
+
+
+def row_inserter(engine: Engine, table: sa.Table, columns: Sequence[str]) -> RowInserter:
+    """``insert(conn, rows)``: rows (tuples in ``columns`` order) into ``table``, skipping rows
+    whose unique key is present (the first of equal keys wins); returns how many went in.
+
+    PostgreSQL: ``COPY`` and one insert (:mod:`router.log.pgcopy`). SQLite: one positional
+    ``executemany`` (the driver sums its row counts); no per-row parameter dictionaries.
+    """
+    if engine.dialect.name == "postgresql":
+        from router.log.pgcopy import CopyInsert  # psycopg is imported for PostgreSQL logs only
+
+        return CopyInsert(table, columns)
+    names = ", ".join(f'"{c}"' for c in columns)
+    marks = ", ".join("?" for _ in columns)
+    sql = f"INSERT INTO {table.name} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING"
+
+    def insert(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+        return conn.exec_driver_sql(sql, list(rows)).rowcount
+
+    return insert
 
 
 def add_missing_columns(conn: Connection) -> None:
