@@ -29,13 +29,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import sqlalchemy as sa
-
+from bench.pglog import ENV_VAR, default_url, postgres_reason, postgres_schema
 from router.log.predlog import PredictionLog, PredictionRecord
 
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -205,37 +203,6 @@ def handoff_us_per_row(rows: int, batch_size: int) -> float:
     return cpu * 1e6 / sent
 
 
-@contextmanager
-def postgres_schema(base: str) -> Iterator[str]:
-    """A schema of its own on ``base`` for the run (``search_path``), dropped afterwards."""
-    schema = f"bench_ingest_{os.getpid()}"
-    admin = sa.create_engine(base)
-    try:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-        url = sa.make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        admin.dispose()
-
-
-def postgres_reason(url: str | None) -> str | None:
-    """None when ``url`` answers, else why PostgreSQL is left out."""
-    if not url:
-        return "no --postgres URL and no $ROUTER_TEST_POSTGRES_URL"
-    engine = sa.create_engine(url, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as conn:
-            conn.exec_driver_sql("SELECT 1")
-    except sa.exc.SQLAlchemyError as exc:
-        return f"PostgreSQL not reachable: {str(exc.orig or exc).splitlines()[0]}"
-    finally:
-        engine.dispose()
-    return None
-
-
 def _verdict(met: bool) -> str:
     return "met" if met else "**missed**"
 
@@ -287,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=500, help="the writer's (default 500)")
     parser.add_argument("--seconds", type=float, default=5.0, help="per serving-loop run")
     parser.add_argument("--work-us", type=float, default=250.0, help="CPU per serving-loop turn")
-    parser.add_argument("--postgres", default=os.environ.get("ROUTER_TEST_POSTGRES_URL"))
+    parser.add_argument("--postgres", default=default_url(), help=f"default ${ENV_VAR}")
     args = parser.parse_args(argv)
     reason = postgres_reason(args.postgres)
     units = _calibrate(args.work_us)
