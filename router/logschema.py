@@ -178,18 +178,27 @@ def view_selects(dialect: str) -> dict[str, str]:
     """The SELECT behind each warehouse view, for ``dialect`` (``sqlite`` or ``postgresql``)."""
     unit = "COALESCE({a}routing_key_hash, {a}request_id)"
     assigned = ", ".join(f"'{a.value}'" for a in (Arm.CHAMPION, Arm.CHALLENGER))
-    assignments = (
+    # Within one experiment id each arm has one version (the id is the version pair); a fallback
+    # row carries the champion's (the answer served), so the arm's version is read elsewhere.
+    versions = (
+        "SELECT experiment_id, arm, MAX(model_version) AS model_version "
+        f"FROM {predictions.name} WHERE row_index = 0 "
+        f"AND status <> '{RowStatus.FALLBACK.value}' GROUP BY experiment_id, arm"
+    )
+    units = (
         f"SELECT experiment_id, {unit.format(a='')} AS unit_id, "
         "CASE WHEN routing_key_hash IS NULL THEN 'request' ELSE 'routing_key' END AS unit_type, "
-        # A fallback row carries the champion's version (the answer served): the arm's own
-        # version is that of its other rows.
-        f"arm, MAX(CASE WHEN status <> '{RowStatus.FALLBACK.value}' THEN model_version END) "
-        f"AS model_version, MIN(ts) AS first_exposure_ts, {_as_time(dialect, 'MIN(ts)')} "
-        "AS first_exposure, COUNT(*) AS requests "
+        "arm, MIN(ts) AS first_exposure_ts, COUNT(*) AS requests "
         f"FROM {predictions.name} WHERE row_index = 0 AND arm IN ({assigned}) "
         f"AND status <> '{RowStatus.CLIENT_ERROR.value}' "
         f"GROUP BY experiment_id, {unit.format(a='')}, "
         "CASE WHEN routing_key_hash IS NULL THEN 'request' ELSE 'routing_key' END, arm"
+    )
+    assignments = (
+        "SELECT u.experiment_id, u.unit_id, u.unit_type, u.arm, v.model_version, "
+        f"u.first_exposure_ts, {_as_time(dialect, 'u.first_exposure_ts')} AS first_exposure, "
+        f"u.requests FROM ({units}) u LEFT JOIN ({versions}) v "
+        "ON v.experiment_id = u.experiment_id AND v.arm = u.arm"
     )
     facts = (
         f"SELECT p.request_id, p.row_index, p.experiment_id, {unit.format(a='p.')} AS unit_id, "
