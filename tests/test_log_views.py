@@ -84,7 +84,8 @@ def test_views_agree_with_the_evaluators_aggregation(backend: Backend, users: in
                 assert summary.keyed
                 unit_types = conn.execute(
                     sa.text(
-                        f"SELECT DISTINCT unit_type FROM {ASSIGNMENTS_VIEW} WHERE experiment_id = :e"
+                        f"SELECT DISTINCT unit_type FROM {ASSIGNMENTS_VIEW} "
+                        "WHERE experiment_id = :e"
                     ),
                     {"e": EID},
                 ).all()
