@@ -22,9 +22,10 @@ def default_url() -> str | None:
 
 
 @contextmanager
-def postgres_schema(base: str) -> Iterator[str]:
-    """A schema of its own on ``base`` for the run (``search_path``), dropped afterwards."""
-    schema = f"bench_{os.getpid()}"
+def postgres_schema(base: str, schema: str | None = None) -> Iterator[str]:
+    """A URL on ``base`` whose ``search_path`` is a fresh schema (default ``bench_<pid>``),
+    dropped afterwards with everything in it; the tests' isolated schemas are made here too."""
+    schema = schema or f"bench_{os.getpid()}"
     admin = create_engine(base)
     try:
         with admin.begin() as conn:
