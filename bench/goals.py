@@ -1,4 +1,4 @@
-"""The speed targets of issues 10 and 12, checked against one run's rows (ratios, never asserted).
+"""The speed targets of issues 10, 12 and 21, checked against one run's rows (ratios, not asserts).
 
 Each target compares two measurements of the same model from the same run; a target whose
 measurements are missing says so instead of a verdict.
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from bench.load import LoadResult
 from bench.rows import BASELINE, MLFLOW_SERVE, TargetRow, find
-from bench.targets import ROUTER, ROUTER_CHAMPION_ONLY, ROUTER_TWO_WORKERS
+from bench.targets import ROUTER, ROUTER_CHAMPION_ONLY, ROUTER_POSTGRES, ROUTER_TWO_WORKERS
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,14 @@ def _throughput(at_least: float) -> Callable[[LoadResult, LoadResult], tuple[flo
 
 def _p99_no_worse(mine: LoadResult, ref: LoadResult) -> tuple[float, bool]:
     return mine.p99_ms / ref.p99_ms, mine.p99_ms <= ref.p99_ms
+
+
+def _p99_within(factor: float) -> Callable[[LoadResult, LoadResult], tuple[float, bool]]:
+    def check(mine: LoadResult, ref: LoadResult) -> tuple[float, bool]:
+        ratio = mine.p99_ms / ref.p99_ms
+        return ratio, ratio <= factor
+
+    return check
 
 
 def _p50_within_10pct(mine: LoadResult, ref: LoadResult) -> tuple[float, bool]:
@@ -85,6 +93,27 @@ RULES: tuple[_Rule, ...] = (
         (ROUTER_TWO_WORKERS, 1),
         (ROUTER, 1),
         _p50_within_10pct,
+    ),
+    # Issue 21: the production configuration (one PostgreSQL log for every replica) against the
+    # embedded default, the same router otherwise.
+    *(
+        rule
+        for n in (1, 32)
+        for rule in (
+            _Rule(
+                f"{n} connection{'s' if n > 1 else ''}: router with PostgreSQL log ≥ 0.95× "
+                "with SQLite log",
+                (ROUTER_POSTGRES, n),
+                (ROUTER, n),
+                _throughput(0.95),
+            ),
+            _Rule(
+                f"{n} connection{'s' if n > 1 else ''}: PostgreSQL log p99 ≤ 1.5× SQLite log p99",
+                (ROUTER_POSTGRES, n),
+                (ROUTER, n),
+                _p99_within(1.5),
+            ),
+        )
     ),
 )
 

@@ -30,7 +30,7 @@ THROUGHPUT_COLUMNS: tuple[str, ...] = (
     "notes",
 )
 MICRO_COLUMNS: tuple[str, ...] = ("in-process cost", "µs per call", "best µs", "µs per row", "note")
-GOAL_COLUMNS: tuple[str, ...] = ("model", "target (issue 10 / 12)", "measured", "verdict")
+GOAL_COLUMNS: tuple[str, ...] = ("model", "target (issues 10 / 12 / 21)", "measured", "verdict")
 
 
 @dataclass(frozen=True)

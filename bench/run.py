@@ -1,9 +1,10 @@
-"""``python -m bench.run [--quick] [--duration S] [--out bench/results.md]``.
+"""``python -m bench.run [--quick] [--duration S] [--postgres URL] [--out bench/results.md]``.
 
 Trains three registered models into a temporary MLflow registry (the demo's ColumnTransformer
 pipelines, a numeric StandardScaler+LogReg pipeline, gradient boosting), then, for each model,
-starts each target one at a time on 127.0.0.1 (the router with batching on and off and with two
-workers, a bare Starlette app, ``mlflow models serve``), loads it from a second process with
+starts each target one at a time on 127.0.0.1 (the router with batching on and off, with two
+workers and with its log in PostgreSQL when one answers, a bare Starlette app, ``mlflow models
+serve``), loads it from a second process with
 single-row requests at 1/8/32/64 connections, reads the server's CPU time per request, profiles
 one request's stages, stops it; finally times the request's pieces in-process. Writes the
 markdown report (with the targets met or missed) to ``--out`` and prints it.
@@ -33,12 +34,14 @@ from pathlib import Path
 from bench import load as loadgen
 from bench.cpu import group_cpu_s
 from bench.micro import measure_micro
+from bench.pglog import ENV_VAR, default_url, postgres_reason, postgres_schema
 from bench.registry import REPO_ROOT, BenchModel, BenchRegistry, train_models
 from bench.report import BASELINE, MLFLOW_SERVE, Report, StageBudget, TargetRow, render
 from bench.servers import RunningServer, ServerFailed, free_port, running
 from bench.targets import (
     ROUTER,
     ROUTER_CHAMPION_ONLY,
+    ROUTER_POSTGRES,
     ROUTER_TWO_WORKERS,
     ROUTER_UNBATCHED,
     ROUTERS,
@@ -56,6 +59,7 @@ ALL_TARGETS: dict[str, str] = {
     "router-unbatched": ROUTER_UNBATCHED,
     "router-2-workers": ROUTER_TWO_WORKERS,
     "router-champion-only": ROUTER_CHAMPION_ONLY,
+    "router-postgres": ROUTER_POSTGRES,
     "baseline": BASELINE,
     "mlflow-serve": MLFLOW_SERVE,
 }
@@ -64,6 +68,7 @@ DEFAULT_TARGETS = (
     "router-unbatched",
     "router-2-workers",
     "router-champion-only",
+    "router-postgres",
     "baseline",
     "mlflow-serve",
 )
@@ -73,6 +78,7 @@ CONNECTIONS: tuple[int, ...] = (1, 8, 32, 64)
 REDUCED: dict[str, tuple[int, ...]] = {
     ROUTER_TWO_WORKERS: (1, 32),
     ROUTER_CHAMPION_ONLY: (1, 32),
+    ROUTER_POSTGRES: (1, 32),
     MLFLOW_SERVE: (1, 32),
 }
 PROFILED = (ROUTER, BASELINE)
@@ -103,6 +109,7 @@ class Options:
     micro_repeats: int
     out: Path | None
     keep_work: bool
+    postgres: str | None = None  # the base URL of the PostgreSQL log's server
 
 
 def _csv(text: str) -> list[str]:
@@ -132,6 +139,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument("--out", default="bench/results.md", help="'-' to only print")
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary directory")
+    parser.add_argument(
+        "--postgres",
+        default=default_url(),
+        help=f"PostgreSQL for the router-postgres target (default ${ENV_VAR}); a schema of its own",
+    )
     args = parser.parse_args(argv)
     ids = _csv(args.targets)
     unknown = [t for t in ids if t not in ALL_TARGETS] + [
@@ -158,6 +170,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         micro_repeats=3 if args.quick else 5,
         out=None if args.out == "-" else Path(args.out),
         keep_work=args.keep_work,
+        postgres=args.postgres,
     )
 
 
@@ -198,8 +211,17 @@ def _challenger_removed(registry: BenchRegistry) -> Iterator[None]:
 
 
 def _build_target(
-    name: str, registry: BenchRegistry, work: Path, port: int, stages_out: Path | None
+    name: str,
+    registry: BenchRegistry,
+    work: Path,
+    port: int,
+    stages_out: Path | None,
+    postgres_log: str | None,
 ) -> Target:
+    if name == ROUTER_POSTGRES:
+        if postgres_log is None:
+            raise ServerFailed(postgres_reason(None) or "no PostgreSQL")
+        return router_target(name, registry, work, port, stages_out, log_url=postgres_log)
     if name in ROUTERS:
         return router_target(name, registry, work, port, stages_out)
     if name == BASELINE:
@@ -234,7 +256,7 @@ def _profile(
 
 
 def bench_target(
-    name: str, model: BenchModel, work: Path, opts: Options
+    name: str, model: BenchModel, work: Path, opts: Options, postgres_log: str | None = None
 ) -> tuple[list[TargetRow], list[StageBudget]]:
     """Start ``name``, measure it at every concurrency, stop it; failures become table notes."""
     registry = model.registry
@@ -246,16 +268,16 @@ def bench_target(
     stages_out = work / "stages" / f"{slug}.json" if profile else None
     if stages_out is not None:
         stages_out.parent.mkdir(parents=True, exist_ok=True)
-    target = _build_target(name, registry, work, port, stages_out)
     connections = [c for c in opts.connections if c in REDUCED.get(name, opts.connections)]
-    base = loadgen.LoadSpec(
-        port=port,
-        body=model.body,
-        connections=1,
-        duration_s=opts.duration_s,
-        routing_keys=target.routing_keys,
-    )
     try:
+        target = _build_target(name, registry, work, port, stages_out, postgres_log)
+        base = loadgen.LoadSpec(
+            port=port,
+            body=model.body,
+            connections=1,
+            duration_s=opts.duration_s,
+            routing_keys=target.routing_keys,
+        )
         with running(
             name,
             target.cmd,
@@ -308,7 +330,15 @@ def run(opts: Options, command: str, log: Callable[[str], None] = print) -> Repo
         load_start=os.getloadavg(),
     )
     work = Path(tempfile.mkdtemp(prefix="bench-run-"))
+    stack = contextlib.ExitStack()
     try:
+        postgres_log: str | None = None
+        if ROUTER_POSTGRES in opts.targets:
+            reason = postgres_reason(opts.postgres)
+            if reason is None and opts.postgres is not None:
+                postgres_log = stack.enter_context(postgres_schema(opts.postgres))
+            else:
+                log(f"{ROUTER_POSTGRES}: left out ({reason})")
         log(f"training the models into {work / 'registry'} ...")
         models = [
             m
@@ -323,13 +353,14 @@ def run(opts: Options, command: str, log: Callable[[str], None] = print) -> Repo
                     _challenger_removed(model.registry) if name == ROUTER_CHAMPION_ONLY else None
                 )
                 with removed or contextlib.nullcontext():
-                    rows, budgets = bench_target(name, model, work, opts)
+                    rows, budgets = bench_target(name, model, work, opts, postgres_log)
                 report.rows += rows
                 report.budgets += budgets
         log("timing in-process micro-costs ...")
         demo = BenchRegistry(work / "registry")
         report.micro = measure_micro(demo, target_s=opts.micro_target_s, repeats=opts.micro_repeats)
     finally:
+        stack.close()  # the PostgreSQL schema of the run is dropped
         report.load_end = os.getloadavg()
         if opts.keep_work:
             log(f"kept {work}")

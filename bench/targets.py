@@ -18,7 +18,8 @@ ROUTER = "router"
 ROUTER_UNBATCHED = "router, no batching"
 ROUTER_TWO_WORKERS = "router, 2 workers"
 ROUTER_CHAMPION_ONLY = "router, champion only"
-ROUTERS = (ROUTER, ROUTER_UNBATCHED, ROUTER_TWO_WORKERS, ROUTER_CHAMPION_ONLY)
+ROUTER_POSTGRES = "router, PostgreSQL log"
+ROUTERS = (ROUTER, ROUTER_UNBATCHED, ROUTER_TWO_WORKERS, ROUTER_CHAMPION_ONLY, ROUTER_POSTGRES)
 CHECKS_IN_A_ROW = 8
 _STRIPPED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "ROUTER_CONFIG")
 _STRIPPED_PREFIXES = ("ROUTER_", "PROMETHEUS_MULTIPROC_DIR")
@@ -48,9 +49,9 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def router_config(
-    registry: BenchRegistry, path: Path, log_db: Path, port: int, batch_max_rows: int | None = None
+    registry: BenchRegistry, path: Path, log_url: str, port: int, batch_max_rows: int | None = None
 ) -> Path:
-    """A config as users write it: SQLite registry and prediction log, a 90/10 split."""
+    """A config as users write it: SQLite registry, the prediction log at ``log_url``, 90/10."""
     batching = [] if batch_max_rows is None else [f"  batch_max_rows: {batch_max_rows}"]
     path.write_text(
         "\n".join(
@@ -62,7 +63,7 @@ def router_config(
                 "  mode: split",
                 "  challenger_weight: 0.1",
                 "prediction_log:",
-                f"  url: sqlite:///{log_db}",
+                f"  url: '{log_url}'",
                 "server:",
                 "  host: 127.0.0.1",
                 f"  port: {port}",
@@ -83,15 +84,20 @@ def _profiled(cmd_module: list[str], stages_out: Path | None) -> list[str]:
 
 
 def router_target(
-    name: str, registry: BenchRegistry, work: Path, port: int, stages_out: Path | None = None
+    name: str,
+    registry: BenchRegistry,
+    work: Path,
+    port: int,
+    stages_out: Path | None = None,
+    log_url: str | None = None,
 ) -> Target:
+    """``log_url`` None: a SQLite log in ``work`` (every target but the PostgreSQL one)."""
     slug = f"{registry.model_name}-{name.replace(' ', '-').replace(',', '')}"
     # batch_max_rows 1 turns the micro-batcher off: the same router, scoring each request alone.
     batch_max_rows = 1 if name == ROUTER_UNBATCHED else None
     workers = 2 if name == ROUTER_TWO_WORKERS else 1
-    config = router_config(
-        registry, work / f"{slug}.yaml", work / f"{slug}-log.db", port, batch_max_rows
-    )
+    log_url = log_url or f"sqlite:///{work / f'{slug}-log.db'}"
+    config = router_config(registry, work / f"{slug}.yaml", log_url, port, batch_max_rows)
     args = ["router", "--config", str(config), "--port", str(port), "--workers", str(workers)]
     return Target(
         name=name,

@@ -104,6 +104,11 @@ class PredictionLogSettings:
     flush_interval_s: float = 0.2
     # Records waiting beyond this are dropped (and counted) rather than growing memory unbounded.
     max_pending: int = 100_000
+    # `python -m router.log retention` removes rows older than this many days, except those of an
+    # experiment still running (router/log/retention.py); null keeps everything.
+    retention_days: float | None = None
+    # Prediction rows per delete transaction: the writer waits for at most one such batch.
+    retention_batch_rows: int = 5_000
 
 
 @dataclass(frozen=True)
@@ -289,6 +294,13 @@ def _validate(s: Settings) -> None:
         s.prediction_log.flush_interval_s > 0, "prediction_log.flush_interval_s", "must be > 0"
     )
     _require(s.prediction_log.max_pending >= 1, "prediction_log.max_pending", "must be >= 1")
+    days = s.prediction_log.retention_days
+    _require(days is None or days > 0, "prediction_log.retention_days", "must be > 0 or null")
+    _require(
+        s.prediction_log.retention_batch_rows >= 1,
+        "prediction_log.retention_batch_rows",
+        "must be >= 1",
+    )
     _require(0 < s.experiment.alpha < 1, "experiment.alpha", "must be within (0, 1)")
     _require(s.experiment.planned_samples >= 2, "experiment.planned_samples", "must be >= 2")
     _require(

@@ -94,9 +94,19 @@ outcomes = sa.Table(
 )
 
 
+_NO_CHALLENGER = "-vs-vnone"
+
+
 def experiment_id(model_name: str, champion_version: str, challenger_version: str | None) -> str:
     """Derive the experiment id from the version pair: moving an alias starts a new experiment."""
-    return f"{model_name}:v{champion_version}-vs-v{challenger_version or 'none'}"
+    if not challenger_version:
+        return f"{model_name}:v{champion_version}{_NO_CHALLENGER}"
+    return f"{model_name}:v{champion_version}-vs-v{challenger_version}"
+
+
+def has_challenger(eid: str) -> bool:
+    """Is ``eid`` an experiment (a challenger beside the champion), not champion-only traffic?"""
+    return not eid.endswith(_NO_CHALLENGER)
 
 
 def hash_routing_key(secret: bytes, key: str) -> str:
@@ -141,3 +151,61 @@ def outcome_number(outcome: object) -> float | None:
     if isinstance(outcome, bool | int | float):
         return float(outcome)
     return None
+
+
+# -- warehouse views ----------------------------------------------------------------------------
+# The shapes warehouse-native experiment tools read (GrowthBook's and Eppo's assignment source and
+# fact tables), as views over the two tables above: nothing is copied, nothing can drift. Created
+# by ``python -m router.log views`` (router/log/warehouse.py), not by the router: a view pins the
+# tables it reads on PostgreSQL. docs/deploy.md maps them to each tool.
+
+#: One row per (experiment, unit, assigned arm): the unit is the hashed routing key, else the
+#: request (the evaluator's unit). Requests that were the client's fault are nobody's exposure and
+#: are left out, as the evaluator leaves them out; shadow rows are a second scoring, not an
+#: assignment.
+ASSIGNMENTS_VIEW = "experiment_assignments"
+#: One row per logged prediction row with its outcome, if any: the served answer, latency, status.
+FACTS_VIEW = "prediction_facts"
+
+
+def _as_time(dialect: str, seconds: str) -> str:
+    if dialect == "postgresql":
+        return f"to_timestamp({seconds})"
+    return f"strftime('%Y-%m-%d %H:%M:%f', {seconds}, 'unixepoch')"  # SQLite: UTC text
+
+
+def view_selects(dialect: str) -> dict[str, str]:
+    """The SELECT behind each warehouse view, for ``dialect`` (``sqlite`` or ``postgresql``)."""
+    unit = "COALESCE({a}routing_key_hash, {a}request_id)"
+    assigned = ", ".join(f"'{a.value}'" for a in (Arm.CHAMPION, Arm.CHALLENGER))
+    # Within one experiment id each arm has one version (the id is the version pair); a fallback
+    # row carries the champion's (the answer served), so the arm's version is read elsewhere.
+    versions = (
+        "SELECT experiment_id, arm, MAX(model_version) AS model_version "
+        f"FROM {predictions.name} WHERE row_index = 0 "
+        f"AND status <> '{RowStatus.FALLBACK.value}' GROUP BY experiment_id, arm"
+    )
+    units = (
+        f"SELECT experiment_id, {unit.format(a='')} AS unit_id, "
+        "CASE WHEN routing_key_hash IS NULL THEN 'request' ELSE 'routing_key' END AS unit_type, "
+        "arm, MIN(ts) AS first_exposure_ts, COUNT(*) AS requests "
+        f"FROM {predictions.name} WHERE row_index = 0 AND arm IN ({assigned}) "
+        f"AND status <> '{RowStatus.CLIENT_ERROR.value}' "
+        f"GROUP BY experiment_id, {unit.format(a='')}, "
+        "CASE WHEN routing_key_hash IS NULL THEN 'request' ELSE 'routing_key' END, arm"
+    )
+    assignments = (
+        "SELECT u.experiment_id, u.unit_id, u.unit_type, u.arm, v.model_version, "
+        f"u.first_exposure_ts, {_as_time(dialect, 'u.first_exposure_ts')} AS first_exposure, "
+        f"u.requests FROM ({units}) u LEFT JOIN ({versions}) v "
+        "ON v.experiment_id = u.experiment_id AND v.arm = u.arm"
+    )
+    facts = (
+        f"SELECT p.request_id, p.row_index, p.experiment_id, {unit.format(a='p.')} AS unit_id, "
+        f"p.arm, p.model_version, p.ts, {_as_time(dialect, 'p.ts')} AS prediction_time, "
+        "p.status, p.reason, p.latency_s, p.score, p.predicted_class, p.output, "
+        "o.outcome, o.outcome_value, o.ts AS outcome_ts "
+        f"FROM {predictions.name} p LEFT JOIN {outcomes.name} o "
+        "ON o.request_id = p.request_id AND o.row_index = p.row_index"
+    )
+    return {ASSIGNMENTS_VIEW: assignments, FACTS_VIEW: facts}

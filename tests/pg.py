@@ -17,6 +17,8 @@ from contextlib import contextmanager
 import pytest
 import sqlalchemy as sa
 
+from bench.pglog import postgres_schema
+
 ENV_VAR = "ROUTER_TEST_POSTGRES_URL"
 DEFAULT_URL = "postgresql+psycopg://router:router@127.0.0.1:5432/router_test"
 
@@ -61,15 +63,5 @@ def isolated_schema_url() -> Iterator[str]:
     Tables created through it (``metadata.create_all``) land in that schema, so tests sharing one
     database never see each other's rows.
     """
-    base = require_postgres()
-    schema = f"test_{uuid.uuid4().hex[:16]}"
-    admin = sa.create_engine(base)
-    try:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-        url = sa.make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        admin.dispose()
+    with postgres_schema(require_postgres(), f"test_{uuid.uuid4().hex[:16]}") as url:
+        yield url

@@ -1,8 +1,11 @@
 """The prediction log's database: engine set-up per backend and the helpers both of its users need.
 
 SQLite runs in WAL mode with ``BEGIN IMMEDIATE`` transactions, so the prediction writer and the
-feedback store serialise on its single write lock instead of failing; PostgreSQL goes through
-psycopg 3 with a pre-ping on checkout.
+feedback store serialise on its single write lock instead of failing, and without a connection
+pool: SQLite maps the ``-shm`` file into each connection, and a mapping kept idle in a pool is
+what a ``-shm`` truncated or made unwritable later turns into a SIGBUS (a crash no Python code can
+catch) at its next use. A new connection maps the file as it is, and refuses one it cannot write.
+PostgreSQL goes through psycopg 3 with a pre-ping on checkout.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,10 @@ def create_engine(url: str) -> Engine:
             raise ValueError(
                 f"prediction log {url!r}: in-memory SQLite is not supported; use a file"
             )
-        engine = sa.create_engine(parsed, connect_args={"check_same_thread": False})
+        # No pool: a connection lives for one transaction (see _refuse_unwritable).
+        engine = sa.create_engine(
+            parsed, connect_args={"check_same_thread": False}, poolclass=sa.pool.NullPool
+        )
         shm = Path(f"{Path(parsed.database).resolve()}-shm")
         sa.event.listen(engine, "do_connect", lambda *_: _refuse_unwritable(shm))
         sa.event.listen(engine, "connect", _sqlite_on_connect)
@@ -96,7 +103,11 @@ def _refuse_unwritable(shm: Path) -> None:
     """Refuse to open a database whose ``-shm`` file this process cannot write.
 
     SQLite would map it read-only; a wal-index it cannot grow then ends in SIGBUS, a crash no
-    Python code can catch. A clear, retried and counted error instead.
+    Python code can catch. A clear, retried and counted error instead. Checked at every connect,
+    and connections do not outlive a burst of writing (no pool; the writer closes its connection
+    when its queue is empty): a file that becomes unwritable at run time is found by the next
+    batch's connect. What remains is a fault that lands inside one open transaction
+    (milliseconds).
     """
     if shm.exists() and not os.access(shm, os.R_OK | os.W_OK):
         raise sqlite3.OperationalError(
@@ -114,6 +125,30 @@ def insert_ignoring(engine: Engine, table: sa.Table) -> sa.Insert:
     if engine.dialect.name == "sqlite":
         return sqlite.insert(table).on_conflict_do_nothing()
     return postgresql.insert(table).on_conflict_do_nothing()
+
+
+RowInserter = Callable[[Connection, Sequence[tuple[Any, ...]]], int]
+
+
+def row_inserter(engine: Engine, table: sa.Table, columns: Sequence[str]) -> RowInserter:
+    """``insert(conn, rows)``: rows (tuples in ``columns`` order) into ``table``, skipping rows
+    whose unique key is present (the first of equal keys wins); returns how many went in.
+
+    PostgreSQL: ``COPY`` and one insert (:mod:`router.log.pgcopy`). SQLite: one positional
+    ``executemany`` (the driver sums its row counts); no per-row parameter dictionaries.
+    """
+    if engine.dialect.name == "postgresql":
+        from router.log.pgcopy import CopyInsert  # psycopg is imported for PostgreSQL logs only
+
+        return CopyInsert(table, columns)
+    names = ", ".join(f'"{c}"' for c in columns)
+    marks = ", ".join("?" for _ in columns)
+    sql = f"INSERT INTO {table.name} ({names}) VALUES ({marks}) ON CONFLICT DO NOTHING"
+
+    def insert(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> int:
+        return conn.exec_driver_sql(sql, list(rows)).rowcount
+
+    return insert
 
 
 def add_missing_columns(conn: Connection) -> None:
