@@ -4,9 +4,9 @@ The score S = Z·√t of a sequentially monitored statistic is a Brownian motion
 fraction t with drift θ. Between looks t' < t it moves by N(θ(t − t'), t − t'); a path that
 crossed a boundary has stopped. :class:`ScoreDensity` holds the sub-density of S at one look
 over the continuation region (its integral is the probability of not having stopped);
-:meth:`advance` carries it to the next look and :meth:`crossing` gives the probability of stopping there: the
-recursive numerical integration of Armitage, McPherson & Rowe (1969), Jennison & Turnbull (2000),
-ch. 19.
+:meth:`advance` carries it to the next look and :meth:`crossing` gives the probability of stopping
+there: the recursive numerical integration of Armitage, McPherson & Rowe (1969), Jennison &
+Turnbull (2000), ch. 19.
 
 How it differs from the textbook, so that many looks stay cheap and exact:
 
