@@ -30,7 +30,8 @@ path that crossed at an unrecorded look stopped there, which only removes crossi
 current look must not spend again what a missing look already spent. The conservative rule: pass
 ``spent_through`` = the largest fraction at which an unrecorded look may have been taken (at worst,
 the current look's own fraction, which makes the current look spend nothing); the current look then
-spends α(t_k) − α(max(t_{k−1}, spent_through)), and the total stays ≤ α.
+spends α(t_k) − α(max(t_{k−1}, spent_through)), and the total stays ≤ α. A lost fraction can
+often be rebuilt instead: the judged units as of that run's cutoff are a count over the log.
 """
 
 from __future__ import annotations
