@@ -35,11 +35,17 @@ from experiments.sufficient import (
     LogSummary,
     SeriesSlice,
     cap_from_histogram,
-    challenger_arm,
 )
 from router import logschema
 from router.config import MetricName
-from router.logschema import MODEL_FAULTS, SERVED_STATUSES, Arm, RoutingMode, RowStatus
+from router.logschema import (
+    MODEL_FAULTS,
+    SERVED_STATUSES,
+    Arm,
+    RoutingMode,
+    RowStatus,
+    challenger_arm,
+)
 
 SLICES = 60
 #: More distinct (class, outcome) pairs than this means the metric is not a classification one.

@@ -25,9 +25,9 @@ from experiments.judge import AliasSnapshot, Evaluation, judge
 from experiments.promquery import PrometheusGuardrails, read_guardrails
 from experiments.sufficient import LogSummary
 from router import logschema
-from router.arms import serves_challenger
 from router.config import Settings
 from router.errors import PredictionLogUnavailable, RegistryUnavailable, RouterError
+from router.logschema import serves_challenger
 
 # AliasSnapshot and Evaluation live in experiments.judge; they are this module's inputs and output.
 # RegistryUnavailable and PredictionLogUnavailable are the router's (router.errors): one definition
@@ -80,7 +80,7 @@ def read_aliases(client: MlflowClient, settings: Settings) -> AliasSnapshot:
 
 def no_experiment_reason(settings: Settings, aliases: AliasSnapshot) -> str | None:
     """Why there is no experiment to judge, or None when there is one: the router serves no
-    challenger (:func:`router.arms.serves_challenger`, the rule the router itself applies)."""
+    challenger (:func:`router.logschema.serves_challenger`, the rule the router itself applies)."""
     if serves_challenger(aliases.champion, aliases.challenger):
         return None
     m = settings.model

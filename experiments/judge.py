@@ -44,9 +44,9 @@ from experiments.decision import (
     split_difference,
 )
 from experiments.promquery import PrometheusGuardrails
-from experiments.sufficient import ArmData, LatencyHistogram, LogSummary, challenger_arm
+from experiments.sufficient import ArmData, LatencyHistogram, LogSummary
 from router.config import MetricName, Settings
-from router.logschema import Arm, RoutingMode
+from router.logschema import Arm, RoutingMode, challenger_arm
 
 _HIST_BINS = 30
 

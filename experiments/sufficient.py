@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from experiments.stats import UnitMoments
-from router.logschema import Arm, RoutingMode
+from router.logschema import RoutingMode
 
 #: Latency buckets are geometric: bucket b holds [LATENCY_BASE_S·r^b, LATENCY_BASE_S·r^(b+1)).
 #: A 1% ratio bounds a quantile to within 1% while the log returns a few hundred buckets.
@@ -134,13 +134,6 @@ class SeriesSlice:
     ts: float  # end of the slice: predictions up to here
     champion: UnitMoments
     challenger: UnitMoments
-
-
-def challenger_arm(mode: RoutingMode | None) -> Arm:
-    """The arm the challenger's rows are logged in under ``mode``: ``shadow`` rows in shadow mode,
-    ``challenger`` rows otherwise (the router's ``RoutingSettings.challenger_arm``, for the mode
-    the log shows rather than the one configured)."""
-    return Arm.SHADOW if mode == RoutingMode.SHADOW else Arm.CHALLENGER
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # The connection cap and the request-head deadline, in whichever HTTP implementation.
     http = http_protocol(settings.limits)
+    serving: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "http": http,
+        "log_level": args.log_level,
+        "log_config": log_config,
+        "access_log": settings.server.access_log,
+        "timeout_graceful_shutdown": 30,
+    }
     if workers > 1:
         from router.server.supervisor import Supervisor
 
@@ -130,30 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.config:
             os.environ["ROUTER_CONFIG"] = os.path.abspath(args.config)
         config = uvicorn.Config(
-            "router.server.app:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            http=http,
-            log_level=args.log_level,
-            log_config=log_config,
-            access_log=settings.server.access_log,
-            timeout_graceful_shutdown=30,
+            "router.server.app:app_from_env", factory=True, workers=workers, **serving
         )
         return Supervisor(config, workers).run()
     from router.server.app import create_app
 
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        http=http,
-        log_level=args.log_level,
-        log_config=log_config,
-        access_log=settings.server.access_log,
-        timeout_graceful_shutdown=30,
-    )
+    uvicorn.run(create_app(settings), **serving)
     return 0
 
 

@@ -15,7 +15,7 @@ import anyio
 
 from router.config import Settings
 from router.errors import RegistryUnavailable
-from router.logschema import Arm, experiment_id
+from router.logschema import Arm, experiment_id, serves_challenger
 from router.metrics import RouterMetrics
 from router.redact import redact
 from router.registry import LoadedModel, ModelNotFound, ModelRef, Registry
@@ -24,15 +24,6 @@ from router.scoring.signatures import SignatureDiff, signature_diff
 log = logging.getLogger(__name__)
 
 STARTUP_FIRST_RETRY_S = 0.5
-
-
-def serves_challenger(champion_version: str | None, challenger_version: str | None) -> bool:
-    """Does the router serve a challenger beside the champion? Not when ``@challenger`` is unset
-    or names the champion's version (both aliases on one version leave nothing to compare: that
-    version is served as the champion alone). The evaluator asks the same question: without a
-    challenger served there is no experiment to judge (``evaluate_and_promote`` exits 6).
-    """
-    return challenger_version is not None and challenger_version != champion_version
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar, get_args, get_type_hints
 
 import yaml
 
-from router.logschema import Arm, RoutingMode
+from router.logschema import Arm, RoutingMode, challenger_arm
 
 ExtraColumns = Literal["ignore", "reject"]
 Casting = Literal["mlflow", "strict"]
@@ -35,8 +35,9 @@ class ConfigError(ValueError):
 class ModelSettings:
     name: str = ""
     tracking_uri: str = "sqlite:///mlflow.db"
-    champion_alias: str = "champion"
-    challenger_alias: str = "challenger"
+    # Registry aliases; by default named after the arms they feed.
+    champion_alias: str = Arm.CHAMPION.value
+    challenger_alias: str = Arm.CHALLENGER.value
     rollback_alias: str = "rollback"
     poll_interval_s: float = 10.0
     # Start-up retries while the registry is unreachable: the router keeps trying and says why.
@@ -62,7 +63,7 @@ class RoutingSettings:
     @property
     def challenger_arm(self) -> Arm:
         """The arm the challenger's rows and metrics count in: ``shadow`` in shadow mode."""
-        return Arm.SHADOW if self.shadow else Arm.CHALLENGER
+        return challenger_arm(self.mode)
 
 
 @dataclass(frozen=True)

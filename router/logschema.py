@@ -36,6 +36,13 @@ class RoutingMode(StrEnum):
     SHADOW = "shadow"  # the champion answers every request; the challenger scores it afterwards
 
 
+def challenger_arm(mode: RoutingMode | None) -> Arm:
+    """The arm the challenger's rows are logged in under ``mode``: ``shadow`` rows in shadow mode,
+    ``challenger`` rows otherwise. The router asks it of its configured mode, the evaluator of the
+    mode its log shows."""
+    return Arm.SHADOW if mode == RoutingMode.SHADOW else Arm.CHALLENGER
+
+
 class RowStatus(StrEnum):
     """What happened to a logged row."""
 
@@ -95,6 +102,15 @@ outcomes = sa.Table(
 
 
 _NO_CHALLENGER = "-vs-vnone"
+
+
+def serves_challenger(champion_version: str | None, challenger_version: str | None) -> bool:
+    """Does the router serve a challenger beside the champion? Not when ``@challenger`` is unset
+    or names the champion's version (both aliases on one version leave nothing to compare: that
+    version is served as the champion alone). The evaluator asks the same question: without a
+    challenger served there is no experiment to judge (``evaluate_and_promote`` exits 6).
+    """
+    return challenger_version is not None and challenger_version != champion_version
 
 
 def experiment_id(model_name: str, champion_version: str, challenger_version: str | None) -> str:
