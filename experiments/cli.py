@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
@@ -73,11 +73,25 @@ def _fail_fast_http() -> Iterator[None]:
         os.environ.pop(key, None)
 
 
-def _guarded(prog: str, debug: bool, run: Callable[[], int]) -> int:
+@contextmanager
+def _stdout_reserved() -> Iterator[TextIO]:
+    """Yield the real stdout, and send every other write to ``sys.stdout`` to stderr meanwhile.
+
+    The CLI's stdout is a contract (the table, or with ``--json -`` one JSON document), but
+    MLflow's client writes "View run ... / View experiment at: ..." to ``sys.stdout`` whenever a
+    run on an HTTP tracking server ends, and any library may print. Only what the CLI writes to
+    the stream yielded here reaches stdout; the rest still reaches the person, on stderr.
+    """
+    stdout = sys.stdout
+    with redirect_stdout(sys.stderr):
+        yield stdout
+
+
+def _guarded(prog: str, debug: bool, run: Callable[[TextIO], int]) -> int:
     """The outermost layer: every failure becomes one line on stderr and exit 1."""
     try:
-        with _fail_fast_http():
-            return run()
+        with _fail_fast_http(), _stdout_reserved() as stdout:
+            return run(stdout)
     except (ConfigError, EvaluationError, RegistryUnavailable, PredictionLogUnavailable) as exc:
         return _fail(prog, str(exc))
     except MlflowException as exc:  # one the domain did not translate (e.g. an unsupported URI)
@@ -127,18 +141,22 @@ def evaluate_and_promote_main(argv: Sequence[str] | None = None) -> int:
     """Judge the current experiment, print the table, and act on the decision."""
     parser = _parser()
     args = parser.parse_args(argv)
-    # With --json - stdout carries the JSON document alone; people read stderr.
-    human = sys.stderr if args.json == STDOUT else sys.stdout
-    return _guarded(parser.prog, args.debug, lambda: _run(args, human))
+
+    def run(stdout: TextIO) -> int:
+        # With --json - stdout carries the JSON document alone; people read stderr.
+        human = sys.stderr if args.json == STDOUT else stdout
+        return _run(args, human, stdout)
+
+    return _guarded(parser.prog, args.debug, run)
 
 
-def _run(args: argparse.Namespace, human: TextIO) -> int:
+def _run(args: argparse.Namespace, human: TextIO, stdout: TextIO) -> int:
     settings = load_settings(args.config)
     client = make_client(settings)
     aliases = read_aliases(client, settings)
     reason = no_experiment_reason(settings, aliases)
     if reason is not None:
-        return _no_experiment(settings, aliases, reason, args, human)
+        return _no_experiment(settings, aliases, reason, args, human, stdout)
     evaluation = evaluate(settings, client=client, aliases=aliases)
     # A version rejected in this experiment stays rejected: dry runs report it too.
     evaluation = sticky_rejection(client, settings, evaluation)
@@ -160,7 +178,7 @@ def _run(args: argparse.Namespace, human: TextIO) -> int:
     if args.json is not None:
         document = {**to_dict(evaluation), "exit_code": code, "dry_run": args.dry_run}
         document["action"] = None if result is None else _action_dict(result)
-        _write_document(document, args.json)
+        _write_document(document, args.json, stdout)
     return code
 
 
@@ -170,6 +188,7 @@ def _no_experiment(
     reason: str,
     args: argparse.Namespace,
     human: TextIO,
+    stdout: TextIO,
 ) -> int:
     print(reason, file=human)
     print(f"exit code {EXIT_NO_EXPERIMENT} (no experiment)", file=human)
@@ -183,7 +202,7 @@ def _no_experiment(
             "dry_run": args.dry_run,
             "action": None,
         }
-        _write_document(document, args.json)
+        _write_document(document, args.json, stdout)
     return EXIT_NO_EXPERIMENT
 
 
@@ -205,11 +224,11 @@ def _action_dict(result: ActionResult) -> dict[str, Any]:
     }
 
 
-def _write_document(document: Mapping[str, Any], target: str) -> None:
+def _write_document(document: Mapping[str, Any], target: str, stdout: TextIO) -> None:
     text = json.dumps(document, indent=2) + "\n"
     if target == STDOUT:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        stdout.write(text)
+        stdout.flush()
     else:
         Path(target).write_text(text, encoding="utf-8")
 
@@ -227,9 +246,9 @@ def rollback_main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    def run() -> int:
+    def run(stdout: TextIO) -> int:
         settings = load_settings(args.config)
-        print(rollback(make_client(settings), settings).message)
+        print(rollback(make_client(settings), settings).message, file=stdout)
         return 0
 
     return _guarded(parser.prog, args.debug, run)

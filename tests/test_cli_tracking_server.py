@@ -1,0 +1,75 @@
+"""The console scripts against a real ``mlflow server`` (HTTP tracking, served artifacts).
+
+Over HTTP MLflow's client writes "View run ... / View experiment at: ..." to stdout when a run
+ends; the CLI's stdout must still be exactly its own output: one JSON document with ``--json -``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FreshRegistry
+from mlflow_server import mlflow_server
+from synthlog import Arm, sqlite_url, write_config, write_log
+
+from router import logschema
+
+REPO = Path(__file__).resolve().parents[1]
+EID = logschema.experiment_id("churn-predictor", "1", "2")
+
+pytestmark = pytest.mark.usefixtures("cli_workdir")  # tests/conftest.py
+
+
+def _console(command: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """An installed console script as a process of its own (as a CronJob runs it)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    script = f"import sys; from experiments.cli import {command} as m; sys.exit(m())"
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_json_stdout_and_rollback_stdout_hold_only_the_cli_output(
+    fresh_registry: FreshRegistry, tmp_path: Path
+) -> None:
+    registry = fresh_registry()
+    log_url = sqlite_url(tmp_path / "predictions.db")
+    write_log(log_url, experiment_id=EID, champion=Arm(0.70), challenger=Arm(0.80))
+    with mlflow_server(tmp_path / "server", backend_db=registry.db_path) as url:
+        raw: dict[str, Any] = {
+            "model": {"name": "churn-predictor", "tracking_uri": url},
+            "prediction_log": {"url": log_url},
+            "routing": {"challenger_weight": 0.5},
+        }
+        config = str(write_config(tmp_path / "config.yaml", raw))
+
+        done = _console(
+            "evaluate_and_promote_main", "--config", config, "--json", "-", cwd=tmp_path
+        )
+
+        assert done.returncode == 0, done.stderr
+        data = json.loads(done.stdout)  # the whole of stdout: one document
+        assert data["decision"] == "promote" and data["action"]["action"] == "promoted"
+        run_id = data["action"]["run_id"]
+        assert "Promoted: @champion v1 -> v2" in done.stderr
+        # The audit run and its reports went through the server's artifact store.
+        assert (tmp_path / "server" / "mlartifacts").is_dir()
+        artifacts = list((tmp_path / "server" / "mlartifacts").rglob("evaluation.json"))
+        assert [p for p in artifacts if run_id in p.parts], artifacts
+
+        done = _console("rollback_main", "--config", config, cwd=tmp_path)
+
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "Rolled back: @champion v2 -> v1.\n"
