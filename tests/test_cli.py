@@ -192,11 +192,11 @@ def test_unreachable_database_is_one_line_exit_1(
     assert "Traceback" not in captured.err
 
 
-def test_bad_config_and_missing_registry_are_exit_1(
+def test_bad_config_is_exit_2_and_missing_registry_exit_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bad = write_config(tmp_path / "bad.yaml", {"model": {"name": "m"}, "experiment": {"alpha": 2}})
-    assert evaluate_and_promote_main(["--config", str(bad)]) == 1
+    assert evaluate_and_promote_main(["--config", str(bad)]) == 2
     assert "experiment.alpha" in capsys.readouterr().err
     missing = write_config(
         tmp_path / "missing.yaml",
@@ -388,15 +388,15 @@ def test_registry_down_is_one_line_exit_1(
         (None, "No such file"),
     ],
 )
-def test_bad_config_is_one_line_exit_1(
+def test_bad_config_is_one_line_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, needle: str
 ) -> None:
     path = tmp_path / "config.yaml"
     if content is not None:
         path.write_text(content, encoding="utf-8")
-    assert evaluate_and_promote_main(["--config", str(path)]) == 1
+    assert evaluate_and_promote_main(["--config", str(path)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("evaluate_and_promote: error: ") and needle in line
+    assert line.startswith("evaluate_and_promote: configuration error: ") and needle in line
 
 
 @pytest.mark.parametrize(

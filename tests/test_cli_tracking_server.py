@@ -73,3 +73,23 @@ def test_json_stdout_and_rollback_stdout_hold_only_the_cli_output(
 
         assert done.returncode == 0, done.stderr
         assert done.stdout == "Rolled back: @champion v2 -> v1.\n"
+
+
+def test_a_wrong_tracking_uri_is_one_short_line_naming_the_cause(tmp_path: Path) -> None:
+    with mlflow_server(tmp_path / "server") as url:
+        host = url.removeprefix("http://")
+        for uri, cause in (
+            (f"{url}/mlflow", "HTTP 404: no MLflow REST API at this URI (check its path)"),
+            (f"https://{host}", "TLS failed (WRONG_VERSION_NUMBER): is the server https"),
+        ):
+            raw = {"model": {"name": "churn-predictor", "tracking_uri": uri}}
+            config = str(write_config(tmp_path / "config.yaml", raw))
+
+            done = _console("evaluate_and_promote_main", "--config", config, cwd=tmp_path)
+
+            assert done.returncode == 1 and done.stdout == ""
+            (line,) = done.stderr.strip().splitlines()
+            assert line.startswith(
+                f"evaluate_and_promote: error: MLflow registry at {uri}: {cause}"
+            )
+            assert len(line) < 200, line  # not urllib3's reprs
