@@ -1,8 +1,10 @@
-"""A real ``mlflow server`` as a subprocess: SQLite backend, served artifacts, 127.0.0.1.
+"""A real ``mlflow server`` as a subprocess (SQLite backend, served artifacts, 127.0.0.1), and the
+bounded start and clean stop of any such server process.
 
-The server runs in its own session (process group): ``mlflow server`` starts uvicorn, which starts
-its workers, and the stop reaches all of them by the group's id, the pid started here. Start-up is
-bounded (``/health`` 200 within ``START_DEADLINE_S``, else the test fails with the server's output).
+Each server runs in its own session (process group): ``mlflow server`` starts uvicorn, which
+starts its workers, and the stop reaches all of them by the group's id, the pid started here.
+Start-up is bounded (the ready path answers 200 within ``START_DEADLINE_S``, else the test fails
+with the server's output).
 """
 
 from __future__ import annotations
@@ -44,12 +46,18 @@ def server_args(root: Path, port: int, *, backend_db: Path | None = None) -> lis
 
 
 @contextmanager
-def mlflow_server_process(
-    command: Sequence[str], port: int, workdir: Path, env: Mapping[str, str] | None = None
+def server_process(
+    command: Sequence[str],
+    port: int,
+    workdir: Path,
+    *,
+    ready_path: str,
+    env: Mapping[str, str] | None = None,
+    name: str = "server",
 ) -> Iterator[str]:
-    """Run ``command`` (an ``mlflow server`` listening on ``port``) in ``workdir``; yield its URL
-    once ``/health`` answers 200; stop its whole process group at the end."""
-    output = workdir / f"mlflow-server-{port}.out"
+    """Run ``command`` (a server listening on ``port``) in ``workdir``; yield its URL once
+    ``ready_path`` answers 200; stop its whole process group at the end (SIGTERM, then SIGKILL)."""
+    output = workdir / f"{name}-{port}.out"
     with output.open("wb") as sink:
         process = subprocess.Popen(
             list(command),
@@ -63,16 +71,16 @@ def mlflow_server_process(
     try:
         with httpx.Client(base_url=url, timeout=5) as client:
 
-            def healthy() -> bool:
+            def ready() -> bool:
                 if process.poll() is not None:
                     text = output.read_text(encoding="utf-8", errors="replace")[-3000:]
-                    raise AssertionError(f"mlflow server exited with {process.returncode}:\n{text}")
+                    raise AssertionError(f"{name} exited with {process.returncode}:\n{text}")
                 try:
-                    return client.get("/health").status_code == 200
+                    return client.get(ready_path).status_code == 200
                 except httpx.TransportError:
                     return False
 
-            wait_until(healthy, f"mlflow server on port {port}", timeout_s=START_DEADLINE_S)
+            wait_until(ready, f"{ready_path} of {name} on port {port}", timeout_s=START_DEADLINE_S)
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -83,7 +91,7 @@ def mlflow_server_process(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=STOP_DEADLINE_S)
-        # uvicorn's workers may outlive their parent by a moment; none may outlive the test.
+        # Children may outlive their parent by a moment; none may outlive the test.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
 
@@ -96,12 +104,11 @@ def mlflow_server(root: Path, *, backend_db: Path | None = None) -> Iterator[str
 
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        *server_args(root, port, backend_db=backend_db),
-    ]
-    with mlflow_server_process(command, port, root) as url:
+    args = server_args(root, port, backend_db=backend_db)
+    command = [sys.executable, "-m", "mlflow", "server", *args]
+    # Nothing here uses MLflow's GenAI job runner (seven huey worker processes): off.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with server_process(
+        command, port, root, ready_path="/health", env=env, name="mlflow-server"
+    ) as url:
         yield url
