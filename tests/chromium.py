@@ -8,6 +8,7 @@ test is skipped locally (``chromium`` marker); in CI a skip is a failure.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import select
@@ -129,6 +130,16 @@ class DevTools:
                 return value
             time.sleep(0.1)
         raise AssertionError(f"the page never showed {what}; last value {value!r}")
+
+    def save_screenshot(self, path: Path, width: int) -> None:
+        """The whole page, ``width`` pixels wide, as a PNG at ``path`` (its directory created)."""
+        height = self.evaluate("document.documentElement.scrollHeight")
+        clip = {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}
+        shot = self.call(
+            "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip}
+        )
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(base64.b64decode(shot["data"]))
 
     def close(self) -> None:
         os.close(self._cmd_write)  # Chromium exits when its pipe closes

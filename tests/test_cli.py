@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 from conftest import FreshRegistry, MlflowRegistry, free_port
+from console import run_entry_point
 from mlflow.tracking import MlflowClient
 from synthlog import OUTCOME_WINDOW_S, Arm, sqlite_url, write_config, write_log
 
@@ -252,17 +253,7 @@ def test_two_processes_at_once_promote_once(fresh_registry: FreshRegistry, tmp_p
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """``evaluate_and_promote`` as a CronJob runs it: a process of its own."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    script = "import sys; from experiments.cli import evaluate_and_promote_main as m; sys.exit(m())"
-    return subprocess.run(
-        [sys.executable, "-c", script, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_entry_point("experiments.cli:evaluate_and_promote_main", *args, cwd=cwd)
 
 
 def _rejections(client: MlflowClient) -> list[Any]:

@@ -7,38 +7,22 @@ ends; the CLI's stdout must still be exactly its own output: one JSON document w
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import FreshRegistry
+from console import run_entry_point
 from mlflow_server import mlflow_server
 from synthlog import Arm, sqlite_url, write_config, write_log
 
 from router import logschema
 
-REPO = Path(__file__).resolve().parents[1]
 EID = logschema.experiment_id("churn-predictor", "1", "2")
+EVALUATE = "experiments.cli:evaluate_and_promote_main"
+ROLLBACK = "experiments.cli:rollback_main"
 
 pytestmark = pytest.mark.usefixtures("cli_workdir")  # tests/conftest.py
-
-
-def _console(command: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """An installed console script as a process of its own (as a CronJob runs it)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    script = f"import sys; from experiments.cli import {command} as m; sys.exit(m())"
-    return subprocess.run(
-        [sys.executable, "-c", script, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def test_json_stdout_and_rollback_stdout_hold_only_the_cli_output(
@@ -55,9 +39,7 @@ def test_json_stdout_and_rollback_stdout_hold_only_the_cli_output(
         }
         config = str(write_config(tmp_path / "config.yaml", raw))
 
-        done = _console(
-            "evaluate_and_promote_main", "--config", config, "--json", "-", cwd=tmp_path
-        )
+        done = run_entry_point(EVALUATE, "--config", config, "--json", "-", cwd=tmp_path)
 
         assert done.returncode == 0, done.stderr
         data = json.loads(done.stdout)  # the whole of stdout: one document
@@ -69,7 +51,7 @@ def test_json_stdout_and_rollback_stdout_hold_only_the_cli_output(
         artifacts = list((tmp_path / "server" / "mlartifacts").rglob("evaluation.json"))
         assert [p for p in artifacts if run_id in p.parts], artifacts
 
-        done = _console("rollback_main", "--config", config, cwd=tmp_path)
+        done = run_entry_point(ROLLBACK, "--config", config, cwd=tmp_path)
 
         assert done.returncode == 0, done.stderr
         assert done.stdout == "Rolled back: @champion v2 -> v1.\n"
@@ -85,7 +67,7 @@ def test_a_wrong_tracking_uri_is_one_short_line_naming_the_cause(tmp_path: Path)
             raw = {"model": {"name": "churn-predictor", "tracking_uri": uri}}
             config = str(write_config(tmp_path / "config.yaml", raw))
 
-            done = _console("evaluate_and_promote_main", "--config", config, cwd=tmp_path)
+            done = run_entry_point(EVALUATE, "--config", config, cwd=tmp_path)
 
             assert done.returncode == 1 and done.stdout == ""
             (line,) = done.stderr.strip().splitlines()

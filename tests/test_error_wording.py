@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import MlflowRegistry, free_port
+from console import entry_point_args
 from live_router import http_client, wait_until
 from router_process import REPO_ROOT, clean_env, router_process
 
@@ -26,11 +27,8 @@ from router.registry import model_not_found
 BAD_CONFIG = {"model": {"name": "m"}, "routing": {"challenger_wieght": 0.2}}
 COMMANDS = {
     "python -m router": ["-m", "router"],
-    "evaluate_and_promote": [
-        "-c",
-        "import sys; from experiments.cli import evaluate_and_promote_main as m; sys.exit(m())",
-    ],
-    "rollback": ["-c", "import sys; from experiments.cli import rollback_main as m; sys.exit(m())"],
+    "evaluate_and_promote": entry_point_args("experiments.cli:evaluate_and_promote_main"),
+    "rollback": entry_point_args("experiments.cli:rollback_main"),
     "python -m router.log": ["-m", "router.log"],
 }
 

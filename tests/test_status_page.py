@@ -8,7 +8,6 @@ refresh, without a reload. A screenshot goes to ``test-artifacts/status-page.png
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -129,10 +128,4 @@ def test_status_page_shows_both_arms_and_updates_after_traffic(
     exceptions = [e for e in chromium.events if e.get("method") == "Runtime.exceptionThrown"]
     assert not exceptions, exceptions
 
-    height = chromium.evaluate("document.documentElement.scrollHeight")
-    clip = {"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1}
-    shot = chromium.call(
-        "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip}
-    )
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "status-page.png").write_bytes(base64.b64decode(shot["data"]))
+    chromium.save_screenshot(ARTIFACTS / "status-page.png", 1280)
