@@ -2,7 +2,7 @@
 
 The exit codes are the CLI's contract with scripts and CronJobs (README, "Exit codes"); the
 domain's :class:`~experiments.judge.Evaluation` only carries a decision. Every failure is ONE
-line on stderr and exit 1, never a traceback.
+line on stderr, never a traceback: exit 2 for a bad configuration (as every command), else 1.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,11 +31,18 @@ from experiments.evaluate import (
 )
 from experiments.promote import ActionResult, apply, rollback, sticky_rejection
 from experiments.report import text_table, to_dict, write_html, write_json
-from router.config import ConfigError, Settings, load_settings
+from router.config import (
+    EXIT_BAD_CONFIG,
+    ConfigError,
+    Settings,
+    config_error_line,
+    load_settings,
+)
 from router.errors import PredictionLogUnavailable, RegistryUnavailable
 from router.redact import redact
+from router.registryfault import FAIL_FAST_HTTP, describe
 
-#: The exit code of each decision. 2 is argparse's (bad arguments).
+#: The exit code of each decision. 2 is argparse's (bad arguments) and a bad configuration's.
 EXIT_CODES: Mapping[Decision, int] = {"promote": 0, "reject": 3, "inconclusive": 4, "invalid": 5}
 EXIT_ERROR = 1
 #: No ``@challenger`` (nothing is being tested, e.g. after a promotion or a rejection): a normal
@@ -52,36 +59,53 @@ def exit_code(decision: Decision) -> int:
 
 
 def _fail(prog: str, message: str) -> int:
-    one_line = redact(" ".join(message.split()))  # drivers put hints on further lines
-    print(f"{prog}: error: {one_line}", file=sys.stderr)
-    return EXIT_ERROR
+    return _say(f"{prog}: error: {message}", EXIT_ERROR)
+
+
+def _say(line: str, code: int) -> int:
+    print(redact(" ".join(line.split())), file=sys.stderr)  # drivers put hints on further lines
+    return code
 
 
 @contextmanager
 def _fail_fast_http() -> Iterator[None]:
-    """Few MLflow HTTP retries (as the router): a registry that is down fails in seconds, not the
-    minutes of MLflow's default backoff; the next scheduled run tries again. A value set by the
-    user wins."""
-    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
-    if key in os.environ:
-        yield
-        return
-    os.environ[key] = "2"
+    """MLflow's HTTP retries as the router sets them (:data:`FAIL_FAST_HTTP`): a registry that is
+    down fails in seconds; the next scheduled run tries again. A value set by the user wins."""
+    added = [key for key in FAIL_FAST_HTTP if key not in os.environ]
+    os.environ.update({key: FAIL_FAST_HTTP[key] for key in added})
     try:
         yield
     finally:
-        os.environ.pop(key, None)
+        for key in added:
+            os.environ.pop(key, None)
 
 
-def _guarded(prog: str, debug: bool, run: Callable[[], int]) -> int:
-    """The outermost layer: every failure becomes one line on stderr and exit 1."""
+@contextmanager
+def _stdout_reserved() -> Iterator[TextIO]:
+    """Yield the real stdout, and send every other write to ``sys.stdout`` to stderr meanwhile.
+
+    The CLI's stdout is a contract (the table, or with ``--json -`` one JSON document), but
+    MLflow's client writes "View run ... / View experiment at: ..." to ``sys.stdout`` whenever a
+    run on an HTTP tracking server ends, and any library may print. Only what the CLI writes to
+    the stream yielded here reaches stdout; the rest still reaches the person, on stderr.
+    """
+    stdout = sys.stdout
+    with redirect_stdout(sys.stderr):
+        yield stdout
+
+
+def _guarded(prog: str, debug: bool, run: Callable[[TextIO], int]) -> int:
+    """The outermost layer: every failure becomes one line on stderr and exit 1 (2 for a bad
+    configuration)."""
     try:
-        with _fail_fast_http():
-            return run()
-    except (ConfigError, EvaluationError, RegistryUnavailable, PredictionLogUnavailable) as exc:
+        with _fail_fast_http(), _stdout_reserved() as stdout:
+            return run(stdout)
+    except ConfigError as exc:
+        return _say(config_error_line(prog, exc), EXIT_BAD_CONFIG)
+    except (EvaluationError, RegistryUnavailable, PredictionLogUnavailable) as exc:
         return _fail(prog, str(exc))
     except MlflowException as exc:  # one the domain did not translate (e.g. an unsupported URI)
-        return _fail(prog, f"MLflow: {exc.message}")
+        return _fail(prog, f"MLflow: {describe(exc)}")
     except OSError as exc:  # --json/--report paths, temp files
         return _fail(prog, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
     except Exception as exc:  # a bug: still one line; --debug shows the traceback
@@ -96,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Judge the champion/challenger experiment; promote the challenger if it is "
         "better, end the experiment if it is worse (always-valid statistics: safe to run every "
         "hour). Exit codes: 0 promoted, 3 rejected, 4 inconclusive, 5 invalid, "
-        f"{EXIT_NO_EXPERIMENT} no experiment running (no @challenger), 1 error.",
+        f"{EXIT_NO_EXPERIMENT} no experiment running (no @challenger), 1 error, "
+        f"{EXIT_BAD_CONFIG} bad arguments or configuration.",
     )
     parser.add_argument(
         "--config", default=None, help="config file (default: $ROUTER_CONFIG or config.yaml)"
@@ -127,18 +152,22 @@ def evaluate_and_promote_main(argv: Sequence[str] | None = None) -> int:
     """Judge the current experiment, print the table, and act on the decision."""
     parser = _parser()
     args = parser.parse_args(argv)
-    # With --json - stdout carries the JSON document alone; people read stderr.
-    human = sys.stderr if args.json == STDOUT else sys.stdout
-    return _guarded(parser.prog, args.debug, lambda: _run(args, human))
+
+    def run(stdout: TextIO) -> int:
+        # With --json - stdout carries the JSON document alone; people read stderr.
+        human = sys.stderr if args.json == STDOUT else stdout
+        return _run(args, human, stdout)
+
+    return _guarded(parser.prog, args.debug, run)
 
 
-def _run(args: argparse.Namespace, human: TextIO) -> int:
+def _run(args: argparse.Namespace, human: TextIO, stdout: TextIO) -> int:
     settings = load_settings(args.config)
     client = make_client(settings)
     aliases = read_aliases(client, settings)
     reason = no_experiment_reason(settings, aliases)
     if reason is not None:
-        return _no_experiment(settings, aliases, reason, args, human)
+        return _no_experiment(settings, aliases, reason, args, human, stdout)
     evaluation = evaluate(settings, client=client, aliases=aliases)
     # A version rejected in this experiment stays rejected: dry runs report it too.
     evaluation = sticky_rejection(client, settings, evaluation)
@@ -160,7 +189,7 @@ def _run(args: argparse.Namespace, human: TextIO) -> int:
     if args.json is not None:
         document = {**to_dict(evaluation), "exit_code": code, "dry_run": args.dry_run}
         document["action"] = None if result is None else _action_dict(result)
-        _write_document(document, args.json)
+        _write_document(document, args.json, stdout)
     return code
 
 
@@ -170,6 +199,7 @@ def _no_experiment(
     reason: str,
     args: argparse.Namespace,
     human: TextIO,
+    stdout: TextIO,
 ) -> int:
     print(reason, file=human)
     print(f"exit code {EXIT_NO_EXPERIMENT} (no experiment)", file=human)
@@ -183,7 +213,7 @@ def _no_experiment(
             "dry_run": args.dry_run,
             "action": None,
         }
-        _write_document(document, args.json)
+        _write_document(document, args.json, stdout)
     return EXIT_NO_EXPERIMENT
 
 
@@ -205,11 +235,11 @@ def _action_dict(result: ActionResult) -> dict[str, Any]:
     }
 
 
-def _write_document(document: Mapping[str, Any], target: str) -> None:
+def _write_document(document: Mapping[str, Any], target: str, stdout: TextIO) -> None:
     text = json.dumps(document, indent=2) + "\n"
     if target == STDOUT:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        stdout.write(text)
+        stdout.flush()
     else:
         Path(target).write_text(text, encoding="utf-8")
 
@@ -217,7 +247,10 @@ def _write_document(document: Mapping[str, Any], target: str) -> None:
 def rollback_main(argv: Sequence[str] | None = None) -> int:
     """Move ``@champion`` back to the ``@rollback`` version (audited like a promotion)."""
     parser = argparse.ArgumentParser(
-        prog="rollback", description="Move @champion back to the @rollback version."
+        prog="rollback",
+        description="Move @champion back to the @rollback version (audited like a promotion). "
+        f"Exit codes: 0 rolled back, {EXIT_ERROR} error (no @rollback, registry unreachable, "
+        f"another promotion under way), {EXIT_BAD_CONFIG} bad arguments or configuration.",
     )
     parser.add_argument(
         "--config", default=None, help="config file (default: $ROUTER_CONFIG or config.yaml)"
@@ -227,9 +260,9 @@ def rollback_main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    def run() -> int:
+    def run(stdout: TextIO) -> int:
         settings = load_settings(args.config)
-        print(rollback(make_client(settings), settings).message)
+        print(rollback(make_client(settings), settings).message, file=stdout)
         return 0
 
     return _guarded(parser.prog, args.debug, run)

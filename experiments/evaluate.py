@@ -28,6 +28,8 @@ from router import logschema
 from router.config import Settings
 from router.errors import PredictionLogUnavailable, RegistryUnavailable, RouterError
 from router.logschema import serves_challenger
+from router.registry import model_not_found, probe_database
+from router.registryfault import registry_unavailable
 
 # AliasSnapshot and Evaluation live in experiments.judge; they are this module's inputs and output.
 # RegistryUnavailable and PredictionLogUnavailable are the router's (router.errors): one definition
@@ -51,10 +53,14 @@ class EvaluationError(Exception):
 
 
 def make_client(settings: Settings) -> MlflowClient:
-    """An MLflow client on the configured registry; a missing SQLite file is an error, not new."""
+    """An MLflow client on the configured registry, probed as the router probes it: a missing
+    SQLite file is an error (not a new registry), a database that is down fails in seconds."""
     uri = settings.model.tracking_uri
-    _require_sqlite_file(uri, "MLflow registry", RegistryUnavailable)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    probe_database(uri)
+    try:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    except (MlflowException, sa.exc.SQLAlchemyError, OSError) as exc:
+        raise registry_unavailable(uri, exc) from exc
 
 
 def read_aliases(client: MlflowClient, settings: Settings) -> AliasSnapshot:
@@ -65,12 +71,11 @@ def read_aliases(client: MlflowClient, settings: Settings) -> AliasSnapshot:
         aliases = {k: str(v) for k, v in client.get_registered_model(m.name).aliases.items()}
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryUnavailable(
-                f"registered model {m.name!r} not found at {m.tracking_uri}"
-            ) from exc
-        raise RegistryUnavailable(f"MLflow registry at {m.tracking_uri}: {exc.message}") from exc
+            # The router's wording (router.registry): one message for one mistake.
+            raise RegistryUnavailable(model_not_found(m.name, m.tracking_uri)) from exc
+        raise registry_unavailable(m.tracking_uri, exc) from exc
     except (sa.exc.SQLAlchemyError, OSError) as exc:
-        raise RegistryUnavailable(f"MLflow registry at {m.tracking_uri}: {exc}") from exc
+        raise registry_unavailable(m.tracking_uri, exc) from exc
     return AliasSnapshot(
         champion=aliases.get(m.champion_alias),
         challenger=aliases.get(m.challenger_alias),

@@ -51,6 +51,7 @@ from experiments.evaluate import EvaluationError, read_aliases
 from experiments.judge import AliasSnapshot, Evaluation
 from router.config import Settings
 from router.logschema import Arm
+from router.registryfault import describe
 
 TAG_PREFIX = "champion_challenger."
 LOCK_SUFFIX = ".promotion-lock"
@@ -485,10 +486,8 @@ def _translated(doing: str) -> Iterator[None]:
     """MLflow and database failures while acting become one-line :class:`PromotionError`s."""
     try:
         yield
-    except MlflowException as exc:
-        raise PromotionError(f"MLflow, {doing}: {exc.message}") from exc
-    except (sa.exc.SQLAlchemyError, OSError) as exc:
-        raise PromotionError(f"MLflow, {doing}: {exc}") from exc
+    except (MlflowException, sa.exc.SQLAlchemyError, OSError) as exc:
+        raise PromotionError(f"MLflow, {doing}: {describe(exc)}") from exc
 
 
 def _describe(s: AliasSnapshot) -> str:

@@ -171,6 +171,9 @@ often does not inflate false promotions.</figcaption></figure>
 
 
 _W, _H, _PAD = 720, 300, 50
+# A generous width per character of an 11 px label (digits, signs, separators): the left margin is
+# sized from the y labels, so that no label is cut at the SVG's edge whatever its magnitude.
+_CHAR_W = 7.0
 
 
 def _scale(lo: float, hi: float, out_lo: float, out_hi: float) -> Any:
@@ -184,7 +187,9 @@ def _series_svg(series: Sequence[SeriesPoint], min_effect: float) -> str:
     xs = [p.n_champion + p.n_challenger for p in series]
     finite = [v for p in series for v in (p.lower, p.upper) if math.isfinite(v)] + [0.0]
     y_lo, y_hi = min(finite), max(finite)
-    fx = _scale(min(xs), max(xs), _PAD, _W - 10)
+    y_labels = (_tick(y_lo), _tick(y_hi))
+    pad = _left_pad(y_labels)
+    fx = _scale(min(xs), max(xs), pad, _W - 10)
     fy = _scale(y_lo, y_hi, _H - 30, 10)
 
     def clamp(v: float) -> float:
@@ -201,11 +206,12 @@ def _series_svg(series: Sequence[SeriesPoint], min_effect: float) -> str:
     parts = [
         f'<polygon points="{upper} {lower}" fill="#d62728" fill-opacity="0.18"/>',
         f'<polyline points="{est}" fill="none" stroke="#d62728" stroke-width="2"/>',
-        _hline(fy(0.0), "#444", "0"),
+        _hline(pad, fy(0.0), "#444", "0"),
     ]
     if min_effect and y_lo <= min_effect <= y_hi:
-        parts.append(_hline(fy(min_effect), "#1a7f37", f"min_effect {min_effect:g}", dash=True))
-    parts += _axes(f"{min(xs)}", f"{max(xs)} rows with outcomes", f"{y_lo:+.3g}", f"{y_hi:+.3g}")
+        label = f"min_effect {min_effect:g}"
+        parts.append(_hline(pad, fy(min_effect), "#1a7f37", label, dash=True))
+    parts += _axes(pad, f"{min(xs)}", f"{max(xs)} rows with outcomes", *y_labels)
     return _svg(parts, "Confidence sequence of the difference")
 
 
@@ -217,7 +223,9 @@ def _latency_svg(e: Evaluation) -> str:
     logs = [math.log10(x) for x in edges]
     shares = {a.arm: [c / max(a.latency.n, 1) for c in a.latency.hist_counts] for a in arms}
     top = max(max(s) for s in shares.values()) or 1.0
-    fx = _scale(logs[0], logs[-1], _PAD, _W - 10)
+    y_labels = ("0", f"{top:.0%}")
+    pad = _left_pad(y_labels)
+    fx = _scale(logs[0], logs[-1], pad, _W - 10)
     fy = _scale(0.0, top, _H - 30, 10)
     parts: list[str] = []
     for i, arm in enumerate(arms):
@@ -241,28 +249,45 @@ def _latency_svg(e: Evaluation) -> str:
             f"(p95 {_ms(arm.latency.p95)} ms)"
             "</text>"
         )
-    parts += _axes(f"{edges[0] * 1e3:.2f} ms", f"{edges[-1] * 1e3:.2f} ms", "0", f"{top:.0%}")
+    parts += _axes(pad, f"{edges[0] * 1e3:.2f} ms", f"{edges[-1] * 1e3:.2f} ms", *y_labels)
     return _svg(parts, "Predict latency distributions")
 
 
-def _hline(y: float, color: str, label: str, dash: bool = False) -> str:
+def _tick(v: float) -> str:
+    """An axis label a person reads at a glance: three significant digits, digits grouped, no
+    exponent between 0.001 and 100,000 (``-1,238``, ``+0.0123``)."""
+    size = abs(v)
+    if size == 0:
+        return "0"
+    if not 1e-3 <= size < 1e5:
+        return f"{v:+.3g}"
+    decimals = max(0, 2 - math.floor(math.log10(size)))
+    return f"{v:+,.{decimals}f}"
+
+
+def _left_pad(y_labels: Sequence[str]) -> float:
+    """The plot's left edge: room for the longest y label, right-aligned before the axis."""
+    return max(_PAD, 10 + _CHAR_W * max(len(label) for label in y_labels))
+
+
+def _hline(pad: float, y: float, color: str, label: str, dash: bool = False) -> str:
     style = ' stroke-dasharray="6 4"' if dash else ""
     return (
-        f'<line x1="{_PAD}" y1="{y:.1f}" x2="{_W - 10}" y2="{y:.1f}" stroke="{color}"{style}/>'
-        f'<text x="{_PAD + 4}" y="{y - 4:.1f}" fill="{color}" font-size="11">'
+        f'<line x1="{pad}" y1="{y:.1f}" x2="{_W - 10}" y2="{y:.1f}" stroke="{color}"{style}/>'
+        f'<text x="{pad + 4}" y="{y - 4:.1f}" fill="{color}" font-size="11">'
         f"{html.escape(label)}</text>"
     )
 
 
-def _axes(x_lo: str, x_hi: str, y_lo: str, y_hi: str) -> list[str]:
+def _axes(pad: float, x_lo: str, x_hi: str, y_lo: str, y_hi: str) -> list[str]:
     esc = html.escape
     return [
-        f'<line x1="{_PAD}" y1="{_H - 30}" x2="{_W - 10}" y2="{_H - 30}" stroke="#999"/>',
-        f'<line x1="{_PAD}" y1="10" x2="{_PAD}" y2="{_H - 30}" stroke="#999"/>',
-        f'<text x="{_PAD}" y="{_H - 12}" font-size="11">{esc(x_lo)}</text>',
+        f'<line x1="{pad}" y1="{_H - 30}" x2="{_W - 10}" y2="{_H - 30}" stroke="#999"/>',
+        f'<line x1="{pad}" y1="10" x2="{pad}" y2="{_H - 30}" stroke="#999"/>',
+        f'<text x="{pad}" y="{_H - 12}" font-size="11">{esc(x_lo)}</text>',
         f'<text x="{_W - 10}" y="{_H - 12}" font-size="11" text-anchor="end">{esc(x_hi)}</text>',
-        f'<text x="{_PAD - 4}" y="{_H - 30}" font-size="11" text-anchor="end">{esc(y_lo)}</text>',
-        f'<text x="{_PAD - 4}" y="18" font-size="11" text-anchor="end">{esc(y_hi)}</text>',
+        f'<text x="{pad - 4}" y="{_H - 30}" font-size="11" text-anchor="end">{esc(y_lo)}</text>',
+        f'<text x="{pad - 4}" y="18" font-size="11" text-anchor="end">{esc(y_hi)}</text>',
     ]
 
 

@@ -15,12 +15,8 @@ from typing import Any
 
 # OpenMP models busy-wait on a second thread per worker; one thread halves CPU at equal throughput.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# MLflow's HTTP client retries for minutes by default: an unreachable tracking server would keep
-# start-up silent that long. Fail fast instead; the router itself retries and says why each time.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
-from router.config import ConfigError, load_settings
+from router.config import EXIT_BAD_CONFIG, ConfigError, config_error_line, load_settings
 from router.redact import RedactingFilter
 
 DESCRIPTION = """\
@@ -29,11 +25,12 @@ by routing.challenger_weight (sticky per routing key), logging every prediction 
 evaluate_and_promote. /healthz answers at once; /readyz once the champion is loaded."""
 EPILOG = """\
 exit status: 0 after a graceful stop (SIGTERM, SIGINT); 1 the address cannot be listened on (a
-port in use is never shared); 2 a configuration error (one line naming the key); 3 a worker
-cannot start (--workers N)."""
+port in use is never shared); 2 bad arguments or a bad configuration (one line naming the key),
+as for evaluate_and_promote, rollback and python -m router.log; 3 a worker cannot start
+(--workers N)."""
 
 
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     parser = argparse.ArgumentParser(
         prog=program if program and program != "__main__.py" else "python -m router",
@@ -47,7 +44,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def _prepare_multiprocess_metrics(workers: int) -> None:
@@ -89,6 +86,9 @@ def _log_config(level: str) -> dict[str, Any]:
         handler.setdefault("filters", []).append("redact")
     for name in ("router", "experiments", "demo"):
         config["loggers"][name] = {"handlers": ["project"], "level": level, "propagate": False}
+    # urllib3 logs each of MLflow's HTTP retries as a raw exception repr; the router logs every
+    # registry attempt itself, in one line that names the cause (router.registryfault).
+    config["loggers"]["urllib3.connectionpool"] = {"level": "ERROR"}
     return config
 
 
@@ -99,7 +99,8 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parse(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -108,10 +109,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
     except ConfigError as exc:
-        print(f"router: configuration error: {exc}", file=sys.stderr)
-        return 2
+        print(config_error_line(parser.prog, exc), file=sys.stderr)
+        return EXIT_BAD_CONFIG
     import uvicorn
 
+    from router.registryfault import FAIL_FAST_HTTP
+
+    # MLflow's HTTP client retries for minutes by default: an unreachable tracking server would
+    # keep start-up silent that long. Fail fast instead; the router retries and says why each time.
+    for key, value in FAIL_FAST_HTTP.items():
+        os.environ.setdefault(key, value)  # before any worker starts: they inherit it
     for handled in (signal.SIGTERM, signal.SIGINT):
         signal.signal(handled, _exit_cleanly)
     log_config = _log_config(args.log_level.upper())

@@ -31,6 +31,17 @@ class ConfigError(ValueError):
     """Invalid configuration; the message names the offending key."""
 
 
+#: The exit status of every command (router, evaluate_and_promote, rollback, router.log) for a
+#: configuration it refuses: argparse's code for a bad invocation, which it is. Distinct from 1
+#: (a dependency failed: the next run may succeed): a person must fix it; rerunning will not.
+EXIT_BAD_CONFIG = 2
+
+
+def config_error_line(prog: str, exc: ConfigError) -> str:
+    """The one line every command prints on stderr for a configuration it refuses."""
+    return f"{prog}: configuration error: {exc}"
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     name: str = ""

@@ -22,6 +22,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from router.errors import RegistryUnavailable
+from router.registryfault import describe, registry_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,10 @@ def probe_database(tracking_uri: str) -> None:
     try:
         url = sa.make_url(tracking_uri)
     except sa.exc.ArgumentError as exc:
-        raise RegistryUnavailable(f"registry {tracking_uri}: {exc}") from exc
+        raise registry_unavailable(tracking_uri, exc) from exc
     if scheme == "sqlite":
         if not url.database or not Path(url.database).is_file():
-            raise RegistryUnavailable(f"registry {tracking_uri}: no database file")
+            raise RegistryUnavailable(f"MLflow registry at {tracking_uri}: no database file")
         return
     connect_args = {"connect_timeout": PROBE_TIMEOUT_S} if scheme in ("postgresql", "mysql") else {}
     try:
@@ -110,11 +111,7 @@ def probe_database(tracking_uri: str) -> None:
         finally:
             engine.dispose()
     except (sa.exc.SQLAlchemyError, ImportError) as exc:
-        orig = getattr(exc, "orig", None) or exc
-        first = str(orig).strip().splitlines()[:1]
-        raise RegistryUnavailable(
-            f"registry {tracking_uri}: {type(orig).__name__}: {''.join(first)}"
-        ) from exc
+        raise registry_unavailable(tracking_uri, exc) from exc
 
 
 class Registry:
@@ -138,10 +135,8 @@ class Registry:
                 uri = self.tracking_uri
                 try:
                     self._mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-                except MlflowException as exc:
-                    raise RegistryUnavailable(f"registry {uri}: {exc.message}") from exc
-                except (sa.exc.SQLAlchemyError, OSError) as exc:
-                    raise RegistryUnavailable(f"registry {uri}: {exc}") from exc
+                except (MlflowException, sa.exc.SQLAlchemyError, OSError) as exc:
+                    raise registry_unavailable(uri, exc) from exc
             return self._mlflow_client
 
     def _by_alias(self, alias: str) -> ModelRef | None:
@@ -150,18 +145,16 @@ class Registry:
         except MlflowException as exc:
             if _is_not_found(exc):
                 return None
-            raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc.message}") from exc
+            raise registry_unavailable(self.tracking_uri, exc) from exc
         except (sa.exc.SQLAlchemyError, OSError) as exc:
-            raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc}") from exc
+            raise registry_unavailable(self.tracking_uri, exc) from exc
         return ModelRef(alias, str(mv.version), mv.run_id, "alias")
 
     def _versions(self) -> list[Any]:
         try:
             return list(self._client.search_model_versions(f"name = '{self.model_name}'"))
-        except MlflowException as exc:
-            raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc.message}") from exc
-        except (sa.exc.SQLAlchemyError, OSError) as exc:
-            raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc}") from exc
+        except (MlflowException, sa.exc.SQLAlchemyError, OSError) as exc:
+            raise registry_unavailable(self.tracking_uri, exc) from exc
 
     def _require_model(self) -> None:
         """ModelNotFound when the registered model itself does not exist (a name typo)."""
@@ -170,9 +163,9 @@ class Registry:
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 raise ModelNotFound(model_not_found(self.model_name, self.tracking_uri)) from exc
-            raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc.message}") from exc
+            raise registry_unavailable(self.tracking_uri, exc) from exc
         except (sa.exc.SQLAlchemyError, OSError) as exc:
-            raise RegistryUnavailable(f"registry {self.tracking_uri}: {exc}") from exc
+            raise registry_unavailable(self.tracking_uri, exc) from exc
 
     def resolve_champion(self, alias: str) -> ModelRef:
         """The alias; else the legacy ``Production`` stage; else ModelNotFound saying why.
@@ -222,10 +215,8 @@ class Registry:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=source, tracking_uri=self.tracking_uri
             )
-        except MlflowException as exc:
-            raise RegistryUnavailable(f"loading {uri}: {exc.message}") from exc
-        except OSError as exc:
-            raise RegistryUnavailable(f"loading {uri}: {exc}") from exc
+        except (MlflowException, OSError) as exc:
+            raise RegistryUnavailable(f"loading {uri}: {describe(exc, self.tracking_uri)}") from exc
         try:
             model = mlflow.pyfunc.load_model(local)
             schema = model.metadata.get_input_schema() if model.metadata else None

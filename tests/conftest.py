@@ -217,6 +217,16 @@ def fresh_registry(mlflow_registry: MlflowRegistry, tmp_path: Path) -> FreshRegi
 
 
 @pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[Any]:
+    """A headless Chromium on a blank page (``tests/chromium.py``'s ``DevTools``); skipped with a
+    reason where none is installed (a failure in CI)."""
+    from tests.chromium import headless_chromium
+
+    with headless_chromium(tmp_path) as browser:
+        yield browser
+
+
+@pytest.fixture
 def router_dir(tmp_path: Path) -> RouterDir:
     """Router settings for the test's ``tmp_path``: ``router_dir.settings(registry, routing=...)``
     log to ``tmp_path / "predictions.db"``, which ``router_dir.log_rows(sql)`` queries."""

@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 from conftest import FreshRegistry, MlflowRegistry, free_port
+from console import run_entry_point
 from mlflow.tracking import MlflowClient
 from synthlog import OUTCOME_WINDOW_S, Arm, sqlite_url, write_config, write_log
 
@@ -192,11 +193,11 @@ def test_unreachable_database_is_one_line_exit_1(
     assert "Traceback" not in captured.err
 
 
-def test_bad_config_and_missing_registry_are_exit_1(
+def test_bad_config_is_exit_2_and_missing_registry_exit_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bad = write_config(tmp_path / "bad.yaml", {"model": {"name": "m"}, "experiment": {"alpha": 2}})
-    assert evaluate_and_promote_main(["--config", str(bad)]) == 1
+    assert evaluate_and_promote_main(["--config", str(bad)]) == 2
     assert "experiment.alpha" in capsys.readouterr().err
     missing = write_config(
         tmp_path / "missing.yaml",
@@ -252,17 +253,7 @@ def test_two_processes_at_once_promote_once(fresh_registry: FreshRegistry, tmp_p
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """``evaluate_and_promote`` as a CronJob runs it: a process of its own."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    script = "import sys; from experiments.cli import evaluate_and_promote_main as m; sys.exit(m())"
-    return subprocess.run(
-        [sys.executable, "-c", script, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_entry_point("experiments.cli:evaluate_and_promote_main", *args, cwd=cwd)
 
 
 def _rejections(client: MlflowClient) -> list[Any]:
@@ -388,15 +379,15 @@ def test_registry_down_is_one_line_exit_1(
         (None, "No such file"),
     ],
 )
-def test_bad_config_is_one_line_exit_1(
+def test_bad_config_is_one_line_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, needle: str
 ) -> None:
     path = tmp_path / "config.yaml"
     if content is not None:
         path.write_text(content, encoding="utf-8")
-    assert evaluate_and_promote_main(["--config", str(path)]) == 1
+    assert evaluate_and_promote_main(["--config", str(path)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("evaluate_and_promote: error: ") and needle in line
+    assert line.startswith("evaluate_and_promote: configuration error: ") and needle in line
 
 
 @pytest.mark.parametrize(

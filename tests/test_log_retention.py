@@ -193,8 +193,9 @@ def test_the_command_refuses_without_a_retention_period(
     log: Backend, mlflow_registry: MlflowRegistry, tmp_path: Path
 ) -> None:
     done = _command(mlflow_registry, tmp_path, log.url, "retention")
-    assert done.returncode == 1
+    assert done.returncode == 2  # a bad configuration, as for every command
     assert done.stderr.strip() == (
-        "error: prediction_log.retention_days is not set (or pass --days)"
+        "python -m router.log: configuration error: "
+        "prediction_log.retention_days is not set (or pass --days)"
     )
     assert done.stdout == ""

@@ -8,20 +8,14 @@ refresh, without a reload. A screenshot goes to ``test-artifacts/status-page.png
 
 from __future__ import annotations
 
-import base64
 import json
-import os
-import select
-import shutil
-import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from demo.data import LABEL
+from tests.chromium import DevTools
 from tests.conftest import MlflowRegistry
 from tests.live_router import http_client, keys_for, send_with_feedback
 
@@ -32,139 +26,6 @@ ARTIFACTS = ROOT / "test-artifacts"
 SALT = "status-page"
 WEIGHT = 0.5
 PER_ARM = 12  # requests per arm, one row each, every one with feedback
-DEADLINE_S = 60.0  # any single wait on Chromium or the page
-
-
-def _chromium_binary() -> str:
-    for candidate in (
-        "/usr/bin/chromium",
-        shutil.which("chromium"),
-        shutil.which("chromium-browser"),
-    ):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    # A skip only locally: conftest fails a skipped `chromium` test in CI.
-    pytest.skip(
-        "no chromium at /usr/bin/chromium or on PATH "
-        "(Debian package `chromium`; .ci/run installs it)"
-    )
-
-
-class DevTools:
-    """A headless Chromium and a DevTools session on its first page, over a pipe."""
-
-    def __init__(self, binary: str, user_data_dir: Path, stderr_path: Path) -> None:
-        cmd_read, self._cmd_write = os.pipe()  # we write commands; Chromium reads fd 3
-        self._evt_read, evt_write = os.pipe()  # Chromium writes fd 4; we read
-        args = [
-            binary,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={user_data_dir}",
-            "--window-size=1280,900",
-            "--remote-debugging-pipe",
-            "about:blank",
-        ]
-        # bash moves our pipe ends onto fds 3 and 4 (no preexec_fn in a threaded process; dash
-        # cannot redirect from a descriptor above 9).
-        self._stderr = stderr_path.open("wb")
-        self.process = subprocess.Popen(
-            ["bash", "-c", f'exec "$@" 3<&{cmd_read} 4>&{evt_write}', "bash", *args],
-            pass_fds=(cmd_read, evt_write),
-            stdin=subprocess.DEVNULL,
-            stdout=self._stderr,
-            stderr=self._stderr,
-        )
-        os.close(cmd_read)
-        os.close(evt_write)
-        self._buffer = b""
-        self._next_id = 0
-        self.events: list[dict[str, Any]] = []
-        self.session: str | None = None
-
-    def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        self._next_id += 1
-        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
-        if self.session is not None:
-            message["sessionId"] = self.session
-        os.write(self._cmd_write, json.dumps(message).encode() + b"\0")
-        deadline = time.monotonic() + DEADLINE_S
-        while True:
-            while b"\0" in self._buffer:
-                raw, self._buffer = self._buffer.split(b"\0", 1)
-                reply = json.loads(raw)
-                if reply.get("id") != self._next_id:
-                    self.events.append(reply)
-                    continue
-                assert "error" not in reply, f"{method}: {reply['error']}"
-                result: dict[str, Any] = reply["result"]
-                return result
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"Chromium did not answer {method} within {DEADLINE_S} s")
-            readable, _, _ = select.select([self._evt_read], [], [], remaining)
-            if readable:
-                chunk = os.read(self._evt_read, 1 << 20)
-                if not chunk:
-                    raise RuntimeError(
-                        f"Chromium closed the DevTools pipe (exit {self.process.poll()})"
-                    )
-                self._buffer += chunk
-
-    def attach_to_page(self) -> None:
-        targets = self.call("Target.getTargets")["targetInfos"]
-        page = next(t for t in targets if t["type"] == "page")
-        attached = self.call(
-            "Target.attachToTarget", {"targetId": page["targetId"], "flatten": True}
-        )
-        self.session = attached["sessionId"]
-
-    def evaluate(self, expression: str) -> Any:
-        reply = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
-        assert "exceptionDetails" not in reply, reply["exceptionDetails"]
-        return reply["result"].get("value")
-
-    def wait_for(self, expression: str, what: str) -> Any:
-        """Poll a JS expression until it is truthy (bounded by DEADLINE_S)."""
-        deadline = time.monotonic() + DEADLINE_S
-        value = None
-        while time.monotonic() < deadline:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"the page never showed {what}; last value {value!r}")
-
-    def close(self) -> None:
-        os.close(self._cmd_write)  # Chromium exits when its pipe closes
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        finally:
-            os.close(self._evt_read)
-            self._stderr.close()
-
-
-@pytest.fixture
-def chromium(tmp_path: Path) -> Iterator[DevTools]:
-    browser = DevTools(_chromium_binary(), tmp_path / "chromium-profile", tmp_path / "chromium.log")
-    try:
-        browser.attach_to_page()
-        yield browser
-    finally:
-        browser.close()
 
 
 @pytest.fixture
@@ -267,10 +128,4 @@ def test_status_page_shows_both_arms_and_updates_after_traffic(
     exceptions = [e for e in chromium.events if e.get("method") == "Runtime.exceptionThrown"]
     assert not exceptions, exceptions
 
-    height = chromium.evaluate("document.documentElement.scrollHeight")
-    clip = {"x": 0, "y": 0, "width": 1280, "height": height, "scale": 1}
-    shot = chromium.call(
-        "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip}
-    )
-    ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "status-page.png").write_bytes(base64.b64decode(shot["data"]))
+    chromium.save_screenshot(ARTIFACTS / "status-page.png", 1280)

@@ -5,9 +5,10 @@
   read from the registry, and the command fails rather than guess when it cannot be read.
 - ``views``: creates the warehouse views (``router/log/warehouse.py``).
 
-Exit 0 when done (also "nothing to remove"), 1 with one line on stderr on any error (bad config,
-registry or database unreachable), 2 for bad arguments. Safe to run from a CronJob at any time and
-from several places at once: each batch re-selects what is still there.
+Exit 0 when done (also "nothing to remove"), 1 with one line on stderr on any error (registry or
+database unreachable), 2 for bad arguments or a bad configuration (one line naming the key). Safe
+to run from a CronJob at any time and from several places at once: each batch re-selects what is
+still there.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
-from router.config import ConfigError, Settings, load_settings
+from router.config import (
+    EXIT_BAD_CONFIG,
+    ConfigError,
+    Settings,
+    config_error_line,
+    load_settings,
+)
 from router.errors import RegistryUnavailable
 from router.log.database import brief, create_engine
 from router.log.retention import RetentionPlan, apply_retention, plan_retention
@@ -102,7 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.days is not None and not args.days > 0:
                 raise ConfigError("--days must be > 0")
             out = retention(settings, args.days, args.dry_run)
-    except (ConfigError, RegistryUnavailable, LookupError) as exc:
+    except ConfigError as exc:
+        print(config_error_line(parser.prog, exc), file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except (RegistryUnavailable, LookupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except sa.exc.SQLAlchemyError as exc:
