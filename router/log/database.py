@@ -109,7 +109,13 @@ def _refuse_unwritable(shm: Path) -> None:
     batch's connect. What remains is a fault that lands inside one open transaction
     (milliseconds).
     """
-    if shm.exists() and not os.access(shm, os.R_OK | os.W_OK):
+    # The file comes and goes: SQLite deletes it when the last connection closes, and another
+    # connection of this process may be creating it right now. Only a file that is there and
+    # still not writable on a second look is refused (checking exists() first refused a file
+    # deleted in between). Never opened here: closing any descriptor of the file would drop
+    # SQLite's POSIX locks on it.
+    mode = os.R_OK | os.W_OK
+    if not os.access(shm, mode) and shm.exists() and not os.access(shm, mode):
         raise sqlite3.OperationalError(
             f"{shm} is not writable by this process (uid {os.geteuid()}): fix its owner or mode"
         )
