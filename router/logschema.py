@@ -16,9 +16,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
+
+if TYPE_CHECKING:  # config imports this module; the names only annotate here
+    from router.config import MetricName
 
 
 class Arm(StrEnum):
@@ -151,6 +156,42 @@ def outcome_number(outcome: object) -> float | None:
     if isinstance(outcome, bool | int | float):
         return float(outcome)
     return None
+
+
+#: What one row's outcome must be for each metric (README "Feedback"): what the evaluator's
+#: metric and the live metrics can judge. ``/feedback`` refuses anything else (400), stores nothing.
+OUTCOME_NEEDS: dict[MetricName, str] = {
+    "accuracy": "a class label (a string, an integer or a boolean)",
+    "log_loss": "a 0/1 label (0, 1, true or false)",
+    "brier": "a 0/1 label (0, 1, true or false)",
+    "abs_error": "a number",
+    "squared_error": "a number",
+    "outcome": "a number or a boolean",
+}
+
+
+def outcome_fits(metric: MetricName, outcome: object) -> bool:
+    """Can ``metric`` judge one row's ``outcome`` (a decoded JSON value)? :data:`OUTCOME_NEEDS`.
+
+    Accuracy compares the outcome with a predicted class (:func:`class_matches`): a float counts
+    as a class only when it is a whole number (``1.0``; a ``0.7`` is a probability sent by
+    mistake). Log loss and Brier compare the positive-class score with a 0/1 outcome, as the
+    evaluator does (``outcome_value IN (0, 1)``); a string ``"1"`` is no such outcome. The errors
+    need a number (a boolean is no regression target); ``outcome`` averages numbers or booleans.
+    """
+    if isinstance(outcome, float) and not math.isfinite(outcome):
+        return False
+    if metric == "accuracy":
+        if isinstance(outcome, str):
+            return outcome != ""
+        return isinstance(outcome, bool | int) or (
+            isinstance(outcome, float) and outcome.is_integer()
+        )
+    if metric in ("log_loss", "brier"):
+        return isinstance(outcome, bool | int | float) and outcome in (0, 1)
+    if metric in ("abs_error", "squared_error"):
+        return isinstance(outcome, int | float) and not isinstance(outcome, bool)
+    return isinstance(outcome, bool | int | float)  # outcome
 
 
 # -- warehouse views ----------------------------------------------------------------------------

@@ -213,6 +213,12 @@ class RouterMetrics:
             ARM_VERSION,
             registry=r,
         )
+        self.feedback_busy = Counter(
+            "router_feedback_busy",
+            "Feedback requests refused (503, Retry-After) because feedback.max_in_flight were in "
+            "progress.",
+            registry=r,
+        )
         self.log_pending = Gauge(
             "router_prediction_log_pending",
             "Prediction records accepted but not yet written.",

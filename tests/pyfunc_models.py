@@ -12,14 +12,16 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.models import ModelSignature
 from mlflow.pyfunc.model import PythonModel
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema
 
 from demo.data import FEATURES
 from demo.train import (
@@ -152,6 +154,18 @@ class BlockingModel(PythonModel):
         return _constant_proba(len(model_input), self.p)
 
 
+class ConstantRegressor(PythonModel):
+    """Answers ``value`` (a float) for every row: a regressor."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
+        return np.full(len(model_input), self.value, dtype=np.float64)
+
+
 def register_pyfunc(
     tracking_uri: str,
     name: str,
@@ -164,16 +178,21 @@ def register_pyfunc(
     experiment_name: str | None = None,
     artifact_location: str | None = None,
     metadata: Mapping[str, object] | None = None,
+    outputs: Schema | Literal["tensor"] | None = "tensor",
 ) -> str:
     """Log ``python_model`` with a signature built from ``input_example``; return the version.
 
     The signature's inputs are ``input_example``'s columns (pass the demo's ``FEATURES`` frame to
-    share the sklearn versions' schema), outputs a ``(-1, 2)`` float64 tensor. ``alias`` is moved
+    share the sklearn versions' schema), outputs a ``(-1, 2)`` float64 tensor (``outputs``: another
+    output schema, or None for none). ``alias`` is moved
     to the new version. ``include_code`` ships this module as ``code_paths`` so another process
     can unpickle the model. ``metadata`` lands in the MLmodel's ``metadata`` (e.g.
     ``{"router_batchable": True}``).
     """
     example = input_example.head(5)
+    signature = signature_for(example)
+    if outputs != "tensor":
+        signature = ModelSignature(inputs=signature.inputs, outputs=outputs)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     exp_id = experiment_id(client, experiment_name or f"{name}-training", artifact_location)
     with (
@@ -186,7 +205,7 @@ def register_pyfunc(
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=python_model,
-            signature=signature_for(example),
+            signature=signature,
             input_example=example,
             registered_model_name=name,
             pip_requirements=PIP_REQUIREMENTS,

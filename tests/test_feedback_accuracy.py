@@ -103,6 +103,8 @@ def test_the_feedback_metric_and_the_evaluator_agree_on_accuracy(
 def test_the_error_metrics_use_the_stored_numeric_outcome(tmp_path: Path) -> None:
     plog = PredictionLog(f"sqlite:///{tmp_path / 'predictions.db'}")
     plog.start()
+    # The writer creates the tables in its own thread: feedback before that is a 503.
+    assert plog.wait_prepared(30.0)
     try:
         plog.enqueue(
             [

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import sqlalchemy.orm  # imported here on purpose: see below
@@ -54,6 +54,9 @@ from router.log.database import (
 )
 from router.log.feedback import FeedbackItem, FeedbackResult, FeedbackStore
 from router.logschema import metadata, predictions
+
+if TYPE_CHECKING:
+    from router.config import MetricName
 
 logger = logging.getLogger(__name__)
 # ``sqlalchemy.orm`` is imported above, on the importing thread, on purpose: the writer creates the
@@ -491,13 +494,16 @@ class PredictionLog:
             )
 
     # -- feedback -------------------------------------------------------------------------------
-    def record_feedback(self, items: Sequence[FeedbackItem]) -> list[FeedbackResult]:
+    def record_feedback(
+        self, items: Sequence[FeedbackItem], metric: MetricName | None = None, *, flush: bool = True
+    ) -> list[FeedbackResult]:
         """Attach outcomes to logged predictions: ``FeedbackStore.record`` on this log's engine.
 
         Synchronous, call it off the event loop. A request id not found at first may still be
-        queued here: this log is flushed once and the id looked up again.
+        queued here: unless ``flush`` is false, this log is flushed once and the id looked up
+        again. ``metric``: refuse outcomes it cannot judge.
         """
-        return self._feedback.record(items)
+        return self._feedback.record(items, metric, flush=flush)
 
     def _flush_if_running(self, timeout: float) -> None:
         # Records can only still appear if the writer is running; otherwise look up what is there.

@@ -301,7 +301,7 @@ async def status_page(request: Request) -> Response:
 
 async def _router_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RouterError)
-    return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers())
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
