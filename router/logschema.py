@@ -88,6 +88,19 @@ predictions = sa.Table(
     sa.Column("output", sa.Text, nullable=True),  # the row's raw prediction, JSON
 )
 
+#: One assigned arm per (request_id, row_index): a request id reused by a later request that was
+#: assigned to the other arm leaves no row there (ignored and counted as a duplicate, as a reuse
+#: in the same arm is), so one outcome can never join rows of both arms and count twice. Shadow
+#: rows (a second scoring of the same request) are outside it.
+ONE_ASSIGNED_ARM = sa.Index(
+    "predictions_one_assigned_arm",
+    predictions.c.request_id,
+    predictions.c.row_index,
+    unique=True,
+    sqlite_where=predictions.c.arm != Arm.SHADOW.value,
+    postgresql_where=predictions.c.arm != Arm.SHADOW.value,
+)
+
 outcomes = sa.Table(
     "outcomes",
     metadata,

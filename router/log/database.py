@@ -176,6 +176,34 @@ def add_missing_columns(conn: Connection) -> None:
             logger.info("prediction log: added column %s.%s", table.name, column.name)
 
 
+def add_missing_indexes(conn: Connection) -> None:
+    """Create the contract's indexes a log created by an older router lacks.
+
+    ``create_all`` creates a table's indexes only with the table. A unique index that the rows
+    already logged violate (a request id reused across arms before the index existed) cannot be
+    created: that is logged, and the log works on without it (``FeedbackStore`` still refuses
+    outcomes for such ids) rather than stopping to write.
+    """
+    inspector = sa.inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {index["name"] for index in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name in present:
+                continue
+            try:
+                with conn.begin_nested():
+                    index.create(conn)
+            except sa.exc.IntegrityError as exc:
+                logger.warning(
+                    "prediction log: cannot create the unique index %s, rows already logged "
+                    "violate it (%s); remove them to have it",
+                    index.name,
+                    brief(exc),
+                )
+            else:
+                logger.info("prediction log: created index %s", index.name)
+
+
 def short(text: str, limit: int = 80) -> str:
     """``text`` cut to ``limit`` characters, with an ellipsis when cut."""
     return text if len(text) <= limit else text[: limit - 3] + "..."

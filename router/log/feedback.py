@@ -21,7 +21,14 @@ from sqlalchemy.engine import Connection, Engine
 
 from router.errors import Conflict, InvalidInput, NotFound, PredictionLogUnavailable
 from router.log.database import brief, insert_ignoring, safe_url, short
-from router.logschema import OUTCOME_NEEDS, outcome_fits, outcome_number, outcomes, predictions
+from router.logschema import (
+    OUTCOME_NEEDS,
+    Arm,
+    outcome_fits,
+    outcome_number,
+    outcomes,
+    predictions,
+)
 
 if TYPE_CHECKING:
     from router.config import MetricName
@@ -146,6 +153,7 @@ class FeedbackStore:
             )
             for row in conn.execute(query):
                 logged.setdefault(row.request_id, []).append(row)
+        _refuse_reused_across_arms(logged)
         missing = [rid for rid in ids if rid not in logged]
         if missing:
             if not final:
@@ -187,9 +195,10 @@ class FeedbackStore:
                 elif json.loads(previous) == value:
                     created[index] = False
                 else:
+                    # Never the stored value: it is another client's outcome, maybe a secret.
                     raise Conflict(
-                        f"request_id {item.request_id!r} already has outcome "
-                        f"{short(previous)} for row {index}, not {short(text)}"
+                        f"request_id {item.request_id!r} already has a different outcome for "
+                        f"row {index}; an outcome is stored once and never changed"
                     )
             values = dict(zip(indices, per_row, strict=True))
             results.append(
@@ -214,6 +223,25 @@ class FeedbackStore:
         if inserts and len(conn.execute(self._insert_outcomes, inserts).all()) != len(inserts):
             raise _Raced
         return results
+
+
+def _refuse_reused_across_arms(logged: dict[str, list[Any]]) -> None:
+    """409 for a request id with a row in both assigned arms: its outcome would count twice.
+
+    The log's unique index (``logschema.ONE_ASSIGNED_ARM``) keeps a reused ``X-Request-Id`` from
+    being logged in a second arm; a log whose rows predate it may still hold such ids.
+    """
+    assigned = {Arm.CHAMPION.value, Arm.CHALLENGER.value}
+    for request_id, rows in logged.items():
+        arms_of_row: dict[int, set[str]] = {}
+        for row in rows:
+            if row.arm in assigned:
+                arms_of_row.setdefault(row.row_index, set()).add(row.arm)
+        if any(len(arms) > 1 for arms in arms_of_row.values()):
+            raise Conflict(
+                f"request_id {request_id!r} was logged in both arms (a reused X-Request-Id): "
+                "an outcome for it would count in both; refused"
+            )
 
 
 _Encoded = tuple[Any, str, float | None]  # (decoded value, JSON text, numeric form)

@@ -46,6 +46,7 @@ from sqlalchemy.engine import Connection, Engine
 from router.log.database import (
     SqliteFile,
     add_missing_columns,
+    add_missing_indexes,
     brief,
     create_engine,
     row_inserter,
@@ -137,8 +138,9 @@ class PredictionLog:
         self._error: str | None = None
         self._prepared = threading.Event()  # the tables were created once
         # Ignore-on-conflict: a client reusing a request id must not fail the other rows of the
-        # batch. The first record for a (request_id, row_index, arm) wins; later ones are counted
-        # in ``duplicates`` and logged, not stored. PostgreSQL: COPY, then one insert (pgcopy.py).
+        # batch. The first record for a (request_id, row_index, arm), or for a (request_id,
+        # row_index) in an assigned arm (``logschema.ONE_ASSIGNED_ARM``), wins; later ones are
+        # counted in ``duplicates`` and logged, not stored. PostgreSQL: COPY, then one insert.
         self._insert = row_inserter(self._engine, predictions, _RECORD_FIELDS)
         self._feedback = FeedbackStore(self._engine, self._flush_if_running)
 
@@ -264,7 +266,8 @@ class PredictionLog:
 
     @property
     def duplicates(self) -> int:
-        """Records ignored because their (request_id, row_index, arm) was already logged."""
+        """Records ignored because their (request_id, row_index) was already logged in that arm,
+        or, in an assigned arm, in the other one."""
         return self._duplicates
 
     @property
@@ -378,6 +381,7 @@ class PredictionLog:
         with self._engine.begin() as conn:
             metadata.create_all(conn)
             add_missing_columns(conn)
+            add_missing_indexes(conn)
         self._tables_ready = True
         if self._file is not None:
             self._file.remember()
