@@ -163,6 +163,15 @@ class RouterMetrics:
             [*ARM_VERSION, "class"],
             registry=r,
         )
+        self.output_unread = Counter(
+            "router_output_unread",
+            "Answers whose per-row score and class could not be read (their rows keep the JSON "
+            "output only), per arm and model version, by reason: rows (not one row per input "
+            "row), columns (several columns, none declared or named as score or class, not class "
+            "probabilities), declared (a column the MLmodel declares is missing).",
+            [*ARM_VERSION, "reason"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "router_model_info",
             "1 for each model version in service, per arm.",

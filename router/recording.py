@@ -58,12 +58,14 @@ class Recorder:
         ``arm_version`` the assigned arm's); returns the JSON-able body."""
         status = RowStatus.OK if fallback is None else RowStatus.FALLBACK
         jsonable = to_jsonable(scored.prediction)
-        facts = row_facts(scored.prediction, jsonable, n_rows)
+        facts = row_facts(scored.prediction, jsonable, n_rows, served_by.kind.reading)
         m = self._metrics
         m.count_request(arm.value, arm_version, status.value)
         if fallback is not None:
             m.count_fallback(fallback.value)
         role, version = served_by.role, served_by.version
+        if facts.unread is not None:  # never guessed: the rows keep their JSON only
+            m.output_unread.labels(role, version, facts.unread.value).inc()
         m.observe_predict_latency(role, version, scored.latency_s)
         m.observe_scores(role, version, facts.scores)
         m.count_classes(role, version, facts.classes)

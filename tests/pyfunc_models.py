@@ -273,3 +273,93 @@ class StaggeredLoadModel(PythonModel):
         self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
     ) -> np.ndarray:
         return _constant_proba(len(model_input), self.p)
+
+
+# -- outputs of every shape, for the rules of router/scoring/outputs.py -------------------------
+def _labels(n_rows: int) -> np.ndarray:
+    """1, 0, 1, ... per row: a class each, the same in every model below."""
+    return (np.arange(n_rows) % 2 == 0).astype(np.int64)
+
+
+def _label_probability(n_rows: int) -> np.ndarray:
+    """The probability of the row's label: 0.9 for a 1, 0.2 for a 0 (never the argmax's index)."""
+    return np.where(_labels(n_rows) == 1, 0.9, 0.2)
+
+
+class LabelProbabilityFrameModel(PythonModel):
+    """Answers a DataFrame of ``label`` and ``proba`` (two numeric columns, not [p0, p1])."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> pd.DataFrame:
+        n = len(model_input)
+        return pd.DataFrame({"label": _labels(n), "proba": _label_probability(n)})
+
+
+class LabelProbabilityDictModel(PythonModel):
+    """Answers a dict of per-row arrays: ``{"label": [...], "proba": [...]}``."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> dict[str, np.ndarray]:
+        n = len(model_input)
+        return {"label": _labels(n), "proba": _label_probability(n)}
+
+
+class LabelProbabilityArrayModel(PythonModel):
+    """Answers an unnamed ``(n, 2)`` array ``[label, proba]``; only its output signature names
+    the columns."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
+        n = len(model_input)
+        return np.column_stack([_labels(n).astype(np.float64), _label_probability(n)])
+
+
+class DecisionSeriesModel(PythonModel):
+    """Answers a named ``pd.Series`` of class labels (``churn`` / ``stay``)."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> pd.Series:
+        return pd.Series(np.where(_labels(len(model_input)) == 1, "churn", "stay"), name="decision")
+
+
+class DeclaredColumnsModel(PythonModel):
+    """Answers ``p_churn``, ``decision`` and ``note``: names no rule knows, which its MLmodel
+    declares (``router_score_column``, ``router_class_column``)."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> pd.DataFrame:
+        n = len(model_input)
+        labels = _labels(n)
+        return pd.DataFrame(
+            {
+                "p_churn": np.where(labels == 1, 0.9, 0.1),
+                "decision": np.where(labels == 1, "churn", "stay"),
+                "note": ["-"] * n,
+            }
+        )
+
+
+class IntervalModel(PythonModel):
+    """A regressor answering ``lower`` and ``upper`` bounds: two numbers that are no class
+    probabilities, and no column says which is the score."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> pd.DataFrame:
+        n = len(model_input)
+        return pd.DataFrame({"lower": np.full(n, 90.0), "upper": np.full(n, 110.0)})
+
+
+class DtypesModel(PythonModel):
+    """MLflow's own scoring-server test model (tests/pyfunc/test_scoring_server.py,
+    ``test_serving_model_with_schema``): one row per input *column*, ``[name, dtype]``."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> list[list[str]]:
+        return [[str(k), str(v)] for k, v in model_input.dtypes.items()]
