@@ -25,6 +25,7 @@ ExtraColumns = Literal["ignore", "reject"]
 Casting = Literal["mlflow", "strict"]
 NonFinite = Literal["reject", "pass"]
 MetricName = Literal["accuracy", "log_loss", "brier", "abs_error", "squared_error", "outcome"]
+METRICS: tuple[MetricName, ...] = get_args(MetricName)
 
 
 class ConfigError(ValueError):

@@ -136,13 +136,18 @@ def hash_routing_key(secret: bytes, key: str) -> str:
     return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def outcome_matches(predicted_class: str, outcome_json: str) -> bool:
-    """Is a predicted class "correct" for a stored outcome (JSON text)? :func:`class_matches`."""
+def decoded_outcome(outcome_json: str) -> object:
+    """A stored outcome (``outcomes.outcome``, JSON text) as the value the client sent."""
     try:
         outcome: object = json.loads(outcome_json)
     except ValueError:
         outcome = outcome_json
-    return class_matches(predicted_class, outcome)
+    return outcome
+
+
+def outcome_matches(predicted_class: str, outcome_json: str) -> bool:
+    """Is a predicted class "correct" for a stored outcome (JSON text)? :func:`class_matches`."""
+    return class_matches(predicted_class, decoded_outcome(outcome_json))
 
 
 def class_matches(predicted_class: str, outcome: object) -> bool:
@@ -169,6 +174,44 @@ def outcome_number(outcome: object) -> float | None:
     if isinstance(outcome, bool | int | float):
         return float(outcome)
     return None
+
+
+# Log loss of a probability of exactly 0 or 1 is infinite; sklearn clips the same way.
+LOG_LOSS_EPS = 1e-15
+
+
+def row_metric(
+    metric: MetricName,
+    score: float | None,
+    predicted_class: str | None,
+    outcome: object,
+    outcome_value: float | None,
+) -> float | None:
+    """One row's metric in its natural units, or None when the row cannot carry it.
+
+    ``outcome`` is the value the client sent (:func:`decoded_outcome` of the stored text),
+    ``outcome_value`` its stored numeric form. The one Python definition of what the evaluator
+    computes in SQL (``experiments/aggregate.py``; tests hold the two equal) and of what the live
+    feedback metrics sum (``router/recording.py``).
+    """
+    if metric == "accuracy":
+        if predicted_class is None:
+            return None
+        return 1.0 if class_matches(predicted_class, outcome) else 0.0
+    if metric == "outcome":
+        return outcome_value
+    if score is None or outcome_value is None or not math.isfinite(score):
+        return None
+    if metric in ("log_loss", "brier"):
+        if outcome_value not in (0.0, 1.0):
+            return None
+        if metric == "brier":
+            return (score - outcome_value) ** 2
+        p = min(max(score, LOG_LOSS_EPS), 1.0 - LOG_LOSS_EPS)
+        return -math.log(p) if outcome_value == 1.0 else -math.log(1.0 - p)
+    if metric == "abs_error":
+        return abs(score - outcome_value)
+    return (score - outcome_value) ** 2
 
 
 #: What one row's outcome must be for each metric (README "Feedback"): what the evaluator's

@@ -222,6 +222,32 @@ class RouterMetrics:
             ARM_VERSION,
             registry=r,
         )
+        self.feedback_log_loss = Counter(
+            "router_feedback_log_loss",
+            "Sum of the log loss of the score (the positive-class probability, clipped to "
+            "[1e-15, 1 - 1e-15]) over served rows with a 0/1 outcome.",
+            ARM_VERSION,
+            registry=r,
+        )
+        self.feedback_brier = Counter(
+            "router_feedback_brier",
+            "Sum of (score - outcome)^2 over served rows with a 0/1 outcome.",
+            ARM_VERSION,
+            registry=r,
+        )
+        self.feedback_outcome = Counter(
+            "router_feedback_outcome",
+            "Sum of the numeric outcomes of served rows.",
+            ARM_VERSION,
+            registry=r,
+        )
+        self.feedback_judged = Counter(
+            "router_feedback_judged",
+            "Served rows with feedback that each metric can judge (the denominator of its live "
+            "mean), per arm, model version and metric.",
+            [*ARM_VERSION, "metric"],
+            registry=r,
+        )
         self.feedback_busy = Counter(
             "router_feedback_busy",
             "Feedback requests refused (503, Retry-After) because feedback.max_in_flight were in "

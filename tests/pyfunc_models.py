@@ -278,7 +278,8 @@ class StaggeredLoadModel(PythonModel):
 # -- outputs of every shape, for the rules of router/scoring/outputs.py -------------------------
 def _labels(n_rows: int) -> np.ndarray:
     """1, 0, 1, ... per row: a class each, the same in every model below."""
-    return (np.arange(n_rows) % 2 == 0).astype(np.int64)
+    labels: np.ndarray = (np.arange(n_rows) % 2 == 0).astype(np.int64)
+    return labels
 
 
 def _label_probability(n_rows: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from demo.data import FEATURES
-from router.config import MetricName
+from router.config import METRICS, MetricName
 from router.errors import InvalidInput
 from router.log.feedback import FeedbackItem
 from router.log.predlog import PredictionLog, PredictionRecord
@@ -66,7 +66,7 @@ def test_what_each_metric_takes_as_an_outcome(metric: MetricName, outcome: Any, 
 
 
 def test_every_metric_says_what_it_needs() -> None:
-    assert set(OUTCOME_NEEDS) == set(MetricName.__args__)  # type: ignore[attr-defined]
+    assert set(OUTCOME_NEEDS) == set(METRICS)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ what the log's rows hold (``router/scoring/outputs.py``, issue 19 items 5 and 6)
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 import mlflow
 import pytest
-from mlflow.pyfunc import PythonModel, scoring_server
+from mlflow.pyfunc import scoring_server
+from mlflow.pyfunc.model import PythonModel
 from mlflow.types import ColSpec, DataType, Schema
 
 from demo.data import FEATURES
@@ -55,8 +56,8 @@ class Case:
     name: str
     model: PythonModel
     outputs: Schema | None
-    classes: list[str | None]
-    scores: list[float | None]
+    classes: Sequence[str | None]
+    scores: Sequence[float | None]
     unread: str | None = None  # the router_output_unread_total reason, when nothing is read
     metadata: dict[str, Any] | None = None
 

@@ -52,6 +52,7 @@ class ScoredRow:
     arm: str
     model_version: str
     row_index: int
+    status: str  # a RowStatus: only served rows carry an answer to judge
     score: float | None
     predicted_class: str | None
     outcome: Any
@@ -145,6 +146,7 @@ class FeedbackStore:
                     predictions.c.row_index,
                     predictions.c.arm,
                     predictions.c.model_version,
+                    predictions.c.status,
                     predictions.c.score,
                     predictions.c.predicted_class,
                 )
@@ -209,6 +211,7 @@ class FeedbackStore:
                             arm=row.arm,
                             model_version=row.model_version,
                             row_index=row.row_index,
+                            status=row.status,
                             score=row.score,
                             predicted_class=row.predicted_class,
                             outcome=values[row.row_index][0],

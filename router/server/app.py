@@ -235,6 +235,7 @@ async def experiment(request: Request) -> Response:
         "mode": s.routing.mode,
         "salt": s.routing.salt,
         "routing_key_header": s.routing.routing_key_header,
+        "metric": s.experiment.metric,  # what the evaluator judges; the status page shows it
         "ready": arms is not None,
         "experiment_id": arms.experiment_id if arms else None,
         "arms": [],
