@@ -19,7 +19,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from typing import Any
 import httpx
 import yaml
 
+from bench.hang import describe
 from demo.data import FEATURES
 from demo.train import train_and_register
 
@@ -109,15 +109,6 @@ def _flood(url: str, posts: int, results: Any) -> None:
     results.extend(asyncio.run(run()))
 
 
-def _describe(name: str, times: list[float]) -> str:
-    ordered = sorted(times)
-    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-    return (
-        f"{name:<36} p50 {statistics.median(ordered) * 1e3:7.1f} ms   "
-        f"p99 {p99 * 1e3:7.1f} ms   max {ordered[-1] * 1e3:7.1f} ms   (n={len(ordered)})"
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--posts", type=int, default=1000)
@@ -169,8 +160,8 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 os.killpg(router.pid, signal.SIGKILL)
                 router.wait()
-    print(_describe("invocations, quiet", before))
-    print(_describe(f"invocations, {args.posts} unknown-id posts", timer))
+    print(describe("invocations, quiet", before, 36))
+    print(describe(f"invocations, {args.posts} unknown-id posts", timer, 36))
     counts = collections.Counter(status for status, _ in answers)
     print(f"feedback answers: {dict(sorted(counts.items()))}")
     for status in sorted(counts):

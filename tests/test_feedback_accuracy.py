@@ -35,6 +35,7 @@ from tests.conftest import MlflowRegistry
 from tests.live_router import http_client, query_log, router_settings, split_body, wait_ready
 from tests.metrics_text import scrape
 from tests.pyfunc_models import register_pyfunc
+from tests.test_predlog import rec
 
 RunningServer = Callable[..., AbstractContextManager[str]]
 FreshRegistry = Callable[[], MlflowRegistry]
@@ -168,19 +169,7 @@ def test_every_live_metric_judges_served_rows_as_the_evaluator_does(tmp_path: Pa
     try:
         plog.enqueue(
             [
-                PredictionRecord(
-                    request_id=rid,
-                    row_index=0,
-                    arm=Arm.CHAMPION.value,
-                    experiment_id="m:v1-vs-vnone",
-                    model_name="m",
-                    model_version="1",
-                    ts=time.time(),
-                    latency_s=0.001,
-                    status=status.value,
-                    score=score,
-                    predicted_class=cls,
-                )
+                rec(rid, status=status.value, score=score, predicted_class=cls)
                 for rid, status, score, cls, _ in rows
             ]
         )

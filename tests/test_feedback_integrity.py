@@ -10,8 +10,8 @@ the 409 names only the request and row.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +22,13 @@ import sqlalchemy as sa
 from demo.data import FEATURES
 from router.errors import Conflict
 from router.log.feedback import FeedbackItem
-from router.log.predlog import PredictionLog, PredictionRecord
-from router.logschema import ONE_ASSIGNED_ARM, Arm, RowStatus, metadata
+from router.log.predlog import PredictionLog
+from router.logschema import ONE_ASSIGNED_ARM, Arm, metadata
 from tests.conftest import MlflowRegistry, RunningRouter
 from tests.live_router import RouterDir, keys_for, split_body
 from tests.metrics_text import scrape
 from tests.pg import isolated_schema_url
+from tests.test_predlog import rec
 
 SALT = "integrity"
 
@@ -88,18 +89,7 @@ def test_a_conflict_does_not_tell_the_stored_outcome(
 
 
 def _record(request_id: str, arm: Arm) -> dict[str, Any]:
-    return {
-        "request_id": request_id,
-        "row_index": 0,
-        "arm": arm.value,
-        "experiment_id": "m:v1-vs-v2",
-        "model_name": "m",
-        "model_version": "1" if arm is Arm.CHAMPION else "2",
-        "ts": time.time(),
-        "latency_s": 0.001,
-        "status": RowStatus.OK.value,
-        "predicted_class": "1",
-    }
+    return dataclasses.asdict(rec(request_id, arm=arm.value))
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -132,7 +122,7 @@ def test_a_log_from_before_the_index_refuses_feedback_for_an_id_in_both_arms(
         assert plog.wait_prepared(30.0)
     try:
         assert "predictions_one_assigned_arm" in caplog.text, caplog.text
-        plog.enqueue([PredictionRecord(**_record("new", Arm.CHAMPION))])
+        plog.enqueue([rec("new")])
         (result,) = plog.record_feedback([FeedbackItem("new", 1)])
         assert result.created == 1
         with pytest.raises(Conflict, match="logged in both arms"):

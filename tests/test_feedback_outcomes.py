@@ -8,7 +8,6 @@ stored. The rule is ``logschema.outcome_fits``, one table of cases here.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,13 @@ from demo.data import FEATURES
 from router.config import METRICS, MetricName
 from router.errors import InvalidInput
 from router.log.feedback import FeedbackItem
-from router.log.predlog import PredictionLog, PredictionRecord
-from router.logschema import OUTCOME_NEEDS, Arm, RowStatus, outcome_fits
+from router.log.predlog import PredictionLog
+from router.logschema import OUTCOME_NEEDS, Arm, outcome_fits
 from tests.conftest import MlflowRegistry, RunningRouter
 from tests.live_router import RouterDir, split_body
 from tests.metrics_text import scrape
 from tests.pyfunc_models import ConstantRegressor, register_in
+from tests.test_predlog import rec
 
 FreshRegistry = Callable[[], MlflowRegistry]
 
@@ -81,23 +81,7 @@ def plog(tmp_path: Path) -> Iterator[PredictionLog]:
 
 
 def _logged(plog: PredictionLog, request_id: str, n_rows: int) -> None:
-    plog.enqueue(
-        [
-            PredictionRecord(
-                request_id=request_id,
-                row_index=i,
-                arm=Arm.CHAMPION.value,
-                experiment_id="m:v1-vs-vnone",
-                model_name="m",
-                model_version="1",
-                ts=time.time(),
-                latency_s=0.001,
-                status=RowStatus.OK.value,
-                score=0.5,
-            )
-            for i in range(n_rows)
-        ]
-    )
+    plog.enqueue([rec(request_id, i, score=0.5) for i in range(n_rows)])
     plog.flush()
 
 

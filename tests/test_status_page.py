@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pandas as pd
 import pytest
 
 from demo.data import FEATURES, LABEL
@@ -175,19 +177,25 @@ def router_routing() -> dict[str, Any]:
     return {"challenger_weight": WEIGHT, "salt": SALT}
 
 
-def _send_traffic(base_url: str, registry: MlflowRegistry) -> tuple[dict[str, int], dict[str, int]]:
-    """PER_ARM one-row requests to each arm, each followed by its true outcome.
-
-    Returns the requests and the correct predictions (argmax class == outcome) per arm.
-    """
+def _traffic(
+    client: httpx.Client, registry: MlflowRegistry
+) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
+    """PER_ARM one-row requests to each arm, each followed by its true outcome: the rows sent
+    (features and label) and the answers, in order."""
     rows = registry.holdout.head(2 * PER_ARM).reset_index(drop=True)
     keys = [
         key
         for arm in ("champion", "challenger")
         for key in keys_for(arm, PER_ARM, salt=SALT, weight=WEIGHT)
     ]
+    return rows, send_with_feedback(client, rows, keys)
+
+
+def _send_traffic(base_url: str, registry: MlflowRegistry) -> tuple[dict[str, int], dict[str, int]]:
+    """:func:`_traffic`; returns the requests and the correct predictions (argmax class ==
+    outcome) per arm."""
     with http_client(base_url) as client:
-        answers = send_with_feedback(client, rows, keys)
+        rows, answers = _traffic(client, registry)
     served = {"champion": 0, "challenger": 0}
     correct = {"champion": 0, "challenger": 0}
     for answer, label in zip(answers, rows[LABEL], strict=True):
@@ -353,14 +361,8 @@ def test_a_classifier_page_shows_log_loss_and_brier(
         routing={"challenger_weight": WEIGHT, "salt": SALT},
         experiment={"metric": "log_loss"},
     )
-    rows = registry.holdout.head(2 * PER_ARM).reset_index(drop=True)
-    keys = [
-        key
-        for arm in ("champion", "challenger")
-        for key in keys_for(arm, PER_ARM, salt=SALT, weight=WEIGHT)
-    ]
     with running_router(settings) as client:
-        answers = send_with_feedback(client, rows, keys)
+        rows, answers = _traffic(client, registry)
         _open(chromium, str(client.base_url))
         chromium.wait_for(
             f"""(() => {{ const f = JSON.parse({FIELDS_JS});
