@@ -95,11 +95,12 @@ def _time(client: httpx.Client, body: dict[str, Any], keys: list[str]) -> list[f
     return times
 
 
-def _describe(name: str, times: list[float]) -> str:
+def describe(name: str, times: list[float], width: int = 32) -> str:
+    """One line: ``name``, then p50 / p99 / max of ``times`` (seconds) in ms, and n."""
     ordered = sorted(times)
     p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
     return (
-        f"{name:<32} p50 {statistics.median(ordered) * 1e3:7.2f} ms   "
+        f"{name:<{width}} p50 {statistics.median(ordered) * 1e3:7.2f} ms   "
         f"p99 {p99 * 1e3:7.2f} ms   max {ordered[-1] * 1e3:7.2f} ms   (n={len(ordered)})"
     )
 
@@ -158,8 +159,8 @@ def main() -> None:
             hung.join(timeout=600)
         server.should_exit = True
         thread.join(timeout=30)
-    print(_describe("champion, challenger idle", before))
-    print(_describe("champion, challenger hung", during))
+    print(describe("champion, challenger idle", before))
+    print(describe("champion, challenger hung", during))
     print(f"challenger requests still blocked after phase 2: {still_hung}")
 
 

@@ -81,6 +81,7 @@ def request_path_cases(work: Path) -> Iterator[list[Case]]:
     from router.logschema import Arm
     from router.metrics import RouterMetrics
     from router.recording import Recorder, RequestFacts
+    from router.scoring.outputs import OutputReading
     from router.server.app import JSONResponse, create_app
 
     metrics = RouterMetrics(CollectorRegistry())
@@ -90,7 +91,10 @@ def request_path_cases(work: Path) -> Iterator[list[Case]]:
     router_app = create_app(Settings())
     recorder = Recorder("breast-cancer", metrics, plog)
     request = RequestFacts("0f8e6b1c-7a6d-4a47-9d0c-2f3c1f4e5a6b", "ab" * 32, "bc:v1-vs-v2")
-    served_by = SimpleNamespace(role="champion", version="1")
+    # A model read by the default rules (no declared columns): what the demo models are.
+    served_by = SimpleNamespace(
+        role="champion", version="1", kind=SimpleNamespace(reading=OutputReading())
+    )
     scored = SimpleNamespace(prediction=np.array([[0.1, 0.9]]), latency_s=0.0004)
     content = {
         "predictions": [[0.1, 0.9]],

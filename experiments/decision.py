@@ -26,8 +26,9 @@ from typing import Literal
 
 from experiments import stats
 from experiments.sufficient import LatencyHistogram
+from router import logschema
 from router.config import MetricName
-from router.logschema import Arm, outcome_matches
+from router.logschema import Arm
 
 Decision = Literal["promote", "reject", "inconclusive", "invalid"]
 
@@ -55,9 +56,6 @@ VALIDITY_THRESHOLD = 0.001
 MIN_EVENTS = 10
 #: The latency quantile the guardrail watches.
 LATENCY_Q = 0.95
-
-# Log loss of a probability of exactly 0 or 1 is infinite; sklearn clips the same way.
-_EPS = 1e-15
 
 
 @dataclass(frozen=True)
@@ -120,29 +118,13 @@ def row_metric(
     outcome: str,
     outcome_value: float | None,
 ) -> float | None:
-    """One row's metric in its natural units, or None when the row cannot carry it.
-
-    The Python definition of what :mod:`experiments.aggregate` computes in SQL (tests hold the
-    two equal).
+    """One row's metric in its natural units, or None when the row cannot carry it, from the
+    stored outcome (JSON text): :func:`router.logschema.row_metric`, the definition the live
+    metrics share. What :mod:`experiments.aggregate` computes in SQL (tests hold the two equal).
     """
-    if metric == "accuracy":
-        if predicted_class is None:
-            return None
-        return 1.0 if outcome_matches(predicted_class, outcome) else 0.0
-    if metric == "outcome":
-        return outcome_value
-    if score is None or outcome_value is None or not math.isfinite(score):
-        return None
-    if metric in ("log_loss", "brier"):
-        if outcome_value not in (0.0, 1.0):
-            return None
-        if metric == "brier":
-            return (score - outcome_value) ** 2
-        p = min(max(score, _EPS), 1.0 - _EPS)
-        return -math.log(p) if outcome_value == 1.0 else -math.log(1.0 - p)
-    if metric == "abs_error":
-        return abs(score - outcome_value)
-    return (score - outcome_value) ** 2
+    return logschema.row_metric(
+        metric, score, predicted_class, logschema.decoded_outcome(outcome), outcome_value
+    )
 
 
 def arm_estimate(moments: stats.UnitMoments, binary: bool) -> ArmEstimate:

@@ -25,6 +25,7 @@ ExtraColumns = Literal["ignore", "reject"]
 Casting = Literal["mlflow", "strict"]
 NonFinite = Literal["reject", "pass"]
 MetricName = Literal["accuracy", "log_loss", "brier", "abs_error", "squared_error", "outcome"]
+METRICS: tuple[MetricName, ...] = get_args(MetricName)
 
 
 class ConfigError(ValueError):
@@ -128,6 +129,10 @@ class FeedbackSettings:
     # Feedback may reach a replica before the prediction's row is in the shared log (another
     # replica's writer has not flushed yet): look again for this long before answering 404.
     wait_for_prediction_s: float = 2.0
+    # Feedback requests in progress per worker (waiting for one of feedback's own threads, being
+    # stored, or waiting for ids not logged yet); one more is answered 503 with Retry-After at
+    # once: a flood of unknown ids costs bounded work (router/log/feedbackgate.py).
+    max_in_flight: int = 64
 
 
 @dataclass(frozen=True)
@@ -301,6 +306,7 @@ def _validate(s: Settings) -> None:
     _require(
         s.feedback.wait_for_prediction_s >= 0, "feedback.wait_for_prediction_s", "must be >= 0"
     )
+    _require(s.feedback.max_in_flight >= 1, "feedback.max_in_flight", "must be >= 1")
     _require(s.prediction_log.batch_size >= 1, "prediction_log.batch_size", "must be >= 1")
     _require(
         s.prediction_log.flush_interval_s > 0, "prediction_log.flush_interval_s", "must be > 0"

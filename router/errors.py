@@ -27,13 +27,22 @@ class RouterError(Exception):
     status_code = 500
     code = "internal_error"
     error_code = "INTERNAL_ERROR"  # MLflow's code for the same fault
+    retry_after_s: int | None = None  # sent as ``Retry-After`` when set
 
-    def __init__(self, message: str, *, error_code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, error_code: str | None = None, retry_after_s: int | None = None
+    ) -> None:
         message = redact(message)
         super().__init__(message)
         self.message = message
         if error_code is not None:
             self.error_code = error_code
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str] | None:
+        """Response headers the error asks for (``Retry-After``), or None."""
+        return None if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +111,15 @@ class Conflict(RouterError):
 class NotReady(RouterError):
     status_code = 503
     code = "not_ready"
+    error_code = "TEMPORARILY_UNAVAILABLE"
+
+
+class FeedbackBusy(RouterError):
+    """Too many feedback requests already wait for predictions not logged yet (with
+    ``Retry-After``): a flood of unknown request ids is refused at once instead of queueing."""
+
+    status_code = 503
+    code = "feedback_busy"
     error_code = "TEMPORARILY_UNAVAILABLE"
 
 

@@ -16,9 +16,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
+
+if TYPE_CHECKING:  # config imports this module; the names only annotate here
+    from router.config import MetricName
 
 
 class Arm(StrEnum):
@@ -90,6 +95,19 @@ predictions = sa.Table(
     sa.Column("output", sa.Text, nullable=True),  # the row's raw prediction, JSON
 )
 
+#: One assigned arm per (request_id, row_index): a request id reused by a later request that was
+#: assigned to the other arm leaves no row there (ignored and counted as a duplicate, as a reuse
+#: in the same arm is), so one outcome can never join rows of both arms and count twice. Shadow
+#: rows (a second scoring of the same request) are outside it.
+ONE_ASSIGNED_ARM = sa.Index(
+    "predictions_one_assigned_arm",
+    predictions.c.request_id,
+    predictions.c.row_index,
+    unique=True,
+    sqlite_where=predictions.c.arm != Arm.SHADOW.value,
+    postgresql_where=predictions.c.arm != Arm.SHADOW.value,
+)
+
 outcomes = sa.Table(
     "outcomes",
     metadata,
@@ -134,13 +152,18 @@ def hash_routing_key(secret: bytes, key: str) -> str:
     return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def outcome_matches(predicted_class: str, outcome_json: str) -> bool:
-    """Is a predicted class "correct" for a stored outcome (JSON text)? :func:`class_matches`."""
+def decoded_outcome(outcome_json: str) -> object:
+    """A stored outcome (``outcomes.outcome``, JSON text) as the value the client sent."""
     try:
         outcome: object = json.loads(outcome_json)
     except ValueError:
         outcome = outcome_json
-    return class_matches(predicted_class, outcome)
+    return outcome
+
+
+def outcome_matches(predicted_class: str, outcome_json: str) -> bool:
+    """Is a predicted class "correct" for a stored outcome (JSON text)? :func:`class_matches`."""
+    return class_matches(predicted_class, decoded_outcome(outcome_json))
 
 
 def class_matches(predicted_class: str, outcome: object) -> bool:
@@ -167,6 +190,80 @@ def outcome_number(outcome: object) -> float | None:
     if isinstance(outcome, bool | int | float):
         return float(outcome)
     return None
+
+
+# Log loss of a probability of exactly 0 or 1 is infinite; sklearn clips the same way.
+LOG_LOSS_EPS = 1e-15
+
+
+def row_metric(
+    metric: MetricName,
+    score: float | None,
+    predicted_class: str | None,
+    outcome: object,
+    outcome_value: float | None,
+) -> float | None:
+    """One row's metric in its natural units, or None when the row cannot carry it.
+
+    ``outcome`` is the value the client sent (:func:`decoded_outcome` of the stored text),
+    ``outcome_value`` its stored numeric form. The one Python definition of what the evaluator
+    computes in SQL (``experiments/aggregate.py``; tests hold the two equal) and of what the live
+    feedback metrics sum (``router/recording.py``).
+    """
+    if metric == "accuracy":
+        if predicted_class is None:
+            return None
+        return 1.0 if class_matches(predicted_class, outcome) else 0.0
+    if metric == "outcome":
+        return outcome_value
+    if score is None or outcome_value is None or not math.isfinite(score):
+        return None
+    if metric in ("log_loss", "brier"):
+        if outcome_value not in (0.0, 1.0):
+            return None
+        if metric == "brier":
+            return (score - outcome_value) ** 2
+        p = min(max(score, LOG_LOSS_EPS), 1.0 - LOG_LOSS_EPS)
+        return -math.log(p) if outcome_value == 1.0 else -math.log(1.0 - p)
+    if metric == "abs_error":
+        return abs(score - outcome_value)
+    return (score - outcome_value) ** 2
+
+
+#: What one row's outcome must be for each metric (README "Feedback"): what the evaluator's
+#: metric and the live metrics can judge. ``/feedback`` refuses anything else (400), stores nothing.
+OUTCOME_NEEDS: dict[MetricName, str] = {
+    "accuracy": "a class label (a string, an integer or a boolean)",
+    "log_loss": "a 0/1 label (0, 1, true or false)",
+    "brier": "a 0/1 label (0, 1, true or false)",
+    "abs_error": "a number",
+    "squared_error": "a number",
+    "outcome": "a number or a boolean",
+}
+
+
+def outcome_fits(metric: MetricName, outcome: object) -> bool:
+    """Can ``metric`` judge one row's ``outcome`` (a decoded JSON value)? :data:`OUTCOME_NEEDS`.
+
+    Accuracy compares the outcome with a predicted class (:func:`class_matches`): a float counts
+    as a class only when it is a whole number (``1.0``; a ``0.7`` is a probability sent by
+    mistake). Log loss and Brier compare the positive-class score with a 0/1 outcome, as the
+    evaluator does (``outcome_value IN (0, 1)``); a string ``"1"`` is no such outcome. The errors
+    need a number (a boolean is no regression target); ``outcome`` averages numbers or booleans.
+    """
+    if isinstance(outcome, float) and not math.isfinite(outcome):
+        return False
+    if metric == "accuracy":
+        if isinstance(outcome, str):
+            return outcome != ""
+        return isinstance(outcome, bool | int) or (
+            isinstance(outcome, float) and outcome.is_integer()
+        )
+    if metric in ("log_loss", "brier"):
+        return isinstance(outcome, bool | int | float) and outcome in (0, 1)
+    if metric in ("abs_error", "squared_error"):
+        return isinstance(outcome, int | float) and not isinstance(outcome, bool)
+    return isinstance(outcome, bool | int | float)  # outcome
 
 
 # -- warehouse views ----------------------------------------------------------------------------

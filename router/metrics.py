@@ -163,6 +163,15 @@ class RouterMetrics:
             [*ARM_VERSION, "class"],
             registry=r,
         )
+        self.output_unread = Counter(
+            "router_output_unread",
+            "Answers whose per-row score and class could not be read (their rows keep the JSON "
+            "output only), per arm and model version, by reason: rows (not one row per input "
+            "row), columns (several columns, none declared or named as score or class, not class "
+            "probabilities), declared (a column the MLmodel declares is missing).",
+            [*ARM_VERSION, "reason"],
+            registry=r,
+        )
         self.model_info = Gauge(
             "router_model_info",
             "1 for each model version in service, per arm.",
@@ -211,6 +220,38 @@ class RouterMetrics:
             "router_feedback_squared_error",
             "Sum of (score - outcome)^2 over rows with a numeric outcome.",
             ARM_VERSION,
+            registry=r,
+        )
+        self.feedback_log_loss = Counter(
+            "router_feedback_log_loss",
+            "Sum of the log loss of the score (the positive-class probability, clipped to "
+            "[1e-15, 1 - 1e-15]) over served rows with a 0/1 outcome.",
+            ARM_VERSION,
+            registry=r,
+        )
+        self.feedback_brier = Counter(
+            "router_feedback_brier",
+            "Sum of (score - outcome)^2 over served rows with a 0/1 outcome.",
+            ARM_VERSION,
+            registry=r,
+        )
+        self.feedback_outcome = Counter(
+            "router_feedback_outcome",
+            "Sum of the numeric outcomes of served rows.",
+            ARM_VERSION,
+            registry=r,
+        )
+        self.feedback_judged = Counter(
+            "router_feedback_judged",
+            "Served rows with feedback that each metric can judge (the denominator of its live "
+            "mean), per arm, model version and metric.",
+            [*ARM_VERSION, "metric"],
+            registry=r,
+        )
+        self.feedback_busy = Counter(
+            "router_feedback_busy",
+            "Feedback requests refused (503, Retry-After) because feedback.max_in_flight were in "
+            "progress.",
             registry=r,
         )
         self.log_pending = Gauge(

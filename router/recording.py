@@ -6,24 +6,27 @@ whatever happened to it. ``router_requests_total{arm, model_version, status}`` c
 assigned arm and that arm's model version; the log rows carry the assigned arm and the answer
 actually served (the champion's version, score and class on a fallback row). The histograms of
 model behaviour (predict latency, values, classes) are labelled by the model that answered.
-Feedback counts in the logged row's arm and version, its accuracy by ``logschema.class_matches``
-and its errors from the stored numeric outcome, as the evaluator reads them.
+Feedback counts in the logged row's arm and version; each metric of a served row by
+``logschema.row_metric``, from the stored numeric outcome, as the evaluator reads them.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from router.config import METRICS
 from router.log.feedback import FeedbackResult
 from router.log.predlog import PredictionLog, PredictionRecord
-from router.logschema import Arm, Reason, RowStatus, class_matches
+from router.logschema import SERVED_STATUSES, Arm, Reason, RowStatus, row_metric
 from router.metrics import RouterMetrics
 from router.scoring.outputs import RowFacts, row_facts, to_jsonable
 from router.scoring.scorer import ModelScorer, Scored
 
 _ARMS = frozenset(Arm)
+_SERVED = frozenset(s.value for s in SERVED_STATUSES)
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,14 @@ class Recorder:
         ``arm_version`` the assigned arm's); returns the JSON-able body."""
         status = RowStatus.OK if fallback is None else RowStatus.FALLBACK
         jsonable = to_jsonable(scored.prediction)
-        facts = row_facts(scored.prediction, jsonable, n_rows)
+        facts = row_facts(scored.prediction, jsonable, n_rows, served_by.kind.reading)
         m = self._metrics
         m.count_request(arm.value, arm_version, status.value)
         if fallback is not None:
             m.count_fallback(fallback.value)
         role, version = served_by.role, served_by.version
+        if facts.unread is not None:  # never guessed: the rows keep their JSON only
+            m.output_unread.labels(role, version, facts.unread.value).inc()
         m.observe_predict_latency(role, version, scored.latency_s)
         m.observe_scores(role, version, facts.scores)
         m.count_classes(role, version, facts.classes)
@@ -97,20 +102,32 @@ class Recorder:
         self._metrics.count_request(arm.value, arm_version, "skipped")
 
     def feedback(self, result: FeedbackResult) -> None:
-        """Meter the outcomes one feedback call stored (a repeated outcome counts once)."""
+        """Meter the outcomes one feedback call stored (a repeated outcome counts once): every
+        metric's sum and the rows it judged, by ``logschema.row_metric`` as the evaluator judges
+        them (served rows, the stored numeric outcome)."""
         m = self._metrics
+        sums = {
+            "accuracy": m.feedback_correct,
+            "abs_error": m.feedback_abs_error,
+            "squared_error": m.feedback_squared_error,
+            "log_loss": m.feedback_log_loss,
+            "brier": m.feedback_brier,
+            "outcome": m.feedback_outcome,
+        }
         for row in result.rows:
             if not row.created or row.arm not in _ARMS:
                 continue
             labels = (row.arm, row.model_version)
             m.feedback.labels(*labels).inc()
-            if row.predicted_class is not None and class_matches(row.predicted_class, row.outcome):
-                m.feedback_correct.labels(*labels).inc()
-            # The stored numeric outcome (``outcomes.outcome_value``): what the evaluator reads.
-            if row.outcome_value is not None and row.score is not None:
-                error = row.score - row.outcome_value
-                m.feedback_abs_error.labels(*labels).inc(abs(error))
-                m.feedback_squared_error.labels(*labels).inc(error * error)
+            if row.status not in _SERVED:
+                continue
+            for metric in METRICS:
+                value = row_metric(
+                    metric, row.score, row.predicted_class, row.outcome, row.outcome_value
+                )
+                if value is not None and math.isfinite(value):
+                    sums[metric].labels(*labels).inc(value)
+                    m.feedback_judged.labels(*labels, metric).inc()
 
     def _rows(
         self,

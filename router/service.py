@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +39,6 @@ from router.arms import ArmSet, ModelManager
 from router.config import Settings
 from router.errors import (
     BadRequest,
-    NotFound,
     NotReady,
     PredictionFailed,
     RouterError,
@@ -54,6 +52,7 @@ from router.input.payload import (
     decode_invocation,
 )
 from router.log.feedback import FeedbackItem, FeedbackResult
+from router.log.feedbackgate import FeedbackGate
 from router.log.keyhash import RoutingKeyHasher
 from router.log.predlog import PredictionLog
 from router.logschema import Arm, Reason
@@ -69,7 +68,6 @@ MAX_REQUEST_ID_LENGTH = 128
 # Shadow scoring runs after the response; beyond this many in flight it is skipped (and counted)
 # so a slow challenger can never build an unbounded backlog behind live traffic.
 MAX_SHADOW_IN_FLIGHT = 64
-FEEDBACK_POLL_S = 0.2  # how often feedback for a not-yet-logged prediction looks again
 # JSON bodies up to this size are decoded, and inputs up to this many rows conformed, on the event
 # loop: a thread hop would cost more than the work.
 INLINE_MAX_BYTES = 16_384
@@ -128,6 +126,13 @@ class RouterService:
         self.split = ChallengerSplit(settings.routing, metrics, rng)
         self.scorers = Scorers(settings, metrics)
         self._recorder = Recorder(settings.model.name, metrics, prediction_log)
+        self._feedback_gate = FeedbackGate(
+            prediction_log.record_feedback,
+            metric=settings.experiment.metric,
+            wait_s=settings.feedback.wait_for_prediction_s,
+            max_in_flight=settings.feedback.max_in_flight,
+            on_busy=metrics.feedback_busy.inc,
+        )
         self._shadow_tasks: set[asyncio.Task[None]] = set()
 
     def describe(self) -> dict[str, Any]:
@@ -457,21 +462,14 @@ class RouterService:
 
     # -- feedback -------------------------------------------------------------------------------
     async def feedback(self, items: list[FeedbackItem]) -> list[FeedbackResult]:
-        """Store outcomes; an id not logged yet is looked up again for a few seconds before 404.
+        """Store outcomes the configured metric can judge, then meter them.
 
-        Another replica may have served the prediction and not flushed its writer yet: waiting
-        here (on the loop, not in a thread) loses no early feedback, and an id that never
-        appears still gets its 404 after ``feedback.wait_for_prediction_s``.
+        The feedback gate runs them on threads of its own; an id not logged yet (another
+        replica's writer may not have flushed) is looked up again for
+        ``feedback.wait_for_prediction_s`` before its 404, by a bounded number of waiting
+        requests (``router/log/feedbackgate.py``).
         """
-        deadline = time.monotonic() + self.settings.feedback.wait_for_prediction_s
-        while True:
-            try:
-                results = await anyio.to_thread.run_sync(self.prediction_log.record_feedback, items)
-                break
-            except NotFound:
-                if time.monotonic() >= deadline:
-                    raise
-                await asyncio.sleep(FEEDBACK_POLL_S)
+        results = await self._feedback_gate.record(items)
         for result in results:
             self._recorder.feedback(result)
         return results

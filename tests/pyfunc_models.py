@@ -12,14 +12,16 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+from mlflow.models import ModelSignature
 from mlflow.pyfunc.model import PythonModel
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema
 
 from demo.data import FEATURES
 from demo.train import (
@@ -152,6 +154,18 @@ class BlockingModel(PythonModel):
         return _constant_proba(len(model_input), self.p)
 
 
+class ConstantRegressor(PythonModel):
+    """Answers ``value`` (a float) for every row: a regressor."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
+        return np.full(len(model_input), self.value, dtype=np.float64)
+
+
 def register_pyfunc(
     tracking_uri: str,
     name: str,
@@ -164,16 +178,21 @@ def register_pyfunc(
     experiment_name: str | None = None,
     artifact_location: str | None = None,
     metadata: Mapping[str, object] | None = None,
+    outputs: Schema | Literal["tensor"] | None = "tensor",
 ) -> str:
     """Log ``python_model`` with a signature built from ``input_example``; return the version.
 
     The signature's inputs are ``input_example``'s columns (pass the demo's ``FEATURES`` frame to
-    share the sklearn versions' schema), outputs a ``(-1, 2)`` float64 tensor. ``alias`` is moved
+    share the sklearn versions' schema), outputs a ``(-1, 2)`` float64 tensor (``outputs``: another
+    output schema, or None for none). ``alias`` is moved
     to the new version. ``include_code`` ships this module as ``code_paths`` so another process
     can unpickle the model. ``metadata`` lands in the MLmodel's ``metadata`` (e.g.
     ``{"router_batchable": True}``).
     """
     example = input_example.head(5)
+    signature = signature_for(example)
+    if outputs != "tensor":
+        signature = ModelSignature(inputs=signature.inputs, outputs=outputs)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     exp_id = experiment_id(client, experiment_name or f"{name}-training", artifact_location)
     with (
@@ -186,7 +205,7 @@ def register_pyfunc(
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=python_model,
-            signature=signature_for(example),
+            signature=signature,
             input_example=example,
             registered_model_name=name,
             pip_requirements=PIP_REQUIREMENTS,
@@ -254,3 +273,94 @@ class StaggeredLoadModel(PythonModel):
         self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
     ) -> np.ndarray:
         return _constant_proba(len(model_input), self.p)
+
+
+# -- outputs of every shape, for the rules of router/scoring/outputs.py -------------------------
+def _labels(n_rows: int) -> np.ndarray:
+    """1, 0, 1, ... per row: a class each, the same in every model below."""
+    labels: np.ndarray = (np.arange(n_rows) % 2 == 0).astype(np.int64)
+    return labels
+
+
+def _label_probability(n_rows: int) -> np.ndarray:
+    """The probability of the row's label: 0.9 for a 1, 0.2 for a 0 (never the argmax's index)."""
+    return np.where(_labels(n_rows) == 1, 0.9, 0.2)
+
+
+class LabelProbabilityFrameModel(PythonModel):
+    """Answers a DataFrame of ``label`` and ``proba`` (two numeric columns, not [p0, p1])."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> pd.DataFrame:
+        n = len(model_input)
+        return pd.DataFrame({"label": _labels(n), "proba": _label_probability(n)})
+
+
+class LabelProbabilityDictModel(PythonModel):
+    """Answers a dict of per-row arrays: ``{"label": [...], "proba": [...]}``."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> dict[str, np.ndarray]:
+        n = len(model_input)
+        return {"label": _labels(n), "proba": _label_probability(n)}
+
+
+class LabelProbabilityArrayModel(PythonModel):
+    """Answers an unnamed ``(n, 2)`` array ``[label, proba]``; only its output signature names
+    the columns."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> np.ndarray:
+        n = len(model_input)
+        return np.column_stack([_labels(n).astype(np.float64), _label_probability(n)])
+
+
+class DecisionSeriesModel(PythonModel):
+    """Answers a named ``pd.Series`` of class labels (``churn`` / ``stay``)."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> pd.Series:
+        return pd.Series(np.where(_labels(len(model_input)) == 1, "churn", "stay"), name="decision")
+
+
+class DeclaredColumnsModel(PythonModel):
+    """Answers ``p_churn``, ``decision`` and ``note``: names no rule knows, which its MLmodel
+    declares (``router_score_column``, ``router_class_column``)."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> pd.DataFrame:
+        n = len(model_input)
+        labels = _labels(n)
+        return pd.DataFrame(
+            {
+                "p_churn": np.where(labels == 1, 0.9, 0.1),
+                "decision": np.where(labels == 1, "churn", "stay"),
+                "note": ["-"] * n,
+            }
+        )
+
+
+class IntervalModel(PythonModel):
+    """A regressor answering ``lower`` and ``upper`` bounds: two numbers that are no class
+    probabilities, and no column says which is the score."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> pd.DataFrame:
+        n = len(model_input)
+        return pd.DataFrame({"lower": np.full(n, 90.0), "upper": np.full(n, 110.0)})
+
+
+class DtypesModel(PythonModel):
+    """MLflow's own scoring-server test model (tests/pyfunc/test_scoring_server.py,
+    ``test_serving_model_with_schema``): one row per input *column*, ``[name, dtype]``."""
+
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> list[list[str]]:
+        return [[str(k), str(v)] for k, v in model_input.dtypes.items()]

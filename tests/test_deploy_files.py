@@ -68,6 +68,12 @@ COUNTERS = {
     "router_feedback_correct": {"arm", "model_version"},
     "router_feedback_abs_error": {"arm", "model_version"},
     "router_feedback_squared_error": {"arm", "model_version"},
+    "router_feedback_log_loss": {"arm", "model_version"},
+    "router_feedback_brier": {"arm", "model_version"},
+    "router_feedback_outcome": {"arm", "model_version"},
+    "router_feedback_judged": {"arm", "model_version", "metric"},
+    "router_feedback_busy": set(),
+    "router_output_unread": {"arm", "model_version", "reason"},
     "router_prediction_log_dropped": set(),
     "router_model_reloads": {"arm", "result"},
 }

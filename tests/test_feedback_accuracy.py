@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from demo.data import FEATURES
 from experiments.decision import row_metric
+from router.config import MetricName
 from router.log.feedback import FeedbackItem, FeedbackResult
 from router.log.predlog import PredictionLog, PredictionRecord
 from router.logschema import Arm, RowStatus, outcome_number
@@ -34,6 +35,7 @@ from tests.conftest import MlflowRegistry
 from tests.live_router import http_client, query_log, router_settings, split_body, wait_ready
 from tests.metrics_text import scrape
 from tests.pyfunc_models import register_pyfunc
+from tests.test_predlog import rec
 
 RunningServer = Callable[..., AbstractContextManager[str]]
 FreshRegistry = Callable[[], MlflowRegistry]
@@ -103,6 +105,8 @@ def test_the_feedback_metric_and_the_evaluator_agree_on_accuracy(
 def test_the_error_metrics_use_the_stored_numeric_outcome(tmp_path: Path) -> None:
     plog = PredictionLog(f"sqlite:///{tmp_path / 'predictions.db'}")
     plog.start()
+    # The writer creates the tables in its own thread: feedback before that is a 503.
+    assert plog.wait_prepared(30.0)
     try:
         plog.enqueue(
             [
@@ -148,3 +152,55 @@ def test_the_error_metrics_use_the_stored_numeric_outcome(tmp_path: Path) -> Non
     assert abs_total == pytest.approx(sum(a for a, _ in evaluated if a is not None))
     assert squared_total == pytest.approx((0.8 - 1.0) ** 2 + (0.8 - 0.5) ** 2)
     assert squared_total == pytest.approx(sum(s for _, s in evaluated if s is not None))
+
+
+def test_every_live_metric_judges_served_rows_as_the_evaluator_does(tmp_path: Path) -> None:
+    """Each metric's live sum over its judged rows equals the evaluator's row metric; an error
+    row (nothing served) is fed back but judged by none."""
+    plog = PredictionLog(f"sqlite:///{tmp_path / 'predictions.db'}")
+    plog.start()
+    assert plog.wait_prepared(30.0)
+    rows = [  # (request id, status, score, class, outcome)
+        ("a", RowStatus.OK, 0.8, "1", 1),
+        ("b", RowStatus.OK, 0.3, "0", 1),
+        ("c", RowStatus.FALLBACK, 0.6, "1", 0),
+        ("d", RowStatus.ERROR, None, None, 1),
+    ]
+    try:
+        plog.enqueue(
+            [
+                rec(rid, status=status.value, score=score, predicted_class=cls)
+                for rid, status, score, cls, _ in rows
+            ]
+        )
+        results = plog.record_feedback([FeedbackItem(rid, y) for rid, *_, y in rows])
+    finally:
+        plog.close()
+    registry = CollectorRegistry()
+    recorder = Recorder("m", RouterMetrics(registry), plog)
+    for result in results:
+        recorder.feedback(result)
+
+    labels = {"arm": Arm.CHAMPION.value, "model_version": "1"}
+    assert registry.get_sample_value("router_feedback_total", labels) == len(rows)
+    sums: dict[MetricName, str] = {
+        "accuracy": "router_feedback_correct_total",
+        "log_loss": "router_feedback_log_loss_total",
+        "brier": "router_feedback_brier_total",
+        "abs_error": "router_feedback_abs_error_total",
+        "squared_error": "router_feedback_squared_error_total",
+        "outcome": "router_feedback_outcome_total",
+    }
+    for metric, name in sums.items():
+        evaluated = [
+            row_metric(metric, score, cls, json.dumps(y), outcome_number(y))
+            for _, status, score, cls, y in rows
+            if status is not RowStatus.ERROR
+        ]
+        judged = [v for v in evaluated if v is not None]
+        live = registry.get_sample_value(name, labels)
+        count = registry.get_sample_value(
+            "router_feedback_judged_total", {**labels, "metric": metric}
+        )
+        assert count == len(judged) == 3, metric
+        assert live == pytest.approx(sum(judged)), metric

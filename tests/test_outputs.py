@@ -9,7 +9,7 @@ import orjson
 import pandas as pd
 import pytest
 
-from router.scoring.outputs import row_facts, to_jsonable
+from router.scoring.outputs import OutputReading, Unread, row_facts, to_jsonable
 
 CASES: list[tuple[str, Any, list[float | None], list[str | None]]] = [
     (
@@ -57,6 +57,97 @@ def test_row_facts(
     assert [orjson.loads(o) for o in facts.outputs] == [
         orjson.loads(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)) for row in jsonable
     ]
+
+
+# (case, prediction, reading, scores, classes, unread): the rules beyond one value per row.
+LABEL_PROBA = pd.DataFrame({"label": [1, 0], "proba": [0.9, 0.2]})
+READ_CASES: list[tuple[str, Any, OutputReading, list[Any], list[Any], Unread | None]] = [
+    ("label and proba by name", LABEL_PROBA, OutputReading(), [0.9, 0.2], ["1", "0"], None),
+    (
+        "a list of per-row dicts",
+        [{"class": "churn", "score": 0.7}, {"class": "stay", "score": 0.1}],
+        OutputReading(),
+        [0.7, 0.1],
+        ["churn", "stay"],
+        None,
+    ),
+    (
+        "declared columns win over names",
+        pd.DataFrame({"label": [1, 0], "p": [0.6, 0.4], "c": ["a", "b"]}),
+        OutputReading(score_column="p", class_column="c"),
+        [0.6, 0.4],
+        ["a", "b"],
+        None,
+    ),
+    (
+        "a declared score, the class by name",
+        pd.DataFrame({"label": [1, 0], "p": [0.6, 0.4]}),
+        OutputReading(score_column="p"),
+        [0.6, 0.4],
+        ["1", "0"],
+        None,
+    ),
+    (
+        "an unnamed array named by the output signature",
+        np.array([[1.0, 0.9], [0.0, 0.2]]),
+        OutputReading(column_names=("label", "proba")),
+        [0.9, 0.2],
+        ["1", "0"],
+        None,
+    ),
+    (
+        "two numbers that are no probabilities",
+        np.array([[90.0, 110.0], [95.0, 105.0]]),
+        OutputReading(),
+        [None, None],
+        [None, None],
+        Unread.COLUMNS,
+    ),
+    (
+        "rows not summing to one",
+        np.array([[0.5, 0.2], [0.3, 0.3]]),
+        OutputReading(),
+        [None, None],
+        [None, None],
+        Unread.COLUMNS,
+    ),
+    (
+        "a declared column missing",
+        LABEL_PROBA,
+        OutputReading(class_column="decision"),
+        [None, None],
+        [None, None],
+        Unread.DECLARED,
+    ),
+    (
+        "one row per input column",
+        [["a", "int64"]] * 3,
+        OutputReading(),
+        [None] * 2,
+        [None] * 2,
+        Unread.ROWS,
+    ),
+    ("a scalar", 7.5, OutputReading(), [None, None], [None, None], Unread.ROWS),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "prediction", "reading", "scores", "classes", "unread"),
+    READ_CASES,
+    ids=[c[0] for c in READ_CASES],
+)
+def test_named_outputs_are_read_by_declaration_name_or_probabilities(
+    case: str,
+    prediction: Any,
+    reading: OutputReading,
+    scores: list[Any],
+    classes: list[Any],
+    unread: Unread | None,
+) -> None:
+    facts = row_facts(prediction, to_jsonable(prediction), 2, reading)
+    assert facts.scores == pytest.approx(scores)
+    assert facts.classes == classes
+    assert facts.unread == unread
 
 
 def test_an_output_not_shaped_one_per_row_is_kept_whole_on_row_zero() -> None:

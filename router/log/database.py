@@ -109,7 +109,13 @@ def _refuse_unwritable(shm: Path) -> None:
     batch's connect. What remains is a fault that lands inside one open transaction
     (milliseconds).
     """
-    if shm.exists() and not os.access(shm, os.R_OK | os.W_OK):
+    # The file comes and goes: SQLite deletes it when the last connection closes, and another
+    # connection of this process may be creating it right now. Only a file that is there and
+    # still not writable on a second look is refused (checking exists() first refused a file
+    # deleted in between). Never opened here: closing any descriptor of the file would drop
+    # SQLite's POSIX locks on it.
+    mode = os.R_OK | os.W_OK
+    if not os.access(shm, mode) and shm.exists() and not os.access(shm, mode):
         raise sqlite3.OperationalError(
             f"{shm} is not writable by this process (uid {os.geteuid()}): fix its owner or mode"
         )
@@ -168,6 +174,34 @@ def add_missing_columns(conn: Connection) -> None:
             kind = column.type.compile(dialect=conn.dialect)
             conn.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
             logger.info("prediction log: added column %s.%s", table.name, column.name)
+
+
+def add_missing_indexes(conn: Connection) -> None:
+    """Create the contract's indexes a log created by an older router lacks.
+
+    ``create_all`` creates a table's indexes only with the table. A unique index that the rows
+    already logged violate (a request id reused across arms before the index existed) cannot be
+    created: that is logged, and the log works on without it (``FeedbackStore`` still refuses
+    outcomes for such ids) rather than stopping to write.
+    """
+    inspector = sa.inspect(conn)
+    for table in metadata.sorted_tables:
+        present = {index["name"] for index in inspector.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name in present:
+                continue
+            try:
+                with conn.begin_nested():
+                    index.create(conn)
+            except sa.exc.IntegrityError as exc:
+                logger.warning(
+                    "prediction log: cannot create the unique index %s, rows already logged "
+                    "violate it (%s); remove them to have it",
+                    index.name,
+                    brief(exc),
+                )
+            else:
+                logger.info("prediction log: created index %s", index.name)
 
 
 def short(text: str, limit: int = 80) -> str:

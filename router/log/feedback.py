@@ -4,7 +4,8 @@
 before any I/O, joins it to the logged prediction rows and stores the outcomes in one transaction:
 the same outcome sent again is accepted and counted as not created, a different one is a conflict.
 Request ids not found at first may still be in the prediction writer's queue: the store flushes
-the writer once (the callable it was given) and looks again.
+the writer once (the callable it was given) and looks again. Given the configured metric, every
+outcome must be one that metric can judge (``logschema.outcome_fits``), or nothing is stored.
 """
 
 from __future__ import annotations
@@ -13,14 +14,24 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from router.errors import Conflict, InvalidInput, NotFound, PredictionLogUnavailable
 from router.log.database import brief, insert_ignoring, safe_url, short
-from router.logschema import outcome_number, outcomes, predictions
+from router.logschema import (
+    OUTCOME_NEEDS,
+    Arm,
+    outcome_fits,
+    outcome_number,
+    outcomes,
+    predictions,
+)
+
+if TYPE_CHECKING:
+    from router.config import MetricName
 
 _FLUSH_TIMEOUT_S = 30.0
 _IN_CHUNK = 500  # ids per IN (...) list: well under SQLite's and PostgreSQL's parameter limits
@@ -41,6 +52,7 @@ class ScoredRow:
     arm: str
     model_version: str
     row_index: int
+    status: str  # a RowStatus: only served rows carry an answer to judge
     score: float | None
     predicted_class: str | None
     outcome: Any
@@ -80,22 +92,26 @@ class FeedbackStore:
         # rather than failing on a unique violation (which psycopg also logs noisily).
         self._insert_outcomes = insert_ignoring(engine, outcomes).returning(outcomes.c.row_index)
 
-    def record(self, items: Sequence[FeedbackItem]) -> list[FeedbackResult]:
+    def record(
+        self, items: Sequence[FeedbackItem], metric: MetricName | None = None, *, flush: bool = True
+    ) -> list[FeedbackResult]:
         """Attach outcomes to logged predictions; synchronous, call it off the event loop.
 
         All items are validated before anything is written and the batch commits in one
-        transaction: an unknown request id (``NotFound``), a wrong number of per-row values
-        (``InvalidInput``) or an outcome differing from the stored one (``Conflict``) anywhere in
-        the batch raises and stores nothing. The same value again is accepted with ``created=0``,
-        so callers counting metrics on ``created`` never count a row twice. A request id not found
-        at first may still be queued: the log is flushed once and looked up again. Database
-        failures raise ``PredictionLogUnavailable`` (503). Each ``ScoredRow.created`` says whether
-        this call stored that row's outcome: count live metrics on those rows only.
+        transaction: an unknown request id (``NotFound``), a wrong number of per-row values or,
+        given ``metric``, a value that metric cannot judge (``InvalidInput``), or an outcome
+        differing from the stored one (``Conflict``) anywhere in the batch raises and stores
+        nothing. The same value again is accepted with ``created=0``, so callers counting metrics
+        on ``created`` never count a row twice. A request id not found at first may still be
+        queued: the log is flushed once and the id looked up again (``flush=False``: no flush, a
+        look for rows another replica writes). Database failures raise
+        ``PredictionLogUnavailable`` (503). Each ``ScoredRow.created`` says whether this call
+        stored that row's outcome: count live metrics on those rows only.
         """
-        prepared = [_prepare(item) for item in items]
+        prepared = [_prepare(item, metric) for item in items]
         if not prepared:
             return []
-        flushed = False
+        flushed = not flush
         races = 0
         while True:
             try:
@@ -130,6 +146,7 @@ class FeedbackStore:
                     predictions.c.row_index,
                     predictions.c.arm,
                     predictions.c.model_version,
+                    predictions.c.status,
                     predictions.c.score,
                     predictions.c.predicted_class,
                 )
@@ -138,6 +155,7 @@ class FeedbackStore:
             )
             for row in conn.execute(query):
                 logged.setdefault(row.request_id, []).append(row)
+        _refuse_reused_across_arms(logged)
         missing = [rid for rid in ids if rid not in logged]
         if missing:
             if not final:
@@ -179,9 +197,10 @@ class FeedbackStore:
                 elif json.loads(previous) == value:
                     created[index] = False
                 else:
+                    # Never the stored value: it is another client's outcome, maybe a secret.
                     raise Conflict(
-                        f"request_id {item.request_id!r} already has outcome "
-                        f"{short(previous)} for row {index}, not {short(text)}"
+                        f"request_id {item.request_id!r} already has a different outcome for "
+                        f"row {index}; an outcome is stored once and never changed"
                     )
             values = dict(zip(indices, per_row, strict=True))
             results.append(
@@ -192,6 +211,7 @@ class FeedbackStore:
                             arm=row.arm,
                             model_version=row.model_version,
                             row_index=row.row_index,
+                            status=row.status,
                             score=row.score,
                             predicted_class=row.predicted_class,
                             outcome=values[row.row_index][0],
@@ -206,6 +226,25 @@ class FeedbackStore:
         if inserts and len(conn.execute(self._insert_outcomes, inserts).all()) != len(inserts):
             raise _Raced
         return results
+
+
+def _refuse_reused_across_arms(logged: dict[str, list[Any]]) -> None:
+    """409 for a request id with a row in both assigned arms: its outcome would count twice.
+
+    The log's unique index (``logschema.ONE_ASSIGNED_ARM``) keeps a reused ``X-Request-Id`` from
+    being logged in a second arm; a log whose rows predate it may still hold such ids.
+    """
+    assigned = {Arm.CHAMPION.value, Arm.CHALLENGER.value}
+    for request_id, rows in logged.items():
+        arms_of_row: dict[int, set[str]] = {}
+        for row in rows:
+            if row.arm in assigned:
+                arms_of_row.setdefault(row.row_index, set()).add(row.arm)
+        if any(len(arms) > 1 for arms in arms_of_row.values()):
+            raise Conflict(
+                f"request_id {request_id!r} was logged in both arms (a reused X-Request-Id): "
+                "an outcome for it would count in both; refused"
+            )
 
 
 _Encoded = tuple[Any, str, float | None]  # (decoded value, JSON text, numeric form)
@@ -229,25 +268,33 @@ class _Prepared:
         return self.values
 
 
-def _prepare(item: FeedbackItem) -> _Prepared:
+def _prepare(item: FeedbackItem, metric: MetricName | None) -> _Prepared:
     """Validate and encode before any I/O. A list is always one value per row (a row whose
     outcome is itself a list is sent as a list of lists)."""
     rid = item.request_id
     if not isinstance(rid, str) or not rid:
         raise InvalidInput(f"request_id must be a non-empty string, got {rid!r}")
     if isinstance(item.outcome, list | tuple):
-        return _Prepared(rid, None, [_encode(rid, v) for v in item.outcome])
-    return _Prepared(rid, _encode(rid, item.outcome), None)
+        return _Prepared(
+            rid, None, [_encode(rid, v, metric, f"row {i}") for i, v in enumerate(item.outcome)]
+        )
+    return _Prepared(rid, _encode(rid, item.outcome, metric, None), None)
 
 
-def _encode(request_id: str, value: Any) -> _Encoded:
+def _encode(request_id: str, value: Any, metric: MetricName | None, row: str | None) -> _Encoded:
+    what = f"request_id {request_id!r}: outcome" + (f" of {row}" if row else "")
     if value is None:
-        raise InvalidInput(f"request_id {request_id!r}: outcome is missing (null)")
+        raise InvalidInput(f"{what} is missing (null)")
     try:
         # Canonical text (sorted keys, no spaces) so equal values compare equal when re-sent.
         text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"request_id {request_id!r}: outcome is not finite JSON: {exc}") from exc
+        raise InvalidInput(f"{what} is not finite JSON: {exc}") from exc
+    if metric is not None and not outcome_fits(metric, value):
+        raise InvalidInput(
+            f"{what} {short(text)} cannot be judged by the metric {metric} "
+            f"(experiment.metric): it needs {OUTCOME_NEEDS[metric]}"
+        )
     return json.loads(text), text, outcome_number(value)
 
 

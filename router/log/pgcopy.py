@@ -6,7 +6,8 @@ per row). ``COPY`` streams the batch in one round trip; PostgreSQL then moves it
 ``predictions`` with one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``, whose row count says how
 many went in: the rest are duplicates, counted as before. Rows are inserted in the order they were
 queued (``ORDER BY`` the staging table's ordinal), so the first record of a (request_id, row_index,
-arm) still wins, also within one batch.
+arm), or of a (request_id, row_index) in an assigned arm (``logschema.ONE_ASSIGNED_ARM``), still
+wins, also within one batch.
 
 The staging table is a temporary table per connection (``ON COMMIT DELETE ROWS``), created with
 ``LIKE predictions`` so it has the same types and NOT NULL constraints: a record the database would

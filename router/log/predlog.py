@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import sqlalchemy.orm  # imported here on purpose: see below
@@ -46,6 +46,7 @@ from sqlalchemy.engine import Connection, Engine
 from router.log.database import (
     SqliteFile,
     add_missing_columns,
+    add_missing_indexes,
     brief,
     create_engine,
     row_inserter,
@@ -54,6 +55,9 @@ from router.log.database import (
 )
 from router.log.feedback import FeedbackItem, FeedbackResult, FeedbackStore
 from router.logschema import metadata, predictions
+
+if TYPE_CHECKING:
+    from router.config import MetricName
 
 logger = logging.getLogger(__name__)
 # ``sqlalchemy.orm`` is imported above, on the importing thread, on purpose: the writer creates the
@@ -134,8 +138,9 @@ class PredictionLog:
         self._error: str | None = None
         self._prepared = threading.Event()  # the tables were created once
         # Ignore-on-conflict: a client reusing a request id must not fail the other rows of the
-        # batch. The first record for a (request_id, row_index, arm) wins; later ones are counted
-        # in ``duplicates`` and logged, not stored. PostgreSQL: COPY, then one insert (pgcopy.py).
+        # batch. The first record for a (request_id, row_index, arm), or for a (request_id,
+        # row_index) in an assigned arm (``logschema.ONE_ASSIGNED_ARM``), wins; later ones are
+        # counted in ``duplicates`` and logged, not stored. PostgreSQL: COPY, then one insert.
         self._insert = row_inserter(self._engine, predictions, _RECORD_FIELDS)
         self._feedback = FeedbackStore(self._engine, self._flush_if_running)
 
@@ -261,7 +266,8 @@ class PredictionLog:
 
     @property
     def duplicates(self) -> int:
-        """Records ignored because their (request_id, row_index, arm) was already logged."""
+        """Records ignored because their (request_id, row_index) was already logged in that arm,
+        or, in an assigned arm, in the other one."""
         return self._duplicates
 
     @property
@@ -375,6 +381,7 @@ class PredictionLog:
         with self._engine.begin() as conn:
             metadata.create_all(conn)
             add_missing_columns(conn)
+            add_missing_indexes(conn)
         self._tables_ready = True
         if self._file is not None:
             self._file.remember()
@@ -491,13 +498,16 @@ class PredictionLog:
             )
 
     # -- feedback -------------------------------------------------------------------------------
-    def record_feedback(self, items: Sequence[FeedbackItem]) -> list[FeedbackResult]:
+    def record_feedback(
+        self, items: Sequence[FeedbackItem], metric: MetricName | None = None, *, flush: bool = True
+    ) -> list[FeedbackResult]:
         """Attach outcomes to logged predictions: ``FeedbackStore.record`` on this log's engine.
 
         Synchronous, call it off the event loop. A request id not found at first may still be
-        queued here: this log is flushed once and the id looked up again.
+        queued here: unless ``flush`` is false, this log is flushed once and the id looked up
+        again. ``metric``: refuse outcomes it cannot judge.
         """
-        return self._feedback.record(items)
+        return self._feedback.record(items, metric, flush=flush)
 
     def _flush_if_running(self, timeout: float) -> None:
         # Records can only still appear if the writer is running; otherwise look up what is there.

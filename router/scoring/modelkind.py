@@ -11,11 +11,15 @@ version of the served model in; ``router_batchable: false`` opts any model out. 
 frames are batched (tensors: shapes may differ between requests).
 
 Outputs: a model whose signature declares its outputs (probabilities, labels, scores: what every
-flavor's ``infer_signature`` records) promises values of a type, and a non-finite number (NaN,
-±inf) in its numeric output is an invalid output, unless the MLmodel's ``metadata`` says
-``router_nonfinite_output: true`` (a regressor that may answer NaN on purpose). A model without an
-output signature is of unknown kind: its output is served as ``mlflow models serve`` serves it
-(an echo of an optional column may well hold NaN); the metrics skip non-finite values either way.
+flavor's ``infer_signature`` records) promises values of a type, one row per input row, and a
+non-finite number (NaN, ±inf) in its numeric output is an invalid output, unless the MLmodel's
+``metadata`` says ``router_nonfinite_output: true`` (a regressor that may answer NaN on purpose).
+A model without an output signature is of unknown kind: its output is served as ``mlflow models
+serve`` serves it, whatever its length (MLflow's own test model answers one row per input
+*column*) and whatever its numbers (an echo of an optional column may well hold NaN); its rows
+are then logged without a score or class, and counted. How the score and class are read from an
+output (declared columns, names, class probabilities) is ``outputs.OutputReading``, also decided
+here, once.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import pandas as pd
 
 from router.input.schema import is_named_columns
 from router.scoring.flavors import Predictor, predictor_for
+from router.scoring.outputs import OutputReading, output_reading
 
 # Flavors whose rows are scored independently: a batch's answers equal the requests' answers.
 INDEPENDENT_ROW_FLAVORS = frozenset({"mlflow.sklearn", "mlflow.xgboost", "mlflow.lightgbm"})
@@ -45,6 +50,8 @@ class ModelKind:
     rows_independent: bool  # a batch of requests scores as the requests one by one
     batchable: bool  # its requests may share a predict call (the batcher's ``enabled``)
     nonfinite_output: bool  # NaN / ±inf in its output is an answer, not an invalid output
+    output_declared: bool  # its signature declares outputs: one row per input row is required
+    reading: OutputReading  # how its score and class are read from an output
 
 
 def model_kind(model: Any, input_schema: Any, *, batch_custom_models: bool) -> ModelKind:
@@ -62,21 +69,26 @@ def model_kind(model: Any, input_schema: Any, *, batch_custom_models: bool) -> M
         and (independent or batch_custom_models)
     )
     get_outputs = getattr(meta, "get_output_schema", None)
-    declared = callable(get_outputs) and get_outputs() is not None
+    output_schema = get_outputs() if callable(get_outputs) else None
+    declared = output_schema is not None
     nonfinite = extra.get(NONFINITE_KEY) is True or not declared
-    return ModelKind(predictor, independent, batchable, nonfinite)
+    reading = output_reading(extra, output_schema)
+    return ModelKind(predictor, independent, batchable, nonfinite, declared, reading)
 
 
-def output_problem(output: Any, n_rows: int, *, nonfinite_ok: bool) -> str | None:
+def output_problem(
+    output: Any, n_rows: int, *, nonfinite_ok: bool, rows_checked: bool = True
+) -> str | None:
     """Why ``output`` is not a valid answer for ``n_rows`` input rows, or None when it is.
 
-    Row-shaped outputs (arrays, frames, series, lists) must hold exactly one row per input row.
-    Dicts of named outputs and scalars are passed through as MLflow serves them.
+    With ``rows_checked`` (a declared output signature), row-shaped outputs (arrays, frames,
+    series, lists) must hold exactly one row per input row. Dicts of named outputs and scalars are
+    passed through as MLflow serves them.
     """
     rows = isinstance(output, pd.DataFrame | pd.Series | list) or (
         isinstance(output, np.ndarray) and output.ndim > 0
     )
-    if rows and len(output) != n_rows:
+    if rows_checked and rows and len(output) != n_rows:
         return f"{len(output)} output rows for {n_rows} input rows"
     if nonfinite_ok:
         return None

@@ -9,8 +9,10 @@ answer or raises exactly one of two things:
   exception of a model without an input signature (nothing checked its input before predicting,
   so, as MLflow answers, the input is presumed at fault).
 - :class:`ModelFault` with a :class:`~router.logschema.Reason`: any other exception (``error``),
-  no answer within the arm's timeout (``timeout``), or an answer that is not one row per input
-  row or holds a non-finite number where the model's kind cannot (``invalid_output``). An
+  no answer within the arm's timeout (``timeout``), or an answer of a model that declares its
+  outputs that is not one row per input row or holds a non-finite number where the model's kind
+  cannot (``invalid_output``). A model without an output signature is served what it answers,
+  as ``mlflow models serve`` serves it. An
   exception on input the model's signature fully accepts is a model bug, not the client's.
 
 What a fault means for the request (fallback, 4xx, 5xx) is the service's business, not this one's.
@@ -144,7 +146,10 @@ class ModelScorer:
         except Exception as exc:  # a model may raise anything: judged here
             raise _judged(exc, parsed, signed=self.model.input_schema is not None) from exc
         problem = output_problem(
-            share.prediction, parsed.n_rows, nonfinite_ok=self.kind.nonfinite_output
+            share.prediction,
+            parsed.n_rows,
+            nonfinite_ok=self.kind.nonfinite_output,
+            rows_checked=self.kind.output_declared,
         )
         if problem is not None:
             raise ModelFault(Reason.INVALID_OUTPUT, problem)

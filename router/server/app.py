@@ -235,6 +235,7 @@ async def experiment(request: Request) -> Response:
         "mode": s.routing.mode,
         "salt": s.routing.salt,
         "routing_key_header": s.routing.routing_key_header,
+        "metric": s.experiment.metric,  # what the evaluator judges; the status page shows it
         "ready": arms is not None,
         "experiment_id": arms.experiment_id if arms else None,
         "arms": [],
@@ -301,7 +302,7 @@ async def status_page(request: Request) -> Response:
 
 async def _router_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RouterError)
-    return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers())
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
