@@ -85,6 +85,30 @@ def test_slow_challenger_fails_the_latency_guardrail(
     assert "latency_p95" in ev.reason
 
 
+def test_a_slow_challenger_within_the_latency_budget_is_promoted(
+    mlflow_registry: MlflowRegistry, tmp_path: Path
+) -> None:
+    # Three times slower, but well within a 250 ms p95 budget: acceptable whatever the champion
+    # does (experiment.guardrails.max_latency_p95_ms), so the better metric decides.
+    url = sqlite_url(tmp_path / "predictions.db")
+    settings = settings_for(
+        mlflow_registry.tracking_uri,
+        url,
+        experiment={"guardrails": {"max_latency_p95_ms": 250}},
+    )
+    ev = _evaluate(
+        mlflow_registry,
+        tmp_path,
+        settings=settings,
+        champion=Arm(0.70, latency_s=0.010),
+        challenger=Arm(0.80, latency_s=0.030),
+    )
+    assert ev.decision == "promote", ev.reason
+    latency = next(g for g in ev.guardrails if g.name == "latency_p95")
+    assert latency.passed and "or a p95 within 250 ms" in latency.detail
+    assert ev.guardrail_settings.max_latency_p95_ms == 250
+
+
 def test_failing_challenger_fails_the_error_guardrail(
     mlflow_registry: MlflowRegistry, tmp_path: Path
 ) -> None:
