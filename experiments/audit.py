@@ -50,7 +50,7 @@ def read_looks(
                 record = parse_record(run.data.params, run.data.metrics, planned)
                 if isinstance(record, RecordedLook):
                     looks.append(record)
-                else:
+                elif record is not None:
                     unrecorded.append(record)
             token = page.token
             if not token:

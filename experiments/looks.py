@@ -15,6 +15,8 @@ What counts as a look, and what happens when a record is missing:
 * A run records its look in the same MLflow call as its other parameters, before any alias
   moves, so every look that acted is on record. A run that failed before recording did not act:
   the looks that could act are exactly the recorded ones, and leaving the failed one out is exact.
+* A run that judged nothing (no rows yet, mixed modes, an overflowing metric) records that it was
+  no look (``look: none``): it could not decide, so it spends nothing.
 * A record lost afterwards (a deleted run) shows as a gap in the look numbers. The spending
   through each recorded look is α(t) whatever happened between, so a gap changes only the
   correlation the later boundaries assume; the gap is reported and the look left out.
@@ -310,8 +312,14 @@ def this_look(
     return Look(method, number, units, planned, len(design) - 1, shared, grew[-1], tuple(notes))
 
 
-def record_params(look: LookReport) -> dict[str, str]:
-    """The audit run's parameters that put this look on record."""
+#: The record of a run that was no look (nothing judged: no rows, mixed modes, an overflow).
+NO_LOOK = "none"
+
+
+def record_params(look: LookReport | None) -> dict[str, str]:
+    """The audit run's parameters that put this look on record (None: the run was no look)."""
+    if look is None:
+        return {PARAM_LOOK: NO_LOOK}
     return {
         PARAM_LOOK: str(look.number),
         PARAM_FRACTION: repr(look.fraction),
@@ -322,9 +330,12 @@ def record_params(look: LookReport) -> dict[str, str]:
 
 def parse_record(
     params: Mapping[str, str], metrics: Mapping[str, float], planned: int
-) -> RecordedLook | float:
-    """A look from an audit run's parameters; a run without a record gives an upper bound on its
-    fraction instead: its judged rows over N* (rows ≥ units), else infinity (no bound known)."""
+) -> RecordedLook | float | None:
+    """A look from an audit run's parameters; None for a run that was no look; a run without a
+    record gives an upper bound on its fraction instead: its judged rows over N* (rows ≥ units),
+    else infinity (no bound known)."""
+    if params.get(PARAM_LOOK) == NO_LOOK:
+        return None
     try:
         number = int(params[PARAM_LOOK])
         units = int(params[PARAM_UNITS])

@@ -373,7 +373,7 @@ def run_params(evaluation: Evaluation) -> dict[str, str]:
         "experiment_id": e.experiment_id,
         # The look on record (experiments.looks): written with the other parameters, before any
         # alias moves, so the next evaluation rebuilds the sequence of looks from it.
-        **(record_params(e.look) if e.look is not None else {}),
+        **record_params(e.look),
     }
 
 

@@ -32,6 +32,8 @@ def to_dict(evaluation: Evaluation) -> dict[str, Any]:
         arm = getattr(evaluation, f.name)
         if isinstance(arm, ArmSummary):
             out[f.name]["error_rate"] = arm.error_rate
+    if evaluation.adjustment is not None:  # likewise the share of variance it removed
+        out["adjustment"]["variance_reduction"] = evaluation.adjustment.variance_reduction
     cleaned: dict[str, Any] = finite(out)
     return cleaned
 

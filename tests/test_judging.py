@@ -25,7 +25,7 @@ from experiments.decision import (
 )
 from experiments.judge import AliasSnapshot, judge
 from experiments.looks import LookHistory, RecordedLook, first_look, this_look
-from experiments.report import html_report, text_table
+from experiments.report import html_report, text_table, to_dict
 from experiments.sufficient import ArmData, LatencyHistogram, LogSummary
 from router.logschema import RoutingMode
 
@@ -187,3 +187,7 @@ def test_the_report_names_the_method_the_look_the_levels_and_the_guardrails(
     assert "95%" not in text  # nothing here is computed at 95%
     page = html_report(ev)
     assert "96% repeated confidence interval" in page and "95%" not in page
+    document = to_dict(ev)
+    assert document["look"]["number"] == 1 and document["method"] == "group_sequential"
+    assert document["adjustment"]["on"] is False
+    assert document["adjustment"]["variance_reduction"] is None

@@ -123,3 +123,6 @@ def test_records_round_trip() -> None:
     old = {"experiment_id": "m:v1-vs-v2"}
     assert parse_record(old, {"champion_n": 900.0, "challenger_n": 100.0}, N_STAR) == 0.05
     assert parse_record(old, {}, N_STAR) == math.inf
+    # A run that judged nothing (an empty log) was no look.
+    assert record_params(None) == {"look": "none"}
+    assert parse_record({**old, "look": "none"}, {}, N_STAR) is None
