@@ -28,6 +28,7 @@ from experiments.evaluate import (
     RegistryUnavailable,
     evaluate,
 )
+from experiments.looks import LookHistory, RecordedLook, first_look, this_look
 from experiments.promquery import read_guardrails
 from router import logschema
 from router.config import Settings
@@ -426,6 +427,31 @@ def test_futility_stops_with_no_worthwhile_difference() -> None:
     assert decision == "inconclusive" and reason.startswith("No worthwhile difference")
     decision, reason = _decide(_diff(-0.01, 0.01))
     assert reason.startswith("No decision yet")
+
+
+def test_the_final_analysis_ends_the_experiment() -> None:
+    history = LookHistory((RecordedLook(1, 0.5, 10_000),))
+    final = this_look("group_sequential", history, 20_500, 20_000)
+    decision, reason = _decide(_diff(-0.01, 0.02), look=final)
+    assert decision == "inconclusive"
+    assert reason.startswith("No worthwhile difference: at the final analysis (look 2")
+    # A crossing at the final analysis still decides.
+    assert _decide(_diff(0.001, 0.02), look=final)[0] == "promote"
+    later = this_look(
+        "group_sequential",
+        LookHistory((*history.looks, RecordedLook(2, 1.025, 20_500))),
+        21_000,
+        20_000,
+    )
+    decision, reason = _decide(_diff(0.001, 0.02), look=later)
+    assert decision == "inconclusive" and "no error is left to spend at look 3" in reason
+    # Before N*, keep collecting; the confidence sequence's own end is max_samples.
+    early = this_look("group_sequential", LookHistory(), 5_000, 20_000)
+    assert _decide(_diff(-0.01, 0.02), look=early)[1].startswith("No decision yet")
+    sequence = first_look("confidence_sequence", 5_000, 20_000)
+    assert _decide(_diff(-0.01, 0.02), look=sequence, units_total=100_000)[1].startswith(
+        "No worthwhile difference: 100000 units passed the maximum"
+    )
 
 
 def test_all_correct_arms_decide_nothing(mlflow_registry: MlflowRegistry, tmp_path: Path) -> None:

@@ -16,8 +16,6 @@ from synthlog import T0, settings_for, sqlite_url, write_log
 from experiments import stats
 from experiments.aggregate import read_summary
 from experiments.decision import (
-    Difference,
-    decide,
     difference,
     latency_guardrail,
     raw_difference,
@@ -76,54 +74,6 @@ def test_intervals_are_labelled_with_their_level_and_look() -> None:
     assert d.critical == look.critical(0.04, 2, 0) and d.level == pytest.approx(0.96)
     half = d.critical * math.sqrt(champion.mean_variance + challenger.mean_variance)
     assert d.absolute.upper - d.absolute.estimate == pytest.approx(half)
-
-
-def _decide(diff: Difference, **override: object) -> tuple[str, str]:
-    kwargs: dict[str, object] = dict(
-        no_data_reason=None,
-        checks=(),
-        n_champion=1000,
-        n_challenger=1000,
-        min_samples_per_arm=500,
-        too_few_events=None,
-        guardrails=(),
-        difference=diff,
-        min_effect=0.0,
-        units_total=2000,
-        max_samples=100_000,
-        metric="accuracy",
-    )
-    kwargs.update(override)
-    return decide(**kwargs)  # type: ignore[arg-type]
-
-
-def _diff(lower: float, upper: float) -> Difference:
-    return Difference(stats.Interval((lower + upper) / 2, lower, upper), None, False, 1000, 1000)
-
-
-def test_the_final_analysis_ends_the_experiment() -> None:
-    history = LookHistory((RecordedLook(1, 0.5, 10_000),))
-    final = this_look("group_sequential", history, 20_500, 20_000)
-    decision, reason = _decide(_diff(-0.01, 0.02), look=final)
-    assert decision == "inconclusive"
-    assert reason.startswith("No worthwhile difference: at the final analysis (look 2")
-    # A crossing at the final analysis still decides.
-    assert _decide(_diff(0.001, 0.02), look=final)[0] == "promote"
-    later = this_look(
-        "group_sequential",
-        LookHistory((*history.looks, RecordedLook(2, 1.025, 20_500))),
-        21_000,
-        20_000,
-    )
-    decision, reason = _decide(_diff(0.001, 0.02), look=later)
-    assert decision == "inconclusive" and "no error is left to spend at look 3" in reason
-    # Before N*, keep collecting; the confidence sequence's own end is max_samples.
-    early = this_look("group_sequential", LookHistory(), 5_000, 20_000)
-    assert _decide(_diff(-0.01, 0.02), look=early)[1].startswith("No decision yet")
-    sequence = first_look("confidence_sequence", 5_000, 20_000)
-    assert _decide(_diff(-0.01, 0.02), look=sequence, units_total=100_000)[1].startswith(
-        "No worthwhile difference: 100000 units passed the maximum"
-    )
 
 
 def test_a_fresh_experiment_says_when_outcomes_close_and_decisions_become_possible(
