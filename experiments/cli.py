@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evaluate_and_promote",
         description="Judge the champion/challenger experiment; promote the challenger if it is "
-        "better, end the experiment if it is worse (always-valid statistics: safe to run every "
-        "hour). Exit codes: 0 promoted, 3 rejected, 4 inconclusive, 5 invalid, "
+        "better, end the experiment if it is worse (sequential statistics: each run is a look, "
+        "safe to run every hour). Exit codes: 0 promoted, 3 rejected, 4 inconclusive, 5 invalid, "
         f"{EXIT_NO_EXPERIMENT} no experiment running (no @challenger), 1 error.",
     )
     parser.add_argument(
