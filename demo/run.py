@@ -63,14 +63,18 @@ def _write_config(workdir: Path, port: int, challenger_weight: float) -> Path:
         "prediction_log": {"url": f"sqlite:///{workdir / 'predictions.db'}"},
         "experiment": {
             "metric": "accuracy",
-            "planned_samples": 6000,
+            # N*: the units (sticky users) the demo's traffic reaches, about 1,900 of its 2,000
+            # users, so its one evaluation is the final analysis of a group-sequential design
+            # (evaluate_and_promote --plan EFFECT says what a real experiment needs).
+            "planned_samples": 1800,
             "min_samples_per_arm": 500,
             # Feedback arrives within 1.5 s here (traffic.py); a real deployment keeps the week.
             "outcome_window_s": OUTCOME_WINDOW_S,
-            # The challenger is a bigger model (gradient boosting vs logistic regression): about
-            # twice the predict time, both far below a 250 ms SLO. This team accepts that price
-            # for the accuracy; the guardrail still rejects anything slower than 2.5x.
-            "guardrails": {"max_error_rate_increase": 0.01, "max_latency_p95_increase": 1.5},
+            # The default guardrails, plus a latency budget: the challenger is a bigger model
+            # (gradient boosting vs logistic regression), about twice the predict time and so
+            # beyond the default +10%, yet far below this service's 250 ms objective; any p95
+            # within the objective is acceptable whatever the champion's.
+            "guardrails": {"max_latency_p95_ms": 250},
         },
         "server": {"host": "127.0.0.1", "port": port},
     }
@@ -307,6 +311,18 @@ def evaluate(config: Path, workdir: Path, tag: str) -> int:
     return subprocess.run(command, check=False, cwd=workdir).returncode
 
 
+def plan(config: Path, workdir: Path, effect: float) -> None:
+    """The planner on the log so far: the N* that finds ``effect`` with 80% power."""
+    command = [
+        str(Path(sys.executable).with_name("evaluate_and_promote")),
+        "--config",
+        str(config),
+        "--plan",
+        str(effect),
+    ]
+    subprocess.run(command, check=False, cwd=workdir)
+
+
 def wait_for_champion(router: RouterProcess, version: str, timeout_s: float = 60.0) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
@@ -362,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print_summary(router, log_url, traffic, before)
 
-        _say("4. evaluate_and_promote")
+        _say("4. evaluate_and_promote --plan 0.05, then evaluate_and_promote")
+        plan(config, workdir, 0.05)
         code = evaluate(config, workdir, "1")
         print(f"evaluate_and_promote exit code: {code}  (0 = promoted)")
         if code == 0:

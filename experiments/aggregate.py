@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from experiments.covariate import CovariateFolds, CovariateSums
 from experiments.stats import UnitMoments
 from experiments.sufficient import (
     LATENCY_BASE_S,
@@ -102,6 +104,28 @@ def _metric_sql(
     if metric == "abs_error":
         return f"CASE WHEN {usable} THEN ABS({score} - {y}) END"
     return f"CASE WHEN {usable} THEN ({score} - {y}) * ({score} - {y}) END"
+
+
+def _covariate_sql(metric: MetricName, alias: str) -> str:
+    """The row covariate of ``experiments.covariate.row_covariate`` from the champion's score;
+    NULL when missing or unusable."""
+    s = f"{alias}.champion_score"
+    finite = f"{s} BETWEEN {-_FLOAT_MAX!r} AND {_FLOAT_MAX!r}"
+    if metric not in ("accuracy", "log_loss", "brier"):
+        return f"CASE WHEN {finite} THEN {s} END"
+    probability = f"{s} BETWEEN 0.0 AND 1.0"
+    if metric == "accuracy":
+        return f"CASE WHEN {probability} THEN CASE WHEN {s} >= 0.5 THEN {s} ELSE 1 - {s} END END"
+    if metric == "brier":
+        return f"CASE WHEN {probability} THEN {s} * (1 - {s}) END"
+    p = f"(CASE WHEN {s} < 1e-15 THEN 1e-15 WHEN {s} > 1 - 1e-15 THEN 1 - 1e-15 ELSE {s} END)"
+    return f"CASE WHEN {probability} THEN -({p} * LN({p}) + (1 - {p}) * LN(1 - {p})) END"
+
+
+def has_champion_scores(conn: Connection) -> bool:
+    """Does the log have the ``champion_score`` column (a router of this version wrote it)?"""
+    columns = sa.inspect(conn).get_columns(logschema.predictions.name)
+    return any(c["name"] == "champion_score" for c in columns)
 
 
 def label_pairs(conn: Connection, eid: str) -> list[tuple[str, str]]:
@@ -257,6 +281,7 @@ def _judged_rows(
     unit: str,
     cap: float | None,
     params: dict[str, Any],
+    covariate: bool = False,
 ) -> str:
     """Matured predictions (status served), one row each: arm, unit, slice, metric v, covered c."""
     served = _in_list("served", sorted(s.value for s in SERVED_STATUSES), params)
@@ -275,8 +300,9 @@ def _judged_rows(
         params["arm_c"], params["arm_t"] = Arm.CHAMPION.value, Arm.CHALLENGER.value
         return (
             f"SELECT p.arm AS arm, {unit.format(a='p')} AS unit, {slice_.format(a='p')} AS slice, "
-            f"{value('p')} AS v, CASE WHEN {counted.format(a='p')} THEN 1 ELSE 0 END AS c "
-            f"FROM predictions p {join.format(a='p')} "
+            f"{value('p')} AS v, CASE WHEN {counted.format(a='p')} THEN 1 ELSE 0 END AS c"
+            + (f", {_covariate_sql(metric, 'p')} AS g " if covariate else " ")
+            + f"FROM predictions p {join.format(a='p')} "
             f"WHERE p.experiment_id = :eid AND p.arm IN (:arm_c, :arm_t) "
             f"AND p.status IN {served} AND p.ts <= :cutoff"
         )
@@ -302,7 +328,9 @@ def _judged_rows(
     )
 
 
-def _metric_cells(conn: Connection, judged: str, keyed: bool, params: dict[str, Any]) -> list[Any]:
+def _metric_cells(
+    conn: Connection, judged: str, keyed: bool, params: dict[str, Any], covariate: bool = False
+) -> list[Any]:
     """Per arm and slice: units first seen, and the increments of the metric/coverage moments."""
     if not keyed:  # every prediction its own unit: the moments are plain sums
         sql = (
@@ -310,8 +338,9 @@ def _metric_cells(conn: Connection, judged: str, keyed: bool, params: dict[str, 
             "COALESCE(SUM(v), 0) AS mx, COUNT(v) AS my, COALESCE(SUM(v * v), 0) AS mxx, "
             "COUNT(v) AS myy, COALESCE(SUM(v), 0) AS mxy, "
             "SUM(c) AS cx, COUNT(*) AS cy, SUM(c) AS cxx, COUNT(*) AS cyy, SUM(c) AS cxy, "
-            "SUM(CASE WHEN c = 1 AND v IS NULL THEN 1 ELSE 0 END) AS skipped "
-            f"FROM ({judged}) j GROUP BY arm, slice"
+            "SUM(CASE WHEN c = 1 AND v IS NULL THEN 1 ELSE 0 END) AS skipped"
+            + (_ROW_COVARIATE_SUMS if covariate else "")
+            + f" FROM ({judged}) j GROUP BY arm, slice"
         )
         return list(conn.execute(sa.text(sql), params).mappings())
 
@@ -360,6 +389,7 @@ def _unit_pass(
     unit: str,
     cap: float | None,
     params: dict[str, Any],
+    covariate: bool = False,
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Split mode with units: requests, faults, coverage and the metric in ONE GROUP BY unit.
 
@@ -373,6 +403,7 @@ def _unit_pass(
     if cap is not None:
         params["cap"] = cap
         v = f"(CASE WHEN ({v}) > :cap THEN :cap ELSE ({v}) END)"
+    g = f", {_covariate_sql(metric, 'p')} AS g" if covariate else ""
     matured = f"p.status IN {served} AND p.ts <= :cutoff"
     counted = "o.ts IS NOT NULL AND o.ts <= p.ts + :window"
     # Per row: the unit, the slice if matured, one integer of flags and the metric. Six 0/1 facts
@@ -388,7 +419,7 @@ def _unit_pass(
     rows = (
         f"SELECT p.arm AS arm, {unit.format(a='p')} AS unit, "
         f"CASE WHEN {matured} THEN CAST(FLOOR((p.ts - :t0) / :width) AS INTEGER) END AS ms, "
-        f"{flags} AS k, CASE WHEN {matured} AND {counted} THEN {v} END AS v "
+        f"{flags} AS k, CASE WHEN {matured} AND {counted} THEN {v} END AS v{g} "
         "FROM predictions p LEFT JOIN outcomes o ON o.request_id = p.request_id "
         f"AND o.row_index = p.row_index WHERE p.experiment_id = :eid AND p.arm IN {arm_in}"
     )
@@ -403,12 +434,14 @@ def _unit_pass(
         "SUM(ce) AS ce, SUM(fb) AS fb, "
         "SUM(cx) AS cx, SUM(cy) AS cy, SUM(cx * cx) AS cxx, SUM(cy * cy) AS cyy, "
         "SUM(cx * cy) AS cxy, SUM(mx) AS mx, SUM(my) AS my, SUM(mx * mx) AS mxx, "
-        "SUM(my * my) AS myy, SUM(mx * my) AS mxy, SUM(skipped) AS skipped FROM ("
-        "SELECT arm, unit, MIN(ms) AS first, SUM(k & 1) AS r, SUM(k & 2) / 2 AS f, "
+        "SUM(my * my) AS myy, SUM(mx * my) AS mxy, SUM(skipped) AS skipped"
+        + (_UNIT_COVARIATE_SUMS if covariate else "")
+        + " FROM (SELECT arm, unit, MIN(ms) AS first, SUM(k & 1) AS r, SUM(k & 2) / 2 AS f, "
         "SUM(k & 4) / 4 AS ce, SUM(k & 8) / 8 AS fb, SUM(k & 16) / 16 AS cy, "
         "SUM(k & 32) / 32 AS cx, COALESCE(SUM(v), 0) AS mx, COUNT(v) AS my, "
-        "SUM(CASE WHEN k >= 32 AND v IS NULL THEN 1 ELSE 0 END) AS skipped "
-        f"FROM ({rows}) t GROUP BY unit, arm) u GROUP BY arm, first"
+        "SUM(CASE WHEN k >= 32 AND v IS NULL THEN 1 ELSE 0 END) AS skipped"
+        + (_UNIT_COVARIATE_TERMS if covariate else "")
+        + f" FROM ({rows}) t GROUP BY unit, arm) u GROUP BY arm, first"
     )
     requests: dict[str, dict[str, Any]] = {}
     cells: list[dict[str, Any]] = []
@@ -478,12 +511,19 @@ def read_summary(
         if cap_quantile is not None:
             judged = _judged_rows(mode, metric, pairs, unit_rows, None, params)
             cap = _cap(conn, judged, cap_quantile, params)
+        # The covariate (the champion's score of each row's input): split mode, when logged.
+        cov = mode == RoutingMode.SPLIT and has_champion_scores(conn)
         if by_unit:
-            requests, cells = _unit_pass(conn, eid, arms, metric, pairs, unit_rows, cap, params)
+            requests, cells = _unit_pass(
+                conn, eid, arms, metric, pairs, unit_rows, cap, params, covariate=cov
+            )
         else:
-            judged = _judged_rows(mode, metric, pairs, unit_rows, cap, params)
-            cells = _metric_cells(conn, judged, keyed or shape["multi_row"], params)
-        return _summarise(mode, keyed, arms, requests, latency, cells, first, width, cap)
+            judged = _judged_rows(mode, metric, pairs, unit_rows, cap, params, covariate=cov)
+            cells = _metric_cells(conn, judged, keyed or shape["multi_row"], params, cov)
+        summary = _summarise(mode, keyed, arms, requests, latency, cells, first, width, cap)
+        if cov:
+            summary = replace(summary, covariate=covariate_folds(cells, arms))
+        return summary
     return _summarise(mode, keyed, arms, requests, latency, cells, first, 0.0, cap)
 
 
@@ -542,3 +582,66 @@ def _summarise(
         first_ts=first,
         cap=cap,
     )
+
+
+# --- the covariate's sums (experiments/covariate.py) -----------------------------------------
+# Per unit: g summed over the unit's judged rows that have a covariate (kc), and the count of its
+# judged rows without one (km), with every square and cross-product with the metric's x (mx) and
+# y (my); experiments.covariate.CovariateSums imputes the missing ones afterwards.
+
+_UNIT_COVARIATE_TERMS = (
+    ", COALESCE(SUM(CASE WHEN v IS NOT NULL THEN g END), 0) AS kc, "
+    "SUM(CASE WHEN v IS NOT NULL AND g IS NULL THEN 1 ELSE 0 END) AS km"
+)
+_UNIT_COVARIATE_SUMS = (
+    ", SUM(kc) AS kc, SUM(km) AS km, SUM(kc * kc) AS kcc, SUM(km * km) AS kmm, "
+    "SUM(kc * km) AS kcm, SUM(mx * kc) AS kxc, SUM(mx * km) AS kxm, SUM(my * kc) AS kyc, "
+    "SUM(my * km) AS kym"
+)
+# Every prediction its own unit: a unit has the covariate (c = g, m = 0) or lacks it (c = 0,
+# m = 1), so c·m = 0, m² = m and y = 1 on its judged row.
+_ROW_COVARIATE_SUMS = (
+    ", COALESCE(SUM(CASE WHEN v IS NOT NULL THEN g END), 0) AS kc, "
+    "SUM(CASE WHEN v IS NOT NULL AND g IS NULL THEN 1 ELSE 0 END) AS km, "
+    "COALESCE(SUM(CASE WHEN v IS NOT NULL THEN g * g END), 0) AS kcc, "
+    "SUM(CASE WHEN v IS NOT NULL AND g IS NULL THEN 1 ELSE 0 END) AS kmm, 0 AS kcm, "
+    "COALESCE(SUM(v * g), 0) AS kxc, "
+    "COALESCE(SUM(CASE WHEN g IS NULL THEN v END), 0) AS kxm, "
+    "COALESCE(SUM(CASE WHEN v IS NOT NULL THEN g END), 0) AS kyc, "
+    "SUM(CASE WHEN v IS NOT NULL AND g IS NULL THEN 1 ELSE 0 END) AS kym"
+)
+
+
+def _covariate_sums(r: Mapping[str, Any]) -> CovariateSums:
+    def f(key: str) -> float:
+        return float(r[key] or 0.0)
+
+    return CovariateSums(
+        n=int(r["units"] or 0),
+        sum_x=f("mx"),
+        sum_y=f("my"),
+        sum_c=f("kc"),
+        sum_m=f("km"),
+        sum_xx=f("mxx"),
+        sum_yy=f("myy"),
+        sum_xy=f("mxy"),
+        sum_cc=f("kcc"),
+        sum_mm=f("kmm"),
+        sum_cm=f("kcm"),
+        sum_xc=f("kxc"),
+        sum_xm=f("kxm"),
+        sum_yc=f("kyc"),
+        sum_ym=f("kym"),
+    )
+
+
+def covariate_folds(cells: Sequence[Mapping[str, Any]], arms: Sequence[str]) -> CovariateFolds:
+    """The cells' covariate sums in two folds of units: the parity of the slice of each unit's
+    first judged prediction (a split independent of arm and outcome; the cross-fitting's)."""
+    zero = CovariateSums()
+    folds = {arm: [zero, zero] for arm in arms}
+    for r in cells:
+        fold = int(r["slice"]) % 2
+        folds[r["arm"]][fold] = folds[r["arm"]][fold] + _covariate_sums(r)
+    c, t = folds[arms[0]], folds[arms[1]]
+    return CovariateFolds((c[0], c[1]), (t[0], t[1]))

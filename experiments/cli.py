@@ -27,8 +27,10 @@ from experiments.evaluate import (
     evaluate,
     make_client,
     no_experiment_reason,
+    plan,
     read_aliases,
 )
+from experiments.plan_report import plan_dict, plan_text
 from experiments.promote import ActionResult, apply, rollback, sticky_rejection
 from experiments.report import text_table, to_dict, write_html, write_json
 from router.config import (
@@ -118,8 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evaluate_and_promote",
         description="Judge the champion/challenger experiment; promote the challenger if it is "
-        "better, end the experiment if it is worse (always-valid statistics: safe to run every "
-        "hour). Exit codes: 0 promoted, 3 rejected, 4 inconclusive, 5 invalid, "
+        "better, end the experiment if it is worse (sequential statistics: each run is a look, "
+        "safe to run every hour). Exit codes: 0 promoted, 3 rejected, 4 inconclusive, 5 invalid, "
         f"{EXIT_NO_EXPERIMENT} no experiment running (no @challenger), 1 error, "
         f"{EXIT_BAD_CONFIG} bad arguments or configuration.",
     )
@@ -145,6 +147,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an unexpected error"
     )
+    parser.add_argument(
+        "--plan",
+        type=float,
+        default=None,
+        metavar="EFFECT",
+        help="plan instead of judging: from the log so far, the N* (units) needed to promote a "
+        "true improvement of EFFECT (the metric's units, positive = better) with 80%% power "
+        "under the configured method, and when it is reached; writes nothing to MLflow",
+    )
     return parser
 
 
@@ -168,6 +179,12 @@ def _run(args: argparse.Namespace, human: TextIO, stdout: TextIO) -> int:
     reason = no_experiment_reason(settings, aliases)
     if reason is not None:
         return _no_experiment(settings, aliases, reason, args, human, stdout)
+    if args.plan is not None:
+        eid, found = plan(settings, effect=args.plan, client=client, aliases=aliases)
+        print(plan_text(eid, found), file=human)
+        if args.json is not None:
+            _write_document(plan_dict(eid, found), args.json, stdout)
+        return 0
     evaluation = evaluate(settings, client=client, aliases=aliases)
     # A version rejected in this experiment stays rejected: dry runs report it too.
     evaluation = sticky_rejection(client, settings, evaluation)

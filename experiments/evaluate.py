@@ -20,8 +20,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from experiments.aggregate import MetricUnusable, read_summary
+from experiments.audit import read_looks
 from experiments.decision import CAPPED_BY_DEFAULT
 from experiments.judge import AliasSnapshot, Evaluation, judge
+from experiments.planner import ExperimentPlan, plan_experiment
 from experiments.promquery import PrometheusGuardrails, read_guardrails
 from experiments.sufficient import LogSummary
 from router import logschema
@@ -43,6 +45,7 @@ __all__ = [
     "evaluate",
     "make_client",
     "no_experiment_reason",
+    "plan",
     "read_aliases",
 ]
 
@@ -188,10 +191,8 @@ def evaluate(
     be judged (an unusable metric, an overflow).
     """
     now = time.time() if now is None else now
-    if aliases is None:
-        snapshot = read_aliases(make_client(settings) if client is None else client, settings)
-    else:
-        snapshot = aliases
+    registry = make_client(settings) if client is None else client
+    snapshot = read_aliases(registry, settings) if aliases is None else aliases
     name = settings.model.name
     if snapshot.champion is None:
         raise RegistryUnavailable(
@@ -207,7 +208,12 @@ def evaluate(
     # Each "nothing to judge" reason is decided once: no experiment here, an empty log in _load
     # (naming the ids the log does have), mixed modes and overflows in judge.
     no_data = no_experiment or missing
-    evaluation = judge(settings, snapshot, eid, summary, now=now, no_data_reason=no_data)
+    # The looks taken before this one, from the audit runs (experiments.looks says what a look
+    # is and what happens when a record is missing).
+    history = read_looks(registry, name, eid, exp.planned_samples)
+    evaluation = judge(
+        settings, snapshot, eid, summary, now=now, no_data_reason=no_data, looks=history
+    )
     if settings.prometheus.url and evaluation.started_at is not None:
         prom = read_guardrails(
             settings.prometheus.url,
@@ -221,3 +227,30 @@ def evaluate(
 
 def _with_prometheus(evaluation: Evaluation, prom: PrometheusGuardrails) -> Evaluation:
     return replace(evaluation, prometheus=prom)
+
+
+def plan(
+    settings: Settings,
+    *,
+    effect: float,
+    client: MlflowClient | None = None,
+    now: float | None = None,
+    aliases: AliasSnapshot | None = None,
+) -> tuple[str, ExperimentPlan]:
+    """The planner on the current experiment's log so far (``evaluate_and_promote --plan``):
+    its experiment id and :class:`~experiments.planner.ExperimentPlan`. Reads only."""
+    now = time.time() if now is None else now
+    registry = make_client(settings) if client is None else client
+    snapshot = read_aliases(registry, settings) if aliases is None else aliases
+    name, exp = settings.model.name, settings.experiment
+    if snapshot.champion is None:
+        raise RegistryUnavailable(
+            f"registered model {name!r} has no @{settings.model.champion_alias} alias"
+        )
+    eid = logschema.experiment_id(name, snapshot.champion, snapshot.challenger)
+    summary, _ = _load(settings, eid, now - exp.outcome_window_s)
+    history = read_looks(registry, name, eid, exp.planned_samples)
+    elapsed_days = (now - summary.first_ts) / 86_400.0 if summary.first_ts is not None else 0.0
+    looks_done = len(history.looks) + len(history.unrecorded)
+    per_day = looks_done / elapsed_days if looks_done >= 2 and elapsed_days > 0 else 1.0
+    return eid, plan_experiment(settings, summary, effect=effect, now=now, looks_per_day=per_day)

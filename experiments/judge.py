@@ -11,7 +11,11 @@ The steps, in the order :func:`judge` takes them:
    cluster-robust (delta-method) variance (:class:`experiments.stats.UnitMoments`).
 3. **checks**: validity (sample ratio of units, requests per unit, feedback coverage), then
    enough data (rows, and events and non-events of a 0/1 metric), then the guardrails.
-4. **decide**: :func:`experiments.decision.decide`.
+4. **estimate**: the difference with its variance (``decision.DifferenceEstimate``): paired in
+   shadow mode; in split mode adjusted with the champion's prediction as covariate when
+   :func:`experiments.covariate.adjust` allows, else raw.
+5. **decide**: at this look (:mod:`experiments.looks`: the group-sequential boundary, or the
+   confidence sequence), :func:`experiments.decision.decide`.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from experiments import stats
+from experiments.covariate import AdjustmentResult, adjust
 from experiments.decision import (
     BINARY_METRICS,
     GUARDRAIL_SHARE,
@@ -30,22 +36,28 @@ from experiments.decision import (
     Check,
     Decision,
     Difference,
+    DifferenceEstimate,
     GuardrailResult,
+    adjusted_estimate,
     arm_estimate,
-    arm_interval,
+    arm_interval_at,
     coverage_check,
     decide,
+    difference,
     error_rate_guardrail,
     events_shortfall,
     latency_guardrail,
     paired_difference,
+    paired_estimate,
+    raw_difference,
     requests_per_unit_check,
     sample_ratio_check,
     split_difference,
 )
+from experiments.looks import Look, LookHistory, LookReport, this_look
 from experiments.promquery import PrometheusGuardrails
 from experiments.sufficient import ArmData, LatencyHistogram, LogSummary
-from router.config import MetricName, Settings
+from router.config import GuardrailSettings, JudgingMethod, MetricName, Settings
 from router.logschema import Arm, RoutingMode, challenger_arm
 
 _HIST_BINS = 30
@@ -138,6 +150,19 @@ class Evaluation:
     checks: tuple[Check, ...] = ()
     cap: float | None = None  # the row metric was capped (winsorised) at this value
     max_samples: int = 0
+    method: JudgingMethod = "group_sequential"
+    look: LookReport | None = None
+    adjustment: AdjustmentResult | None = None  # split mode: the covariate adjustment's verdict
+    guardrail_settings: GuardrailSettings = field(default_factory=GuardrailSettings)
+    interval_label: str = ""  # how the metric's intervals were computed (level, method, look)
+
+
+def judged_units(summary: LogSummary) -> int:
+    """The units the primary metric judges (both arms; the pairs in shadow mode): the numerator
+    of the information fraction."""
+    if summary.paired is not None:
+        return summary.paired.n
+    return summary.champion.metric.n + summary.challenger.metric.n
 
 
 def judge(
@@ -148,11 +173,14 @@ def judge(
     *,
     now: float,
     no_data_reason: str | None = None,
+    looks: LookHistory | Look | None = None,
 ) -> Evaluation:
     """Pure: turn the log's sufficient statistics into per-arm figures and a decision.
 
     ``no_data_reason``: the caller's finding that there is nothing to judge (no experiment
-    running, no rows for this experiment); it stands as the decision's reason.
+    running, no rows for this experiment); it stands as the decision's reason. ``looks``: the
+    looks recorded before this one (the CLI, from the audit trail), or this look itself (the
+    simulation, whose looks share one schedule); None: the first look.
     """
     exp = settings.experiment
     mode: RoutingMode = summary.mode or settings.routing.mode
@@ -166,27 +194,31 @@ def judge(
 
     # 1-2. attribute and units: done in the log and in SQL; here, only what is missing.
     no_data = no_data_reason or _no_data(eid, summary)
+    units = judged_units(summary) if no_data is None else 0
+    if isinstance(looks, Look):
+        look = looks
+    else:
+        look = this_look(exp.method, looks or LookHistory(), units, planned)
 
     # 3. checks: validity first (they make the comparison meaningless), then enough data.
     checks: tuple[Check, ...] = ()
     srm: stats.SrmResult | None = None
     if mode == RoutingMode.SPLIT and no_data is None:
         w = settings.routing.challenger_weight
-        units = {Arm.CHAMPION.value: champ.units, Arm.CHALLENGER.value: chall.units}
+        counts = {Arm.CHAMPION.value: champ.units, Arm.CHALLENGER.value: chall.units}
         weights = {Arm.CHAMPION.value: 1.0 - w, Arm.CHALLENGER.value: w}
-        srm = stats.sequential_srm(units, weights, VALIDITY_THRESHOLD)
+        srm = stats.sequential_srm(counts, weights, VALIDITY_THRESHOLD)
         checks = (
             sample_ratio_check(srm),
-            requests_per_unit_check(
-                champ.requests_per_unit, chall.requests_per_unit, exp.planned_samples
-            ),
-            coverage_check(champ.coverage, chall.coverage, exp.planned_samples),
+            requests_per_unit_check(champ.requests_per_unit, chall.requests_per_unit, planned),
+            coverage_check(champ.coverage, chall.coverage, planned),
         )
     elif no_data is None:
-        checks = (coverage_check(champ.coverage, chall.coverage, exp.planned_samples),)
+        checks = (coverage_check(champ.coverage, chall.coverage, planned),)
     n_champ, n_chall = champ.metric.rows, chall.metric.rows
 
-    difference: Difference | None = None
+    diff: Difference | None = None
+    adjustment: AdjustmentResult | None = None
     guardrails: tuple[GuardrailResult, ...] = ()
     shortfall: str | None = None
     overflow = _overflow(summary, exp.metric)
@@ -194,26 +226,26 @@ def judge(
         no_data = no_data or overflow
     elif no_data is None and min(champ.metric.n, chall.metric.n) >= 2 and min(n_champ, n_chall):
         shortfall = events_shortfall(champ.metric, chall.metric, exp.metric)
-        difference = _difference(summary, binary, exp.planned_samples, alpha_metric, higher)
+        # 4. estimate: paired, adjusted or raw.
+        estimate, adjustment = _estimate(summary, binary, exp.adjustment == "auto")
+        diff = difference(estimate, look, alpha_metric, higher)
         g = exp.guardrails
+        budget = None if g.max_latency_p95_ms is None else g.max_latency_p95_ms / 1e3
         guardrails = (
             error_rate_guardrail(
-                champ.faults,
-                chall.faults,
-                g.max_error_rate_increase,
-                exp.planned_samples,
-                alpha_guard,
+                champ.faults, chall.faults, g.max_error_rate_increase, look, alpha_guard
             ),
             latency_guardrail(
                 champ.latency,
                 chall.latency,
                 g.max_latency_p95_increase,
-                exp.planned_samples,
+                look,
                 alpha_guard,
+                budget_s=budget,
             ),
         )
 
-    # 4. decide.
+    # 5. decide.
     decision, reason = decide(
         no_data_reason=no_data,
         checks=checks,
@@ -222,15 +254,18 @@ def judge(
         min_samples_per_arm=exp.min_samples_per_arm,
         too_few_events=shortfall,
         guardrails=guardrails,
-        difference=difference,
+        difference=diff,
         min_effect=exp.min_effect,
         units_total=champ.metric.n + chall.metric.n,
         max_samples=max_samples,
         metric=exp.metric,
+        look=look,
+        waiting=_waiting(summary, settings, now),
     )
     other = challenger_arm(mode)
     edges = _hist_edges(champ.latency, chall.latency)
     versions = {Arm.CHAMPION: aliases.champion, other: aliases.challenger}
+    look_report = look.report(alpha_metric, max(units, 2)) if no_data is None else None
     return Evaluation(
         decision=decision,
         reason=reason,
@@ -241,24 +276,87 @@ def judge(
         metric=exp.metric,
         higher_is_better=higher,
         alpha=exp.alpha,
-        planned_samples=exp.planned_samples,
+        planned_samples=planned,
         min_samples_per_arm=exp.min_samples_per_arm,
         min_effect=exp.min_effect,
         outcome_window_s=exp.outcome_window_s,
         evaluated_at=now,
         cutoff=now - exp.outcome_window_s,
         started_at=summary.first_ts,
-        champion=_arm_summary(Arm.CHAMPION, versions, champ, edges, binary, planned, alpha_metric),
-        challenger=_arm_summary(other, versions, chall, edges, binary, planned, alpha_metric),
-        difference=difference,
+        champion=_arm_summary(Arm.CHAMPION, versions, champ, edges, binary, look, alpha_metric),
+        challenger=_arm_summary(other, versions, chall, edges, binary, look, alpha_metric),
+        difference=diff,
         srm=srm,
         guardrails=guardrails,
-        series=_series(summary, binary, exp.planned_samples, alpha_metric, higher),
+        series=_series(summary, binary, planned, alpha_metric, higher),
         skipped_rows=champ.skipped + chall.skipped,
         unit="user (routing key)" if summary.keyed else "request",
         checks=checks,
         cap=summary.cap,
         max_samples=max_samples,
+        method=exp.method,
+        look=look_report,
+        adjustment=adjustment,
+        guardrail_settings=exp.guardrails,
+        interval_label=diff.label if diff is not None else "",
+    )
+
+
+def _estimate(
+    s: LogSummary, binary: bool, adjust_allowed: bool
+) -> tuple[DifferenceEstimate, AdjustmentResult | None]:
+    """The difference to judge, and the adjustment's verdict (split mode only)."""
+    if s.paired is not None:
+        return paired_estimate(s.paired, s.champion.metric.mean), None
+    c, t = s.champion.metric, s.challenger.metric
+    raw = raw_difference(arm_estimate(c, binary), arm_estimate(t, binary))
+    if not adjust_allowed:
+        return raw, AdjustmentResult(False, "experiment.adjustment is off")
+    result = adjust(s.covariate, c, t, binary=binary)
+    if not result.on or result.estimate is None or result.variance is None:
+        return raw, result
+    return adjusted_estimate(raw, result.estimate, result.variance, c.mean), result
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def duration(seconds: float) -> str:
+    """A window in words: "7-day", "36-hour", "2-second"."""
+    for unit, size in (("day", 86_400.0), ("hour", 3_600.0), ("minute", 60.0)):
+        if seconds >= size and (seconds / size) == int(seconds / size):
+            return f"{int(seconds / size)}-{unit}"
+    return f"{seconds:g}-second"
+
+
+def _waiting(s: LogSummary, settings: Settings, now: float) -> str | None:
+    """When outcomes close and the earliest date a decision is possible (issue: "Only 0 rows
+    with closed outcomes" said neither). The estimate assumes the traffic so far goes on and every
+    prediction gets an outcome (coverage so far, once some have closed)."""
+    exp = settings.experiment
+    window = exp.outcome_window_s
+    if s.first_ts is None:
+        return None
+    first_close = s.first_ts + window
+    text = (
+        f"Predictions are judged once their {duration(window)} outcome window "
+        f"(experiment.outcome_window_s = {window:g} s) has closed: the first ones "
+        f"({_utc(s.first_ts)}) {'closed' if first_close <= now else 'close'} on "
+        f"{_utc(first_close)}."
+    )
+    elapsed = now - s.first_ts
+    earliest = first_close
+    for arm, data in ((Arm.CHAMPION, s.champion), (Arm.CHALLENGER, s.challenger)):
+        if data.requests == 0 or elapsed <= 0:
+            return text + f" The {arm} has no requests yet, so no decision date can be estimated."
+        coverage = data.coverage.mean if data.coverage.sum_y > 0 else 1.0
+        needed = exp.min_samples_per_arm / max(coverage, 1e-9)
+        rate = data.requests / elapsed  # requests per second so far
+        earliest = max(earliest, s.first_ts + needed / rate + window)
+    return text + (
+        f" At the traffic so far, both arms have {exp.min_samples_per_arm} judged rows around "
+        f"{_utc(earliest)}: the earliest a decision is possible."
     )
 
 
@@ -281,33 +379,19 @@ def _overflow(summary: LogSummary, metric: MetricName) -> str | None:
     return None
 
 
-def _difference(
-    s: LogSummary, binary: bool, planned: int, alpha: float, higher: bool
-) -> Difference:
-    if s.paired is not None:
-        return paired_difference(s.paired, s.champion.metric.mean, planned, alpha, higher)
-    return split_difference(
-        arm_estimate(s.champion.metric, binary),
-        arm_estimate(s.challenger.metric, binary),
-        planned,
-        alpha,
-        higher,
-    )
-
-
 def _arm_summary(
     arm: Arm,
     versions: dict[Arm, str | None],
     data: ArmData,
     edges: tuple[float, ...],
     binary: bool,
-    planned: int,
+    look: Look,
     alpha: float,
 ) -> ArmSummary:
     m = data.metric
     interval = None
     if m.n >= 2 and m.sum_y > 0 and m.finite:
-        interval = arm_interval(arm_estimate(m, binary), planned, alpha)
+        interval = arm_interval_at(arm_estimate(m, binary), look, alpha)
     return ArmSummary(
         arm=arm,
         version=versions.get(arm),

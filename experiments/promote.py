@@ -47,13 +47,16 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+# The audit trail's names are experiments.audit's; re-exported for this module's callers.
+from experiments.audit import TAG_PREFIX as TAG_PREFIX
+from experiments.audit import tracking_experiment_name as tracking_experiment_name
 from experiments.evaluate import EvaluationError, read_aliases
 from experiments.judge import AliasSnapshot, Evaluation
+from experiments.looks import record_params
 from router.config import Settings
 from router.logschema import Arm
 from router.registryfault import describe
 
-TAG_PREFIX = "champion_challenger."
 LOCK_SUFFIX = ".promotion-lock"
 
 Action = Literal["promoted", "rejected", "kept", "rolled_back", "aborted"]
@@ -78,10 +81,6 @@ class ActionResult:
     message: str
     aliases_before: AliasSnapshot
     aliases_after: AliasSnapshot
-
-
-def tracking_experiment_name(model_name: str) -> str:
-    return f"champion-challenger/{model_name}"
 
 
 def lock_name(model_name: str) -> str:
@@ -373,6 +372,9 @@ def run_params(evaluation: Evaluation) -> dict[str, str]:
         "min_samples_per_arm": str(e.min_samples_per_arm),
         "min_effect": str(e.min_effect),
         "experiment_id": e.experiment_id,
+        # The look on record (experiments.looks): written with the other parameters, before any
+        # alias moves, so the next evaluation rebuilds the sequence of looks from it.
+        **record_params(e.look),
     }
 
 

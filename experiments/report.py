@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.decision import METRIC_SHARE
 from experiments.judge import ArmSummary, Evaluation, SeriesPoint
 from experiments.stats import Interval
 from router.logschema import Arm
@@ -31,17 +32,20 @@ def to_dict(evaluation: Evaluation) -> dict[str, Any]:
         arm = getattr(evaluation, f.name)
         if isinstance(arm, ArmSummary):
             out[f.name]["error_rate"] = arm.error_rate
-    cleaned: dict[str, Any] = _finite(out)
+    if evaluation.adjustment is not None:  # likewise the share of variance it removed
+        out["adjustment"]["variance_reduction"] = evaluation.adjustment.variance_reduction
+    cleaned: dict[str, Any] = finite(out)
     return cleaned
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
+    """``value`` with non-finite floats as None, recursively (JSON has no NaN or Infinity)."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
+        return {str(k): finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 
@@ -71,16 +75,18 @@ def _ms(x: float | None) -> str:
 def text_table(evaluation: Evaluation) -> str:
     """The summary printed on stdout: per-arm figures, difference, SRM, guardrails, decision."""
     e = evaluation
-    level = f"{1 - e.alpha:.0%}"
     lines = [
         f"Experiment {e.experiment_id} ({e.mode} mode, metric {e.metric}, "
         f"{'higher' if e.higher_is_better else 'lower'} is better; alpha {e.alpha:g}, "
         f"N* {e.planned_samples}, outcome window {e.outcome_window_s:g} s)",
+        f"method: {_method_line(e)}",
+        f"guardrails: {guardrail_settings(e)}",
         f"unit of analysis: {e.unit} (the unit of randomisation); intent-to-treat"
         + (f"; {e.metric} capped at {e.cap:.4g}" if e.cap is not None else ""),
         "",
+        f"intervals: {e.interval_label or 'none computed yet'}",
         f"{'arm':<11} {'version':>7} {'requests':>8} {'n':>7}  "
-        f"{e.metric + f' ({level} CS)':<30} {'p50 ms':>8} {'p95 ms':>8} {'errors':>7}",
+        f"{e.metric + ' (interval)':<30} {'p50 ms':>8} {'p95 ms':>8} {'errors':>7}",
     ]
     for arm in (e.champion, e.challenger):
         mean = "-"
@@ -96,13 +102,17 @@ def text_table(evaluation: Evaluation) -> str:
     lines.append("")
     if e.difference is not None:
         d = e.difference
-        kind = "paired, " if d.paired else ""
+        kind = "paired, " if d.paired else ("adjusted, " if d.adjusted else "")
         lines.append(
             f"difference ({kind}positive = challenger better): {_interval(d.absolute)}"
             + (f"; relative {_interval(d.relative, '+.2%')}" if d.relative is not None else "")
         )
     else:
         lines.append("difference: not computed (too few rows)")
+    if e.adjustment is not None:
+        lines.append(f"covariate adjustment: {_adjustment_line(e)}")
+    if e.look is not None:
+        lines += [f"look note: {note}" for note in e.look.notes]
     if e.srm is None:
         lines.append("sample ratio: not applicable (shadow mode: every request scored by both)")
     for c in e.checks:
@@ -135,6 +145,53 @@ def text_table(evaluation: Evaluation) -> str:
     return "\n".join(lines)
 
 
+def _method_line(e: Evaluation) -> str:
+    look = e.look
+    if e.method == "confidence_sequence":
+        text = "always-valid confidence sequence (valid at any look; N* tunes where it is tightest)"
+        if look is not None:
+            text += f"; look {look.number}, {look.units} judged units"
+        return text
+    text = "group-sequential, O'Brien-Fleming-type alpha spending over judged units / N*"
+    if look is None:
+        return text + "; no look yet (nothing judged)"
+    boundary = (
+        "none (nothing left to spend)"
+        if math.isinf(look.boundary)
+        else (f"|z| >= {look.boundary:.3f}")
+    )
+    spent = f", alpha spent {look.alpha_spent:.4g}" if look.alpha_spent is not None else ""
+    state = " (final analysis)" if look.final else (" (past the final)" if look.past_final else "")
+    return (
+        f"{text}; look {look.number}{state} at t = {look.fraction:.3f} "
+        f"({look.units} of {look.planned} units), {len(look.fractions)} look(s) in the design, "
+        f"boundary {boundary}{spent}"
+    )
+
+
+def guardrail_settings(e: Evaluation) -> str:
+    """The guardrails as configured, in one line (the report's header)."""
+    g = e.guardrail_settings
+    latency = f"p95 latency +{g.max_latency_p95_increase:.0%}"
+    if g.max_latency_p95_ms is not None:
+        latency += f" or within {g.max_latency_p95_ms:g} ms"
+    return f"error rate +{g.max_error_rate_increase:.2%}; {latency}"
+
+
+def _adjustment_line(e: Evaluation) -> str:
+    a = e.adjustment
+    assert a is not None
+    if not a.on:
+        return f"off ({a.reason})"
+    reduction = a.variance_reduction
+    return (
+        "on, the champion's prediction as covariate (cross-fitted); "
+        f"variance {-(reduction or 0.0):+.1%} against the unadjusted difference, "
+        f"slope {a.theta:.3g}, balance z {a.balance_z:+.2f}, covariate imputed for "
+        f"{a.missing_champion:.1%} / {a.missing_challenger:.1%} of rows"
+    )
+
+
 # --- HTML ------------------------------------------------------------------------------------
 
 
@@ -161,9 +218,10 @@ figure {{ margin: 1.5em 0; }} figcaption {{ color: #555; font-size: 0.9em; }}
 <p class="decision {esc(e.decision)}">{esc(e.decision.upper())}: {esc(e.reason)}</p>
 <pre>{esc(text_table(e))}</pre>
 <figure>{_series_svg(e.series, e.min_effect)}
-<figcaption>Difference in {esc(e.metric)} (positive = challenger better) with its always-valid
-{1 - e.alpha:.0%} confidence sequence as outcomes accumulated; valid at every point, so looking
-often does not inflate false promotions.</figcaption></figure>
+<figcaption>Difference in {esc(e.metric)} (positive = challenger better), unadjusted, with its
+always-valid {(1 - e.alpha * METRIC_SHARE) * 100:.4g}% confidence sequence as outcomes accumulated
+(the trajectory; valid at every point). The decision uses
+{esc(e.interval_label or "no interval yet")}.</figcaption></figure>
 <figure>{_latency_svg(e)}
 <figcaption>Predict latency per arm (share of requests per log-spaced bin).</figcaption></figure>
 </body></html>
@@ -185,8 +243,8 @@ def _series_svg(series: Sequence[SeriesPoint], min_effect: float) -> str:
     if not series:
         return "<p>No confidence sequence yet (too few outcomes).</p>"
     xs = [p.n_champion + p.n_challenger for p in series]
-    finite = [v for p in series for v in (p.lower, p.upper) if math.isfinite(v)] + [0.0]
-    y_lo, y_hi = min(finite), max(finite)
+    bounds = [v for p in series for v in (p.lower, p.upper) if math.isfinite(v)] + [0.0]
+    y_lo, y_hi = min(bounds), max(bounds)
     y_labels = (_tick(y_lo), _tick(y_hi))
     pad = _left_pad(y_labels)
     fx = _scale(min(xs), max(xs), pad, _W - 10)

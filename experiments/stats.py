@@ -39,6 +39,7 @@ __all__ = [
     "fixed_horizon_interval",
     "noninferiority_lower_bound",
     "quantile_cs_ranks",
+    "quantile_ranks",
     "sample_ratio_test",
     "sequential_srm",
     "welch_variance",
@@ -469,11 +470,27 @@ def quantile_cs_ranks(
         return 0, n + 1
     if not 0.0 < q < 1.0:
         raise ValueError(f"q must be in (0, 1), got {q}")
-    variance = q * (1.0 - q) / n
     if one_sided:
-        h = cs_halfwidth_one_sided(variance, n, planned_samples, alpha)
+        critical = cs_halfwidth_one_sided(1.0, n, planned_samples, alpha)
     else:
-        h = cs_halfwidth(variance, n, planned_samples, alpha)
+        critical = cs_halfwidth(1.0, n, planned_samples, alpha)
+    return quantile_ranks(n, q, critical)
+
+
+def quantile_ranks(n: int, q: float, critical: float) -> tuple[int, int]:
+    """1-based ranks (l, u) of the order statistics that bound the q-quantile when the share of
+    values below it is bounded by ``critical`` standard errors: |B_n/n − q| ≤ critical·√(q(1−q)/n).
+
+    The construction of :func:`quantile_cs_ranks` for any boundary (a confidence sequence's, or a
+    group-sequential look's). l < 1: no lower bound; u > n: no upper bound.
+    """
+    if n < 1:
+        return 0, n + 1
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q must be in (0, 1), got {q}")
+    if math.isinf(critical):
+        return 0, n + 1
+    h = critical * math.sqrt(q * (1.0 - q) / n)
     return math.ceil(n * (q - h)), math.floor(n * (q + h)) + 1
 
 

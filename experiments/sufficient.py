@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from experiments.covariate import CovariateFolds
 from experiments.stats import UnitMoments
 from router.logschema import RoutingMode
 
@@ -148,6 +149,9 @@ class LogSummary:
     series: tuple[SeriesSlice, ...] = ()
     first_ts: float | None = None
     cap: float | None = None  # the cap (winsorising) applied to the row metric, if any
+    # Split mode: per fold, each arm's sums with the champion's prediction as covariate (None: the
+    # log has no champion scores, or shadow mode, where pairs need no covariate).
+    covariate: CovariateFolds | None = None
 
     @property
     def empty(self) -> bool:

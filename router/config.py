@@ -26,6 +26,9 @@ Casting = Literal["mlflow", "strict"]
 NonFinite = Literal["reject", "pass"]
 MetricName = Literal["accuracy", "log_loss", "brier", "abs_error", "squared_error", "outcome"]
 METRICS: tuple[MetricName, ...] = get_args(MetricName)
+#: How the evaluator's looks are judged (experiments/looks.py): group-sequential boundaries over the
+#: information fraction (judged units / N*), or the always-valid confidence sequence.
+JudgingMethod = Literal["group_sequential", "confidence_sequence"]
 
 
 class ConfigError(ValueError):
@@ -139,6 +142,10 @@ class FeedbackSettings:
 class GuardrailSettings:
     max_error_rate_increase: float = 0.01
     max_latency_p95_increase: float = 0.10
+    # An absolute p95 budget in milliseconds: a challenger whose p95 is within it passes whatever
+    # the champion's is (null: the relative rule alone). A slower model that meets the service's
+    # latency objective is no regression worth rejecting.
+    max_latency_p95_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +168,14 @@ class ExperimentSettings:
     capping: Literal["auto", "on", "off"] = "auto"
     cap_quantile: float = 0.99
     guardrails: GuardrailSettings = field(default_factory=GuardrailSettings)
+    # group_sequential: each evaluate_and_promote run is a look, judged against alpha-spending
+    # boundaries over judged units / planned_samples (the looks are recorded in the audit runs);
+    # confidence_sequence: the always-valid sequence, for teams that look continuously or have no
+    # planned N*.
+    method: JudgingMethod = "group_sequential"
+    # auto: regression adjustment with the champion's prediction as covariate (CUPAC) when the log
+    # has it for nearly every judged row and it is balanced between arms; off: never.
+    adjustment: Literal["auto", "off"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -342,6 +357,11 @@ def _validate(s: Settings) -> None:
         g.max_latency_p95_increase >= 0,
         "experiment.guardrails.max_latency_p95_increase",
         "must be >= 0",
+    )
+    _require(
+        g.max_latency_p95_ms is None or g.max_latency_p95_ms > 0,
+        "experiment.guardrails.max_latency_p95_ms",
+        "must be > 0 or null",
     )
     _require(1 <= s.server.port <= 65535, "server.port", "must be within 1..65535")
     _require(s.server.workers >= 1, "server.workers", "must be >= 1")

@@ -93,6 +93,10 @@ predictions = sa.Table(
     sa.Column("score", sa.Float, nullable=True),  # numeric output, or positive-class probability
     sa.Column("predicted_class", sa.String(256), nullable=True),
     sa.Column("output", sa.Text, nullable=True),  # the row's raw prediction, JSON
+    # The champion's score for this row's input, whichever arm served it: the served score on
+    # champion and fallback rows, the champion scored after the response on challenger rows (NULL
+    # when that was skipped under load). The evaluator's covariate (experiments/covariate.py).
+    sa.Column("champion_score", sa.Float, nullable=True),
 )
 
 #: One assigned arm per (request_id, row_index): a request id reused by a later request that was

@@ -198,6 +198,13 @@ class RouterMetrics:
             ["reason"],
             registry=r,
         )
+        self.covariate_scorings = Counter(
+            "router_covariate_scorings",
+            "Challenger-served requests the champion scored after the response for the "
+            "evaluator's covariate, by result (scored, skipped under load, failed).",
+            ["result"],
+            registry=r,
+        )
         self.feedback = Counter(
             "router_feedback",
             "Scored rows that received an outcome, per arm and model version.",
@@ -303,6 +310,8 @@ class RouterMetrics:
         for reason in FALLBACK_REASONS:
             self.fallback.labels(reason.value)
         self.circuit_open.set(0)
+        for result in ("scored", "skipped", "failed"):
+            self.covariate_scorings.labels(result)
         for arm in Arm:
             for result in ("ok", "error"):
                 self.model_reloads.labels(arm.value, result)

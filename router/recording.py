@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,43 @@ class Recorder:
     ) -> Any:
         """A served answer: ``ok``, or ``fallback`` with its reason (``served_by`` the champion,
         ``arm_version`` the assigned arm's); returns the JSON-able body."""
+        jsonable, facts, write = self._answer(
+            request, arm, arm_version, served_by, scored, n_rows, fallback
+        )
+        # The champion's score for these inputs: the answer served when the champion served it
+        # (the covariate of challenger-served rows comes later, through answered_pending).
+        write(facts.scores if served_by.role == Arm.CHAMPION.value else None)
+        return jsonable
+
+    def answered_pending(
+        self,
+        request: RequestFacts,
+        *,
+        arm: Arm,
+        arm_version: str,
+        served_by: ModelScorer,
+        scored: Scored,
+        n_rows: int,
+        fallback: Reason | None = None,
+    ) -> tuple[Any, Callable[[Sequence[float | None] | None], None]]:
+        """As :meth:`answered`, metered now; the log rows wait for the champion's scores of the
+        same inputs (``router/covariates.py``): the returned call writes them, exactly once."""
+        jsonable, _, write = self._answer(
+            request, arm, arm_version, served_by, scored, n_rows, fallback
+        )
+        return jsonable, write
+
+    def _answer(
+        self,
+        request: RequestFacts,
+        arm: Arm,
+        arm_version: str,
+        served_by: ModelScorer,
+        scored: Scored,
+        n_rows: int,
+        fallback: Reason | None,
+    ) -> tuple[Any, RowFacts, Callable[[Sequence[float | None] | None], None]]:
+        """Meter a served answer; its JSON body, its row facts and the writer of its log rows."""
         status = RowStatus.OK if fallback is None else RowStatus.FALLBACK
         jsonable = to_jsonable(scored.prediction)
         facts = row_facts(scored.prediction, jsonable, n_rows, served_by.kind.reading)
@@ -72,8 +110,23 @@ class Recorder:
         m.observe_predict_latency(role, version, scored.latency_s)
         m.observe_scores(role, version, facts.scores)
         m.count_classes(role, version, facts.classes)
-        self._rows(request, arm, version, status, fallback, scored.latency_s, n_rows, facts)
-        return jsonable
+        now = time.time()  # when the answer was made, whenever the rows are written
+
+        def write(champion_scores: Sequence[float | None] | None) -> None:
+            self._rows(
+                request,
+                arm,
+                version,
+                status,
+                fallback,
+                scored.latency_s,
+                n_rows,
+                facts,
+                champion_scores=champion_scores,
+                ts=now,
+            )
+
+        return jsonable, facts, write
 
     def failed(
         self,
@@ -139,8 +192,13 @@ class Recorder:
         latency_s: float,
         n_rows: int,
         facts: RowFacts | None,
+        *,
+        champion_scores: Sequence[float | None] | None = None,
+        ts: float | None = None,
     ) -> None:
-        now = time.time()
+        now = time.time() if ts is None else ts
+        if champion_scores is not None and len(champion_scores) != n_rows:
+            champion_scores = None  # an output not one per row: no per-row covariate
         self._log.enqueue(
             [
                 PredictionRecord(
@@ -158,6 +216,7 @@ class Recorder:
                     score=facts.scores[i] if facts else None,
                     predicted_class=facts.classes[i] if facts else None,
                     output=facts.outputs[i] if facts else None,
+                    champion_score=champion_scores[i] if champion_scores else None,
                 )
                 for i in range(n_rows)
             ]

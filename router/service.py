@@ -37,6 +37,7 @@ import anyio
 
 from router.arms import ArmSet, ModelManager
 from router.config import Settings
+from router.covariates import CovariateScoring
 from router.errors import (
     BadRequest,
     NotReady,
@@ -134,6 +135,8 @@ class RouterService:
             on_busy=metrics.feedback_busy.inc,
         )
         self._shadow_tasks: set[asyncio.Task[None]] = set()
+        # The champion's score of challenger-served inputs, after the response (the covariate).
+        self._covariates = CovariateScoring(metrics)
 
     def describe(self) -> dict[str, Any]:
         """Scoring state for ``/experiment``: signature differences and the challenger's breaker."""
@@ -200,7 +203,7 @@ class RouterService:
         tried = await self._try_challenger(scorers, challenger, raw)
         if isinstance(tried, _Fallback):
             return await self._fallback(request, scorers, challenger, raw, tried)
-        jsonable = self._recorder.answered(
+        jsonable, write_rows = self._recorder.answered_pending(
             request,
             arm=Arm.CHALLENGER,
             arm_version=challenger.version,
@@ -208,6 +211,14 @@ class RouterService:
             scored=tried.scored,
             n_rows=tried.parsed.n_rows,
         )
+        challenger_input = tried.parsed
+
+        async def champion_input() -> ParsedInput:
+            if scorers.shared_input:
+                return challenger_input
+            return await self._conform(scorers.champion, scorers, raw)
+
+        self._covariates.start(scorers.champion, champion_input, write_rows)
         return Invocation(jsonable, Arm.CHALLENGER.value, challenger.version, request.request_id)
 
     async def _try_challenger(
@@ -456,9 +467,11 @@ class RouterService:
         )
 
     async def drain(self) -> None:
-        """Wait for shadow scoring still in flight (shutdown: everything served gets logged)."""
+        """Wait for shadow and covariate scoring still in flight (shutdown: everything served
+        gets logged)."""
         while self._shadow_tasks:
             await asyncio.gather(*list(self._shadow_tasks), return_exceptions=True)
+        await self._covariates.drain()
 
     # -- feedback -------------------------------------------------------------------------------
     async def feedback(self, items: list[FeedbackItem]) -> list[FeedbackResult]:

@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -65,3 +66,23 @@ def isolated_schema_url() -> Iterator[str]:
     """
     with postgres_schema(require_postgres(), f"test_{uuid.uuid4().hex[:16]}") as url:
         yield url
+
+
+@contextmanager
+def log_engine(backend: str, tmp_path: Path) -> Iterator[sa.Engine]:
+    """An empty prediction-log database: a SQLite file in ``tmp_path`` (``backend`` "sqlite") or an
+    isolated PostgreSQL schema (``"postgres"``); the tests that hold SQL to its Python definition
+    run on both."""
+    if backend == "sqlite":
+        engine = sa.create_engine(f"sqlite:///{tmp_path / 'log.db'}")
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+        return
+    with isolated_schema_url() as url:
+        engine = sa.create_engine(url)
+        try:
+            yield engine
+        finally:
+            engine.dispose()

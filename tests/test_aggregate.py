@@ -13,11 +13,12 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from pg import isolated_schema_url
+from pg import log_engine
 from synthlog import insert_rows
 
 from experiments.aggregate import SLICES, read_summary
@@ -142,16 +143,9 @@ def _python_summary(
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def engine(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[sa.Engine]:
-    if request.param == "sqlite":
-        eng = sa.create_engine(f"sqlite:///{tmp_path / 'log.db'}")
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
+    with log_engine(request.param, tmp_path) as eng:
         yield eng
-        eng.dispose()
-        return
-    with isolated_schema_url() as url:
-        eng = sa.create_engine(url)
-        yield eng
-        eng.dispose()
 
 
 def _approx(m: UnitMoments) -> Any:

@@ -292,7 +292,8 @@ def test_reject_ends_the_experiment_and_sticks(
     # Someone points @challenger at v2 again, and now the log says it is better: still rejected.
     client.set_registered_model_alias("churn-predictor", "challenger", "2")
     better = sqlite_url(tmp_path / "better.db")
-    write_log(better, experiment_id=EID, champion=Arm(0.70), challenger=Arm(0.80))
+    # More units than the look that rejected (a look that adds none cannot decide).
+    write_log(better, experiment_id=EID, n_requests=6000, champion=Arm(0.70), challenger=Arm(0.80))
     config = _config(registry, tmp_path, better)
     dry = _run_cli("--config", str(config), "--dry-run", "--json", "-", cwd=tmp_path)
     assert dry.returncode == 3, dry.stderr

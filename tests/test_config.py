@@ -53,6 +53,12 @@ def test_the_shipped_config_is_valid_and_matches_the_defaults() -> None:
             {"model": {"name": "m"}, "experiment": {"guardrails": {"max_error_rate": 0.1}}},
             "experiment.guardrails.max_error_rate",
         ),
+        ({"model": {"name": "m"}, "experiment": {"method": "bayes"}}, "experiment.method"),
+        ({"model": {"name": "m"}, "experiment": {"adjustment": "on"}}, "experiment.adjustment"),
+        (
+            {"model": {"name": "m"}, "experiment": {"guardrails": {"max_latency_p95_ms": 0}}},
+            "experiment.guardrails.max_latency_p95_ms",
+        ),
         ({"model": {"name": "m"}, "server": {"port": 70000}}, "server.port"),
         ({"model": {"name": "m"}, "prediction_log": "sqlite:///x.db"}, "prediction_log"),
         ({"model": {"name": "m", "champion_alias": "a", "challenger_alias": "a"}}, "model."),

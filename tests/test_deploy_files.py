@@ -64,6 +64,7 @@ COUNTERS = {
     "router_requests": {"arm", "model_version", "status"},
     "router_predicted_class": {"arm", "model_version", "class"},
     "router_fallback": {"reason"},
+    "router_covariate_scorings": {"result"},
     "router_feedback": {"arm", "model_version"},
     "router_feedback_correct": {"arm", "model_version"},
     "router_feedback_abs_error": {"arm", "model_version"},

@@ -28,6 +28,7 @@ from experiments.evaluate import (
     RegistryUnavailable,
     evaluate,
 )
+from experiments.looks import LookHistory, RecordedLook, first_look, this_look
 from experiments.promquery import read_guardrails
 from router import logschema
 from router.config import Settings
@@ -83,6 +84,30 @@ def test_slow_challenger_fails_the_latency_guardrail(
     assert not latency.passed and latency.interval is not None
     assert latency.interval.lower > 0.10
     assert "latency_p95" in ev.reason
+
+
+def test_a_slow_challenger_within_the_latency_budget_is_promoted(
+    mlflow_registry: MlflowRegistry, tmp_path: Path
+) -> None:
+    # Three times slower, but well within a 250 ms p95 budget: acceptable whatever the champion
+    # does (experiment.guardrails.max_latency_p95_ms), so the better metric decides.
+    url = sqlite_url(tmp_path / "predictions.db")
+    settings = settings_for(
+        mlflow_registry.tracking_uri,
+        url,
+        experiment={"guardrails": {"max_latency_p95_ms": 250}},
+    )
+    ev = _evaluate(
+        mlflow_registry,
+        tmp_path,
+        settings=settings,
+        champion=Arm(0.70, latency_s=0.010),
+        challenger=Arm(0.80, latency_s=0.030),
+    )
+    assert ev.decision == "promote", ev.reason
+    latency = next(g for g in ev.guardrails if g.name == "latency_p95")
+    assert latency.passed and "or a p95 within 250 ms" in latency.detail
+    assert ev.guardrail_settings.max_latency_p95_ms == 250
 
 
 def test_failing_challenger_fails_the_error_guardrail(
@@ -402,6 +427,31 @@ def test_futility_stops_with_no_worthwhile_difference() -> None:
     assert decision == "inconclusive" and reason.startswith("No worthwhile difference")
     decision, reason = _decide(_diff(-0.01, 0.01))
     assert reason.startswith("No decision yet")
+
+
+def test_the_final_analysis_ends_the_experiment() -> None:
+    history = LookHistory((RecordedLook(1, 0.5, 10_000),))
+    final = this_look("group_sequential", history, 20_500, 20_000)
+    decision, reason = _decide(_diff(-0.01, 0.02), look=final)
+    assert decision == "inconclusive"
+    assert reason.startswith("No worthwhile difference: at the final analysis (look 2")
+    # A crossing at the final analysis still decides.
+    assert _decide(_diff(0.001, 0.02), look=final)[0] == "promote"
+    later = this_look(
+        "group_sequential",
+        LookHistory((*history.looks, RecordedLook(2, 1.025, 20_500))),
+        21_000,
+        20_000,
+    )
+    decision, reason = _decide(_diff(0.001, 0.02), look=later)
+    assert decision == "inconclusive" and "no error is left to spend at look 3" in reason
+    # Before N*, keep collecting; the confidence sequence's own end is max_samples.
+    early = this_look("group_sequential", LookHistory(), 5_000, 20_000)
+    assert _decide(_diff(-0.01, 0.02), look=early)[1].startswith("No decision yet")
+    sequence = first_look("confidence_sequence", 5_000, 20_000)
+    assert _decide(_diff(-0.01, 0.02), look=sequence, units_total=100_000)[1].startswith(
+        "No worthwhile difference: 100000 units passed the maximum"
+    )
 
 
 def test_all_correct_arms_decide_nothing(mlflow_registry: MlflowRegistry, tmp_path: Path) -> None:

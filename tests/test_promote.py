@@ -139,7 +139,10 @@ def test_a_rejected_version_is_never_promoted_in_the_same_experiment(
     # Someone points @challenger at v2 again, and this time the log says it is better.
     client.set_registered_model_alias("churn-predictor", "challenger", "2")
     better_url = sqlite_url(tmp_path / "better.db")
-    write_log(better_url, experiment_id=EID, champion=Arm(0.70), challenger=Arm(0.80))
+    # More units than the look that rejected (a look that adds none cannot decide).
+    write_log(
+        better_url, experiment_id=EID, n_requests=6000, champion=Arm(0.70), challenger=Arm(0.80)
+    )
     better = settings_for(registry.tracking_uri, better_url)
     evaluation = evaluate(better, client=client, now=NOW)
     assert evaluation.decision == "promote"

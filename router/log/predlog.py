@@ -87,6 +87,7 @@ class PredictionRecord:
     score: float | None = None
     predicted_class: str | None = None
     output: str | None = None
+    champion_score: float | None = None  # the champion's score for this row's input
 
     def __post_init__(self) -> None:
         # The raw routing key (a user id) must never reach the log: refuse anything that does not
