@@ -37,7 +37,7 @@ import anyio
 
 from router.arms import ArmSet, ModelManager
 from router.config import Settings
-from router.covariates import CovariateScoring
+from router.scoring.covariates import CovariateScoring
 from router.errors import (
     BadRequest,
     NotReady,
