@@ -80,7 +80,7 @@ class Recorder:
         fallback: Reason | None = None,
     ) -> tuple[Any, Callable[[Sequence[float | None] | None], None]]:
         """As :meth:`answered`, metered now; the log rows wait for the champion's scores of the
-        same inputs (``router/scoring/covariates.py``): the returned call writes them, exactly once."""
+        same inputs (``scoring/covariates.py``): the returned call writes them, exactly once."""
         jsonable, _, write = self._answer(
             request, arm, arm_version, served_by, scored, n_rows, fallback
         )

@@ -37,7 +37,6 @@ import anyio
 
 from router.arms import ArmSet, ModelManager
 from router.config import Settings
-from router.scoring.covariates import CovariateScoring
 from router.errors import (
     BadRequest,
     NotReady,
@@ -59,6 +58,7 @@ from router.log.predlog import PredictionLog
 from router.logschema import Arm, Reason
 from router.metrics import RouterMetrics
 from router.recording import Recorder, RequestFacts
+from router.scoring.covariates import CovariateScoring
 from router.scoring.scorer import InputFault, ModelFault, ModelScorer, Scored
 from router.scoring.scorers import Scorers, ScorerSet
 from router.split import ChallengerSplit
