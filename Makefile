@@ -42,6 +42,7 @@ chaos: install
 
 simulate: install
 	$(BIN)/python -m experiments.simulate
+	$(BIN)/python -m experiments.simulate_ramp
 
 bench: install
 	$(BIN)/python -m bench.run

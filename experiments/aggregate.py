@@ -19,13 +19,15 @@ outcome) spellings in the log are few, so Python decides each pair once and SQL 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from experiments import strata
 from experiments.covariate import CovariateFolds, CovariateSums
 from experiments.stats import UnitMoments
 from experiments.sufficient import (
@@ -35,7 +37,9 @@ from experiments.sufficient import (
     ArmData,
     LatencyHistogram,
     LogSummary,
+    Period,
     SeriesSlice,
+    Stratified,
     cap_from_histogram,
 )
 from router import logschema
@@ -180,15 +184,48 @@ def _tune(conn: Connection) -> None:
         conn.exec_driver_sql(f"SET LOCAL work_mem = '{WORK_MEM_MB}MB'")
 
 
-def _shape(conn: Connection, eid: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Scope:
+    """The rows read: one experiment's, or one period's of it (those assigned under ``weight``).
+
+    Rows logged without a weight (before the column existed) count as assigned under
+    ``default_weight``, the weight that was configured then.
+    """
+
+    eid: str
+    weight: float | None = None
+    default_weight: float = 0.0
+    weights_logged: bool = True  # False: a log older than the column (every row the default's)
+
+    def weight_of(self, alias: str = "") -> str:
+        """SQL: the challenger weight a row was assigned under."""
+        return f"COALESCE({alias}challenger_weight, :dw)" if self.weights_logged else ":dw"
+
+    def where(self, alias: str = "") -> str:
+        clause = f"{alias}experiment_id = :eid"
+        if self.weight is not None:
+            clause += f" AND {self.weight_of(alias)} = :pw"
+        return clause
+
+    def params(self) -> dict[str, Any]:
+        if self.weight is None:
+            return {"eid": self.eid, "dw": self.default_weight}
+        return {"eid": self.eid, "pw": self.weight, "dw": self.default_weight}
+
+
+def _shape(conn: Connection, scope: Scope) -> dict[str, Any]:
     row = conn.execute(
         sa.text(
             "SELECT COUNT(routing_key_hash), MAX(row_index), MIN(ts), MAX(ts), "
             "SUM(CASE WHEN arm = :shadow_arm THEN 1 ELSE 0 END), "
             "SUM(CASE WHEN arm = :challenger_arm THEN 1 ELSE 0 END), COUNT(*) "
-            "FROM predictions WHERE experiment_id = :eid"
+            f"FROM predictions WHERE {scope.where()}"
         ),
-        {"eid": eid, "shadow_arm": Arm.SHADOW.value, "challenger_arm": Arm.CHALLENGER.value},
+        {
+            **scope.params(),
+            "shadow_arm": Arm.SHADOW.value,
+            "challenger_arm": Arm.CHALLENGER.value,
+        },
     ).one()
     keyed, max_row, first, last, shadow, challenger, total = row
     return {
@@ -215,10 +252,10 @@ def _moments(prefix: str, r: Mapping[str, Any]) -> UnitMoments:
 
 
 def _requests(
-    conn: Connection, eid: str, arms: Sequence[str], unit: str | None
+    conn: Connection, scope: Scope, arms: Sequence[str], unit: str | None
 ) -> dict[str, dict[str, Any]]:
     """Per arm: requests, client errors, fallbacks, units and the fault moments (row 0 rows)."""
-    params: dict[str, Any] = {"eid": eid, "client": RowStatus.CLIENT_ERROR.value}
+    params: dict[str, Any] = {**scope.params(), "client": RowStatus.CLIENT_ERROR.value}
     arm_in = _in_list("arm", arms, params)
     faults_in = _in_list("fault", sorted(r.value for r in MODEL_FAULTS), params)
     params["fallback"] = RowStatus.FALLBACK.value
@@ -228,7 +265,7 @@ def _requests(
         f"CASE WHEN status <> :client AND reason IN {faults_in} THEN 1 ELSE 0 END AS f, "
         "CASE WHEN status = :client THEN 1 ELSE 0 END AS ce, "
         "CASE WHEN status = :fallback THEN 1 ELSE 0 END AS fb "
-        f"FROM predictions WHERE experiment_id = :eid AND row_index = 0 AND arm IN {arm_in}"
+        f"FROM predictions WHERE {scope.where()} AND row_index = 0 AND arm IN {arm_in}"
     )
     if unit is None:  # every request its own unit: x = f, y = r per unit
         sql = (
@@ -247,9 +284,9 @@ def _requests(
     return {r["arm"]: dict(r) for r in conn.execute(sa.text(sql), params).mappings()}
 
 
-def _latencies(conn: Connection, eid: str, arms: Sequence[str]) -> dict[str, LatencyHistogram]:
+def _latencies(conn: Connection, scope: Scope, arms: Sequence[str]) -> dict[str, LatencyHistogram]:
     params: dict[str, Any] = {
-        "eid": eid,
+        **scope.params(),
         "ok": RowStatus.OK.value,
         "base": LATENCY_BASE_S,
         "lnr": math.log(LATENCY_RATIO),
@@ -262,7 +299,7 @@ def _latencies(conn: Connection, eid: str, arms: Sequence[str]) -> dict[str, Lat
     )
     rows = (
         "SELECT CAST(FLOOR(LN(latency_s / :base) / :lnr) AS INTEGER) AS b, arm "
-        f"FROM predictions WHERE experiment_id = :eid AND row_index = 0 AND arm IN {arm_in} "
+        f"FROM predictions WHERE {scope.where()} AND row_index = 0 AND arm IN {arm_in} "
         f"AND status = :ok AND latency_s > 0{_unflattened(conn)}"
     )
     sql = f"SELECT b, {per_arm} FROM ({rows}) t GROUP BY b"
@@ -275,6 +312,7 @@ def _latencies(conn: Connection, eid: str, arms: Sequence[str]) -> dict[str, Lat
 
 
 def _judged_rows(
+    scope: Scope,
     mode: RoutingMode,
     metric: MetricName,
     pairs: Sequence[tuple[str, str]],
@@ -300,10 +338,11 @@ def _judged_rows(
         params["arm_c"], params["arm_t"] = Arm.CHAMPION.value, Arm.CHALLENGER.value
         return (
             f"SELECT p.arm AS arm, {unit.format(a='p')} AS unit, {slice_.format(a='p')} AS slice, "
-            f"{value('p')} AS v, CASE WHEN {counted.format(a='p')} THEN 1 ELSE 0 END AS c"
+            f"{value('p')} AS v, CASE WHEN {counted.format(a='p')} THEN 1 ELSE 0 END AS c, "
+            f"{scope.weight_of('p.')} AS w"  # the period (experiments/strata.py)
             + (f", {_covariate_sql(metric, 'p')} AS g " if covariate else " ")
             + f"FROM predictions p {join.format(a='p')} "
-            f"WHERE p.experiment_id = :eid AND p.arm IN (:arm_c, :arm_t) "
+            f"WHERE {scope.where('p.')} AND p.arm IN (:arm_c, :arm_t) "
             f"AND p.status IN {served} AND p.ts <= :cutoff"
         )
     # Shadow: the same rows scored by both; judged as pairs ("diff" = shadow − champion).
@@ -315,7 +354,7 @@ def _judged_rows(
         "FROM predictions p JOIN predictions s ON s.request_id = p.request_id "
         "AND s.row_index = p.row_index AND s.arm = :arm_s "
         f"{join.format(a='p')} "
-        f"WHERE p.experiment_id = :eid AND p.arm = :arm_c AND p.status IN {served} "
+        f"WHERE {scope.where('p.')} AND p.arm = :arm_c AND p.status IN {served} "
         f"AND s.status IN {served} AND p.ts <= :cutoff"
     )
     both = "CASE WHEN v1 IS NOT NULL AND v2 IS NOT NULL THEN {e} END"
@@ -382,7 +421,7 @@ def _cap(conn: Connection, judged: str, q: float, params: dict[str, Any]) -> flo
 
 def _unit_pass(
     conn: Connection,
-    eid: str,
+    scope: Scope,
     arms: Sequence[str],
     metric: MetricName,
     pairs: Sequence[tuple[str, str]],
@@ -421,7 +460,7 @@ def _unit_pass(
         f"CASE WHEN {matured} THEN CAST(FLOOR((p.ts - :t0) / :width) AS INTEGER) END AS ms, "
         f"{flags} AS k, CASE WHEN {matured} AND {counted} THEN {v} END AS v{g} "
         "FROM predictions p LEFT JOIN outcomes o ON o.request_id = p.request_id "
-        f"AND o.row_index = p.row_index WHERE p.experiment_id = :eid AND p.arm IN {arm_in}"
+        f"AND o.row_index = p.row_index WHERE {scope.where('p.')} AND p.arm IN {arm_in}"
     )
     rows += _unflattened(conn)
     # One sort by unit (unit first: SQLite's sorter settles most comparisons on the leading key
@@ -466,16 +505,26 @@ def read_summary(
     cutoff: float,
     window_s: float,
     cap_quantile: float | None,
+    default_weight: float,
+    current_weight: float | None = None,
 ) -> LogSummary:
-    """Sufficient statistics of experiment ``eid``: predictions up to ``cutoff`` are matured."""
+    """Sufficient statistics of experiment ``eid``: predictions up to ``cutoff`` are matured.
+
+    In split mode, also per period of one challenger weight (``default_weight`` for rows logged
+    without one); with several, each period is read on its own and the metric is combined over
+    them (:mod:`experiments.strata`). ``current_weight``: the split in force, whose period the
+    guardrails judge (default: the period of the latest row).
+    """
     _tune(conn)
-    shape = _shape(conn, eid)
+    columns = sa.inspect(conn).get_columns(logschema.predictions.name)
+    logged = any(c["name"] == logschema.predictions.c.challenger_weight.name for c in columns)
+    whole = Scope(eid, default_weight=default_weight, weights_logged=logged)
+    shape = _shape(conn, whole)
     mode: RoutingMode | None
     if shape["shadow_rows"] and shape["challenger_rows"]:
         mode = None
     else:
         mode = RoutingMode.SHADOW if shape["shadow_rows"] else RoutingMode.SPLIT
-    arms = [Arm.CHAMPION.value, challenger_arm(mode).value]
     keyed = shape["keyed"]
     # Every row keyed: the key alone is the unit (the same groups as the COALESCE), and
     # PostgreSQL's statistics on the column then size the per-unit aggregation right (for the
@@ -489,42 +538,219 @@ def read_summary(
         if keyed
         else ("{a}.request_id" if shape["multi_row"] else "NULL")
     )
-    req_unit = None if unit_sql == "NULL" else unit_sql.format(a="predictions")
-    latency = _latencies(conn, eid, arms)
-    cells: list[Any] = []
-    cap: float | None = None
-    first, last = shape["first_ts"], shape["last_ts"]
-    by_unit = mode == RoutingMode.SPLIT and req_unit is not None
-    if not (by_unit and first is not None and first <= cutoff):
-        requests = _requests(conn, eid, arms, req_unit)
-    if mode is not None and first is not None and first <= cutoff:
-        pairs = label_pairs(conn, eid) if metric == "accuracy" else []
-        width = max((min(last, cutoff) - first) / SLICES, 1e-9) * (1 + 1e-9)
-        params: dict[str, Any] = {
-            "eid": eid,
-            "cutoff": cutoff,
-            "window": window_s,
+    reader = _Reader(conn, mode, shape, unit_sql, metric, cutoff, window_s)
+    periods = _periods(conn, whole) if mode == RoutingMode.SPLIT else []
+    if len(periods) <= 1:
+        summary = reader.read(whole, shape, cap_quantile, None)
+        if not periods:
+            return summary
+        weight, first, last = periods[0]
+        period = Period(weight, summary.champion, summary.challenger, first, last)
+        return replace(summary, periods=(period,), current=_current([period], current_weight))
+    cap = reader.cap(whole, cap_quantile) if cap_quantile is not None else None
+    parts = []
+    for weight, first, last in periods:
+        scope = replace(whole, weight=weight)
+        part = reader.read(scope, {**shape, "first_ts": first, "last_ts": last}, None, cap)
+        parts.append(Period(weight, part.champion, part.challenger, first, last))
+    arms = [Arm.CHAMPION.value, Arm.CHALLENGER.value]
+    requests = _requests(conn, whole, arms, reader.request_unit)  # units: distinct over periods
+    champion, challenger = (
+        _pooled(arm, [getattr(p, arm) for p in parts], requests.get(arm, {})) for arm in arms
+    )
+    return LogSummary(
+        mode=mode,
+        keyed=keyed,
+        champion=champion,
+        challenger=challenger,
+        first_ts=shape["first_ts"],
+        cap=cap,
+        periods=tuple(parts),
+        current=_current(parts, current_weight),
+        stratified=_stratified(reader, whole, parts, cap),
+    )
+
+
+def _periods(conn: Connection, scope: Scope) -> list[tuple[float, float, float]]:
+    """(weight, first ts, last ts) of each challenger weight the experiment's rows were assigned
+    under, in order of first appearance."""
+    params = scope.params()
+    params["arm_c"], params["arm_t"] = Arm.CHAMPION.value, Arm.CHALLENGER.value
+    sql = (
+        "SELECT w, MIN(ts) AS first, MAX(ts) AS last FROM (SELECT "
+        f"{scope.weight_of()} AS w, ts FROM predictions "
+        f"WHERE {scope.where()} AND arm IN (:arm_c, :arm_t)) t GROUP BY w ORDER BY first"
+    )
+    return [(float(w), float(a), float(b)) for w, a, b in conn.execute(sa.text(sql), params)]
+
+
+def _current(parts: Sequence[Period], weight: float | None) -> int | None:
+    if weight is None:
+        return max(range(len(parts)), key=lambda i: parts[i].last_ts or 0.0)
+    found = [i for i, p in enumerate(parts) if p.weight == weight]
+    return found[0] if found else None
+
+
+def _pooled(arm: str, data: Sequence[ArmData], requests: Mapping[str, Any]) -> ArmData:
+    """An arm over all periods: counts and sums add up; units and the fault moments are read
+    over the whole experiment (a unit active in two periods is one unit)."""
+    zero = UnitMoments.zero()
+    return ArmData(
+        requests=int(requests.get("requests") or 0),
+        client_errors=int(requests.get("ce") or 0),
+        fallbacks=int(requests.get("fb") or 0),
+        units=int(requests.get("units") or 0),
+        faults=_moments("f", requests) if requests else zero,
+        coverage=sum((d.coverage for d in data), zero),
+        metric=sum((d.metric for d in data), zero),
+        skipped=sum(d.skipped for d in data),
+        latency=LatencyHistogram(dict(sum((Counter(d.latency.counts) for d in data), Counter()))),
+    )
+
+
+def _stratified(
+    reader: _Reader, whole: Scope, parts: Sequence[Period], cap: float | None
+) -> Stratified | None:
+    """The metric combined over periods: the standardised means from the periods' sums, their
+    variances from one pass over units (each unit's influence summed over its rows)."""
+    plan = strata.plan(parts)
+    if plan is None:
+        return None
+    sums = reader.influence_sums(whole, plan, cap)
+    return strata.combine(plan, sums)
+
+
+class _Reader:
+    """One experiment's reads, shared by its periods (the unit and the label pairs are the
+    experiment's, whichever period is read)."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        mode: RoutingMode | None,
+        shape: Mapping[str, Any],
+        unit_sql: str,
+        metric: MetricName,
+        cutoff: float,
+        window_s: float,
+    ) -> None:
+        self.conn = conn
+        self.mode = mode
+        self.shape = shape
+        self.unit_sql = unit_sql
+        self.metric = metric
+        self.cutoff = cutoff
+        self.window_s = window_s
+        self.arms = [Arm.CHAMPION.value, challenger_arm(mode).value]
+        self.request_unit = None if unit_sql == "NULL" else unit_sql.format(a="predictions")
+        self.unit_rows = unit_sql if unit_sql != "NULL" else "{a}.request_id"
+        self._pairs: list[tuple[str, str]] | None = None
+        self.champion_scores = has_champion_scores(conn)
+
+    def pairs(self, scope: Scope) -> list[tuple[str, str]]:
+        if self._pairs is None:
+            self._pairs = label_pairs(self.conn, scope.eid) if self.metric == "accuracy" else []
+        return self._pairs
+
+    def params(self, scope: Scope, first: float, last: float) -> dict[str, Any]:
+        width = max((min(last, self.cutoff) - first) / SLICES, 1e-9) * (1 + 1e-9)
+        return {
+            **scope.params(),
+            "cutoff": self.cutoff,
+            "window": self.window_s,
             "t0": first,
             "width": width,
         }
-        unit_rows = unit_sql if unit_sql != "NULL" else "{a}.request_id"
-        if cap_quantile is not None:
-            judged = _judged_rows(mode, metric, pairs, unit_rows, None, params)
-            cap = _cap(conn, judged, cap_quantile, params)
-        # The covariate (the champion's score of each row's input): split mode, when logged.
-        cov = mode == RoutingMode.SPLIT and has_champion_scores(conn)
-        if by_unit:
-            requests, cells = _unit_pass(
-                conn, eid, arms, metric, pairs, unit_rows, cap, params, covariate=cov
-            )
-        else:
-            judged = _judged_rows(mode, metric, pairs, unit_rows, cap, params, covariate=cov)
-            cells = _metric_cells(conn, judged, keyed or shape["multi_row"], params, cov)
-        summary = _summarise(mode, keyed, arms, requests, latency, cells, first, width, cap)
-        if cov:
-            summary = replace(summary, covariate=covariate_folds(cells, arms))
-        return summary
-    return _summarise(mode, keyed, arms, requests, latency, cells, first, 0.0, cap)
+
+    def cap(self, scope: Scope, quantile: float) -> float | None:
+        first, last = self.shape["first_ts"], self.shape["last_ts"]
+        if self.mode is None or first is None or first > self.cutoff:
+            return None
+        params = self.params(scope, first, last)
+        judged = _judged_rows(
+            scope, self.mode, self.metric, self.pairs(scope), self.unit_rows, None, params
+        )
+        return _cap(self.conn, judged, quantile, params)
+
+    def read(
+        self,
+        scope: Scope,
+        shape: Mapping[str, Any],
+        cap_quantile: float | None,
+        cap: float | None,
+    ) -> LogSummary:
+        """The summary of ``scope``'s rows; the cap computed at ``cap_quantile``, else ``cap``."""
+        conn, mode, arms, metric = self.conn, self.mode, self.arms, self.metric
+        keyed = self.shape["keyed"]
+        latency = _latencies(conn, scope, arms)
+        cells: list[Any] = []
+        first, last = shape["first_ts"], shape["last_ts"]
+        by_unit = mode == RoutingMode.SPLIT and self.request_unit is not None
+        if not (by_unit and first is not None and first <= self.cutoff):
+            requests = _requests(conn, scope, arms, self.request_unit)
+        if mode is not None and first is not None and first <= self.cutoff:
+            pairs = self.pairs(scope)
+            params = self.params(scope, first, last)
+            unit_rows = self.unit_rows
+            if cap_quantile is not None:
+                judged = _judged_rows(scope, mode, metric, pairs, unit_rows, None, params)
+                cap = _cap(conn, judged, cap_quantile, params)
+            # The covariate (the champion's score of each row's input): split mode, when logged.
+            cov = mode == RoutingMode.SPLIT and self.champion_scores
+            if by_unit:
+                requests, cells = _unit_pass(
+                    conn, scope, arms, metric, pairs, unit_rows, cap, params, covariate=cov
+                )
+            else:
+                judged = _judged_rows(
+                    scope, mode, metric, pairs, unit_rows, cap, params, covariate=cov
+                )
+                multi = keyed or self.shape["multi_row"]
+                cells = _metric_cells(conn, judged, multi, params, cov)
+            width = params["width"]
+            summary = _summarise(mode, keyed, arms, requests, latency, cells, first, width, cap)
+            if cov:
+                summary = replace(summary, covariate=covariate_folds(cells, arms))
+            return summary
+        return _summarise(mode, keyed, arms, requests, latency, cells, first, 0.0, cap)
+
+    def influence_sums(self, scope: Scope, plan: strata.Plan, cap: float | None) -> strata.Sums:
+        """One pass over units: Σ z_T², Σ z_C², Σ z_T·z_C and the units of each arm, where a
+        unit's z sums ``plan``'s coefficient × (row metric − its period's mean) over its rows."""
+        first, last = self.shape["first_ts"], self.shape["last_ts"]
+        params = self.params(scope, first, last)
+        judged = _judged_rows(
+            scope, RoutingMode.SPLIT, self.metric, self.pairs(scope), self.unit_rows, cap, params
+        )
+
+        def z(arm: Arm, cells: Sequence[strata.Cell]) -> str:
+            whens = []
+            for i, cell in enumerate(cells):
+                key = f"{'t' if arm is Arm.CHALLENGER else 'c'}{i}"
+                params[f"w_{key}"], params[f"c_{key}"], params[f"m_{key}"] = (
+                    cell.weight,
+                    cell.coefficient,
+                    cell.mean,
+                )
+                whens.append(f"WHEN j.w = :w_{key} THEN :c_{key} * (j.v - :m_{key})")
+            params[f"arm_{arm.value}"] = arm.value
+            cases = " ".join(whens) or "WHEN 1 = 0 THEN 0"
+            return f"CASE WHEN j.arm = :arm_{arm.value} THEN CASE {cases} END END"
+
+        rows = (
+            f"SELECT j.unit AS unit, {z(Arm.CHALLENGER, plan.challenger)} AS zt, "
+            f"{z(Arm.CHAMPION, plan.champion)} AS zc FROM ({judged}) j WHERE j.v IS NOT NULL"
+        )
+        sql = (
+            "SELECT SUM(zt * zt), SUM(zc * zc), SUM(zt * zc), "
+            "SUM(CASE WHEN nt > 0 THEN 1 ELSE 0 END), SUM(CASE WHEN nc > 0 THEN 1 ELSE 0 END), "
+            "COUNT(*) FROM (SELECT unit, COALESCE(SUM(zt), 0) AS zt, COALESCE(SUM(zc), 0) AS zc, "
+            f"COUNT(zt) AS nt, COUNT(zc) AS nc FROM ({rows}) r GROUP BY unit) u"
+        )
+        tt, cc, tc, nt, nc, n = self.conn.execute(sa.text(sql), params).one()
+        return strata.Sums(
+            float(tt or 0.0), float(cc or 0.0), float(tc or 0.0), int(nt or 0), int(nc or 0), int(n)
+        )
 
 
 def _summarise(

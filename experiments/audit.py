@@ -9,21 +9,12 @@ the same experiment reads those records here (:func:`read_looks`) to rebuild its
 
 from __future__ import annotations
 
-import sqlalchemy as sa
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from experiments.looks import LookHistory, RecordedLook, parse_record
-from router.errors import RegistryUnavailable
+from router.changes import TAG_PREFIX, tracking_experiment_name, translated
 
 __all__ = ["TAG_PREFIX", "read_looks", "tracking_experiment_name"]
-
-TAG_PREFIX = "champion_challenger."
-
-
-def tracking_experiment_name(model_name: str) -> str:
-    """The MLflow experiment that holds a registered model's evaluation and rollback runs."""
-    return f"champion-challenger/{model_name}"
 
 
 def read_looks(
@@ -32,7 +23,7 @@ def read_looks(
     """The looks recorded by earlier evaluations of ``experiment_id`` (their fractions over
     ``planned``, this evaluation's N*). An unreadable trail is an error, never an empty history:
     a look that cannot see the earlier ones would spend their α again."""
-    try:
+    with translated(f"reading the looks of {experiment_id!r} from the audit runs"):
         found = client.get_experiment_by_name(tracking_experiment_name(model_name))
         if found is None:
             return LookHistory()
@@ -45,7 +36,11 @@ def read_looks(
         while True:
             page = client.search_runs([found.experiment_id], query, page_token=token)
             for run in page:
+                # Only evaluations look at the data: a split change of the same experiment
+                # (router.splitrecord) is in the same trail, with no decision.
                 if run.data.params.get("experiment_id") != experiment_id:
+                    continue
+                if f"{TAG_PREFIX}decision" not in run.data.tags:
                     continue
                 record = parse_record(run.data.params, run.data.metrics, planned)
                 if isinstance(record, RecordedLook):
@@ -55,12 +50,4 @@ def read_looks(
             token = page.token
             if not token:
                 break
-    except MlflowException as exc:
-        raise RegistryUnavailable(
-            f"reading the looks of {experiment_id!r} from the audit runs: {exc.message}"
-        ) from exc
-    except (sa.exc.SQLAlchemyError, OSError) as exc:
-        raise RegistryUnavailable(
-            f"reading the looks of {experiment_id!r} from the audit runs: {exc}"
-        ) from exc
     return LookHistory(tuple(looks), tuple(unrecorded))

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, redirect_stdout
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from experiments.decision import Decision
 from experiments.evaluate import (
     AliasSnapshot,
+    Evaluation,
     EvaluationError,
     evaluate,
     make_client,
@@ -42,7 +41,7 @@ from router.config import (
 )
 from router.errors import PredictionLogUnavailable, RegistryUnavailable
 from router.redact import redact
-from router.registryfault import FAIL_FAST_HTTP, describe
+from router.registryfault import describe, fail_fast_http, stdout_reserved
 
 #: The exit code of each decision. 2 is argparse's (bad arguments) and a bad configuration's.
 EXIT_CODES: Mapping[Decision, int] = {"promote": 0, "reject": 3, "inconclusive": 4, "invalid": 5}
@@ -50,14 +49,24 @@ EXIT_ERROR = 1
 #: No ``@challenger`` (nothing is being tested, e.g. after a promotion or a rejection): a normal
 #: state for a scheduled run, distinct from every decision; a CronJob treats it as success.
 EXIT_NO_EXPERIMENT = 6
+#: A ramp moved to its next stage (experiment.ramp): the experiment goes on at a higher weight.
+EXIT_ADVANCED = 7
 #: Codes a scheduler should treat as a successful run; 1 (error) and 5 (invalid) need a person.
-NORMAL_EXIT_CODES = frozenset({0, 3, 4, EXIT_NO_EXPERIMENT})
+NORMAL_EXIT_CODES = frozenset({0, 3, 4, EXIT_NO_EXPERIMENT, EXIT_ADVANCED})
 
 STDOUT = "-"
 
 
 def exit_code(decision: Decision) -> int:
     return EXIT_CODES[decision]
+
+
+def evaluation_exit_code(evaluation: Evaluation) -> int:
+    """The decision's code, or ``EXIT_ADVANCED`` when a ramp moves on (a real run and a dry run
+    alike)."""
+    if evaluation.ramp is not None and evaluation.ramp.action == "advance":
+        return EXIT_ADVANCED
+    return exit_code(evaluation.decision)
 
 
 def _fail(prog: str, message: str) -> int:
@@ -69,38 +78,11 @@ def _say(line: str, code: int) -> int:
     return code
 
 
-@contextmanager
-def _fail_fast_http() -> Iterator[None]:
-    """MLflow's HTTP retries as the router sets them (:data:`FAIL_FAST_HTTP`): a registry that is
-    down fails in seconds; the next scheduled run tries again. A value set by the user wins."""
-    added = [key for key in FAIL_FAST_HTTP if key not in os.environ]
-    os.environ.update({key: FAIL_FAST_HTTP[key] for key in added})
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
-
-
-@contextmanager
-def _stdout_reserved() -> Iterator[TextIO]:
-    """Yield the real stdout, and send every other write to ``sys.stdout`` to stderr meanwhile.
-
-    The CLI's stdout is a contract (the table, or with ``--json -`` one JSON document), but
-    MLflow's client writes "View run ... / View experiment at: ..." to ``sys.stdout`` whenever a
-    run on an HTTP tracking server ends, and any library may print. Only what the CLI writes to
-    the stream yielded here reaches stdout; the rest still reaches the person, on stderr.
-    """
-    stdout = sys.stdout
-    with redirect_stdout(sys.stderr):
-        yield stdout
-
-
 def _guarded(prog: str, debug: bool, run: Callable[[TextIO], int]) -> int:
     """The outermost layer: every failure becomes one line on stderr and exit 1 (2 for a bad
     configuration)."""
     try:
-        with _fail_fast_http(), _stdout_reserved() as stdout:
+        with fail_fast_http(), stdout_reserved() as stdout:
             return run(stdout)
     except ConfigError as exc:
         return _say(config_error_line(prog, exc), EXIT_BAD_CONFIG)
@@ -122,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Judge the champion/challenger experiment; promote the challenger if it is "
         "better, end the experiment if it is worse (sequential statistics: each run is a look, "
         "safe to run every hour). Exit codes: 0 promoted, 3 rejected, 4 inconclusive, 5 invalid, "
-        f"{EXIT_NO_EXPERIMENT} no experiment running (no @challenger), 1 error, "
+        f"{EXIT_NO_EXPERIMENT} no experiment running (no @challenger), {EXIT_ADVANCED} a ramp "
+        "advanced to its next stage, 1 error, "
         f"{EXIT_BAD_CONFIG} bad arguments or configuration.",
     )
     parser.add_argument(
@@ -188,14 +171,15 @@ def _run(args: argparse.Namespace, human: TextIO, stdout: TextIO) -> int:
     evaluation = evaluate(settings, client=client, aliases=aliases)
     # A version rejected in this experiment stays rejected: dry runs report it too.
     evaluation = sticky_rejection(client, settings, evaluation)
-    code = exit_code(evaluation.decision)
+    code = evaluation_exit_code(evaluation)
     print(text_table(evaluation), file=human)
-    print(f"exit code {code} ({evaluation.decision})", file=human)
+    outcome = "ramp advanced" if code == EXIT_ADVANCED else evaluation.decision
+    print(f"exit code {code} ({outcome})", file=human)
     if args.report is not None:
         write_html(evaluation, args.report)
     result: ActionResult | None = None
     if args.dry_run:
-        print(f"dry run: {_would(evaluation.decision)}; nothing written to MLflow.", file=human)
+        print(f"dry run: {_would(evaluation)}; nothing written to MLflow.", file=human)
     else:
         with tempfile.TemporaryDirectory(prefix="evaluation-") as tmp:
             artifacts = [Path(tmp) / "evaluation.json", Path(tmp) / "report.html"]
@@ -234,7 +218,10 @@ def _no_experiment(
     return EXIT_NO_EXPERIMENT
 
 
-def _would(decision: Decision) -> str:
+def _would(evaluation: Evaluation) -> str:
+    decision, ramp = evaluation.decision, evaluation.ramp
+    if ramp is not None and ramp.action == "advance":
+        return f"would move the split to the next stage's weight {ramp.next_weight:g}"
     if decision == "promote":
         return "would promote"
     if decision == "reject":

@@ -265,13 +265,13 @@ def difference(
     )
 
 
-def _cs_look(planned_samples: int) -> Look:
+def always_valid_look(planned_samples: int) -> Look:
     return Look("confidence_sequence", 1, 0, planned_samples)
 
 
 def arm_interval(arm: stats.Estimate, planned_samples: int, alpha: float) -> stats.Interval:
     """An always-valid interval for one arm's mean (the same confidence sequence, one sample)."""
-    return arm_interval_at(arm, _cs_look(planned_samples), alpha)
+    return arm_interval_at(arm, always_valid_look(planned_samples), alpha)
 
 
 def arm_interval_at(arm: stats.Estimate, look: Look, alpha: float) -> stats.Interval:
@@ -290,7 +290,7 @@ def split_difference(
 ) -> Difference:
     """Two independent samples of units, with the always-valid confidence sequence."""
     d = raw_difference(champion, challenger)
-    return difference(d, _cs_look(planned_samples), alpha, higher_is_better)
+    return difference(d, always_valid_look(planned_samples), alpha, higher_is_better)
 
 
 def paired_difference(
@@ -302,7 +302,7 @@ def paired_difference(
 ) -> Difference:
     """Shadow mode's paired difference (:func:`paired_estimate`), with the confidence sequence."""
     d = paired_estimate(differences, champion_mean)
-    return difference(d, _cs_look(planned_samples), alpha, higher_is_better)
+    return difference(d, always_valid_look(planned_samples), alpha, higher_is_better)
 
 
 def _confidence(alpha: float) -> str:

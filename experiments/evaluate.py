@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from experiments import ramp
 from experiments.aggregate import MetricUnusable, read_summary
 from experiments.audit import read_looks
 from experiments.decision import CAPPED_BY_DEFAULT
@@ -32,6 +33,7 @@ from router.errors import PredictionLogUnavailable, RegistryUnavailable, RouterE
 from router.logschema import serves_challenger
 from router.registry import model_not_found, probe_database
 from router.registryfault import registry_unavailable
+from router.splitrecord import Split, SplitTagInvalid, read_split
 
 # AliasSnapshot and Evaluation live in experiments.judge; they are this module's inputs and output.
 # RegistryUnavailable and PredictionLogUnavailable are the router's (router.errors): one definition
@@ -47,6 +49,7 @@ __all__ = [
     "no_experiment_reason",
     "plan",
     "read_aliases",
+    "read_split_in_force",
 ]
 
 
@@ -100,6 +103,16 @@ def no_experiment_reason(settings: Settings, aliases: AliasSnapshot) -> str | No
     )
 
 
+def read_split_in_force(
+    client: MlflowClient, settings: Settings, champion: str, challenger: str
+) -> Split:
+    """The split of record of the experiment (``router/splitrecord.py``), as routers serve it."""
+    try:
+        return read_split(client, settings, champion, challenger)
+    except SplitTagInvalid as exc:
+        raise EvaluationError(str(exc)) from exc
+
+
 def _require_sqlite_file(url: str, what: str, error: type[RouterError]) -> None:
     prefix = "sqlite:///"
     if url.startswith(prefix) and ":memory:" not in url:
@@ -114,7 +127,9 @@ def _cap_quantile(settings: Settings) -> float | None:
     return exp.cap_quantile if on else None
 
 
-def _load(settings: Settings, eid: str, cutoff: float) -> tuple[LogSummary, str | None]:
+def _load(
+    settings: Settings, eid: str, cutoff: float, split: Split | None
+) -> tuple[LogSummary, str | None]:
     """The experiment's sufficient statistics, and why there are none (ids the log does have)."""
     url = settings.prediction_log.url
     exp = settings.experiment
@@ -140,6 +155,9 @@ def _load(settings: Settings, eid: str, cutoff: float) -> tuple[LogSummary, str 
                 cutoff=cutoff,
                 window_s=exp.outcome_window_s,
                 cap_quantile=_cap_quantile(settings),
+                # Rows logged before the weight was: the weight configured then.
+                default_weight=settings.routing.challenger_weight,
+                current_weight=None if split is None else split.challenger_weight,
             )
             missing = None
             if summary.empty:
@@ -183,8 +201,11 @@ def evaluate(
     client: MlflowClient | None = None,
     now: float | None = None,
     aliases: AliasSnapshot | None = None,
+    split: Split | None = None,
 ) -> Evaluation:
-    """Evaluate the experiment behind the current aliases (or ``aliases``, when given).
+    """Evaluate the experiment behind the current aliases (or ``aliases``, when given), at the
+    split in force (the registry's, or ``split`` when given); with ``experiment.ramp``, the
+    evaluation also says where the ramp stands and what to do with it (experiments/ramp.py).
 
     Raises :class:`RegistryUnavailable` or :class:`PredictionLogUnavailable` when the registry
     or the prediction log cannot be read, :class:`EvaluationError` when the log's figures cannot
@@ -204,7 +225,9 @@ def evaluate(
     served = None if no_experiment is not None else snapshot.challenger
     eid = logschema.experiment_id(name, snapshot.champion, served)
     cutoff = now - exp.outcome_window_s
-    summary, missing = _load(settings, eid, cutoff)
+    if split is None and served is not None:
+        split = read_split_in_force(registry, settings, snapshot.champion, served)
+    summary, missing = _load(settings, eid, cutoff, split)
     # Each "nothing to judge" reason is decided once: no experiment here, an empty log in _load
     # (naming the ids the log does have), mixed modes and overflows in judge.
     no_data = no_experiment or missing
@@ -214,6 +237,9 @@ def evaluate(
     evaluation = judge(
         settings, snapshot, eid, summary, now=now, no_data_reason=no_data, looks=history
     )
+    evaluation = replace(evaluation, split=split)
+    if exp.ramp and split is not None and no_data is None:
+        evaluation = ramp.step(settings, split, evaluation, summary, now)
     if settings.prometheus.url and evaluation.started_at is not None:
         prom = read_guardrails(
             settings.prometheus.url,
@@ -248,7 +274,12 @@ def plan(
             f"registered model {name!r} has no @{settings.model.champion_alias} alias"
         )
     eid = logschema.experiment_id(name, snapshot.champion, snapshot.challenger)
-    summary, _ = _load(settings, eid, now - exp.outcome_window_s)
+    split = (
+        None
+        if snapshot.challenger is None
+        else read_split_in_force(registry, settings, snapshot.champion, snapshot.challenger)
+    )
+    summary, _ = _load(settings, eid, now - exp.outcome_window_s, split)
     history = read_looks(registry, name, eid, exp.planned_samples)
     elapsed_days = (now - summary.first_ts) / 86_400.0 if summary.first_ts is not None else 0.0
     looks_done = len(history.looks) + len(history.unrecorded)

@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from experiments import stats
+from experiments import stats, strata
 from experiments.covariate import AdjustmentResult, adjust
 from experiments.decision import (
     BINARY_METRICS,
@@ -33,12 +33,14 @@ from experiments.decision import (
     HIGHER_IS_BETTER,
     METRIC_SHARE,
     VALIDITY_THRESHOLD,
+    ArmEstimate,
     Check,
     Decision,
     Difference,
     DifferenceEstimate,
     GuardrailResult,
     adjusted_estimate,
+    always_valid_look,
     arm_estimate,
     arm_interval_at,
     coverage_check,
@@ -56,9 +58,11 @@ from experiments.decision import (
 )
 from experiments.looks import Look, LookHistory, LookReport, this_look
 from experiments.promquery import PrometheusGuardrails
+from experiments.ramp import RampStage
 from experiments.sufficient import ArmData, LatencyHistogram, LogSummary
 from router.config import GuardrailSettings, JudgingMethod, MetricName, Settings
 from router.logschema import Arm, RoutingMode, challenger_arm
+from router.splitrecord import Split
 
 _HIST_BINS = 30
 
@@ -155,6 +159,11 @@ class Evaluation:
     adjustment: AdjustmentResult | None = None  # split mode: the covariate adjustment's verdict
     guardrail_settings: GuardrailSettings = field(default_factory=GuardrailSettings)
     interval_label: str = ""  # how the metric's intervals were computed (level, method, look)
+    # The split's periods (one per challenger weight, experiments/strata.py) and, with
+    # experiment.ramp, where the ramp stands (experiments/ramp.py, set by evaluate).
+    periods: tuple[strata.PeriodFigures, ...] = ()
+    ramp: RampStage | None = None
+    split: Split | None = None  # the split in force when evaluated (set by evaluate)
 
 
 def judged_units(summary: LogSummary) -> int:
@@ -203,7 +212,10 @@ def judge(
     # 3. checks: validity first (they make the comparison meaningless), then enough data.
     checks: tuple[Check, ...] = ()
     srm: stats.SrmResult | None = None
-    if mode == RoutingMode.SPLIT and no_data is None:
+    if mode == RoutingMode.SPLIT and no_data is None and summary.periods:
+        # Each period of one challenger weight against its own shares (experiments/strata.py).
+        checks, srm = strata.period_checks(summary, exp.planned_samples)
+    elif mode == RoutingMode.SPLIT and no_data is None:
         w = settings.routing.challenger_weight
         counts = {Arm.CHAMPION.value: champ.units, Arm.CHALLENGER.value: chall.units}
         weights = {Arm.CHAMPION.value: 1.0 - w, Arm.CHALLENGER.value: w}
@@ -229,17 +241,26 @@ def judge(
         # 4. estimate: paired, adjusted or raw.
         estimate, adjustment = _estimate(summary, binary, exp.adjustment == "auto")
         diff = difference(estimate, look, alpha_metric, higher)
+    if overflow is None and no_data is None:
+        # Requests and latencies need no outcome: judged as soon as there are some (a ramp
+        # rejects a failing challenger before its first outcome arrives). On the split in force
+        # when the split changed (experiments/strata.py).
+        g_champ, g_chall = strata.guardrail_arms(summary)
         g = exp.guardrails
         budget = None if g.max_latency_p95_ms is None else g.max_latency_p95_ms / 1e3
+        # A ramp must stop a harmful challenger at any stage, before any outcome has closed (the
+        # group-sequential looks count judged outcomes, so none would exist yet): its guardrails
+        # use the always-valid sequence, valid at any moment, with the same share of alpha.
+        guard_look = always_valid_look(planned) if exp.ramp else look
         guardrails = (
             error_rate_guardrail(
-                champ.faults, chall.faults, g.max_error_rate_increase, look, alpha_guard
+                g_champ.faults, g_chall.faults, g.max_error_rate_increase, guard_look, alpha_guard
             ),
             latency_guardrail(
-                champ.latency,
-                chall.latency,
+                g_champ.latency,
+                g_chall.latency,
                 g.max_latency_p95_increase,
-                look,
+                guard_look,
                 alpha_guard,
                 budget_s=budget,
             ),
@@ -264,6 +285,7 @@ def judge(
     )
     other = challenger_arm(mode)
     edges = _hist_edges(champ.latency, chall.latency)
+    standardised = strata.arm_estimates(summary, binary) or (None, None)
     versions = {Arm.CHAMPION: aliases.champion, other: aliases.challenger}
     look_report = look.report(alpha_metric, max(units, 2)) if no_data is None else None
     return Evaluation(
@@ -283,8 +305,12 @@ def judge(
         evaluated_at=now,
         cutoff=now - exp.outcome_window_s,
         started_at=summary.first_ts,
-        champion=_arm_summary(Arm.CHAMPION, versions, champ, edges, binary, look, alpha_metric),
-        challenger=_arm_summary(other, versions, chall, edges, binary, look, alpha_metric),
+        champion=_arm_summary(
+            Arm.CHAMPION, versions, champ, edges, binary, look, alpha_metric, standardised[0]
+        ),
+        challenger=_arm_summary(
+            other, versions, chall, edges, binary, look, alpha_metric, standardised[1]
+        ),
         difference=diff,
         srm=srm,
         guardrails=guardrails,
@@ -299,6 +325,7 @@ def judge(
         adjustment=adjustment,
         guardrail_settings=exp.guardrails,
         interval_label=diff.label if diff is not None else "",
+        periods=strata.figures(summary),
     )
 
 
@@ -308,6 +335,12 @@ def _estimate(
     """The difference to judge, and the adjustment's verdict (split mode only)."""
     if s.paired is not None:
         return paired_estimate(s.paired, s.champion.metric.mean), None
+    if s.stratified is not None:
+        # The split changed: each period judged on its own, then combined (experiments/strata.py).
+        # The adjustment's cross-fitted slope is fitted over all rows, not per period: off here.
+        return strata.stratified_estimate(s, binary), AdjustmentResult(
+            False, "the split changed during the experiment: periods combined, unadjusted"
+        )
     c, t = s.champion.metric, s.challenger.metric
     raw = raw_difference(arm_estimate(c, binary), arm_estimate(t, binary))
     if not adjust_allowed:
@@ -387,10 +420,13 @@ def _arm_summary(
     binary: bool,
     look: Look,
     alpha: float,
+    standardised: ArmEstimate | None = None,
 ) -> ArmSummary:
     m = data.metric
     interval = None
-    if m.n >= 2 and m.sum_y > 0 and m.finite:
+    if standardised is not None:  # the split changed: the mean over periods (strata.py)
+        interval = arm_interval_at(standardised, look, alpha)
+    elif m.n >= 2 and m.sum_y > 0 and m.finite:
         interval = arm_interval_at(arm_estimate(m, binary), look, alpha)
     return ArmSummary(
         arm=arm,
@@ -398,7 +434,11 @@ def _arm_summary(
         requests=data.requests,
         errors=data.faulted,
         n=m.rows,
-        metric_mean=m.mean if m.sum_y > 0 and m.finite else None,
+        metric_mean=(
+            standardised.mean
+            if standardised is not None
+            else (m.mean if m.sum_y > 0 and m.finite else None)
+        ),
         metric_interval=interval,
         latency=_latency_summary(data.latency, edges),
         units=data.units,

@@ -7,6 +7,9 @@ the experiment ``champion-challenger/<model name>`` (parameters, per-arm and dif
 the decision as a tag, the report files as artifacts). A dry run never gets here: it writes
 nothing to MLflow.
 
+With ``experiment.ramp``, an evaluation that advances the ramp moves the split of record to the
+next stage instead (:func:`_advance`, ``router/splitrecord.py``), audited the same way.
+
 Decisions act and stick. PROMOTE moves ``@champion`` to the challenger (``@rollback`` to the old
 champion) and removes ``@challenger``; REJECT removes ``@challenger`` (routers serve the champion
 alone from their next poll) and tags the version rejected. Both end the experiment. A version
@@ -18,7 +21,8 @@ Compare-and-set. MLflow has no conditional alias update, so two evaluators could
 old aliases and both promote. Alias moves therefore happen under a lock that the registry itself
 makes atomic: a registered model named ``<model>.promotion-lock``, *created* by the holder
 (the store's unique name constraint lets exactly one concurrent create succeed, SQLite,
-PostgreSQL or a tracking server alike) and deleted when done. Inside the lock the aliases are
+PostgreSQL or a tracking server alike) and deleted when done (``router/changes.py``: split changes
+take the same lock). Inside the lock the aliases are
 re-read and compared with the snapshot the evaluation was made on; any change aborts (exit 1).
 After the move they are read once more, so an out-of-band change (someone in the UI, a process
 without the lock) during the move is reported, not silently overwritten. A lock left by a killed
@@ -29,16 +33,11 @@ at; the error message names the lock to delete.
 from __future__ import annotations
 
 import dataclasses
-import getpass
 import json
 import math
-import socket
-import time
-import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -47,19 +46,47 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-# The audit trail's names are experiments.audit's; re-exported for this module's callers.
-from experiments.audit import TAG_PREFIX as TAG_PREFIX
-from experiments.audit import tracking_experiment_name as tracking_experiment_name
 from experiments.evaluate import EvaluationError, read_aliases
 from experiments.judge import AliasSnapshot, Evaluation
 from experiments.looks import record_params
+from router.changes import (
+    LOCK_SUFFIX,
+    TAG_PREFIX,
+    RegistryLocked,
+    actor,
+    audit_experiment,
+    iso_now,
+    lock_name,
+    registry_lock,
+    tracking_experiment_name,
+    translated,
+)
 from router.config import Settings
+from router.errors import Conflict, RegistryUnavailable
 from router.logschema import Arm
-from router.registryfault import describe
+from router.splitrecord import write_split
 
-LOCK_SUFFIX = ".promotion-lock"
+# Defined in router.changes (the router writes split changes under the same lock and audit
+# experiment); re-exported here, where promotion's callers and tests look for them.
+__all__ = [
+    "LOCK_SUFFIX",
+    "TAG_PREFIX",
+    "ActionResult",
+    "PromotionConflict",
+    "PromotionError",
+    "PromotionInterfered",
+    "actor",
+    "apply",
+    "lock_name",
+    "prior_rejection",
+    "rollback",
+    "run_metrics",
+    "run_params",
+    "sticky_rejection",
+    "tracking_experiment_name",
+]
 
-Action = Literal["promoted", "rejected", "kept", "rolled_back", "aborted"]
+Action = Literal["promoted", "rejected", "kept", "advanced", "rolled_back", "aborted"]
 
 
 class PromotionError(EvaluationError):
@@ -81,19 +108,6 @@ class ActionResult:
     message: str
     aliases_before: AliasSnapshot
     aliases_after: AliasSnapshot
-
-
-def lock_name(model_name: str) -> str:
-    return f"{model_name}{LOCK_SUFFIX}"
-
-
-def actor() -> str:
-    """``user@host`` of whoever runs this, for the audit tags."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (some containers)
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
 
 
 # --- the public entry points -----------------------------------------------------------------
@@ -119,6 +133,8 @@ def apply(
     evaluation = sticky_rejection(client, settings, evaluation)
     if evaluation.decision == "promote":
         return _move(client, settings, evaluation, artifacts, by, "promoted")
+    if evaluation.ramp is not None and evaluation.ramp.action == "advance":
+        return _advance(client, settings, evaluation, artifacts, by)
     if evaluation.decision == "reject" and evaluation.aliases.challenger is not None:
         return _move(client, settings, evaluation, artifacts, by, "rejected")
     before = evaluation.aliases
@@ -148,7 +164,11 @@ def sticky_rejection(
         f"a new version to try again. This evaluation alone: {evaluation.decision}: "
         f"{evaluation.reason}"
     )
-    return dataclasses.replace(evaluation, decision="reject", reason=reason)
+    # A ramp never moves on with a rejected version: the rejection decides.
+    ramp = evaluation.ramp
+    if ramp is not None:
+        ramp = dataclasses.replace(ramp, action="decide", next_weight=None)
+    return dataclasses.replace(evaluation, decision="reject", reason=reason, ramp=ramp)
 
 
 def prior_rejection(client: MlflowClient, model_name: str, experiment_id: str) -> str | None:
@@ -192,7 +212,7 @@ def rollback(client: MlflowClient, settings: Settings, *, by: str | None = None)
             run_id = _record_rollback_run(client, settings, before, by)
             client.set_registered_model_alias(m.name, m.champion_alias, before.rollback)
             client.delete_registered_model_alias(m.name, m.rollback_alias)
-            now = _iso_now()
+            now = iso_now()
             roles = ((before.rollback, Arm.CHAMPION.value), (before.champion, "rolled_back"))
             for version, role in roles:
                 if version is not None:
@@ -280,6 +300,55 @@ def _move(
     return ActionResult(action, run_id, message, before, after)
 
 
+def _advance(
+    client: MlflowClient,
+    settings: Settings,
+    evaluation: Evaluation,
+    artifacts: Sequence[Path],
+    by: str,
+) -> ActionResult:
+    """A ramp's next stage: the evaluation's run, then the split of record moved to the next
+    stage's weight (router/splitrecord.py: under the change lock, compare-and-set on the aliases
+    and on the split the evaluation saw, its own audit run); every router follows within a poll."""
+    ramp = evaluation.ramp
+    before = evaluation.aliases
+    assert ramp is not None and ramp.next_weight is not None
+    if before.champion is None or before.challenger is None:
+        raise PromotionError("advancing a ramp needs both a champion and a challenger")
+    stage = f"ramp stage {ramp.stage + 1} of {len(ramp.stages)}"
+    with _translated("recording the evaluation"):
+        run_id = _record_run(client, settings, evaluation, artifacts, by, "advanced")
+    try:
+        record = write_split(
+            client,
+            settings,
+            champion=before.champion,
+            challenger=before.challenger,
+            weight=ramp.next_weight,
+            by=by,
+            reason=f"evaluate_and_promote: {stage} (evaluation run {run_id})",
+            expected=evaluation.split,
+        )
+    except (RegistryLocked, Conflict) as exc:
+        with suppress(MlflowException, sa.exc.SQLAlchemyError, OSError):  # best effort
+            client.set_terminated(run_id, status="FAILED")
+        raise PromotionConflict(f"the ramp did not advance: {exc.message}") from exc
+    except RegistryUnavailable as exc:
+        with suppress(MlflowException, sa.exc.SQLAlchemyError, OSError):  # best effort
+            client.set_terminated(run_id, status="FAILED")
+        raise PromotionError(f"the ramp did not advance: {exc.message}") from exc
+    with _translated("recording the evaluation"):
+        client.set_tag(run_id, f"{TAG_PREFIX}split_run_id", str(record.run_id))
+        client.set_terminated(run_id)
+    poll = settings.model.poll_interval_s
+    message = (
+        f"Advanced to {stage}: challenger weight {record.previous:g} -> "
+        f"{record.challenger_weight:g} (split epoch {record.epoch}, run {run_id}); every router "
+        f"follows within model.poll_interval_s ({poll:g} s)."
+    )
+    return ActionResult("advanced", run_id, message, before, before)
+
+
 def _verify(
     client: MlflowClient, settings: Settings, expected: AliasSnapshot, run_id: str
 ) -> AliasSnapshot:
@@ -296,41 +365,15 @@ def _verify(
 
 @contextmanager
 def _lock(client: MlflowClient, model_name: str, by: str) -> Iterator[str]:
-    """Hold ``<model>.promotion-lock`` (created atomically by the registry) for the block."""
-    name = lock_name(model_name)
-    token = uuid.uuid4().hex
-    tags = {"token": token, "holder": by, "acquired_at": _iso_now()}
+    """Hold the registry's change lock (``router/changes.py``) for the block, in this module's
+    errors: :class:`PromotionConflict` when another change holds it."""
     try:
-        client.create_registered_model(
-            name, tags=tags, description=f"Held by evaluate_and_promote/rollback for {model_name}."
-        )
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise PromotionError(f"taking the promotion lock {name!r}: {exc.message}") from exc
-        raise PromotionConflict(_held_message(client, name)) from exc
-    except (sa.exc.SQLAlchemyError, OSError) as exc:
-        raise PromotionError(f"taking the promotion lock {name!r}: {exc}") from exc
-    try:
-        yield token
-    finally:
-        _release(client, name, token)
-
-
-def _held_message(client: MlflowClient, name: str) -> str:
-    try:
-        held = client.get_registered_model(name).tags
-    except MlflowException:  # released in between: still a concurrent promotion
-        held = {}
-    return (
-        f"another promotion is under way ({held.get('holder', '?')} since "
-        f"{held.get('acquired_at', '?')}); if none is, delete registered model {name!r}"
-    )
-
-
-def _release(client: MlflowClient, name: str, token: str) -> None:
-    with _translated("releasing the promotion lock"):
-        if client.get_registered_model(name).tags.get("token") == token:
-            client.delete_registered_model(name)
+        with registry_lock(client, model_name, by) as token:
+            yield token
+    except RegistryLocked as exc:
+        raise PromotionConflict(exc.message) from exc
+    except RegistryUnavailable as exc:
+        raise PromotionError(exc.message) from exc
 
 
 # --- the audit trail -------------------------------------------------------------------------
@@ -339,7 +382,7 @@ def _release(client: MlflowClient, name: str, token: str) -> None:
 def _audit_tags(evaluation: Evaluation, run_id: str, by: str, role: str) -> dict[str, str]:
     verb = "rejected" if role == "rejected" else "promoted"
     tags = {
-        f"{TAG_PREFIX}{verb}_at": _iso_now(),
+        f"{TAG_PREFIX}{verb}_at": iso_now(),
         f"{TAG_PREFIX}{verb}_by": by,
         f"{TAG_PREFIX}evaluation_run_id": run_id,
         f"{TAG_PREFIX}decision": evaluation.decision,
@@ -399,20 +442,6 @@ def run_metrics(evaluation: Evaluation) -> dict[str, float]:
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(v)}
 
 
-def _experiment(client: MlflowClient, model_name: str) -> str:
-    name = tracking_experiment_name(model_name)
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return str(found.experiment_id)
-    try:
-        return str(client.create_experiment(name))
-    except MlflowException:  # created concurrently by another evaluator?
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return str(found.experiment_id)
-
-
 def _record_run(
     client: MlflowClient,
     settings: Settings,
@@ -425,7 +454,7 @@ def _record_run(
 ) -> str:
     e = evaluation
     run = client.create_run(
-        _experiment(client, settings.model.name),
+        audit_experiment(client, settings.model.name),
         run_name=f"{e.decision} v{e.aliases.champion} vs v{e.aliases.challenger}",
         tags={
             f"{TAG_PREFIX}decision": e.decision,
@@ -449,7 +478,7 @@ def _record_run(
     )
     for path in artifacts:
         client.log_artifact(run_id, str(path))
-    if action in ("kept", "aborted"):  # an acting run ends once the aliases have moved
+    if action in ("kept", "aborted"):  # an acting run ends once its change is made
         client.set_terminated(run_id, status="FAILED" if action == "aborted" else "FINISHED")
     return run_id
 
@@ -458,7 +487,7 @@ def _record_rollback_run(
     client: MlflowClient, settings: Settings, before: AliasSnapshot, by: str
 ) -> str:
     run = client.create_run(
-        _experiment(client, settings.model.name),
+        audit_experiment(client, settings.model.name),
         run_name=f"rollback v{before.champion} -> v{before.rollback}",
         tags={
             f"{TAG_PREFIX}decision": "rollback",
@@ -483,13 +512,9 @@ def _record_rollback_run(
 # --- small helpers ---------------------------------------------------------------------------
 
 
-@contextmanager
-def _translated(doing: str) -> Iterator[None]:
+def _translated(doing: str) -> AbstractContextManager[None]:
     """MLflow and database failures while acting become one-line :class:`PromotionError`s."""
-    try:
-        yield
-    except (MlflowException, sa.exc.SQLAlchemyError, OSError) as exc:
-        raise PromotionError(f"MLflow, {doing}: {describe(exc)}") from exc
+    return translated(f"MLflow, {doing}", PromotionError)
 
 
 def _describe(s: AliasSnapshot) -> str:
@@ -501,7 +526,3 @@ def _describe(s: AliasSnapshot) -> str:
 
 def _kept_message(evaluation: Evaluation) -> str:
     return f"Champion kept (v{evaluation.aliases.champion}): decision {evaluation.decision}."
-
-
-def _iso_now() -> str:
-    return datetime.fromtimestamp(time.time(), UTC).isoformat(timespec="seconds")

@@ -17,7 +17,7 @@ from typing import Any
 from experiments.decision import METRIC_SHARE
 from experiments.judge import ArmSummary, Evaluation, SeriesPoint
 from experiments.stats import Interval
-from router.logschema import Arm
+from router.logschema import Arm, RoutingMode
 
 _COLORS = {Arm.CHAMPION: "#1f77b4", Arm.CHALLENGER: "#d62728", Arm.SHADOW: "#d62728"}
 
@@ -103,6 +103,8 @@ def text_table(evaluation: Evaluation) -> str:
     if e.difference is not None:
         d = e.difference
         kind = "paired, " if d.paired else ("adjusted, " if d.adjusted else "")
+        if len(e.periods) > 1 and not d.paired:
+            kind = "stratified by split period, "
         lines.append(
             f"difference ({kind}positive = challenger better): {_interval(d.absolute)}"
             + (f"; relative {_interval(d.relative, '+.2%')}" if d.relative is not None else "")
@@ -113,8 +115,11 @@ def text_table(evaluation: Evaluation) -> str:
         lines.append(f"covariate adjustment: {_adjustment_line(e)}")
     if e.look is not None:
         lines += [f"look note: {note}" for note in e.look.notes]
-    if e.srm is None:
+    if e.srm is None and e.mode == RoutingMode.SHADOW:
         lines.append("sample ratio: not applicable (shadow mode: every request scored by both)")
+    elif e.srm is None:
+        lines.append("sample ratio: not checked (no units logged for this experiment yet)")
+    lines += _split_lines(e)
     for c in e.checks:
         verdict = "not checked yet" if not c.checked else ("ok" if c.passed else "FAIL")
         lines.append(f"check {c.name.replace('_', ' ')}: {verdict} ({c.detail})")
@@ -190,6 +195,31 @@ def _adjustment_line(e: Evaluation) -> str:
         f"slope {a.theta:.3g}, balance z {a.balance_z:+.2f}, covariate imputed for "
         f"{a.missing_champion:.1%} / {a.missing_challenger:.1%} of rows"
     )
+
+
+def _split_lines(e: Evaluation) -> list[str]:
+    """The split in force, each period of one weight (when it changed), and the ramp's stage."""
+    lines = []
+    if e.split is not None:
+        s = e.split
+        lines.append(
+            f"split in force: challenger weight {s.challenger_weight:g} (from {s.source}, "
+            f"epoch {s.epoch})"
+        )
+    if len(e.periods) > 1:
+        lines.append("periods (each judged at its own weight; the difference combines them):")
+        for p in e.periods:
+            share = "-" if p.combination_weight is None else f"{p.combination_weight:.2f}"
+            lines.append(
+                f"  weight {p.weight:g}: units champion {p.champion_units}, challenger "
+                f"{p.challenger_units}; judged rows {p.champion_n}/{p.challenger_n}; "
+                f"share of the estimate {share}"
+            )
+    if e.ramp is not None:
+        r = e.ramp
+        stages = " -> ".join(f"{w:g}" for w in r.stages)
+        lines.append(f"ramp {stages}: stage {r.stage} of {len(r.stages)}, {r.action}")
+    return lines
 
 
 # --- HTML ------------------------------------------------------------------------------------

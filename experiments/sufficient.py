@@ -138,6 +138,39 @@ class SeriesSlice:
 
 
 @dataclass(frozen=True)
+class Period:
+    """The rows assigned under one challenger weight: a randomised experiment of its own (every
+    unit active then had the same chance of the challenger), compared with its own expected
+    shares. Split mode only; a log without the weight column is one period at the configured
+    weight."""
+
+    weight: float
+    champion: ArmData
+    challenger: ArmData
+    first_ts: float | None = None
+    last_ts: float | None = None
+
+
+@dataclass(frozen=True)
+class Stratified:
+    """The primary metric combined over periods (:mod:`experiments.strata`).
+
+    Each arm's mean is standardised to the periods' weights ``weights`` (the same for both arms,
+    so a trend over time weighs on both alike); the variances and the covariance are over units
+    (a unit's rows may span periods, and arms when an increase moved it), delta-method.
+    """
+
+    weights: tuple[float, ...]  # per period (LogSummary.periods' order), summing to 1
+    champion_mean: float
+    challenger_mean: float
+    champion_variance: float
+    challenger_variance: float
+    covariance: float  # of the two standardised means (units in both arms)
+    champion_units: int
+    challenger_units: int
+
+
+@dataclass(frozen=True)
 class LogSummary:
     """Everything the judge needs from the log for one experiment."""
 
@@ -152,6 +185,13 @@ class LogSummary:
     # Split mode: per fold, each arm's sums with the champion's prediction as covariate (None: the
     # log has no champion scores, or shadow mode, where pairs need no covariate).
     covariate: CovariateFolds | None = None
+    # Split mode: the periods by challenger weight, in time order (one when it never changed);
+    # ``champion``/``challenger`` above are then their sums. ``current``: the index of the period
+    # the guardrails judge (the split in force). ``stratified``: the metric combined over
+    # several periods.
+    periods: tuple[Period, ...] = ()
+    current: int | None = None
+    stratified: Stratified | None = None
 
     @property
     def empty(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,9 @@ from router.scoring.signatures import SignatureDiff, signature_diff
 log = logging.getLogger(__name__)
 
 STARTUP_FIRST_RETRY_S = 0.5
+
+#: Told after every successful poll: the experiment in service and its challenger's split tag.
+SplitListener = Callable[[str, str | None], None]
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,15 @@ class ModelManager:
         self.current: ArmSet | None = None
         self.last_error: str | None = None
         self._lock = asyncio.Lock()
+        self._split_listeners: list[SplitListener] = []
+
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
+    def on_split(self, listener: SplitListener) -> None:
+        """Call ``listener`` after every successful poll (the split of record rides on it)."""
+        self._split_listeners.append(listener)
 
     def _resolve(self) -> tuple[ModelRef, ModelRef | None]:
         model = self._settings.model
@@ -63,10 +76,11 @@ class ModelManager:
                     return LoadedModel(ref, loaded.model, loaded.input_schema, loaded.loaded_at)
         return self._registry.load(ref)
 
-    def _build(self, previous: ArmSet | None) -> ArmSet | None:
+    def _build(self, previous: ArmSet | None) -> tuple[ArmSet | None, ModelRef | None]:
+        """The new arm set (None: nothing changed), and the challenger's ref as just read."""
         champion_ref, challenger_ref = self._resolve()
         if previous is not None and _same(previous, champion_ref, challenger_ref):
-            return None
+            return None, challenger_ref
         champion = self._load(champion_ref, previous)
         challenger = None
         challenger_error = None
@@ -88,14 +102,14 @@ class ModelManager:
             if challenger is not None
             else SignatureDiff()
         )
-        return ArmSet(champion, challenger, exp, challenger_error, diff)
+        return ArmSet(champion, challenger, exp, challenger_error, diff), challenger_ref
 
     async def refresh(self) -> bool:
         """Resolve aliases and swap in what changed; True when the served set changed."""
         async with self._lock:
             previous = self.current
             try:
-                built = await anyio.to_thread.run_sync(self._build, previous)
+                built, challenger_ref = await anyio.to_thread.run_sync(self._build, previous)
             except Exception as exc:  # re-raised: only recorded and counted here
                 known = isinstance(exc, RegistryUnavailable | ModelNotFound)
                 self.last_error = redact(str(exc) if known else f"{type(exc).__name__}: {exc}")
@@ -104,16 +118,26 @@ class ModelManager:
                     log.error("reload failed, keeping the models in service: %s", self.last_error)
                 raise
             self.last_error = None
-            if built is None:
-                return False
-            if previous is not None and _versions(built) == _versions(previous):
-                # The same versions, found another way (e.g. the missing @champion was set on the
-                # version served as "latest"): describe them as they are now; nothing reloaded.
+            changed = False
+            if built is not None:
+                # The same versions may come back found another way (e.g. the missing @champion
+                # set on the version served): described as they are now, nothing reloaded.
+                changed = previous is None or _versions(built) != _versions(previous)
                 self.current = built
-                return False
-            self.current = built
-            self._publish(previous, built)
-            return True
+                if changed:
+                    self._publish(previous, built)
+            self._tell_split(challenger_ref)
+            return changed
+
+    def _tell_split(self, challenger_ref: ModelRef | None) -> None:
+        # In the same step as the swap above (no await between): a request never sees a new
+        # experiment with the previous one's split.
+        arms = self.current
+        if arms is None:
+            return
+        tag = challenger_ref.split_tag if challenger_ref is not None else None
+        for listener in self._split_listeners:
+            listener(arms.experiment_id, tag)
 
     def _publish(self, previous: ArmSet | None, arms: ArmSet) -> None:
         metrics, name = self._metrics, self._registry.model_name

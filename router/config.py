@@ -9,13 +9,14 @@ Environment overrides (deployment): ``MLFLOW_TRACKING_URI``, ``ROUTER_CONFIG``,
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_type_hints
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -176,6 +177,12 @@ class ExperimentSettings:
     # auto: regression adjustment with the champion's prediction as covariate (CUPAC) when the log
     # has it for nearly every judged row and it is balanced between arms; off: never.
     adjustment: Literal["auto", "off"] = "auto"
+    # A ramp: the challenger weights of its stages, in order (e.g. [0.05, 0.2, 0.5]); empty: none.
+    # evaluate_and_promote moves the split to the next stage once the guardrails pass at the
+    # current one with min_samples_per_arm units per arm and ramp_stage_min_s have passed; the
+    # last stage decides promote or reject. The experiment starts at the first stage.
+    ramp: tuple[float, ...] = ()
+    ramp_stage_min_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -280,6 +287,12 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         ):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
+    if get_origin(hint) is tuple and args[1:] == (Ellipsis,):  # tuple[X, ...]: a YAML list
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     if isinstance(hint, type) and issubclass(hint, StrEnum):
         choices = [member.value for member in hint]
         if value not in choices:
@@ -363,6 +376,7 @@ def _validate(s: Settings) -> None:
         "experiment.guardrails.max_latency_p95_ms",
         "must be > 0 or null",
     )
+    _validate_ramp(s)
     _require(1 <= s.server.port <= 65535, "server.port", "must be within 1..65535")
     _require(s.server.workers >= 1, "server.workers", "must be >= 1")
     _require(s.server.predict_threads >= 1, "server.predict_threads", "must be >= 1")
@@ -373,6 +387,29 @@ def _validate(s: Settings) -> None:
         _require(timeout is None or timeout > 0, f"server.{key}", "must be > 0 or null")
     _require(s.routing.breaker_failures >= 1, "routing.breaker_failures", "must be >= 1")
     _require(s.routing.breaker_cooldown_s > 0, "routing.breaker_cooldown_s", "must be > 0")
+
+
+def _validate_ramp(s: Settings) -> None:
+    ramp = s.experiment.ramp
+    _require(s.experiment.ramp_stage_min_s >= 0, "experiment.ramp_stage_min_s", "must be >= 0")
+    if not ramp:
+        return
+    for i, weight in enumerate(ramp):
+        _require(
+            0.0 < weight < 1.0,
+            f"experiment.ramp[{i}]",
+            f"must be within (0, 1), got {weight}: a stage serves both arms",
+        )
+    _require(
+        all(a < b for a, b in itertools.pairwise(ramp)),
+        "experiment.ramp",
+        f"the stages must increase, got {list(ramp)}",
+    )
+    _require(
+        not s.routing.shadow,
+        "experiment.ramp",
+        "needs routing.mode split: in shadow mode the challenger answers no request",
+    )
 
 
 def settings_from_mapping(raw: Any, env: Mapping[str, str] | None = None) -> Settings:

@@ -97,6 +97,10 @@ predictions = sa.Table(
     # champion and fallback rows, the champion scored after the response on challenger rows (NULL
     # when that was skipped under load). The evaluator's covariate (experiments/covariate.py).
     sa.Column("champion_score", sa.Float, nullable=True),
+    # The challenger weight the request was assigned with (split mode with a challenger; NULL
+    # otherwise, and in logs written before the column): the evaluator judges each split as its
+    # own randomised period (experiments/strata.py).
+    sa.Column("challenger_weight", sa.Float, nullable=True),
 )
 
 #: One assigned arm per (request_id, row_index): a request id reused by a later request that was

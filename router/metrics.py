@@ -181,8 +181,41 @@ class RouterMetrics:
         )
         self.arm_weight = Gauge(
             "router_arm_weight",
-            "Configured share of traffic per arm.",
+            "Share of traffic per arm in the split in force (the registry's split of record, "
+            "else the configured default).",
             ["arm"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        # The split's identity across processes: equal on every worker once a poll has passed.
+        self.split_epoch = Gauge(
+            "router_split_epoch",
+            "Changes of the split within the experiment in service (0: the configured default).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.split_changed = Gauge(
+            "router_split_changed_timestamp_seconds",
+            "When the split in force was set (the configured default: when this process began "
+            "serving the experiment).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.ramp_stage = Gauge(
+            "router_ramp_stage",
+            "1-based stage of the split in force on experiment.ramp (0: no ramp, or off it).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.ramp_stages = Gauge(
+            "router_ramp_stages",
+            "Stages of experiment.ramp (0: no ramp).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.ramp_stage_min = Gauge(
+            "router_ramp_stage_min_seconds",
+            "experiment.ramp_stage_min_s: the least time a ramp stage lasts (0: no ramp).",
             registry=r,
             multiprocess_mode="livemax",
         )

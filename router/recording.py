@@ -37,6 +37,7 @@ class RequestFacts:
     request_id: str
     key_hash: str | None
     experiment_id: str
+    challenger_weight: float | None = None  # the split it was assigned under (split mode)
 
 
 class Recorder:
@@ -217,6 +218,7 @@ class Recorder:
                     predicted_class=facts.classes[i] if facts else None,
                     output=facts.outputs[i] if facts else None,
                     champion_score=champion_scores[i] if champion_scores else None,
+                    challenger_weight=request.challenger_weight,
                 )
                 for i in range(n_rows)
             ]

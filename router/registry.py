@@ -21,8 +21,10 @@ import sqlalchemy as sa
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from router.config import Settings
 from router.errors import RegistryUnavailable
 from router.registryfault import describe, registry_unavailable
+from router.splitrecord import SPLIT_TAG, SplitRecord, write_split
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,9 @@ class ModelRef:
     version: str
     run_id: str | None
     resolved_via: ResolvedVia
+    # The version's split tag (router/splitrecord.py), read with the alias: the challenger's
+    # holds the split of record.
+    split_tag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,15 @@ def probe_database(tracking_uri: str) -> None:
         raise registry_unavailable(tracking_uri, exc) from exc
 
 
+def connect(tracking_uri: str) -> MlflowClient:
+    """A client of the registry (and tracking store) at ``tracking_uri``, once it answers."""
+    probe_database(tracking_uri)
+    try:
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    except (MlflowException, sa.exc.SQLAlchemyError, OSError) as exc:
+        raise registry_unavailable(tracking_uri, exc) from exc
+
+
 class Registry:
     """A thin client for one registered model.
 
@@ -131,12 +145,7 @@ class Registry:
     def _client(self) -> MlflowClient:
         with self._client_lock:
             if self._mlflow_client is None:
-                probe_database(self.tracking_uri)
-                uri = self.tracking_uri
-                try:
-                    self._mlflow_client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-                except (MlflowException, sa.exc.SQLAlchemyError, OSError) as exc:
-                    raise registry_unavailable(uri, exc) from exc
+                self._mlflow_client = connect(self.tracking_uri)
             return self._mlflow_client
 
     def _by_alias(self, alias: str) -> ModelRef | None:
@@ -148,7 +157,8 @@ class Registry:
             raise registry_unavailable(self.tracking_uri, exc) from exc
         except (sa.exc.SQLAlchemyError, OSError) as exc:
             raise registry_unavailable(self.tracking_uri, exc) from exc
-        return ModelRef(alias, str(mv.version), mv.run_id, "alias")
+        tags = getattr(mv, "tags", None) or {}
+        return ModelRef(alias, str(mv.version), mv.run_id, "alias", tags.get(SPLIT_TAG))
 
     def _versions(self) -> list[Any]:
         try:
@@ -204,6 +214,20 @@ class Registry:
     def resolve_challenger(self, alias: str) -> ModelRef | None:
         """The challenger alias, or None: then the champion takes all traffic."""
         return self._by_alias(alias)
+
+    def write_split(
+        self, settings: Settings, champion: str, challenger: str, weight: float, *, by: str
+    ) -> SplitRecord:
+        """Make ``weight`` the fleet's split of record for this experiment (audited)."""
+        return write_split(
+            self._client,
+            settings,
+            champion=champion,
+            challenger=challenger,
+            weight=weight,
+            by=by,
+            reason="PUT /admin/weights",
+        )
 
     def load(self, ref: ModelRef) -> LoadedModel:
         """Download and load one version (by number, so a concurrent alias move cannot race)."""

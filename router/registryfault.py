@@ -10,10 +10,14 @@ on: connection refused, an unknown host, TLS, a timeout, an HTTP status, a datab
 from __future__ import annotations
 
 import errno
+import os
 import re
 import socket
 import ssl
+import sys
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, redirect_stdout
+from typing import TextIO
 from urllib.parse import urlsplit
 
 import requests
@@ -112,3 +116,30 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 def _one_line(text: str) -> str:
     line = " ".join(text.split())
     return line if len(line) <= _MAX_CHARS else line[: _MAX_CHARS - 3] + "..."
+
+
+@contextmanager
+def fail_fast_http() -> Iterator[None]:
+    """MLflow's HTTP retries as the router sets them (:data:`FAIL_FAST_HTTP`): a registry that is
+    down fails in seconds; the next scheduled run tries again. A value set by the user wins."""
+    added = [key for key in FAIL_FAST_HTTP if key not in os.environ]
+    os.environ.update({key: FAIL_FAST_HTTP[key] for key in added})
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+@contextmanager
+def stdout_reserved() -> Iterator[TextIO]:
+    """Yield the real stdout, and send every other write to ``sys.stdout`` to stderr meanwhile.
+
+    A command's stdout is a contract (the table, or with ``--json -`` one JSON document), but
+    MLflow's client writes "View run ... / View experiment at: ..." to ``sys.stdout`` whenever a
+    run on an HTTP tracking server ends, and any library may print. Only what the command writes to
+    the stream yielded here reaches stdout; the rest still reaches the person, on stderr.
+    """
+    stdout = sys.stdout
+    with redirect_stdout(sys.stderr):
+        yield stdout

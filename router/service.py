@@ -27,6 +27,7 @@ Client errors never count against a model: not in ``status="error"``, not in the
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import uuid
@@ -39,6 +40,8 @@ from router.arms import ArmSet, ModelManager
 from router.config import Settings
 from router.errors import (
     BadRequest,
+    Conflict,
+    InvalidInput,
     NotReady,
     PredictionFailed,
     RouterError,
@@ -62,6 +65,7 @@ from router.scoring.covariates import CovariateScoring
 from router.scoring.scorer import InputFault, ModelFault, ModelScorer, Scored
 from router.scoring.scorers import Scorers, ScorerSet
 from router.split import ChallengerSplit
+from router.splitrecord import SplitRecord
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +128,8 @@ class RouterService:
         self.manager = manager
         self.prediction_log = prediction_log
         self.metrics = metrics
-        self.split = ChallengerSplit(settings.routing, metrics, rng)
+        self.split = ChallengerSplit(settings, metrics, rng)
+        manager.on_split(self.split.follow)
         self.scorers = Scorers(settings, metrics)
         self._recorder = Recorder(settings.model.name, metrics, prediction_log)
         self._feedback_gate = FeedbackGate(
@@ -145,6 +150,35 @@ class RouterService:
             return {}
         return {"signatures": arms.signatures.to_json(), **self.scorers.describe(arms)}
 
+    # -- the split --------------------------------------------------------------------------------
+    async def set_weight(self, weight: float, *, by: str) -> SplitRecord:
+        """Make ``weight`` the split of record of the experiment in service, for every worker and
+        replica (``router/splitrecord.py``); this process follows it at once, the others on
+        their next poll. 409 without a challenger in service, or when the aliases moved."""
+        if not 0.0 <= weight <= 1.0:  # also NaN
+            raise InvalidInput(f"challenger_weight must be within [0, 1], got {weight}")
+        arms = self._arms()
+        m = self.settings.model
+        if arms.challenger is None:
+            raise Conflict(
+                f"no challenger in service (@{m.challenger_alias}): the split of record is kept "
+                "on the challenger's version; set the alias first"
+            )
+        record = await anyio.to_thread.run_sync(
+            functools.partial(
+                self.manager.registry.write_split,
+                self.settings,
+                arms.champion.version,
+                arms.challenger.version,
+                weight,
+                by=by,
+            )
+        )
+        current = self.manager.current
+        if current is not None and current.experiment_id == record.experiment_id:
+            self.split.adopt(record.experiment_id, record)
+        return record
+
     # -- predictions ----------------------------------------------------------------------------
     def _arms(self) -> ArmSet:
         arms = self.manager.current
@@ -161,11 +195,15 @@ class RouterService:
     ) -> Invocation:
         arms = self._arms()
         request_id = _check_request_id(request_id)
-        assignment = self.split.assign(routing_key, arms.challenger is not None)
+        challenger_loaded = arms.challenger is not None
+        assignment = self.split.assign(routing_key, challenger_loaded)
         request = RequestFacts(
             request_id,
             self.key_hasher.hash(routing_key) if routing_key else None,
             arms.experiment_id,
+            # The weight assign() just used (nothing awaits in between): what the row was
+            # randomised under. None when no weight decided it (shadow mode, no challenger).
+            self.split.weight if challenger_loaded and not self.settings.routing.shadow else None,
         )
         scorers = self.scorers.for_arms(arms)
         challenger = scorers.challenger

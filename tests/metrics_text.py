@@ -6,9 +6,12 @@ fails the test rather than being half-read by a regular expression.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -55,3 +58,28 @@ def scrape(client: httpx.Client, base_url: str = "") -> Scrape:
     response = client.get(f"{base_url}/metrics")
     response.raise_for_status()
     return Scrape.parse(response.text)
+
+
+def process_scrapes(directory: Path) -> dict[int, Scrape]:
+    """Each live process's own metrics in a multiprocess directory (``PROMETHEUS_MULTIPROC_DIR``):
+    what ``/metrics`` sums over workers, one worker at a time. Reads prometheus_client's per-pid
+    files with its own reader (a private method, in tests only)."""
+    by_pid: dict[int, list[str]] = {}
+    for path in directory.glob("*.db"):
+        match = re.fullmatch(r"(?:counter|histogram|gauge_[a-z]+)_(\d+)\.db", path.name)
+        if match is not None:
+            by_pid.setdefault(int(match.group(1)), []).append(str(path))
+    scrapes = {}
+    for pid, files in by_pid.items():
+        if not Path(f"/proc/{pid}").exists():
+            continue  # a process that is gone
+        metrics = MultiProcessCollector._read_metrics(files)  # type: ignore[attr-defined]
+        families = MultiProcessCollector._accumulate_metrics(metrics, True)  # type: ignore[attr-defined]
+        scrapes[pid] = Scrape(
+            tuple(
+                (sample.name, dict(sample.labels), float(sample.value))
+                for family in families
+                for sample in family.samples
+            )
+        )
+    return scrapes

@@ -165,7 +165,13 @@ def test_sql_equals_the_python_definition(
     insert_rows(engine, preds, outs)
     with engine.connect() as conn:
         got = read_summary(
-            conn, EID, metric=metric, cutoff=CUTOFF, window_s=WINDOW, cap_quantile=None
+            conn,
+            EID,
+            metric=metric,
+            cutoff=CUTOFF,
+            window_s=WINDOW,
+            cap_quantile=None,
+            default_weight=0.1,
         )
     want = _python_summary(preds, outs, metric)
     assert got.keyed is keyed
@@ -186,7 +192,13 @@ def test_capping_is_the_same_cap_for_both_arms(engine: sa.Engine, keyed: bool) -
     insert_rows(engine, preds, outs)
     with engine.connect() as conn:
         got = read_summary(
-            conn, EID, metric="abs_error", cutoff=CUTOFF, window_s=WINDOW, cap_quantile=0.9
+            conn,
+            EID,
+            metric="abs_error",
+            cutoff=CUTOFF,
+            window_s=WINDOW,
+            cap_quantile=0.9,
+            default_weight=0.1,
         )
     # The cap: the 0.9 quantile of both arms' judged values, to a 1% bucket.
     values = [
@@ -375,7 +387,13 @@ def test_per_user_summary_equals_the_row_by_row_definition(
     insert_rows(engine, preds, outs)
     with engine.connect() as conn:
         got = read_summary(
-            conn, U_EID, metric=metric, cutoff=U_CUTOFF, window_s=U_WINDOW, cap_quantile=None
+            conn,
+            U_EID,
+            metric=metric,
+            cutoff=U_CUTOFF,
+            window_s=U_WINDOW,
+            cap_quantile=None,
+            default_weight=0.1,
         )
     want = _definition(preds, outs, metric)
     assert got.mode == "split" and got.keyed and got.first_ts == want["first_ts"]

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from synthlog import OUTCOME_WINDOW_S, Arm, sqlite_url, write_config, write_log
 
 from experiments.cli import (
+    EXIT_ADVANCED,
     EXIT_CODES,
     EXIT_NO_EXPERIMENT,
     NORMAL_EXIT_CODES,
@@ -425,7 +426,8 @@ def test_unreadable_log_is_one_line_exit_1(
 
 def test_exit_codes_table_covers_every_decision() -> None:
     assert set(EXIT_CODES) == set(get_args(Decision))
-    codes = [*EXIT_CODES.values(), EXIT_NO_EXPERIMENT, 1, 2]  # 1 error, 2 argparse usage
+    # 1 error, 2 argparse usage, 6 no experiment, 7 a ramp advanced
+    codes = [*EXIT_CODES.values(), EXIT_NO_EXPERIMENT, EXIT_ADVANCED, 1, 2]
     assert len(codes) == len(set(codes))  # each outcome its own code
 
 

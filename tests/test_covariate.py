@@ -152,7 +152,13 @@ def test_sql_covariate_sums_equal_the_python_definition(
     insert_rows(engine, preds, outs)
     with engine.connect() as conn:
         got = read_summary(
-            conn, EID, metric=metric, cutoff=CUTOFF, window_s=WINDOW, cap_quantile=None
+            conn,
+            EID,
+            metric=metric,
+            cutoff=CUTOFF,
+            window_s=WINDOW,
+            cap_quantile=None,
+            default_weight=0.1,
         )
     want = _python_folds(preds, outs, metric)
     assert got.covariate is not None

@@ -91,6 +91,11 @@ GAUGES = {
     "router_prediction_log_pending": set(),
     "router_prediction_log_healthy": set(),
     "router_challenger_circuit_open": set(),
+    "router_split_epoch": set(),
+    "router_split_changed_timestamp_seconds": set(),
+    "router_ramp_stage": set(),
+    "router_ramp_stages": set(),
+    "router_ramp_stage_min_seconds": set(),
 }
 TARGET_LABELS = {"job", "instance"}
 
@@ -268,6 +273,7 @@ def test_alerts_cover_the_issue_and_runbooks_exist() -> None:
         "PredictionLogFailing",
         "PredictionLogDrops",
         "ModelReloadFailures",
+        "RampStageStuck",
     }
     doc = DEPLOY_DOC.read_text(encoding="utf-8")
     anchors = {_gh_anchor(h) for h in re.findall(r"^#+ (.+)$", doc, flags=re.MULTILINE)}
@@ -324,10 +330,12 @@ def test_dashboard_structure() -> None:
         "backlog",
         "drops",
         "reloads",
+        "split over time",
     ):
         assert topic in titles, topic
     annotation_exprs = " ".join(a.get("expr", "") for a in dashboard["annotations"]["list"])
     assert "router_model_info" in annotation_exprs
+    assert "router_arm_weight" in annotation_exprs  # split changes, like alias moves
 
 
 def test_grafana_provisioning_points_at_the_dashboard_and_prometheus() -> None:

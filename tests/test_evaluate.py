@@ -30,6 +30,7 @@ from experiments.evaluate import (
 )
 from experiments.looks import LookHistory, RecordedLook, first_look, this_look
 from experiments.promquery import read_guardrails
+from experiments.report import text_table
 from router import logschema
 from router.config import Settings
 
@@ -171,6 +172,17 @@ def test_empty_log_is_invalid(mlflow_registry: MlflowRegistry, tmp_path: Path) -
     ev = _evaluate(mlflow_registry, tmp_path, n_requests=0)
     assert ev.decision == "invalid"
     assert "No predictions" in ev.reason
+
+
+def test_an_empty_split_experiment_says_its_sample_ratio_is_not_checked_yet(
+    mlflow_registry: MlflowRegistry, tmp_path: Path
+) -> None:
+    """Issue 19, item 4: an empty split-mode experiment read "not applicable (shadow mode...)"."""
+    ev = _evaluate(mlflow_registry, tmp_path, n_requests=0)
+    table = text_table(ev)
+    assert ev.mode == "split" and ev.srm is None
+    assert "shadow" not in table
+    assert "sample ratio: not checked (no units logged for this experiment yet)" in table
 
 
 def test_rows_of_another_experiment_do_not_count(

@@ -86,7 +86,13 @@ def test_a_fresh_experiment_says_when_outcomes_close_and_decisions_become_possib
     engine = sa.create_engine(url)
     with engine.connect() as conn:
         summary = read_summary(
-            conn, "e", metric="accuracy", cutoff=now - window, window_s=window, cap_quantile=None
+            conn,
+            "e",
+            metric="accuracy",
+            cutoff=now - window,
+            window_s=window,
+            cap_quantile=None,
+            default_weight=0.5,  # write_log's split
         )
     engine.dispose()
     settings = settings_for("sqlite:///unused.db", url, experiment={"outcome_window_s": window})
@@ -119,7 +125,13 @@ def test_the_report_names_the_method_the_look_the_levels_and_the_guardrails(
     engine = sa.create_engine(url)
     with engine.connect() as conn:
         summary = read_summary(
-            conn, "e", metric="accuracy", cutoff=T0 + 10_000, window_s=600, cap_quantile=None
+            conn,
+            "e",
+            metric="accuracy",
+            cutoff=T0 + 10_000,
+            window_s=600,
+            cap_quantile=None,
+            default_weight=0.5,  # write_log's split
         )
     engine.dispose()
     settings = settings_for(

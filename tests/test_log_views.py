@@ -49,7 +49,13 @@ def test_views_agree_with_the_evaluators_aggregation(backend: Backend, users: in
             assert create_views(conn) == [ASSIGNMENTS_VIEW, FACTS_VIEW]
         with engine.connect() as conn:
             summary = read_summary(
-                conn, EID, metric="accuracy", cutoff=CUTOFF, window_s=WINDOW_S, cap_quantile=None
+                conn,
+                EID,
+                metric="accuracy",
+                cutoff=CUTOFF,
+                window_s=WINDOW_S,
+                cap_quantile=None,
+                default_weight=0.3,
             )
             for arm, data in (
                 (Arm.CHAMPION, summary.champion),

@@ -27,6 +27,7 @@ from experiments.promote import (
 from experiments.report import write_html, write_json
 from router import logschema
 from router.config import Settings
+from router.splitrecord import SPLIT_TAG
 
 EID = logschema.experiment_id("churn-predictor", "1", "2")
 NOW = T0 + 100_000.0
@@ -156,6 +157,31 @@ def test_a_rejected_version_is_never_promoted_in_the_same_experiment(
     assert result.action == "rejected"
     assert read_aliases(client, settings) == AliasSnapshot("1", None, None)
     assert client.get_model_version("churn-predictor", "2").tags[f"{TAG_PREFIX}role"] == "rejected"
+
+
+def test_a_ramp_never_advances_a_version_already_rejected(
+    fresh_registry: FreshRegistry, tmp_path: Path
+) -> None:
+    registry, settings = _setup(fresh_registry, tmp_path, Arm(0.60))
+    client = registry.client()
+    apply(client, settings, evaluate(settings, client=client, now=NOW), by=BY)
+    client.set_registered_model_alias("churn-predictor", "challenger", "2")
+    better_url = sqlite_url(tmp_path / "better.db")
+    write_log(better_url, experiment_id=EID, champion=Arm(0.70), challenger=Arm(0.80))
+    # The log's rows were assigned at 0.5 (routing.challenger_weight): the ramp's first stage.
+    ramped = settings_for(
+        registry.tracking_uri,
+        better_url,
+        experiment={"ramp": [0.5, 0.8], "ramp_stage_min_s": 0, "min_samples_per_arm": 100},
+    )
+    evaluation = evaluate(ramped, client=client, now=NOW)
+    assert evaluation.ramp is not None and evaluation.ramp.action == "advance"
+
+    result = apply(client, ramped, evaluation, by=BY)
+
+    assert result.action == "rejected"
+    assert read_aliases(client, settings) == AliasSnapshot("1", None, None)
+    assert SPLIT_TAG not in client.get_model_version("churn-predictor", "2").tags
 
 
 def test_a_rejection_holds_only_in_its_own_experiment(

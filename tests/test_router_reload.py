@@ -345,16 +345,17 @@ def _arms_by_key(client: Any, body: dict[str, Any], keys: list[str]) -> dict[str
 
 
 def test_admin_weights_change_the_split_and_the_gauge(
-    mlflow_registry: MlflowRegistry, running_router: RunningRouter, router_dir: RouterDir
+    fresh_registry: FreshRegistry, running_router: RunningRouter, router_dir: RouterDir
 ) -> None:
+    registry = fresh_registry()  # the split of record is written to the registry
     settings = router_dir.settings(
-        mlflow_registry,
+        registry,
         env={"ROUTER_ADMIN_TOKEN": TOKEN},
         routing={"challenger_weight": 0.2},
     )
     salt = settings.routing.salt
     keys = [f"member-{i}" for i in range(40)]
-    body = split_body(mlflow_registry.holdout.head(1))
+    body = split_body(registry.holdout.head(1))
     rng = random.Random(0)  # never drawn from: every request has a key
     with running_router(settings) as client:
         at_20 = _arms_by_key(client, body, keys)
@@ -362,7 +363,8 @@ def test_admin_weights_change_the_split_and_the_gauge(
 
         changed = client.put("/admin/weights", json={"challenger_weight": 0.6}, headers=_auth())
         assert changed.status_code == 200
-        assert changed.json() == {"challenger_weight": 0.6}
+        assert changed.json()["challenger_weight"] == 0.6
+        assert changed.json()["previous"] == 0.2
         at_60 = _arms_by_key(client, body, keys)
         metrics = scrape(client)
         experiment = client.get("/experiment").json()

@@ -140,6 +140,7 @@ def test_the_simulated_summary_is_what_sql_returns(tmp_path: Path) -> None:
             cutoff=t - simulate.WINDOW_S,
             window_s=simulate.WINDOW_S,
             cap_quantile=None,
+            default_weight=0.1,
         )
     engine.dispose()
 

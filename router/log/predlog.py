@@ -88,6 +88,7 @@ class PredictionRecord:
     predicted_class: str | None = None
     output: str | None = None
     champion_score: float | None = None  # the champion's score for this row's input
+    challenger_weight: float | None = None  # the split the request was assigned under
 
     def __post_init__(self) -> None:
         # The raw routing key (a user id) must never reach the log: refuse anything that does not

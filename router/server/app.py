@@ -9,6 +9,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from router.arms import ModelManager
+from router.changes import actor
 from router.config import Settings, load_settings
 from router.errors import (
     BadRequest,
@@ -253,6 +255,7 @@ async def experiment(request: Request) -> Response:
     else:
         why = arms.challenger_error or f"no @{s.model.challenger_alias} version"
         body["challenger_missing"] = f"{why}: the champion serves all traffic"
+    body["split"] = service.split.describe()
     body.update(service.describe())
     return JSONResponse(body)
 
@@ -283,14 +286,34 @@ async def admin_reload(request: Request) -> Response:
 
 
 async def admin_weights(request: Request) -> Response:
+    """The fleet's split: written to the registry (audited), followed here at once and by every
+    other worker and replica on its next poll; the answer says by when."""
     _require_admin(request)
     payload = load_json(await _read_body(request, 4096))
     weight = payload.get("challenger_weight") if isinstance(payload, dict) else None
     if isinstance(weight, bool) or not isinstance(weight, int | float):
         raise BadRequest('body must be {"challenger_weight": <number in [0, 1]>}')
     service = _service(request)
-    service.split.set(float(weight))
-    return JSONResponse({"challenger_weight": service.split.weight})
+    host = request.client.host if request.client is not None else "unknown"
+    record = await service.set_weight(float(weight), by=f"admin API from {host} ({actor()})")
+    poll = service.settings.model.poll_interval_s
+    everywhere_by = record.changed_at + poll
+    return JSONResponse(
+        {
+            "challenger_weight": record.challenger_weight,
+            "previous": record.previous,
+            "experiment_id": record.experiment_id,
+            "epoch": record.epoch,
+            "source": "registry",
+            "audit_run_id": record.run_id,
+            "in_force_everywhere_by": everywhere_by,
+            "takes_effect": (
+                f"now on this process; on every worker and replica within one poll "
+                f"(model.poll_interval_s = {poll:g} s), by "
+                f"{datetime.fromtimestamp(everywhere_by, UTC).isoformat(timespec='seconds')}"
+            ),
+        }
+    )
 
 
 async def status_page(request: Request) -> Response:
