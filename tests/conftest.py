@@ -53,8 +53,10 @@ with warnings.catch_warnings():
     import mlflow.store.tracking.sqlalchemy_store
 
 from demo.train import RegisteredPair, restored_tracking_uris, train_and_register
+from router.changes import tracking_experiment_name
 from router.config import Settings
 from router.server.app import create_app
+from router.splitrecord import SPLIT_TAG
 from tests.live_router import RouterDir, http_client, wait_ready
 
 MODEL_NAME = "churn-predictor"
@@ -196,10 +198,31 @@ def _build_registry(root: Path) -> MlflowRegistry:
     )
 
 
+def _writes_to(registry: MlflowRegistry) -> list[str]:
+    """What the router's own writes (a split of record, an audit run) left in ``registry``."""
+    conn = sqlite3.connect(registry.root / "mlflow.db")
+    try:
+        tags = conn.execute(
+            "SELECT name, version FROM model_version_tags WHERE key = ?", (SPLIT_TAG,)
+        ).fetchall()
+        audits = conn.execute(
+            "SELECT name FROM experiments WHERE name = ?",
+            (tracking_experiment_name(registry.model_name),),
+        ).fetchall()
+    finally:
+        conn.close()
+    return [f"split tag on {n} v{v}" for n, v in tags] + [f"experiment {n}" for (n,) in audits]
+
+
 @pytest.fixture(scope="session")
-def mlflow_registry(tmp_path_factory: pytest.TempPathFactory) -> MlflowRegistry:
-    """The session's registry (trained once, ~3 s). Read only: use ``fresh_registry`` to write."""
-    return _build_registry(tmp_path_factory.mktemp("mlflow-registry"))
+def mlflow_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowRegistry]:
+    """The session's registry (trained once, ~3 s). Read only: use ``fresh_registry`` to write.
+    A write would leak into every later copy (a split of record, an audit experiment whose
+    artifacts land in the working directory), so the session fails if one happened."""
+    registry = _build_registry(tmp_path_factory.mktemp("mlflow-registry"))
+    yield registry
+    written = _writes_to(registry)
+    assert not written, f"a test wrote to the read-only session registry: {written}"
 
 
 FreshRegistry = Callable[[], MlflowRegistry]  # the type of the ``fresh_registry`` fixture

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from demo.data import FEATURES
-from tests.conftest import MlflowRegistry, serve_router
+from tests.conftest import MlflowRegistry, copy_registry, serve_router
 from tests.live_router import RouterDir
 
 settings.register_profile(
@@ -147,8 +147,10 @@ def csv_bodies(draw: st.DrawFn) -> bytes:
 def client(
     mlflow_registry: MlflowRegistry, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[httpx.Client]:
+    # A copy: PUT /admin/weights writes the split of record (and its audit run) to the registry.
+    registry = copy_registry(mlflow_registry, tmp_path_factory.mktemp("fuzz-registry"))
     settings_ = RouterDir(tmp_path_factory.mktemp("fuzz")).settings(
-        mlflow_registry,
+        registry,
         routing={"challenger_weight": 0.5},
         limits={"max_rows": MAX_ROWS, "max_body_bytes": 256 * 1024},
         feedback={"wait_for_prediction_s": 0},

@@ -36,7 +36,10 @@ pytestmark = pytest.mark.usefixtures("cli_workdir")  # tests/conftest.py
 
 RAMP = [0.05, 0.2, 0.5]
 USERS_PER_STAGE = 400
-WINDOW_S = 0.3  # outcomes count within this; predictions are judged once it has passed
+# Outcomes count within this of their prediction; predictions are judged once it has passed. Long
+# enough that an outcome sent right after its answer counts on a loaded machine (at 0.3 s the
+# slower challenger's outcomes were sometimes late, and the coverage check called it invalid).
+WINDOW_S = 2.0
 
 
 def _config(registry: MlflowRegistry, tmp_path: Path) -> Path:
