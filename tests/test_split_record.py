@@ -160,15 +160,14 @@ def test_a_write_is_audited_and_compare_and_set(
     assert not client.search_registered_models(f"name = '{lock_name(registry.model_name)}'")
 
 
+@pytest.mark.usefixtures("cli_workdir")  # no MLFLOW_TRACKING_URI of the test's; ./mlruns in tmp
 def test_set_weight_moves_a_live_router_within_a_poll(
     fresh_registry: FreshRegistry,
     running_router: RunningRouter,
     router_dir: RouterDir,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # MLflow puts a new experiment's artifacts under ./mlruns
     registry = fresh_registry()
     config = write_config(
         tmp_path / "config.yaml",
@@ -197,6 +196,7 @@ def test_set_weight_moves_a_live_router_within_a_poll(
     assert (shown["challenger_weight"], shown["source"]) == (0.35, "registry")
 
 
+@pytest.mark.usefixtures("cli_workdir")
 def test_set_weight_errors_are_one_line(
     fresh_registry: FreshRegistry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
