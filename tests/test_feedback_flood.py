@@ -77,7 +77,10 @@ def test_a_flood_of_unknown_ids_is_refused_quickly_while_scoring_answers(
         finished = max(at for *_, at in answers)
 
         statuses = Counter((status, code) for status, code, _, _ in answers)
-        assert set(statuses) <= {(404, "not_found"), (503, "feedback_busy")}, statuses
+        # An unknown id flushes the log once before its 404; on a loaded machine that flush can
+        # time out, a 503 saying the log is behind (seen once in 1,000 in CI): also a refusal.
+        refusals = {(503, "feedback_busy"), (503, "prediction_log_unavailable")}
+        assert set(statuses) <= {(404, "not_found"), *refusals}, statuses
         refused = statuses[(503, "feedback_busy")]
         assert refused > 0, statuses  # beyond the bound: refused, not queued
         assert all(retry == "2" for status, _, retry, _ in answers if status == 503), answers[:5]

@@ -4,6 +4,7 @@ the router's own stale files are removed."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ import uvicorn
 
 from demo.data import FEATURES
 from router.metrics import remove_stale_files
-from router.server.supervisor import claim_port, listening_socket
+from router.server.supervisor import WorkerStart, claim_port, listening_socket
 from tests.conftest import FreshRegistry
 from tests.live_router import http_client, split_body, wait_until
 from tests.metrics_text import Scrape
@@ -205,3 +206,23 @@ def test_no_worker_takes_traffic_before_its_champion_is_loaded(
         assert [s for s in statuses if s[1] != 200] == []
         output = router.output_text(None)
         assert "listens once its champion is loaded" in output
+
+
+def test_a_stop_before_the_wait_began_ends_a_waiting_worker(tmp_path: Path) -> None:
+    # A SIGTERM that reaches uvicorn's handler while the worker is still starting (before its
+    # lifespan waits to listen): the wait must see it, though its champion never loads.
+    server = uvicorn.Server(uvicorn.Config(_hello))
+    before = signal.signal(signal.SIGTERM, server.handle_exit)
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert server.should_exit
+        start = WorkerStart(tmp_path / "ready", listen_when_ready=True)
+
+        async def wait() -> None:
+            # Bounds the test only: without the fix the wait never returns.
+            await asyncio.wait_for(start.wait_to_listen(lambda: False), timeout=30)
+
+        asyncio.run(wait())
+        assert signal.getsignal(signal.SIGTERM) == server.handle_exit  # uvicorn's, put back
+    finally:
+        signal.signal(signal.SIGTERM, before)

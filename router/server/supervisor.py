@@ -85,6 +85,13 @@ class WorkerStart:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # A stop that reached uvicorn's own handler before this one was installed (a SIGTERM
+        # while the worker was still starting) must end the wait too, or the worker of a champion
+        # that never loads waits for good: uvicorn's handler is its server's bound handle_exit.
+        server = getattr(previous[signal.SIGTERM], "__self__", None)
+
+        def stop_requested() -> bool:
+            return stop.is_set() or getattr(server, "should_exit", False) is True
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             loop.call_soon_threadsafe(stop.set)
@@ -95,7 +102,7 @@ class WorkerStart:
         for sig in previous:
             signal.signal(sig, on_signal)
         try:
-            while not stop.is_set() and not (champion_loaded() and self.ready_marker.exists()):
+            while not stop_requested() and not (champion_loaded() and self.ready_marker.exists()):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), READY_POLL_S)
         finally:
