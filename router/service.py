@@ -201,9 +201,8 @@ class RouterService:
             request_id,
             self.key_hasher.hash(routing_key) if routing_key else None,
             arms.experiment_id,
-            # The weight assign() just used (nothing awaits in between): what the row was
-            # randomised under. None when no weight decided it (shadow mode, no challenger).
-            self.split.weight if challenger_loaded and not self.settings.routing.shadow else None,
+            # The weight assign() just used (nothing awaits in between).
+            self.split.deciding_weight(challenger_loaded),
         )
         scorers = self.scorers.for_arms(arms)
         challenger = scorers.challenger

@@ -97,11 +97,18 @@ class ChallengerSplit:
         self._since = split.changed_at if split.changed_at is not None else time.time()
         self._publish()
 
+    def deciding_weight(self, challenger_loaded: bool) -> float | None:
+        """The weight that decides a request's arm now (what its row was randomised under);
+        None when none does: shadow mode, where the champion answers every request, or no
+        challenger loaded."""
+        if self._routing.shadow or not challenger_loaded:
+            return None
+        return self.weight
+
     def served_weight(self, challenger_loaded: bool) -> float:
         """The challenger's share of requests now: none in shadow mode or without a challenger."""
-        if self._routing.shadow or not challenger_loaded:
-            return 0.0
-        return self.weight
+        weight = self.deciding_weight(challenger_loaded)
+        return 0.0 if weight is None else weight
 
     def assign(self, routing_key: str | None, challenger_loaded: bool) -> Assignment:
         """The arm for one request (the champion in shadow mode: the challenger answers none)."""
@@ -109,7 +116,7 @@ class ChallengerSplit:
             routing_key,
             self._routing.salt,
             self.weight,
-            challenger_loaded and not self._routing.shadow,
+            self.deciding_weight(challenger_loaded) is not None,
             self._rng,
         )
 

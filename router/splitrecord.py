@@ -26,7 +26,7 @@ import json
 import math
 import time
 from contextlib import suppress
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -180,7 +180,7 @@ def write_split(
             reason=reason,
         )
         run_id = _audit(client, settings, record)
-        record = SplitRecord(**{**asdict(record), "run_id": run_id})
+        record = replace(record, run_id=run_id)
         try:
             client.set_model_version_tag(name, challenger, SPLIT_TAG, record.to_tag())
         except (MlflowException, sa.exc.SQLAlchemyError, OSError):

@@ -17,6 +17,8 @@ from typing import Any
 import sqlalchemy as sa
 import yaml
 
+from experiments.aggregate import read_summary
+from experiments.sufficient import LogSummary
 from router import logschema
 from router.config import Settings, settings_from_mapping
 from router.logschema import Arm as Arm_
@@ -195,6 +197,36 @@ def insert_rows(
             conn.execute(sa.insert(logschema.predictions), predictions)
         if outcomes:
             conn.execute(sa.insert(logschema.outcomes), outcomes)
+
+
+def summary_of_rows(
+    db_path: Path,
+    predictions: list[dict[str, Any]],
+    outcomes: list[dict[str, Any]],
+    *,
+    cutoff: float,
+    window_s: float,
+    default_weight: float,
+    current_weight: float | None = None,
+) -> LogSummary:
+    """What the evaluator's SQL reads from these rows (experiment ``x``, accuracy, no cap), in a
+    new SQLite log at ``db_path``: the simulations' sums are checked against it."""
+    engine = sa.create_engine(sqlite_url(db_path))
+    try:
+        insert_rows(engine, predictions, outcomes)
+        with engine.connect() as conn:
+            return read_summary(
+                conn,
+                "x",
+                metric="accuracy",
+                cutoff=cutoff,
+                window_s=window_s,
+                cap_quantile=None,
+                default_weight=default_weight,
+                current_weight=current_weight,
+            )
+    finally:
+        engine.dispose()
 
 
 T0 = 1_700_000_000.0

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
-from synthlog import insert_rows
+from synthlog import summary_of_rows
 
 from experiments import simulate
-from experiments.aggregate import read_summary
 from experiments.stats import UnitMoments
 
 ALPHA = 0.05
@@ -130,19 +128,14 @@ def test_the_simulated_summary_is_what_sql_returns(tmp_path: Path) -> None:
                 "ts": float(e.arrived[i]),
             }
         )
-    engine = sa.create_engine(f"sqlite:///{tmp_path / 'log.db'}")
-    insert_rows(engine, preds, outs)
-    with engine.connect() as conn:
-        got = read_summary(
-            conn,
-            "x",
-            metric="accuracy",
-            cutoff=t - simulate.WINDOW_S,
-            window_s=simulate.WINDOW_S,
-            cap_quantile=None,
-            default_weight=0.1,
-        )
-    engine.dispose()
+    got = summary_of_rows(
+        tmp_path / "log.db",
+        preds,
+        outs,
+        cutoff=t - simulate.WINDOW_S,
+        window_s=simulate.WINDOW_S,
+        default_weight=0.1,
+    )
 
     def close(a: UnitMoments, b: UnitMoments) -> bool:
         return bool(

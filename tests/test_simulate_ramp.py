@@ -10,11 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
-from synthlog import insert_rows
+from synthlog import summary_of_rows
 
 from experiments import simulate_ramp as sr
-from experiments.aggregate import read_summary
 
 ALPHA = 0.05
 EXPERIMENTS = 50
@@ -83,20 +81,15 @@ def test_the_simulated_ramp_summary_is_what_sql_returns(tmp_path: Path) -> None:
                 "ts": float(t.arrived[i]),
             }
         )
-    engine = sa.create_engine(f"sqlite:///{tmp_path / 'log.db'}")
-    insert_rows(engine, preds, outs)
-    with engine.connect() as conn:
-        got = read_summary(
-            conn,
-            "x",
-            metric="accuracy",
-            cutoff=now - sr.WINDOW_S,
-            window_s=sr.WINDOW_S,
-            cap_quantile=None,
-            default_weight=0.05,
-            current_weight=0.5,
-        )
-    engine.dispose()
+    got = summary_of_rows(
+        tmp_path / "log.db",
+        preds,
+        outs,
+        cutoff=now - sr.WINDOW_S,
+        window_s=sr.WINDOW_S,
+        default_weight=0.05,
+        current_weight=0.5,
+    )
 
     assert [p.weight for p in got.periods] == [p.weight for p in want.periods] == [0.05, 0.2, 0.5]
     assert got.current == want.current == 2
