@@ -24,6 +24,9 @@ makes atomic: a registered model named ``<model>.promotion-lock``, *created* by 
 PostgreSQL or a tracking server alike) and deleted when done (``router/changes.py``: split changes
 take the same lock). Inside the lock the aliases are
 re-read and compared with the snapshot the evaluation was made on; any change aborts (exit 1).
+An evaluation that only records its run (champion kept) records it under the same lock and check,
+so a look on record was taken at aliases still in force: two evaluations started together end as
+one promotion and one conflict, never a promotion and a "kept" written as the champion moved.
 After the move they are read once more, so an out-of-band change (someone in the UI, a process
 without the lock) during the move is reported, not silently overwritten. A lock left by a killed
 process is never broken automatically: its aliases may be half-moved, which a person should look
@@ -138,7 +141,11 @@ def apply(
     if evaluation.decision == "reject" and evaluation.aliases.challenger is not None:
         return _move(client, settings, evaluation, artifacts, by, "rejected")
     before = evaluation.aliases
-    with _translated("recording the evaluation"):
+    # Recorded under the lock too: a look on record is a look at aliases still in force. Without
+    # it, an evaluation racing a promotion could read that promotion's look, find no new units
+    # (so "inconclusive") and record "champion kept" just as the champion moved.
+    held = _holding_evaluated(client, settings, evaluation, artifacts, by)
+    with held, _translated("recording the evaluation"):
         run_id = _record_run(client, settings, evaluation, artifacts, by, "kept")
     return ActionResult("kept", run_id, _kept_message(evaluation), before, before)
 
@@ -259,27 +266,17 @@ def _move(
         roles = ((before.challenger, "rejected"),)
     run_id: str | None = None
     try:
-        with _lock(client, m.name, by):
-            current = read_aliases(client, settings)
-            if current != before:
-                raise PromotionConflict(
-                    f"aliases moved since the evaluation began ({_describe(before)} -> "
-                    f"{_describe(current)}); nothing changed, evaluate again"
-                )
-            with _translated("promoting" if action == "promoted" else "rejecting"):
-                run_id = _record_run(client, settings, evaluation, artifacts, by, action)
-                if action == "promoted":
-                    client.set_registered_model_alias(m.name, m.rollback_alias, before.champion)
-                    client.set_registered_model_alias(m.name, m.champion_alias, before.challenger)
-                client.delete_registered_model_alias(m.name, m.challenger_alias)
-                for version, role in roles:
-                    _tag_version(client, m.name, version, _audit_tags(evaluation, run_id, by, role))
-                after = _verify(client, settings, expected, run_id)
-                client.set_terminated(run_id)
-    except PromotionConflict as exc:
-        with _translated("recording the aborted action"):
-            _record_run(client, settings, evaluation, artifacts, by, "aborted", note=str(exc))
-        raise
+        held = _holding_evaluated(client, settings, evaluation, artifacts, by)
+        with held, _translated("promoting" if action == "promoted" else "rejecting"):
+            run_id = _record_run(client, settings, evaluation, artifacts, by, action)
+            if action == "promoted":
+                client.set_registered_model_alias(m.name, m.rollback_alias, before.champion)
+                client.set_registered_model_alias(m.name, m.champion_alias, before.challenger)
+            client.delete_registered_model_alias(m.name, m.challenger_alias)
+            for version, role in roles:
+                _tag_version(client, m.name, version, _audit_tags(evaluation, run_id, by, role))
+            after = _verify(client, settings, expected, run_id)
+            client.set_terminated(run_id)
     except PromotionError:
         # Failed mid-move (registry gone?): our run must not stay RUNNING forever.
         if run_id is not None:
@@ -361,6 +358,33 @@ def _verify(
             f"found {_describe(after)}; check the registry"
         )
     return after
+
+
+@contextmanager
+def _holding_evaluated(
+    client: MlflowClient,
+    settings: Settings,
+    evaluation: Evaluation,
+    artifacts: Sequence[Path],
+    by: str,
+) -> Iterator[None]:
+    """The block runs holding the change lock, the aliases still the evaluated ones. When another
+    change holds the lock or the aliases moved, the evaluation is recorded as ``aborted`` and
+    :class:`PromotionConflict` raised: nothing changed."""
+    before = evaluation.aliases
+    try:
+        with _lock(client, settings.model.name, by):
+            current = read_aliases(client, settings)
+            if current != before:
+                raise PromotionConflict(
+                    f"aliases moved since the evaluation began ({_describe(before)} -> "
+                    f"{_describe(current)}); nothing changed, evaluate again"
+                )
+            yield
+    except PromotionConflict as exc:
+        with _translated("recording the aborted action"):
+            _record_run(client, settings, evaluation, artifacts, by, "aborted", note=str(exc))
+        raise
 
 
 @contextmanager

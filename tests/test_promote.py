@@ -234,6 +234,28 @@ def test_aliases_moved_since_the_evaluation_abort_the_action(
     assert prior_rejection(client, "churn-predictor", EID) is None
 
 
+def test_an_evaluation_that_read_a_racing_promotions_look_records_no_kept(
+    fresh_registry: FreshRegistry, tmp_path: Path
+) -> None:
+    # The interleaving CI once hit with two CLI processes: A reads the aliases, B promotes (its
+    # look is on record before its alias move), then A reads the looks and finds B's, at the
+    # same units: a look with nothing new cannot decide, so A says "inconclusive".
+    registry, settings = _setup(fresh_registry, tmp_path, Arm(0.80))
+    client = registry.client()
+    seen_by_a = read_aliases(client, settings)
+    assert apply(client, settings, evaluate(settings, client=client, now=NOW), by="b@host")
+    late = evaluate(settings, client=client, now=NOW, aliases=seen_by_a)
+    assert late.decision == "inconclusive"
+
+    # Recording "champion kept" now would contradict the move: it is a conflict, like an action.
+    with pytest.raises(PromotionConflict, match="aliases moved since the evaluation began"):
+        apply(client, settings, late, by="a@host")
+
+    assert read_aliases(client, settings) == AliasSnapshot("2", None, "1")
+    actions = sorted(r.data.tags[f"{TAG_PREFIX}action"] for r in _runs(client, "churn-predictor"))  # type: ignore[attr-defined]
+    assert actions == ["aborted", "promoted"]
+
+
 def test_a_held_lock_blocks_a_second_promotion(
     fresh_registry: FreshRegistry, tmp_path: Path
 ) -> None:
