@@ -151,6 +151,18 @@ def _isolate_mlflow_globals() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_module_leaks_mlflow_uris() -> Iterator[None]:
+    """A module-scoped fixture outlives the per-test isolation above: its teardown must put the
+    URIs back itself. Checked when the module ends, so a leak fails where it happens, not in some
+    later test whose CLI reads the leaked ``MLFLOW_TRACKING_URI`` instead of its config."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    after = {k: os.environ.get(k) for k in keys}
+    assert after == before, f"this module left {after} (was {before}): use restored_tracking_uris"
+
+
 @pytest.fixture
 def cli_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """For tests running the CLI in process: none of the test's own environment picks its config

@@ -17,6 +17,7 @@ from mlflow.models import infer_signature
 from mlflow.pyfunc import scoring_server
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
+from demo.train import using_tracking_uri
 from router.errors import (
     BadRequest,
     InvalidInput,
@@ -497,9 +498,9 @@ def sklearn_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
             ("model", LogisticRegression()),
         ]
     ).fit(train, labels)
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    try:
+    # Module-scoped, so beyond the per-test isolation of conftest: restore the URIs here (a bare
+    # set_tracking_uri(previous) left MLFLOW_TRACKING_URI set for every later test module).
+    with using_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db"):
         # Artifacts in tmp_path too (the default ./mlruns would land in the working directory).
         experiment = mlflow.create_experiment("payload", artifact_location=str(tmp_path / "art"))
         with mlflow.start_run(experiment_id=experiment):
@@ -511,8 +512,6 @@ def sklearn_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
                 serialization_format="cloudpickle",
             )
         yield mlflow.pyfunc.load_model(info.model_uri)
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 @pytest.mark.parametrize("fmt", [*FORMAT_KEYS, "csv"])
