@@ -32,7 +32,7 @@ from router.config import Settings
 from router.errors import PredictionLogUnavailable, RegistryUnavailable, RouterError
 from router.logschema import serves_challenger
 from router.registry import model_not_found, probe_database
-from router.registryfault import registry_unavailable
+from router.registryfault import REGISTRY_FAILURES, registry_unavailable
 from router.splitrecord import Split, SplitTagInvalid, read_split
 
 # AliasSnapshot and Evaluation live in experiments.judge; they are this module's inputs and output.
@@ -65,7 +65,7 @@ def make_client(settings: Settings) -> MlflowClient:
     probe_database(uri)
     try:
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
-    except (MlflowException, sa.exc.SQLAlchemyError, OSError) as exc:
+    except REGISTRY_FAILURES as exc:
         raise registry_unavailable(uri, exc) from exc
 
 

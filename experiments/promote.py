@@ -44,9 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import sqlalchemy as sa
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from experiments.evaluate import EvaluationError, read_aliases
@@ -67,6 +65,7 @@ from router.changes import (
 from router.config import Settings
 from router.errors import Conflict, RegistryUnavailable
 from router.logschema import Arm
+from router.registryfault import REGISTRY_FAILURES
 from router.splitrecord import write_split
 
 # Defined in router.changes (the router writes split changes under the same lock and audit
@@ -280,7 +279,7 @@ def _move(
     except PromotionError:
         # Failed mid-move (registry gone?): our run must not stay RUNNING forever.
         if run_id is not None:
-            with suppress(MlflowException, sa.exc.SQLAlchemyError, OSError):  # best effort
+            with suppress(*REGISTRY_FAILURES):  # best effort
                 client.set_terminated(run_id, status="FAILED")
         raise
     if action == "promoted":
@@ -327,11 +326,11 @@ def _advance(
             expected=evaluation.split,
         )
     except (RegistryLocked, Conflict) as exc:
-        with suppress(MlflowException, sa.exc.SQLAlchemyError, OSError):  # best effort
+        with suppress(*REGISTRY_FAILURES):  # best effort
             client.set_terminated(run_id, status="FAILED")
         raise PromotionConflict(f"the ramp did not advance: {exc.message}") from exc
     except RegistryUnavailable as exc:
-        with suppress(MlflowException, sa.exc.SQLAlchemyError, OSError):  # best effort
+        with suppress(*REGISTRY_FAILURES):  # best effort
             client.set_terminated(run_id, status="FAILED")
         raise PromotionError(f"the ramp did not advance: {exc.message}") from exc
     with _translated("recording the evaluation"):

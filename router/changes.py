@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from router.errors import Conflict, RegistryUnavailable
-from router.registryfault import describe
+from router.registryfault import REGISTRY_FAILURES, describe
 
 #: Prefix of every tag the project writes on versions, runs and the registered model.
 TAG_PREFIX = "champion_challenger."
@@ -112,7 +112,7 @@ def translated(
     what was being done (the router's :class:`RegistryUnavailable` unless told otherwise)."""
     try:
         yield
-    except (MlflowException, sa.exc.SQLAlchemyError, OSError) as exc:
+    except REGISTRY_FAILURES as exc:
         raise error(f"{doing}: {describe(exc)}") from exc
 
 

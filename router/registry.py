@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from router.config import Settings
 from router.errors import RegistryUnavailable
-from router.registryfault import describe, registry_unavailable
+from router.registryfault import REGISTRY_FAILURES, describe, registry_unavailable
 from router.splitrecord import SPLIT_TAG, SplitRecord, write_split
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def connect(tracking_uri: str) -> MlflowClient:
     probe_database(tracking_uri)
     try:
         return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    except (MlflowException, sa.exc.SQLAlchemyError, OSError) as exc:
+    except REGISTRY_FAILURES as exc:
         raise registry_unavailable(tracking_uri, exc) from exc
 
 
@@ -163,7 +163,7 @@ class Registry:
     def _versions(self) -> list[Any]:
         try:
             return list(self._client.search_model_versions(f"name = '{self.model_name}'"))
-        except (MlflowException, sa.exc.SQLAlchemyError, OSError) as exc:
+        except REGISTRY_FAILURES as exc:
             raise registry_unavailable(self.tracking_uri, exc) from exc
 
     def _require_model(self) -> None:

@@ -26,6 +26,10 @@ from mlflow.exceptions import MlflowException
 
 from router.errors import RegistryUnavailable
 
+#: What a call to the registry raises when the registry, not the caller, is at fault: MLflow's own
+#: errors, the SQL store's database errors, and the network's or the file system's.
+REGISTRY_FAILURES: tuple[type[Exception], ...] = (MlflowException, sa.exc.SQLAlchemyError, OSError)
+
 #: MLflow's HTTP client retries with exponential backoff for minutes by default: a registry that
 #: is down would keep the router's start-up and the evaluator silent that long. Two retries a
 #: second apart (plus jitter) still ride out a blip; the router retries on its own schedule, a

@@ -19,16 +19,18 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
-import sqlalchemy as sa
-from mlflow.exceptions import MlflowException
-
 from router.changes import actor
 from router.config import EXIT_BAD_CONFIG, ConfigError, Settings, config_error_line, load_settings
 from router.errors import RouterError
 from router.logschema import serves_challenger
 from router.redact import redact
 from router.registry import connect
-from router.registryfault import fail_fast_http, registry_unavailable, stdout_reserved
+from router.registryfault import (
+    REGISTRY_FAILURES,
+    fail_fast_http,
+    registry_unavailable,
+    stdout_reserved,
+)
 from router.splitrecord import SplitTagInvalid, read_split, write_split
 
 EXIT_ERROR = 1
@@ -78,7 +80,7 @@ def _run(args: argparse.Namespace, stdout: TextIO) -> int:
     name = settings.model.name
     try:
         aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
-    except (MlflowException, sa.exc.SQLAlchemyError, OSError) as exc:
+    except REGISTRY_FAILURES as exc:
         raise registry_unavailable(settings.model.tracking_uri, exc) from exc
     champion, challenger = _experiment(settings, aliases)
     poll = settings.model.poll_interval_s

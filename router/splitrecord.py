@@ -29,15 +29,14 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-import sqlalchemy as sa
 from mlflow.entities import Param
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from router.changes import TAG_PREFIX, audit_experiment, registry_lock, translated
 from router.config import Settings
 from router.errors import Conflict
 from router.logschema import experiment_id, has_challenger
+from router.registryfault import REGISTRY_FAILURES
 
 #: The model-version tag holding the split of record.
 SPLIT_TAG = f"{TAG_PREFIX}split"
@@ -183,8 +182,8 @@ def write_split(
         record = replace(record, run_id=run_id)
         try:
             client.set_model_version_tag(name, challenger, SPLIT_TAG, record.to_tag())
-        except (MlflowException, sa.exc.SQLAlchemyError, OSError):
-            with suppress(MlflowException, sa.exc.SQLAlchemyError, OSError):  # best effort
+        except REGISTRY_FAILURES:
+            with suppress(*REGISTRY_FAILURES):  # best effort
                 client.set_terminated(run_id, status="FAILED")
             raise
         client.set_terminated(run_id)
