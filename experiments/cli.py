@@ -64,7 +64,7 @@ def exit_code(decision: Decision) -> int:
 def evaluation_exit_code(evaluation: Evaluation) -> int:
     """The decision's code, or ``EXIT_ADVANCED`` when a ramp moves on (a real run and a dry run
     alike)."""
-    if evaluation.ramp is not None and evaluation.ramp.action == "advance":
+    if evaluation.advances_ramp:
         return EXIT_ADVANCED
     return exit_code(evaluation.decision)
 
@@ -220,7 +220,7 @@ def _no_experiment(
 
 def _would(evaluation: Evaluation) -> str:
     decision, ramp = evaluation.decision, evaluation.ramp
-    if ramp is not None and ramp.action == "advance":
+    if evaluation.advances_ramp and ramp is not None:
         return f"would move the split to the next stage's weight {ramp.next_weight:g}"
     if decision == "promote":
         return "would promote"

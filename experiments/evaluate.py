@@ -28,11 +28,12 @@ from experiments.planner import ExperimentPlan, plan_experiment
 from experiments.promquery import PrometheusGuardrails, read_guardrails
 from experiments.sufficient import LogSummary
 from router import logschema
+from router.changes import alias_versions
 from router.config import Settings
 from router.errors import PredictionLogUnavailable, RegistryUnavailable, RouterError
 from router.logschema import serves_challenger
-from router.registry import model_not_found, probe_database
-from router.registryfault import REGISTRY_FAILURES, registry_unavailable
+from router.registry import connect, model_not_found
+from router.registryfault import registry_unavailable
 from router.splitrecord import Split, SplitTagInvalid, read_split
 
 # AliasSnapshot and Evaluation live in experiments.judge; they are this module's inputs and output.
@@ -61,20 +62,14 @@ class EvaluationError(Exception):
 def make_client(settings: Settings) -> MlflowClient:
     """An MLflow client on the configured registry, probed as the router probes it: a missing
     SQLite file is an error (not a new registry), a database that is down fails in seconds."""
-    uri = settings.model.tracking_uri
-    probe_database(uri)
-    try:
-        return MlflowClient(tracking_uri=uri, registry_uri=uri)
-    except REGISTRY_FAILURES as exc:
-        raise registry_unavailable(uri, exc) from exc
+    return connect(settings.model.tracking_uri)
 
 
 def read_aliases(client: MlflowClient, settings: Settings) -> AliasSnapshot:
     """One read of the registered model: the three aliases as one consistent snapshot."""
     m = settings.model
     try:
-        # Versions come back as int from the SQL store and as str over REST: normalise.
-        aliases = {k: str(v) for k, v in client.get_registered_model(m.name).aliases.items()}
+        aliases = alias_versions(client, m.name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             # The router's wording (router.registry): one message for one mistake.

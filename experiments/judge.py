@@ -165,6 +165,11 @@ class Evaluation:
     ramp: RampStage | None = None
     split: Split | None = None  # the split in force when evaluated (set by evaluate)
 
+    @property
+    def advances_ramp(self) -> bool:
+        """A ramp moves on to its next stage (experiments/ramp.py) rather than deciding."""
+        return self.ramp is not None and self.ramp.action == "advance"
+
 
 def judged_units(summary: LogSummary) -> int:
     """The units the primary metric judges (both arms; the pairs in shadow mode): the numerator

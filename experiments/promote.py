@@ -135,7 +135,7 @@ def apply(
     evaluation = sticky_rejection(client, settings, evaluation)
     if evaluation.decision == "promote":
         return _move(client, settings, evaluation, artifacts, by, "promoted")
-    if evaluation.ramp is not None and evaluation.ramp.action == "advance":
+    if evaluation.advances_ramp:
         return _advance(client, settings, evaluation, artifacts, by)
     if evaluation.decision == "reject" and evaluation.aliases.challenger is not None:
         return _move(client, settings, evaluation, artifacts, by, "rejected")
@@ -325,14 +325,11 @@ def _advance(
             reason=f"evaluate_and_promote: {stage} (evaluation run {run_id})",
             expected=evaluation.split,
         )
-    except (RegistryLocked, Conflict) as exc:
+    except (RegistryLocked, Conflict, RegistryUnavailable) as exc:
         with suppress(*REGISTRY_FAILURES):  # best effort
             client.set_terminated(run_id, status="FAILED")
-        raise PromotionConflict(f"the ramp did not advance: {exc.message}") from exc
-    except RegistryUnavailable as exc:
-        with suppress(*REGISTRY_FAILURES):  # best effort
-            client.set_terminated(run_id, status="FAILED")
-        raise PromotionError(f"the ramp did not advance: {exc.message}") from exc
+        error = PromotionError if isinstance(exc, RegistryUnavailable) else PromotionConflict
+        raise error(f"the ramp did not advance: {exc.message}") from exc
     with _translated("recording the evaluation"):
         client.set_tag(run_id, f"{TAG_PREFIX}split_run_id", str(record.run_id))
         client.set_terminated(run_id)

@@ -80,15 +80,9 @@ def step(
     where = f"Stage {stage} of {len(ramp)} (challenger weight {split.challenger_weight:g})"
 
     def result(action: RampAction, decision: Decision, reason: str) -> Evaluation:
-        state = RampStage(ramp, split.challenger_weight, stage, action, None, started, reason)
-        if action == "advance":
-            state = dataclasses.replace(state, next_weight=next_weight)
-        return dataclasses.replace(
-            evaluation,
-            decision=decision,
-            reason=reason,
-            ramp=state,
-        )
+        moving_to = next_weight if action == "advance" else None
+        state = RampStage(ramp, split.challenger_weight, stage, action, moving_to, started, reason)
+        return dataclasses.replace(evaluation, decision=decision, reason=reason, ramp=state)
 
     failed = [g for g in evaluation.guardrails if not g.passed]
     if evaluation.decision != "invalid" and failed:

@@ -104,6 +104,13 @@ def _release(client: MlflowClient, name: str, token: str) -> None:
             client.delete_registered_model(name)
 
 
+def alias_versions(client: MlflowClient, model_name: str) -> dict[str, str]:
+    """The registered model's aliases and their versions, in one read (one consistent snapshot).
+    MLflow errors pass through: each caller names what it was doing."""
+    # Versions come back as int from the SQL store and as str over REST: normalise.
+    return {k: str(v) for k, v in client.get_registered_model(model_name).aliases.items()}
+
+
 @contextmanager
 def translated(
     doing: str, error: Callable[[str], Exception] = RegistryUnavailable

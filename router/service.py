@@ -195,14 +195,14 @@ class RouterService:
     ) -> Invocation:
         arms = self._arms()
         request_id = _check_request_id(request_id)
-        challenger_loaded = arms.challenger is not None
-        assignment = self.split.assign(routing_key, challenger_loaded)
+        # Read once: the row logs the weight its arm was drawn under.
+        weight = self.split.deciding_weight(arms.challenger is not None)
+        assignment = self.split.assign(routing_key, weight)
         request = RequestFacts(
             request_id,
             self.key_hasher.hash(routing_key) if routing_key else None,
             arms.experiment_id,
-            # The weight assign() just used (nothing awaits in between).
-            self.split.deciding_weight(challenger_loaded),
+            weight,
         )
         scorers = self.scorers.for_arms(arms)
         challenger = scorers.challenger

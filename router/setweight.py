@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
-from router.changes import actor
+from router.changes import actor, alias_versions
 from router.config import EXIT_BAD_CONFIG, ConfigError, Settings, config_error_line, load_settings
 from router.errors import RouterError
 from router.logschema import serves_challenger
@@ -79,7 +79,7 @@ def _run(args: argparse.Namespace, stdout: TextIO) -> int:
     client = connect(settings.model.tracking_uri)
     name = settings.model.name
     try:
-        aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+        aliases = alias_versions(client, name)
     except REGISTRY_FAILURES as exc:
         raise registry_unavailable(settings.model.tracking_uri, exc) from exc
     champion, challenger = _experiment(settings, aliases)

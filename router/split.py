@@ -110,13 +110,14 @@ class ChallengerSplit:
         weight = self.deciding_weight(challenger_loaded)
         return 0.0 if weight is None else weight
 
-    def assign(self, routing_key: str | None, challenger_loaded: bool) -> Assignment:
-        """The arm for one request (the champion in shadow mode: the challenger answers none)."""
+    def assign(self, routing_key: str | None, deciding_weight: float | None) -> Assignment:
+        """The arm for one request under :meth:`deciding_weight`'s answer (None: the champion, as
+        in shadow mode, where the challenger answers none)."""
         return assign(
             routing_key,
             self._routing.salt,
-            self.weight,
-            self.deciding_weight(challenger_loaded) is not None,
+            self.weight if deciding_weight is None else deciding_weight,
+            deciding_weight is not None,
             self._rng,
         )
 

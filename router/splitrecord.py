@@ -32,7 +32,13 @@ from typing import Any, Literal
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
-from router.changes import TAG_PREFIX, audit_experiment, registry_lock, translated
+from router.changes import (
+    TAG_PREFIX,
+    alias_versions,
+    audit_experiment,
+    registry_lock,
+    translated,
+)
 from router.config import Settings
 from router.errors import Conflict
 from router.logschema import experiment_id, has_challenger
@@ -155,7 +161,7 @@ def write_split(
     name = settings.model.name
     eid = experiment_id(name, champion, challenger)
     with registry_lock(client, name, by), translated(f"changing the split of {name}"):
-        aliases = {k: str(v) for k, v in client.get_registered_model(name).aliases.items()}
+        aliases = alias_versions(client, name)
         m = settings.model
         now = (aliases.get(m.champion_alias), aliases.get(m.challenger_alias))
         if now != (champion, challenger):
